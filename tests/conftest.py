@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny real Fashion-MNIST sources and a prepared smoke dataset.
+
+The data is real (a slice of the Debian ``dataset-fashion-mnist`` files, which ``.ci/run``
+installs) and goes through the real prepare step, so every test reads the same formats a user
+feeds the pipeline: ImageFolder splits and webdataset shards.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_SOURCE = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    magic = 0x0803 if array.ndim == 3 else 0x0801
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def read_real(name: str, header: int) -> np.ndarray:
+    with gzip.open(REAL_SOURCE / name, "rb") as fh:
+        return np.frombuffer(fh.read(), dtype=np.uint8, offset=header)
+
+
+def make_fmnist_slice(dst: Path, train_per_class: int, n_test: int) -> Path:
+    """Real IDX files holding the first ``train_per_class`` train images per class and ``n_test`` test images."""
+    if not (REAL_SOURCE / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail("real test data missing: apt-get install dataset-fashion-mnist (.ci/run does this)")
+    ty = read_real("train-labels-idx1-ubyte.gz", 8)
+    tx = read_real("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    idx = np.sort(np.concatenate([np.flatnonzero(ty == c)[:train_per_class] for c in range(10)]))
+    dst.mkdir(parents=True, exist_ok=True)
+    write_idx(dst / "train-images-idx3-ubyte.gz", tx[idx])
+    write_idx(dst / "train-labels-idx1-ubyte.gz", ty[idx])
+    write_idx(dst / "t10k-images-idx3-ubyte.gz", read_real("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)[:n_test])
+    write_idx(dst / "t10k-labels-idx1-ubyte.gz", read_real("t10k-labels-idx1-ubyte.gz", 8)[:n_test])
+    return dst
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> Path:
+    """A prepared smoke dataset: 100 labeled, 50 val, 200 test, ~450 unlabeled + OOD in 4 shards."""
+    from noisystudent.data.prepare import prepare_fashion_mnist
+
+    root = tmp_path_factory.mktemp("smoke")
+    src = make_fmnist_slice(root / "src", train_per_class=60, n_test=200)
+    prepare_fashion_mnist(root / "data", source_dir=src, labels_per_class=10, val_per_class=5, shard_size=125,
+                          ood_fraction=0.06, seed=0, show_progress=False)
+    return root / "data"
+
+
+def smoke_overrides(data: Path, run_dir: Path) -> list[str]:
+    return [
+        f"run_dir={run_dir}",
+        f"data.labeled_dir={data / 'labeled' / 'train'}",
+        f"data.val_dir={data / 'labeled' / 'val'}",
+        f"data.test_dir={data / 'labeled' / 'test'}",
+        f"data.unlabeled_shards={data / 'unlabeled' / 'shard-*.tar'}",
+    ]
+
+
+@pytest.fixture
+def smoke_config(smoke_data, tmp_path):
+    from noisystudent.config import load_config
+
+    def make(*extra: str, run_dir: Path | None = None):
+        return load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, run_dir or tmp_path / "run") + list(extra))
+
+    return make

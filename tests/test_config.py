@@ -1,0 +1,75 @@
+"""Config loading: YAML + --set overrides, typed validation, unknown keys named."""
+from __future__ import annotations
+
+import pytest
+
+from noisystudent.config import Config, ConfigError, dump_config, flatten, load_config, to_dict
+
+from conftest import REPO
+
+
+def test_shipped_configs_load_and_differ():
+    default = load_config(REPO / "configs" / "default.yaml")
+    smoke = load_config(REPO / "configs" / "smoke.yaml")
+    imagenet = load_config(REPO / "configs" / "imagenet.yaml")
+    assert default.generations == 3 and default.data.channels == 1
+    assert smoke.ladder[0].startswith("test_")
+    assert imagenet.data.channels == 3 and imagenet.amp in ("bf16", "fp16")
+    assert imagenet.ladder[0] != imagenet.ladder[-1]
+
+
+def test_overrides_reach_nested_fields_and_keep_stage_defaults():
+    cfg = load_config(None, ["student.drop_path_rate=0.25", "student.augment.magnitude=5", "ladder=[a, b]"])
+    assert cfg.student.drop_path_rate == 0.25
+    assert cfg.student.augment.magnitude == 5.0
+    # the student's own noisy augment defaults survive a partial override
+    assert cfg.student.augment.num_ops == Config().student.augment.num_ops > 0
+    assert cfg.teacher.augment.num_ops == 0
+    assert cfg.ladder == ["a", "b"]
+
+
+def test_override_wins_over_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher:\n  epochs: 7\n  lr: 0.1\n")
+    cfg = load_config(path, ["teacher.epochs=9"])
+    assert cfg.teacher.epochs == 9 and cfg.teacher.lr == 0.1
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("student.bogus=1", "unknown config key 'student.bogus'"),
+        ("nope=1", "unknown config key 'nope'"),
+        ("teacher.epochs=abc", "config key 'teacher.epochs' must be an integer"),
+        ("teacher.lr=[1]", "config key 'teacher.lr' must be a number"),
+        ("tracking.enabled=maybe", "config key 'tracking.enabled' must be true/false"),
+        ("data.channels=2", "config key 'data.channels'"),
+        ("pseudo_label.threshold=1.5", "config key 'pseudo_label.threshold'"),
+        ("teacher=3", "config key 'teacher' must be a mapping"),
+        ("cluster.kind=address", "config key 'cluster.address'"),
+        ("noequals", "must look like key.sub=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  labled_dir: x\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.labled_dir'"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config(REPO / "configs" / "default.yaml", ["seed=3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert to_dict(load_config(path)) == to_dict(cfg)
+    assert flatten(to_dict(cfg))["student.augment.num_ops"] == cfg.student.augment.num_ops

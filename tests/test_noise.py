@@ -1,0 +1,84 @@
+"""RandAugment on albumentations: op coverage, magnitude, determinism, gray and RGB, clean eval."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from noisystudent.config import AugmentConfig, DataConfig
+from noisystudent.noise import RANDAUGMENT_OPS, augmentation_grid, create_eval_transform, create_train_transform, randaugment_ops
+
+
+@pytest.fixture(scope="module")
+def real_images(smoke_data):
+    from noisystudent.data.imagefolder import load_labeled
+
+    ds = load_labeled(str(smoke_data / "labeled" / "train"), 1, None)
+    return ds.images[:8]
+
+
+def test_every_paper_op_exists_and_changes_gray_and_rgb_images(real_images):
+    assert set(randaugment_ops(9)) == set(RANDAUGMENT_OPS)
+    # a low-contrast copy: real Fashion-MNIST already spans 0..255, where autocontrast is identity
+    gray = (real_images[0] * 0.5 + 40).astype(np.uint8)
+    rgb = np.stack([gray, np.roll(gray, 3, 1), 255 - gray], axis=-1)
+    for name, op in randaugment_ops(10).items():
+        for img in (gray, rgb):
+            changed = any(not np.array_equal(op(image=img.copy())["image"], img) for _ in range(8))
+            out = op(image=img.copy())["image"]
+            assert out.shape == img.shape and out.dtype == np.uint8, name
+            if name == "color" and img.ndim == 2:
+                continue  # saturation is undefined on gray images
+            assert changed, f"{name} never changed a {'gray' if img.ndim == 2 else 'rgb'} image"
+
+
+def test_transform_never_modifies_its_input(real_images):
+    t = create_train_transform(DataConfig(), AugmentConfig(num_ops=3, magnitude=10), seed=0)
+    for img in real_images:
+        low = (img * 0.5 + 40).astype(np.uint8)
+        before = low.copy()
+        for _ in range(20):
+            t(low)
+        assert np.array_equal(low, before)
+
+
+def test_magnitude_zero_is_identity_for_geometric_ops(real_images):
+    img = real_images[1]
+    for name in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y", "brightness", "contrast"):
+        assert np.array_equal(randaugment_ops(0)[name](image=img)["image"], img), name
+
+
+def test_larger_magnitude_means_larger_change(real_images):
+    img = real_images[2]
+
+    def mean_change(m):
+        t = create_train_transform(DataConfig(), AugmentConfig(num_ops=2, magnitude=m, hflip=0, crop_pad=0, cutout=0), seed=0)
+        return np.mean([np.abs(t.augment(img).astype(int) - img).mean() for _ in range(200)])
+
+    assert mean_change(2) < mean_change(6) < mean_change(10)
+
+
+def test_seeded_transform_is_deterministic_and_noisy(real_images):
+    aug = AugmentConfig(num_ops=2, magnitude=9)
+    a = create_train_transform(DataConfig(), aug, seed=123)
+    b = create_train_transform(DataConfig(), aug, seed=123)
+    outs_a = [a(img) for img in real_images]
+    outs_b = [b(img) for img in real_images]
+    assert all(torch.equal(x, y) for x, y in zip(outs_a, outs_b))
+    again = [a(real_images[0]) for _ in range(5)]
+    assert any(not torch.equal(again[0], x) for x in again[1:])
+
+
+def test_tensor_output_normalised_and_eval_is_clean(real_images):
+    data = DataConfig(image_size=32, channels=3, mean=[0.5], std=[0.25])
+    ev = create_eval_transform(data)
+    x = ev(real_images[0])
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert torch.equal(x, ev(real_images[0]))  # eval never noised
+    assert x.min() >= -2.0 - 1e-6 and x.max() <= 2.0 + 1e-6  # (0-0.5)/0.25 .. (1-0.5)/0.25
+
+
+def test_augmentation_grid_shape(real_images):
+    t = create_train_transform(DataConfig(), AugmentConfig())
+    grid = augmentation_grid(real_images[:3], t, views=4)
+    assert grid.shape == (3 * 30, 5 * 30) and grid.dtype == np.uint8

@@ -1,0 +1,84 @@
+"""Shard writing/reading: roundtrip, atomicity, truncated tars, unsafe members, corrupt images."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from noisystudent.data.shards import (
+    SkipCounter, ShardError, decode_image, encode_png, expand_urls, iter_samples, write_shard, write_shards,
+)
+
+
+def _samples(n, start=0):
+    rng = np.random.default_rng(start)
+    return [{"__key__": f"s-{i:04d}", "png": encode_png(rng.integers(0, 255, (28, 28), dtype=np.uint8)),
+             "eval.json": {"class": "a", "ood": False}} for i in range(start, start + n)]
+
+
+def test_roundtrip_keys_members_and_pattern(tmp_path):
+    written = write_shards(_samples(25), tmp_path, maxcount=10)
+    assert [w["samples"] for w in written] == [10, 10, 5]
+    urls = expand_urls(str(tmp_path / "shard-{000000..000002}.tar"))
+    assert urls == expand_urls(str(tmp_path / "shard-*.tar"))
+    got = [s for u in urls for s in iter_samples(u)]
+    assert [s["__key__"] for s in got] == [f"s-{i:04d}" for i in range(25)]
+    assert set(got[0]) == {"__key__", "__shard__", "png", "eval.json"}
+    assert decode_image(got[3]["png"], 1).shape == (28, 28)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_no_shards_is_a_clear_error(tmp_path):
+    with pytest.raises(ShardError, match="no shards match"):
+        expand_urls(str(tmp_path / "nothing-*.tar"))
+
+
+def test_dotted_key_rejected_and_nothing_left_behind(tmp_path):
+    with pytest.raises(ValueError, match="contains a dot"):
+        write_shard(tmp_path / "x.tar", [{"__key__": "a.b", "png": b"x"}])
+    assert os.listdir(tmp_path) == []
+
+
+def test_truncated_tar_yields_prefix_and_counts(tmp_path):
+    path = tmp_path / "full.tar"
+    write_shard(path, _samples(20))
+    data = path.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    skips = SkipCounter()
+    got = list(iter_samples(str(cut), skips))
+    assert 0 < len(got) < 20
+    assert skips.reasons["truncated_tar"] == 1
+    assert all("png" in s for s in got)
+
+
+def test_empty_tar_and_garbage_are_counted(tmp_path):
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "junk.tar").write_bytes(os.urandom(3000))
+    skips = SkipCounter()
+    assert list(iter_samples(str(tmp_path / "empty.tar"), skips)) == []
+    assert list(iter_samples(str(tmp_path / "junk.tar"), skips)) == []
+    assert skips.reasons["empty_tar"] == 1 and skips.reasons["truncated_tar"] == 1
+
+
+def test_unsafe_member_names_are_skipped(tmp_path):
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ["/abs/x.png", "../up.png", "ok.png", "noext"]:
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    skips = SkipCounter()
+    got = list(iter_samples(str(path), skips))
+    assert [s["__key__"] for s in got] == ["ok"]
+    assert skips.reasons["unsafe_or_unnamed_member"] == 3
+
+
+def test_decode_rejects_garbage():
+    with pytest.raises(ValueError, match="undecodable image"):
+        decode_image(b"not an image", 1)
+    rgb = decode_image(encode_png(np.zeros((5, 6), np.uint8)), 3)
+    assert rgb.shape == (5, 6, 3) and rgb.dtype == np.uint8
