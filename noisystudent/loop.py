@@ -110,6 +110,15 @@ def evaluate_model(model_path: str | Path, cfg: Config, data: LabeledData, out_d
     return out
 
 
+def final_metrics(metrics: dict) -> dict[str, float]:
+    """Test metrics for MLflow (val_* already has a per-epoch history), with per-class accuracy."""
+    out = {k: v for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)}
+    for name, acc in metrics.get("test_per_class", {}).items():
+        if acc == acc:  # not NaN
+            out[f"test_acc_{name}"] = acc
+    return out
+
+
 # ------------------------------------------------------------------ the loop
 
 def _gen_dir(run_dir: Path, g: int) -> Path:
@@ -165,7 +174,7 @@ def run_generation(cfg: Config, g: int, run_dir: Path, data: LabeledData, tracke
                        pl_acc_kept=audit.get("pl_acc_kept"), pl_ood_share_kept=audit.get("pl_ood_share_kept"),
                        pl_skipped=manifest["skipped"]["total"])
         metrics = evaluate_model(result.model_path, cfg, data, gdir)
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        tracker.log_metrics(final_metrics(metrics))
         stage_dir = Path(result.model_path).parent
         for artifact in (run_dir / "config.yaml", stage_dir / "result.json", gdir / "eval.json",
                          gdir / "confusion_test.png", result.model_path):
@@ -253,7 +262,7 @@ def run_single_stage(cfg: Config, stage: str, out_dir: Path, teacher: str | None
         else:
             result, _ = train_student(cfg, generation, teacher, load_manifest(labels), out_dir, data, tracker)
         metrics = evaluate_model(result.model_path, cfg, data, out_dir)
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        tracker.log_metrics(final_metrics(metrics))
         tracker.log_artifact(out_dir / "config.yaml")
         tracker.log_artifact(out_dir / "eval.json")
     print(f"{stage}: {result.model_path}  test top-1 {metrics.get('test_top1', float('nan')):.4f}  val top-1 {metrics.get('val_top1', float('nan')):.4f}")

@@ -1,0 +1,101 @@
+"""Bad input gets a clear one-line error naming the file or key, or is skipped and counted."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, smoke_overrides
+
+
+def run_script(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_config_key_exits_2_naming_it(tmp_path):
+    r = run_script("pipelines/iterate.py", "--config", "configs/smoke.yaml", "--set", "student.drop_pth_rate=0.2")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'student.drop_pth_rate'")
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_data_dir_exits_2_naming_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    r = run_script("pipelines/iterate.py", "--config", "configs/smoke.yaml", "--set", f"data.labeled_dir={missing}",
+                   "--set", f"run_dir={tmp_path / 'run'}")
+    assert r.returncode == 2
+    assert f"labeled data directory not found: {missing}" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "gen-0").exists()  # nothing trained
+
+
+def test_missing_shards_fail_before_training(smoke_data, tmp_path):
+    over = smoke_overrides(smoke_data, tmp_path / "run")
+    over[-1] = f"data.unlabeled_shards={tmp_path / 'none-*.tar'}"
+    r = run_script("pipelines/iterate.py", "--config", "configs/smoke.yaml", *sum((["--set", o] for o in over), []))
+    assert r.returncode == 2 and "no shards match" in r.stderr
+    assert not (tmp_path / "run" / "gen-0").exists()
+
+
+def test_empty_class_folder_is_named(smoke_data, tmp_path):
+    from noisystudent.data.imagefolder import DataError, scan_image_folder
+
+    root = tmp_path / "train"
+    shutil.copytree(smoke_data / "labeled" / "train", root)
+    (root / "Ghost").mkdir()
+    with pytest.raises(DataError, match=r"empty class folder: .*Ghost"):
+        scan_image_folder(root)
+
+
+def test_unknown_class_in_val_is_named(smoke_data, tmp_path):
+    from noisystudent.data.imagefolder import DataError, scan_image_folder
+
+    val = tmp_path / "val"
+    shutil.copytree(smoke_data / "labeled" / "val", val)
+    (val / "Extra").mkdir()
+    (val / "Extra" / "x.png").write_bytes((smoke_data / "labeled" / "val" / "Bag").glob("*.png").__next__().read_bytes())
+    train = scan_image_folder(smoke_data / "labeled" / "train")
+    with pytest.raises(DataError, match="Extra"):
+        scan_image_folder(val, train.class_names)
+
+
+def test_unreadable_labeled_image_is_skipped_and_counted(smoke_data, tmp_path):
+    from noisystudent.data.imagefolder import load_labeled
+
+    root = tmp_path / "train"
+    shutil.copytree(smoke_data / "labeled" / "train", root)
+    n_before = sum(1 for _ in root.rglob("*.png"))
+    (root / "Bag" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    ds = load_labeled(str(root), 1, None)
+    assert len(ds) == n_before
+    assert ds.skips.reasons["unreadable_image"] == 1
+    assert "broken.png" in ds.skips.examples[0]["where"]
+
+
+def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data, tmp_path):
+    """Labeling skips a corrupt image and the cut-off tail of a truncated shard, counts both, labels the rest."""
+    from noisystudent.config import load_config
+    from noisystudent.data.shards import iter_samples, write_shard
+    from noisystudent.loop import pseudo_label, load_labeled_data, train_teacher
+
+    src = sorted((smoke_data / "unlabeled").glob("shard-*.tar"))[:2]
+    good = list(iter_samples(str(src[0])))
+    good[3]["png"] = b"not a png at all"
+    corpus = tmp_path / "corpus"
+    write_shard(corpus / "a.tar", good)
+    whole = src[1].read_bytes()
+    (corpus / "b.tar").write_bytes(whole[: len(whole) // 2])
+    cfg = load_config(REPO / "configs" / "smoke.yaml",
+                      smoke_overrides(smoke_data, tmp_path / "run") + [f"data.unlabeled_shards={corpus}/*.tar",
+                                                                        "teacher.epochs=1", "cluster.n_workers=1",
+                                                                        "tracking.enabled=false"])
+    teacher = train_teacher(cfg, tmp_path / "teacher", load_labeled_data(cfg))
+    manifest = pseudo_label(cfg, teacher.model_path, tmp_path / "labels", show_progress=False)
+    reasons = manifest["skipped"]["by_reason"]
+    assert reasons["unreadable_image"] == 1 and reasons["truncated_tar"] == 1
+    per = {s["input"].rsplit("/", 1)[-1]: s for s in manifest["shards"]}
+    assert per["a.tar"]["samples"] == len(good) - 1
+    readable_b = len(list(iter_samples(str(corpus / "b.tar"))))
+    assert 0 < per["b.tar"]["samples"] == readable_b < len(list(iter_samples(str(src[1]))))
