@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .config import Config, ConfigError, add_config_args, dump_config, load_config
@@ -22,6 +23,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     add_config_args(p)
+    # Scripts run from a checkout default to the shipped embedded-demo config.
+    default_yaml = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    if default_yaml.is_file():
+        p.set_defaults(config=str(default_yaml))
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 

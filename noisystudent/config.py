@@ -37,6 +37,7 @@ class DataConfig:
     channels: int = 1
     #: Per-channel normalisation (length 1 or ``channels``).
     mean: list = field(default_factory=lambda: [0.5])
+    #: Per-channel normalisation std (length 1 or ``channels``).
     std: list = field(default_factory=lambda: [0.5])
     #: DataLoader worker processes for training (0 = main process).
     num_workers: int = 1
@@ -57,6 +58,7 @@ class AugmentConfig:
     crop_pad: float = 0.125
     #: Cutout probability (one square hole of ``cutout_size`` x image size).
     cutout: float = 0.5
+    #: Cutout hole side as a fraction of the image side.
     cutout_size: float = 0.35
 
 
@@ -64,15 +66,21 @@ class AugmentConfig:
 class TrainConfig:
     """One training stage (teacher or student). Model noise lives here too."""
 
+    #: Passes over the data: the labeled set for a teacher, the selected pseudo-labels for a student.
     epochs: int = 10
     #: Labeled images per step.
     batch_size: int = 128
-    #: Optimizer: adamw | sgd.
+    #: Optimizer: adamw or sgd (Nesterov).
     optimizer: str = "adamw"
+    #: Peak learning rate of the cosine schedule.
     lr: float = 2e-3
+    #: Weight decay (not applied to norms and biases).
     weight_decay: float = 0.05
+    #: SGD momentum.
     momentum: float = 0.9
+    #: Linear warmup length in epochs (fractions allowed).
     warmup_epochs: float = 1.0
+    #: Label smoothing of the labeled cross-entropy.
     label_smoothing: float = 0.0
     #: Clip gradient L2 norm (0 = off).
     grad_clip: float = 0.0
@@ -118,7 +126,9 @@ class ClusterConfig:
     kind: str = "local"
     #: Scheduler address for kind=address, e.g. tcp://10.0.0.5:8786.
     address: str = ""
+    #: Worker processes of the local cluster.
     n_workers: int = 2
+    #: Threads per worker (keep 1 for GPU workers).
     threads_per_worker: int = 1
     #: Per-worker memory limit (Dask syntax).
     memory_limit: str = "4GiB"
@@ -132,8 +142,9 @@ class ClusterConfig:
 class TrackingConfig:
     #: MLflow tracking URI; "" = sqlite store inside the run directory. MLFLOW_TRACKING_URI wins over "".
     tracking_uri: str = ""
+    #: MLflow experiment name.
     experiment: str = "noisystudent"
-    #: Disable MLflow entirely.
+    #: false disables MLflow entirely.
     enabled: bool = True
 
 
@@ -147,13 +158,15 @@ class Config:
     ladder: list = field(default_factory=lambda: ["resnet10t", "resnet18"])
     #: Check every student has at least as many parameters as its teacher.
     require_equal_or_larger: bool = True
-    #: cpu | cuda | auto.
+    #: auto (cuda if visible, else cpu), cpu, cuda or cuda:N.
     device: str = "auto"
-    #: Mixed precision: off | bf16 | fp16 (fp16 only on CUDA). bf16 also runs on CPU.
+    #: Mixed precision: off, bf16 or fp16 (fp16 with a GradScaler on CUDA). bf16 also runs on CPU.
     amp: str = "off"
+    #: NHWC memory format for model and batches (faster convolutions on GPUs and recent CPUs).
     channels_last: bool = True
     #: Torch intra-op threads in the training process (0 = torch default).
     threads: int = 0
+    #: Seed for model init, data order and augmentation.
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TrainConfig = field(default_factory=TrainConfig)
@@ -331,8 +344,50 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def add_config_args(parser) -> None:
     """The ``--config`` / ``--set`` arguments every pipeline script takes."""
-    parser.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--config", default=None, help="YAML config file (default: configs/default.yaml in a checkout)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set student.drop_path_rate=0.2 (repeatable)",
     )
+
+
+def config_reference() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, doc) for every config field, docs taken from the ``#:`` comments above."""
+    import inspect
+
+    rows: list[tuple[str, Any, str]] = []
+
+    def docs_of(cls: type) -> dict[str, str]:
+        lines = inspect.getsource(cls).splitlines()
+        out, pending = {}, []
+        for line in lines:
+            s = line.strip()
+            if s.startswith("#:"):
+                pending.append(s[2:].strip())
+            elif ":" in s and not s.startswith(("#", "def", "class", '"""', "return", "@")) and pending is not None:
+                name = s.split(":", 1)[0].strip()
+                if name.isidentifier():
+                    out[name] = " ".join(pending)
+                pending = []
+            elif not s:
+                pending = []
+        return out
+
+    def walk(obj: Any, prefix: str) -> None:
+        docs = docs_of(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                rows.append((prefix + f.name, value, docs.get(f.name, "")))
+
+    walk(Config(), "")
+    return rows
+
+
+def config_reference_markdown() -> str:
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, doc in config_reference():
+        lines.append(f"| `{key}` | `{default!r}` | {doc} |")
+    return "\n".join(lines)
