@@ -391,3 +391,7 @@ def config_reference_markdown() -> str:
     for key, default, doc in config_reference():
         lines.append(f"| `{key}` | `{default!r}` | {doc} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m noisystudent.config  -> the README's config reference table
+    print(config_reference_markdown())

@@ -73,3 +73,12 @@ def test_dump_roundtrip(tmp_path):
     path.write_text(dump_config(cfg))
     assert to_dict(load_config(path)) == to_dict(cfg)
     assert flatten(to_dict(cfg))["student.augment.num_ops"] == cfg.student.augment.num_ops
+
+
+def test_every_config_key_is_documented_in_readme():
+    from noisystudent.config import config_reference
+
+    readme = (REPO / "README.md").read_text()
+    for key, default, doc in config_reference():
+        assert doc, f"config key {key} has no #: doc comment"
+        assert f"`{key}`" in readme, f"README config reference lacks {key}: regenerate with python -m noisystudent.config"

@@ -83,6 +83,15 @@ class LabeledImages(Dataset):
         x = self.images[i] if self.transform is None else self.transform(self.images[i])
         return x, torch.tensor(self.targets[i])
 
+    @classmethod
+    def from_arrays(cls, images: list[np.ndarray], targets: list[int], class_names: list[str],
+                    transform: Callable | None = None) -> "LabeledImages":
+        """An in-memory labeled set (benchmarks, tests, callers with their own loaders)."""
+        obj = object.__new__(cls)
+        obj.class_names, obj.transform, obj.skips = list(class_names), transform, SkipCounter()
+        obj.images, obj.targets, obj.paths = list(images), [int(t) for t in targets], [""] * len(images)
+        return obj
+
     def with_transform(self, transform: Callable | None) -> "LabeledImages":
         """The same decoded images under another transform (no re-decoding)."""
         clone = object.__new__(LabeledImages)

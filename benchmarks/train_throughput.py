@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Training throughput: our loader + augmentation + train step vs a bare timm loop.
+
+Prints JSON. Both runs happen in this process on the same model, input shape and batch size:
+(a) ``bare``: timm train steps on pre-made tensors (the compute ceiling);
+(b) ``pipeline``: ``noisystudent.train.train_model`` on in-memory uint8 images with the
+    configured augmentation, for one epoch;
+(c) ``augment_only``: the augmentation pipeline alone (images/s on one core).
+
+    python benchmarks/train_throughput.py [--config configs/default.yaml] [--set data.num_workers=0] [--images 6000]
+"""
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from noisystudent import cli  # noqa: E402
+
+
+def main() -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--images", type=int, default=6000, help="images per measured run")
+    p.add_argument("--stage", choices=["teacher", "student"], default="student", help="whose augmentation/model noise")
+    args = p.parse_args()
+    cfg = cli.config_from_args(args)
+
+    import numpy as np
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    from noisystudent.data.imagefolder import LabeledImages
+    from noisystudent.noise import create_train_transform
+    from noisystudent.train import train_model
+
+    stage = getattr(cfg, args.stage)
+    gen = 0 if args.stage == "teacher" else 1
+    model_name = cfg.model_for_generation(gen)
+    size, ch, bs = cfg.data.image_size, cfg.data.channels, stage.batch_size
+    rng = np.random.default_rng(0)
+    shape = (size, size) if ch == 1 else (size, size, 3)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(args.images)]
+    targets = rng.integers(0, 10, args.images).tolist()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # (a) bare timm loop on pre-made tensors
+    model = timm.create_model(model_name, num_classes=10, in_chans=ch, drop_rate=stage.drop_rate,
+                              drop_path_rate=stage.drop_path_rate)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=stage.lr)
+    x = torch.randn(bs, ch, size, size)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (bs,))
+    steps = max(3, args.images // bs)
+    model.train()
+    for i in range(steps + 2):
+        if i == 2:
+            t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    bare = steps * bs / (time.perf_counter() - t0)
+
+    # (c) augmentation alone
+    transform = create_train_transform(cfg.data, stage.augment, seed=0)
+    t0 = time.perf_counter()
+    n_aug = min(len(images), 3000)
+    for img in images[:n_aug]:
+        transform(img)
+    augment_only = n_aug / (time.perf_counter() - t0)
+
+    # (b) our training loop, one epoch over the images
+    labeled = LabeledImages.from_arrays(images, targets, [str(c) for c in range(10)], transform)
+    bench_stage = type(stage)(**{**stage.__dict__, "epochs": 1, "warmup_epochs": 0.0})
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_model(bench_stage, cfg, model_name, Path(tmp), labeled, None, None, None, desc="bench")
+    pipeline = result.history[-1]["images_per_sec"]
+
+    print(json.dumps({
+        "model": model_name, "image_size": size, "channels": ch, "batch_size": bs, "stage": args.stage,
+        "num_workers": cfg.data.num_workers, "torch_threads": torch.get_num_threads(),
+        "bare_img_s": round(bare, 1), "pipeline_img_s": round(pipeline, 1), "augment_only_img_s": round(augment_only, 1),
+        "pipeline_over_bare": round(pipeline / bare, 3), "augment_over_bare": round(augment_only / bare, 3),
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
