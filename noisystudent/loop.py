@@ -238,7 +238,7 @@ def print_generation_table(rows: list[dict]) -> None:
     for r in rows:
         table.add_row(str(r["generation"]), r["role"], r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['images_kept']:,}",
                       pct(r.get("pl_acc")), pct(r.get("test_top1")), f"{r.get('test_ece') or 0:.4f}", f"{r['minutes']:.1f}")
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
 
 
 def run_single_stage(cfg: Config, stage: str, out_dir: Path, teacher: str | None = None, labels: str | None = None,
@@ -250,8 +250,12 @@ def run_single_stage(cfg: Config, stage: str, out_dir: Path, teacher: str | None
     write_bytes_atomic(out_dir / "config.yaml", dump_config(cfg).encode())
     if stage == "pseudo_label":
         manifest = pseudo_label(cfg, teacher, out_dir)
-        print(f"labeled {manifest['total_samples']:,} samples in {len(manifest['shards'])} shards "
-              f"({manifest['shards_reused']} reused), skipped {manifest['skipped']['total']}: {out_dir / 'manifest.json'}")
+        print_stage_summary("pseudo-labeling finished", {
+            "samples": f"{manifest['total_samples']:,}", "shards": f"{len(manifest['shards'])} ({manifest['shards_reused']} reused)",
+            "skipped": f"{manifest['skipped']['total']} {manifest['skipped']['by_reason'] or ''}",
+            "throughput img/s": manifest["throughput_img_s"], "wall seconds": manifest["wall_seconds"],
+            "manifest": str(out_dir / "manifest.json"),
+        })
         return manifest
     data = load_labeled_data(cfg)
     tracker = Tracker(cfg.tracking, out_dir)
@@ -265,5 +269,21 @@ def run_single_stage(cfg: Config, stage: str, out_dir: Path, teacher: str | None
         tracker.log_metrics(final_metrics(metrics))
         tracker.log_artifact(out_dir / "config.yaml")
         tracker.log_artifact(out_dir / "eval.json")
-    print(f"{stage}: {result.model_path}  test top-1 {metrics.get('test_top1', float('nan')):.4f}  val top-1 {metrics.get('val_top1', float('nan')):.4f}")
+    print_stage_summary(f"{stage} finished", {
+        "model": f"{result.spec['name']} ({result.params / 1e6:.2f}M params)", "checkpoint": result.model_path,
+        "epochs": len(result.history), "minutes": f"{result.seconds / 60:.1f}",
+        "val top-1": metrics.get("val_top1"), "test top-1": metrics.get("test_top1"), "test ECE": metrics.get("test_ece"),
+    })
     return metrics
+
+
+def print_stage_summary(title: str, fields: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in fields.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console(width=max(100, Console().width)).print(table)
