@@ -32,13 +32,13 @@ class DataConfig:
     #: Unlabeled webdataset shards: brace pattern, glob, or list.
     unlabeled_shards: Any = "data/default/unlabeled/shard-*.tar"
     #: Square input resolution images are resized to.
-    image_size: int = 28
+    image_size: int = 32
     #: 1 = grayscale, 3 = RGB. Images are converted on decode.
     channels: int = 1
     #: Per-channel normalisation (length 1 or ``channels``).
-    mean: list = field(default_factory=lambda: [0.5])
+    mean: list = field(default_factory=lambda: [0.286])
     #: Per-channel normalisation std (length 1 or ``channels``).
-    std: list = field(default_factory=lambda: [0.5])
+    std: list = field(default_factory=lambda: [0.353])
     #: DataLoader worker processes for training (0 = main process).
     num_workers: int = 1
 
@@ -155,7 +155,7 @@ class Config:
     #: Number of student generations after the teacher.
     generations: int = 3
     #: timm model per generation; index 0 is the teacher, the last entry repeats.
-    ladder: list = field(default_factory=lambda: ["resnet10t", "resnet18"])
+    ladder: list = field(default_factory=lambda: ["resnet10t"])
     #: Check every student has at least as many parameters as its teacher.
     require_equal_or_larger: bool = True
     #: auto (cuda if visible, else cpu), cpu, cuda or cuda:N.
@@ -168,17 +168,43 @@ class Config:
     threads: int = 0
     #: Seed for model init, data order and augmentation.
     seed: int = 0
+    #: Per-generation changes, e.g. ``{2: {"student.init": "teacher", "student.lr": 0.001}}``:
+    #: generation number -> dotted keys applied on top of the config for that generation only.
+    generation_overrides: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: TrainConfig = field(default_factory=TrainConfig)
-    student: TrainConfig = field(
-        default_factory=lambda: TrainConfig(drop_rate=0.3, drop_path_rate=0.2, augment=AugmentConfig())
-    )
+    #: The generation-0 teacher: trained on labeled data only (regularised: 1,000 labels overfit fast).
+    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=100, batch_size=64, warmup_epochs=2.0, drop_rate=0.2, drop_path_rate=0.1,
+        augment=AugmentConfig(num_ops=2, magnitude=9.0, cutout=0.5)))
+    #: Every student: labeled + pseudo-labeled data, noised.
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=3, batch_size=64, lr=3e-3, warmup_epochs=0.2, drop_rate=0.2, drop_path_rate=0.05,
+        augment=AugmentConfig(num_ops=1, magnitude=4.0, cutout=0.25)))
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def model_for_generation(self, generation: int) -> str:
         return self.ladder[min(generation, len(self.ladder) - 1)]
+
+    def for_generation(self, generation: int) -> "Config":
+        """This config with ``generation_overrides[generation]`` applied (validated like ``--set``)."""
+        changes = self.generation_overrides.get(generation) or self.generation_overrides.get(str(generation))
+        if not changes:
+            return self
+        raw = to_dict(self)
+        raw["generation_overrides"] = {}  # the derived config is final; it has no overrides of its own
+        for key, value in changes.items():
+            nested: Any = value
+            for k in reversed(key.split(".")):
+                nested = {k: nested}
+            raw = _deep_merge(raw, nested)
+        try:
+            cfg = _build(Config, raw)
+        except ConfigError as exc:
+            raise ConfigError(f"generation_overrides[{generation}]: {exc}") from exc
+        validate(cfg)
+        return cfg
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -323,6 +349,14 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.pseudo_label.threshold < 1.0, "pseudo_label.threshold", "must be in [0, 1)")
     need(cfg.pseudo_label.temperature > 0, "pseudo_label.temperature", "must be > 0")
     need(cfg.cluster.kind in ("local", "address"), "cluster.kind", "must be local or address")
+    for gen, changes in cfg.generation_overrides.items():
+        need(str(gen).isdigit() and int(gen) >= 0, "generation_overrides", f"keys must be generation numbers, got {gen!r}")
+        need(isinstance(changes, dict), f"generation_overrides.{gen}", "must map dotted keys to values")
+        need(not any(k.split(".")[0] in ("generation_overrides", "generations", "run_dir") for k in changes),
+             f"generation_overrides.{gen}", "cannot change generation_overrides, generations or run_dir")
+    if cfg.generation_overrides:
+        for gen in cfg.generation_overrides:
+            cfg.for_generation(int(gen))  # unknown keys / wrong types fail now, not mid-run
     need(cfg.cluster.kind != "address" or bool(cfg.cluster.address), "cluster.address", "is required when cluster.kind=address")
 
 

@@ -144,6 +144,7 @@ def _generation_minutes(start: float, result: TrainResult, gdir: Path) -> float:
 
 
 def run_generation(cfg: Config, g: int, run_dir: Path, data: LabeledData, tracker: Tracker, params: list[int]) -> dict:
+    cfg = cfg.for_generation(g)
     gdir = _gen_dir(run_dir, g)
     gdir.mkdir(parents=True, exist_ok=True)
     role = "teacher" if g == 0 else "student"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from noisystudent.config import Config, ConfigError, dump_config, flatten, load_config, to_dict
+from noisystudent.config import Config, ConfigError, TrainConfig, dump_config, flatten, load_config, to_dict
 
 from conftest import REPO
 
@@ -22,9 +22,11 @@ def test_overrides_reach_nested_fields_and_keep_stage_defaults():
     cfg = load_config(None, ["student.drop_path_rate=0.25", "student.augment.magnitude=5", "ladder=[a, b]"])
     assert cfg.student.drop_path_rate == 0.25
     assert cfg.student.augment.magnitude == 5.0
-    # the student's own noisy augment defaults survive a partial override
-    assert cfg.student.augment.num_ops == Config().student.augment.num_ops > 0
-    assert cfg.teacher.augment.num_ops == 0
+    # the student's own augment defaults survive a partial override (they differ from TrainConfig's)
+    defaults = Config()
+    assert defaults.student.augment.cutout != TrainConfig().augment.cutout
+    assert cfg.student.augment.cutout == defaults.student.augment.cutout
+    assert cfg.teacher.augment == defaults.teacher.augment
     assert cfg.ladder == ["a", "b"]
 
 
@@ -82,3 +84,33 @@ def test_every_config_key_is_documented_in_readme():
     for key, default, doc in config_reference():
         assert doc, f"config key {key} has no #: doc comment"
         assert f"`{key}`" in readme, f"README config reference lacks {key}: regenerate with python -m noisystudent.config"
+
+
+def test_generation_overrides_apply_to_one_generation_only():
+    cfg = load_config(REPO / "configs" / "default.yaml",
+                      ["generation_overrides={2: {student.init: teacher, student.augment.magnitude: 2}}"])
+    g2 = cfg.for_generation(2)
+    assert g2.student.init == "teacher" and g2.student.augment.magnitude == 2.0
+    assert g2.student.augment.num_ops == cfg.student.augment.num_ops  # the rest of the block is kept
+    assert cfg.for_generation(1).student.init == cfg.student.init == "scratch"
+    assert cfg.for_generation(3) is cfg
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("{2: {student.bogus: 1}}", "generation_overrides[2]: unknown config key 'student.bogus'"),
+    ("{2: {student.epochs: many}}", "generation_overrides[2]: config key 'student.epochs' must be an integer"),
+    ("{x: {seed: 1}}", "keys must be generation numbers"),
+])
+def test_bad_generation_overrides_fail_at_load(value, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"generation_overrides={value}"])
+    assert fragment in str(err.value)
+
+
+def test_ladder_refuses_a_smaller_student():
+    from noisystudent.models import LadderError, check_ladder
+
+    params = check_ladder(["test_efficientnet", "test_resnet"], 3, num_classes=10, in_chans=1)
+    assert params[0] < params[1] == params[2] == params[3]
+    with pytest.raises(LadderError, match="generation 1 student test_efficientnet .* is smaller than its teacher test_resnet"):
+        check_ladder(["test_resnet", "test_efficientnet"], 1, num_classes=10, in_chans=1)
