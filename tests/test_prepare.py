@@ -19,7 +19,7 @@ from noisystudent.data.prepare import (
 )
 from noisystudent.data.shards import decode_image, iter_samples
 
-REAL_SOURCE = Path("/usr/share/datasets/fashion-mnist")
+from conftest import REAL_SOURCE, read_real, write_idx  # noqa: E402
 PER_CLASS_TRAIN = 6  # tiny train set: 6 images per class = 60
 N_TEST = 20
 
@@ -29,16 +29,8 @@ N_TEST = 20
 # ------------------------------------------------------------------------------------------------
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    magic = 0x0803 if array.ndim == 3 else 0x0801
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-
-
-def _read_real(name: str, header: int) -> np.ndarray:
-    with gzip.open(REAL_SOURCE / name, "rb") as fh:
-        return np.frombuffer(fh.read(), dtype=np.uint8, offset=header)
+_write_idx = write_idx
+_read_real = read_real
 
 
 @pytest.fixture(scope="module")
