@@ -134,6 +134,8 @@ def _save_augmentation_grid(cfg: Config, data: LabeledData, path: Path) -> None:
     t = create_train_transform(cfg.data, cfg.student.augment, seed=cfg.seed)
     picks = [data.train.images[i] for i in range(0, len(data.train), max(1, len(data.train) // 6))][:6]
     grid = augmentation_grid(picks, t)
+    scale = max(1, 512 // grid.shape[1])  # small images: enlarge (nearest) so a person can see them
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     plt.imsave(path, grid, cmap="gray" if grid.ndim == 2 else None)
 
 
