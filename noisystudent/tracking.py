@@ -48,6 +48,7 @@ class Tracker:
         self.enabled = cfg.enabled
         self.run_dir = Path(run_dir)
         self.uri = resolve_tracking_uri(cfg, run_dir)
+        self.local_store = not cfg.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI")
         self.experiment = cfg.experiment
         self.experiment_id: str | None = None
         if not self.enabled:
@@ -55,12 +56,19 @@ class Tracker:
         import mlflow
 
         self.mlflow = mlflow
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI; undo that so a later Tracker for another
+        # run directory in this process does not mistake our store for a user-chosen server.
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
         try:
             exp = mlflow.get_experiment_by_name(self.experiment)
             if exp is None:
                 artifacts = None
-                if self.uri.startswith("sqlite:///") and not cfg.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+                if self.local_store:  # keep artifacts beside the store, inside the run directory
                     artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri()
                 self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts)
             else:

@@ -71,6 +71,7 @@ def test_mlflow_parent_and_nested_runs(smoke_run):
     cfg, run_dir, rows = smoke_run
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert exp.artifact_location == (run_dir.resolve() / "mlartifacts").as_uri()  # everything inside the run dir
     parent_id = (run_dir / "mlflow_parent_run_id").read_text().strip()
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
