@@ -87,8 +87,7 @@ def test_every_config_key_is_documented_in_readme():
 
 
 def test_generation_overrides_apply_to_one_generation_only():
-    cfg = load_config(REPO / "configs" / "default.yaml",
-                      ["generation_overrides={2: {student.init: teacher, student.augment.magnitude: 2}}"])
+    cfg = load_config(None, ["generation_overrides={2: {student.init: teacher, student.augment.magnitude: 2}}"])
     g2 = cfg.for_generation(2)
     assert g2.student.init == "teacher" and g2.student.augment.magnitude == 2.0
     assert g2.student.augment.num_ops == cfg.student.augment.num_ops  # the rest of the block is kept
