@@ -1,0 +1,1 @@
+"""Data layer shared by every stage: labeled ImageFolders, webdataset shards, pseudo-labels."""

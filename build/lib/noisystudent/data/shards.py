@@ -1,0 +1,227 @@
+"""Webdataset tar shards: atomic writing and a strict, counting reader.
+
+Shards follow the webdataset convention: tar members ``<key>.<ext>`` grouped by key, where the
+key is the member's path up to the first dot of its basename. We read tars ourselves (streaming
+``tarfile``) instead of through ``webdataset.WebDataset`` so that every skipped member is
+counted with a reason, unsafe member names are refused, and nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from ..io import atomic_path
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm")
+#: Evaluation-only member (true class name, OOD tag, source). Training code never reads it.
+EVAL_EXT = "eval.json"
+#: Refuse to decode images with more pixels than this (decompression bombs).
+MAX_IMAGE_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+class ShardError(RuntimeError):
+    """A shard cannot be read at all (missing, not a tar)."""
+
+
+@dataclass
+class SkipCounter:
+    """Counts samples or members skipped while reading, by reason. Never drop silently."""
+
+    reasons: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.reasons[reason] += 1
+        if len(self.examples) < 20:
+            self.examples.append({"reason": reason, "where": where})
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+    def as_dict(self) -> dict:
+        return {"total": self.total, "by_reason": dict(self.reasons), "examples": list(self.examples)}
+
+    def merge(self, other: "SkipCounter | dict") -> None:
+        d = other.as_dict() if isinstance(other, SkipCounter) else other
+        self.reasons.update(d.get("by_reason", {}))
+        self.examples.extend(d.get("examples", [])[: max(0, 20 - len(self.examples))])
+
+
+def expand_urls(spec: str | Iterable[str]) -> list[str]:
+    """Expand a shard spec: brace pattern (``shard-{000000..000011}.tar``), glob, or a list."""
+    from braceexpand import braceexpand  # a webdataset dependency
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for s in specs:
+        for part in braceexpand(str(s)):
+            matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+            urls.extend(matches)
+    if not urls:
+        raise ShardError(f"no shards match {spec!r}: check data.unlabeled_shards (brace pattern or glob)")
+    return urls
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``dir/abc.eval.json`` -> (``dir/abc``, ``eval.json``); None for unusable names."""
+    if name.startswith("/") or ".." in Path(name).parts:
+        return None
+    directory, base = os.path.split(name)
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return (os.path.join(directory, stem) if directory else stem), ext.lower()
+
+
+def iter_samples(url: str, skips: SkipCounter | None = None) -> Iterator[dict[str, Any]]:
+    """Stream the samples of one tar shard as ``{"__key__", "__shard__", ext: bytes}`` dicts.
+
+    A truncated or corrupt tar yields everything before the damage and counts the rest as one
+    ``truncated_tar`` skip. Members with absolute or ``..`` paths, links and directories are
+    skipped and counted.
+    """
+    skips = skips if skips is not None else SkipCounter()
+    shard = os.path.basename(url)
+    if not os.path.exists(url):
+        raise ShardError(f"shard not found: {url}")
+    if os.path.getsize(url) == 0:
+        skips.skip("empty_tar", shard)
+        return
+    # A complete tar ends with two zero blocks; without them the file was cut short, possibly
+    # exactly at a header boundary, which tarfile would otherwise read as a clean end.
+    with open(url, "rb") as fh:
+        fh.seek(max(0, os.path.getsize(url) - 1024))
+        ends_cleanly = fh.read(1024) == b"\0" * 1024
+    current: dict[str, Any] | None = None
+    try:
+        with tarfile.open(url, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    if not member.isdir():
+                        skips.skip("non_file_member", f"{shard}:{member.name}")
+                    continue
+                parsed = split_member_name(member.name)
+                if parsed is None:
+                    skips.skip("unsafe_or_unnamed_member", f"{shard}:{member.name}")
+                    continue
+                key, ext = parsed
+                fh = tar.extractfile(member)
+                data = fh.read() if fh is not None else b""
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__shard__": shard}
+                current[ext] = data
+    except (tarfile.TarError, EOFError, OSError, Exception) as exc:  # noqa: BLE001 - any damage counts
+        # The sample being assembled when the tar broke may be incomplete: count it as lost.
+        skips.skip("truncated_tar", f"{shard}: {type(exc).__name__}: {exc}")
+        if current is not None:
+            skips.skip("incomplete_sample", f"{shard}:{current['__key__']}")
+        return
+    if not ends_cleanly:
+        skips.skip("truncated_tar", f"{shard}: no end-of-archive marker")
+        if current is not None:  # the last sample may be missing members
+            skips.skip("incomplete_sample", f"{shard}:{current['__key__']}")
+        return
+    if current is not None:
+        yield current
+
+
+def image_bytes(sample: dict[str, Any]) -> tuple[str, bytes] | None:
+    """The (ext, bytes) of the sample's image member, or None if it has none."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return ext, sample[ext]
+    return None
+
+
+def decode_image(data: bytes, channels: int) -> np.ndarray:
+    """Decode image bytes to uint8 HxW (channels=1) or HxWx3 (channels=3). Raises ValueError."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            return np.asarray(img, dtype=np.uint8).copy()
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image too large (>{MAX_IMAGE_PIXELS} pixels): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
+        raise ValueError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _member_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, np.ndarray):
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return buf.getvalue()
+    import json
+
+    return json.dumps(value, sort_keys=True).encode()
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> int:
+    """Write samples to one tar shard atomically; returns the sample count.
+
+    Each sample is ``{"__key__": str, ext: bytes | str | ndarray (-> .npy) | json-able}``.
+    Keys must not contain dots (a dot starts the extension in webdataset).
+    """
+    count = 0
+    with atomic_path(path) as tmp:
+        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for sample in samples:
+                key = sample["__key__"]
+                if "." in os.path.basename(key):
+                    raise ValueError(f"sample key {key!r} contains a dot; webdataset keys must not")
+                for ext, value in sample.items():
+                    if ext.startswith("__"):
+                        continue
+                    data = _member_bytes(value)
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    info.mode = 0o444
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+    return count
+
+
+def write_shards(
+    samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike, *, maxcount: int, prefix: str = "shard"
+) -> list[dict[str, Any]]:
+    """Split a sample stream into ``<prefix>-000000.tar`` ... of at most ``maxcount`` samples."""
+    out_dir = Path(out_dir)
+    written: list[dict[str, Any]] = []
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        path = out_dir / f"{prefix}-{len(written):06d}.tar"
+        n = write_shard(path, batch)
+        written.append({"path": str(path), "samples": n})
+        batch.clear()
+
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) >= maxcount:
+            flush()
+    if batch:
+        flush()
+    return written

@@ -1,0 +1,230 @@
+"""Pseudo-labeling: one pure function per shard, mapped over the corpus by Dask.
+
+The teacher runs in eval mode with the clean eval transform (never noised). The model is
+loaded once per worker process (cached by checkpoint sha256) and reused by every task there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .config import ClusterConfig, DataConfig
+from .data.pseudo_labels import META_EXT, PROBS_EXT, index_path, write_index
+from .data.shards import SkipCounter, decode_image, image_bytes, iter_samples, write_shard
+from .io import read_json, sha256_file, write_json_atomic
+
+_TEACHERS: dict[str, tuple] = {}  # checkpoint sha256 -> (model, spec, transform); one per worker process
+
+
+def cached_teacher(checkpoint: str, sha256: str, data: DataConfig, threads: int = 0):
+    """Load the teacher once per process; later tasks in this process reuse it."""
+    if sha256 not in _TEACHERS:
+        from .models import load_model
+        from .noise import create_eval_transform
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        model, spec = load_model(checkpoint)
+        _TEACHERS.clear()
+        _TEACHERS[sha256] = (model, spec, create_eval_transform(data))
+    return _TEACHERS[sha256]
+
+
+@dataclass
+class ShardLabelSummary:
+    input: str
+    output: str
+    samples: int = 0
+    skipped: dict = field(default_factory=dict)
+    class_counts: list = field(default_factory=list)
+    confidence_hist: list = field(default_factory=list)
+    seconds: float = 0.0
+    worker: str = ""
+
+
+def _batches(samples: Iterator[dict], data: DataConfig, transform, batch_size: int, skips: SkipCounter, shard: str):
+    batch: list = []
+    for sample in samples:
+        found = image_bytes(sample)
+        if found is None:
+            skips.skip("no_image_member", f"{shard}:{sample['__key__']}")
+            continue
+        try:
+            img = decode_image(found[1], data.channels)
+        except ValueError as exc:
+            skips.skip("unreadable_image", f"{shard}:{sample['__key__']}: {exc}")
+            continue
+        batch.append((sample["__key__"], found[0], found[1], transform(img)))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module, transform, data: DataConfig,
+                       teacher_id: str, batch_size: int = 512, device: str = "cpu", amp: str = "off") -> ShardLabelSummary:
+    """Label one input shard into one output shard (+ index), streaming with bounded memory."""
+    start = time.time()
+    skips = SkipCounter()
+    shard_name = os.path.basename(input_url)
+    keys: list[str] = []
+    labels: list[int] = []
+    confs: list[float] = []
+    ents: list[float] = []
+    dev = torch.device(device)
+    use_amp = amp != "off" and dev.type == "cuda"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+
+    def labeled_samples():
+        for batch in _batches(iter_samples(input_url, skips), data, transform, batch_size, skips, shard_name):
+            x = torch.stack([b[3] for b in batch]).to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=dtype, enabled=use_amp):
+                logits = model(x)
+            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            conf = probs.max(1)
+            ent = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
+            for (key, ext, raw, _), p, c, e in zip(batch, probs, conf, ent):
+                label = int(p.argmax())
+                keys.append(key), labels.append(label), confs.append(float(c)), ents.append(float(e))
+                yield {
+                    "__key__": key,
+                    ext: raw,
+                    PROBS_EXT: p.astype(np.float16),
+                    META_EXT: {"label": label, "confidence": round(float(c), 6), "entropy": round(float(e), 6),
+                               "teacher": teacher_id, "source_shard": shard_name, "source_key": key},
+                }
+
+    n = write_shard(output_path, labeled_samples())
+    write_index(output_path, keys, labels, confs, ents)
+    num_classes = int(getattr(model, "num_classes", 0) or (max(labels) + 1 if labels else 0))
+    summary = ShardLabelSummary(
+        input=input_url, output=str(output_path), samples=n, skipped=skips.as_dict(),
+        class_counts=np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist(),
+        confidence_hist=np.histogram(np.asarray(confs), bins=10, range=(0.0, 1.0))[0].tolist(),
+        seconds=time.time() - start,
+    )
+    write_json_atomic(Path(output_path).with_suffix(".summary.json"), asdict(summary))
+    return summary
+
+
+def output_name(input_url: str) -> str:
+    base = os.path.basename(input_url)
+    return base if base.endswith(".tar") else base + ".tar"
+
+
+def shard_done(output_path: Path) -> bool:
+    return index_path(output_path).is_file() and output_path.with_suffix(".summary.json").is_file() and output_path.is_file()
+
+
+def _label_task(input_url: str, output_path: str, checkpoint: str, sha256: str, data: dict, infer_batch_size: int,
+                device: str, amp: str, threads: int) -> dict:
+    """One Dask task: label one shard with this worker's cached teacher."""
+    cfg = DataConfig(**data)
+    model, spec, transform = cached_teacher(checkpoint, sha256, cfg, threads)
+    model.to(device)
+    summary = pseudo_label_shard(input_url, output_path, model, transform, cfg, sha256[:16], infer_batch_size, device, amp)
+    try:
+        from distributed import get_worker
+
+        summary.worker = get_worker().address
+    except ValueError:
+        pass
+    return asdict(summary)
+
+
+class TeacherPlugin(WorkerPlugin):
+    """Dask worker plugin: set torch threads and load the teacher when the worker joins."""
+
+    name = "noisystudent-teacher"
+
+    def __init__(self, checkpoint: str, sha256: str, data: dict, threads: int):
+        self.checkpoint, self.sha256, self.data, self.threads = checkpoint, sha256, data, threads
+
+    def setup(self, worker) -> None:
+        cached_teacher(self.checkpoint, self.sha256, DataConfig(**self.data), self.threads)
+
+    def teardown(self, worker) -> None:
+        _TEACHERS.clear()
+
+
+def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | Path, data: DataConfig, cluster: ClusterConfig,
+                 batch_size: int = 512, device: str = "cpu", amp: str = "off", show_progress: bool = True) -> dict:
+    """Label every input shard through Dask; shards already done are reused. Returns the manifest."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    from .cluster import create_client
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = str(Path(checkpoint).resolve())
+    sha = sha256_file(checkpoint)
+    names = [output_name(u) for u in input_urls]
+    if len(set(names)) != len(names):
+        raise ValueError("input shards must have distinct file names (outputs are named after them)")
+    outputs = [out_dir / n for n in names]
+    todo = [(u, o) for u, o in zip(input_urls, outputs) if not shard_done(o)]
+    start = time.time()
+    summaries: dict[str, dict] = {str(o): read_json(o.with_suffix(".summary.json")) for u, o in zip(input_urls, outputs) if shard_done(o)}
+    reused = len(summaries)
+    dashboard = ""
+    if todo:
+        threads = cluster.torch_threads or cluster.threads_per_worker
+        data_dict = asdict(data)
+        with create_client(cluster) as client:
+            dashboard = client.dashboard_link or ""
+            if show_progress and dashboard:
+                print(f"Dask dashboard: {dashboard}")
+            client.register_plugin(TeacherPlugin(checkpoint, sha, data_dict, threads), name=TeacherPlugin.name)
+            futures = client.map(
+                _label_task, [u for u, _ in todo], [str(o) for _, o in todo],
+                checkpoint=checkpoint, sha256=sha, data=data_dict, infer_batch_size=batch_size, device=device, amp=amp,
+                threads=threads, pure=False, retries=3,
+            )
+            with tqdm(total=len(futures), desc="pseudo-label shards", unit="shard", disable=not show_progress) as bar:
+                for fut in as_completed(futures):
+                    s = fut.result()
+                    summaries[s["output"]] = s
+                    bar.update(1)
+    wall = time.time() - start
+    ordered = [summaries[str(o)] for o in outputs]
+    skipped = SkipCounter()
+    for s in ordered:
+        skipped.merge(s["skipped"])
+    width = max((len(s["class_counts"]) for s in ordered), default=0)
+    class_counts = np.sum([np.pad(s["class_counts"], (0, width - len(s["class_counts"]))) for s in ordered], axis=0).tolist() if ordered else []
+    labeled_now = sum(s["samples"] for s in ordered if s["output"] in {str(o) for _, o in todo})
+    manifest = {
+        "teacher": {"checkpoint": checkpoint, "sha256": sha},
+        "shards": [{"input": s["input"], "output": s["output"], "samples": s["samples"], "skipped": s["skipped"]["total"],
+                    "worker": s.get("worker", "")} for s in ordered],
+        "total_samples": int(sum(s["samples"] for s in ordered)),
+        "class_counts": class_counts,
+        "confidence_hist": np.sum([s["confidence_hist"] for s in ordered], axis=0).tolist() if ordered else [],
+        "skipped": skipped.as_dict(),
+        "shards_reused": reused,
+        "shards_labeled": len(todo),
+        "wall_seconds": round(wall, 2),
+        "throughput_img_s": round(labeled_now / wall, 1) if todo and wall > 0 else None,
+        "dashboard": dashboard,
+    }
+    write_json_atomic(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def manifest_outputs(manifest: dict) -> list[str]:
+    return [s["output"] for s in manifest["shards"]]
+
+
+def load_manifest(out_dir: str | Path) -> dict:
+    return json.loads((Path(out_dir) / "manifest.json").read_text())

@@ -1,0 +1,127 @@
+"""timm model creation, the equal-or-larger check, and checkpoints.
+
+Checkpoints are plain dicts of tensors and primitives, saved atomically, loaded with
+``torch.load(weights_only=True)`` (no pickle code execution) and verified against the sha256
+recorded next to them.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from .io import atomic_path, sha256_file
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class LadderError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model for inference, stored inside every checkpoint."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    class_names: list
+    mean: list
+    std: list
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
+    """A timm model by name, randomly initialised (no hub downloads), with model noise."""
+    kwargs: dict[str, Any] = dict(num_classes=spec.num_classes, in_chans=spec.in_chans, drop_rate=drop_rate)
+    if drop_path_rate > 0:
+        kwargs["drop_path_rate"] = drop_path_rate
+    try:
+        return timm.create_model(spec.name, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ValueError(f"unknown timm model {spec.name!r} in config 'ladder' (see timm.list_models())") from exc
+        raise
+    except TypeError as exc:
+        raise ValueError(f"timm model {spec.name!r} does not accept {sorted(kwargs)}: {exc}") from exc
+
+
+def count_params(model_or_name: torch.nn.Module | str, num_classes: int = 10, in_chans: int = 3) -> int:
+    if isinstance(model_or_name, str):
+        model_or_name = timm.create_model(model_or_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    return sum(p.numel() for p in model_or_name.parameters())
+
+
+def check_ladder(ladder: list[str], generations: int, num_classes: int, in_chans: int) -> list[int]:
+    """Param counts per generation; raise LadderError if a student is smaller than its teacher."""
+    names = [ladder[min(g, len(ladder) - 1)] for g in range(generations + 1)]
+    params = [count_params(n, num_classes, in_chans) for n in names]
+    for g in range(1, len(names)):
+        if params[g] < params[g - 1]:
+            raise LadderError(
+                f"config key 'ladder': generation {g} student {names[g]} ({params[g]:,} params) is smaller than "
+                f"its teacher {names[g - 1]} ({params[g - 1]:,} params); Noisy Student needs equal-or-larger "
+                "students (or set require_equal_or_larger=false)"
+            )
+    return params
+
+
+def save_checkpoint(path: str | Path, obj: dict) -> str:
+    """Atomically save ``obj`` with torch.save, write ``<path>.sha256``; return the digest."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    digest = sha256_file(path)
+    with atomic_path(path.with_name(path.name + ".sha256")) as tmp:
+        tmp.write_text(digest + "\n")
+    return digest
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
+    """Load a checkpoint safely (weights_only) after checking its recorded sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    data = path.read_bytes()
+    side = path.with_name(path.name + ".sha256")
+    if verify and side.is_file():
+        import hashlib
+
+        want = side.read_text().strip()
+        got = hashlib.sha256(data).hexdigest()
+        if want != got:
+            raise CheckpointError(f"checkpoint {path} does not match its recorded sha256 ({got[:12]} != {want[:12]}): file is corrupt or was modified; delete it to retrain")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {exc}") from exc
+
+
+def save_model(path: str | Path, model: torch.nn.Module, spec: ModelSpec, extra: dict | None = None) -> str:
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    return save_checkpoint(path, {"model": state, "spec": spec.as_dict(), "extra": extra or {}})
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
+    """A ready-to-use eval-mode model (no dropout / stochastic depth) and its spec."""
+    ckpt = load_checkpoint(path)
+    spec = ModelSpec(**ckpt["spec"])
+    model = create_model(spec)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), spec
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying module of a DDP / torch.compile wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

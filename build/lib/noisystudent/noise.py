@@ -1,0 +1,125 @@
+"""Input noise: RandAugment built on albumentations, plus flip / translate / cutout.
+
+albumentations ships no RandAugment, so we compose one from ``A.SomeOf`` over the paper's op set
+(Cubuk et al. 2020; Xie et al. 2020). Everything works on uint8 HxW (gray) or HxWx3 (RGB)
+arrays and ends in a normalised float tensor CxHxW. The teacher labels with
+:func:`create_eval_transform` only: it is never noised.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import otherwise polls PyPI
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .config import AugmentConfig, DataConfig  # noqa: E402
+
+#: The paper's RandAugment op names, in a fixed order (cutout is applied separately).
+RANDAUGMENT_OPS = (
+    "autocontrast", "equalize", "rotate", "solarize", "color", "posterize", "contrast",
+    "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
+)
+
+
+def randaugment_ops(magnitude: float) -> dict[str, A.BasicTransform]:
+    """One albumentations transform per RandAugment op at ``magnitude`` (0..10), each at p=1.
+
+    Ranges are symmetric around identity, so each application samples a strength uniformly
+    up to the magnitude with a random sign.
+    """
+    f = float(np.clip(magnitude / 10.0, 0.0, 1.0))
+    return {
+        "autocontrast": A.AutoContrast(p=1.0),
+        "equalize": A.Equalize(p=1.0),
+        "rotate": A.Affine(rotate=(-30 * f, 30 * f), p=1.0),
+        "solarize": A.Solarize(threshold_range=(1.0 - f, 1.0), p=1.0),
+        "color": A.ColorJitter(brightness=0, contrast=0, saturation=(1 - 0.9 * f, 1 + 0.9 * f), hue=0, p=1.0),
+        "posterize": A.Posterize(num_bits=(max(1, int(round(8 - 4 * f))), 8), p=1.0),
+        "contrast": A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.9 * f, p=1.0),
+        "brightness": A.RandomBrightnessContrast(brightness_limit=0.9 * f, contrast_limit=0.0, p=1.0),
+        "sharpness": A.Sharpen(alpha=(0.0, 0.9 * f), lightness=(1.0, 1.0), p=1.0),
+        "shear_x": A.Affine(shear={"x": (-17 * f, 17 * f), "y": (0, 0)}, p=1.0),
+        "shear_y": A.Affine(shear={"x": (0, 0), "y": (-17 * f, 17 * f)}, p=1.0),
+        "translate_x": A.Affine(translate_percent={"x": (-0.45 * f, 0.45 * f), "y": (0, 0)}, p=1.0),
+        "translate_y": A.Affine(translate_percent={"x": (0, 0), "y": (-0.45 * f, 0.45 * f)}, p=1.0),
+    }
+
+
+class ImageTransform:
+    """uint8 image -> normalised float tensor (C, S, S), with optional albumentations noise."""
+
+    def __init__(self, data: DataConfig, augment: AugmentConfig | None = None, seed: int | None = None):
+        self.size = data.image_size
+        self.channels = data.channels
+        c = data.channels
+        self.mean = np.asarray((data.mean * c)[:c] if len(data.mean) == 1 else data.mean, np.float32) * 255.0
+        self.std = np.asarray((data.std * c)[:c] if len(data.std) == 1 else data.std, np.float32) * 255.0
+        self.pipeline = None
+        if augment is not None:
+            steps: list = []
+            if augment.hflip > 0:
+                steps.append(A.HorizontalFlip(p=augment.hflip))
+            if augment.crop_pad > 0:
+                pad = max(1, int(round(self.size * augment.crop_pad)))
+                steps += [
+                    A.PadIfNeeded(self.size + 2 * pad, self.size + 2 * pad, border_mode=cv2.BORDER_CONSTANT, fill=0),
+                    A.RandomCrop(self.size, self.size),
+                ]
+            if augment.num_ops > 0:
+                ops = list(randaugment_ops(augment.magnitude).values())
+                steps.append(A.SomeOf(ops, n=augment.num_ops, replace=False, p=1.0))
+            if augment.cutout > 0:
+                steps.append(
+                    A.CoarseDropout(
+                        num_holes_range=(1, 1),
+                        hole_height_range=(augment.cutout_size, augment.cutout_size),
+                        hole_width_range=(augment.cutout_size, augment.cutout_size),
+                        fill=0, p=augment.cutout,
+                    )
+                )
+            if steps:
+                self.pipeline = A.Compose(steps, seed=seed)
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        if image.shape[0] != self.size or image.shape[1] != self.size:
+            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return image
+
+    def augment(self, image: np.ndarray) -> np.ndarray:
+        """The noised uint8 image (resized first), without normalisation."""
+        image = self.resize(image)
+        if self.pipeline is not None:
+            # copy: some albumentations ops (AutoContrast on 2-D gray) write into their input,
+            # which would corrupt cached images
+            image = self.pipeline(image=image.copy())["image"]
+        return image
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        image = self.augment(image)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        x = (image.astype(np.float32) - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def create_train_transform(data: DataConfig, augment: AugmentConfig, seed: int | None = None) -> ImageTransform:
+    return ImageTransform(data, augment, seed=seed)
+
+
+def create_eval_transform(data: DataConfig) -> ImageTransform:
+    return ImageTransform(data, None)
+
+
+def augmentation_grid(images: list[np.ndarray], transform: ImageTransform, views: int = 6) -> np.ndarray:
+    """A uint8 grid: one row per image, first column clean, then ``views`` noised views."""
+    rows = []
+    for img in images:
+        cells = [transform.resize(img)] + [transform.augment(img) for _ in range(views)]
+        cells = [c if c.ndim == 3 else c[:, :, None] for c in cells]
+        rows.append(np.concatenate([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    return grid[:, :, 0] if grid.shape[2] == 1 else grid

@@ -1,0 +1,136 @@
+"""MLflow tracking: one parent run per loop, one nested run per generation.
+
+Default store: ``sqlite:///<run_dir>/mlflow.db`` with artifacts in ``<run_dir>/mlartifacts``, so
+a laptop run needs no server. ``tracking.tracking_uri`` (or ``MLFLOW_TRACKING_URI``) points at
+a server instead; it is checked before any training starts. Run ids are stored in the run
+directory so a resumed loop re-attaches to the same parent and generation runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import TrackingConfig
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, run_dir: str | Path) -> str:
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """Thin, resumable wrapper over MLflow's fluent API. ``enabled=False`` makes it a no-op."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path):
+        self.enabled = cfg.enabled
+        self.run_dir = Path(run_dir)
+        self.uri = resolve_tracking_uri(cfg, run_dir)
+        self.local_store = not cfg.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI")
+        self.experiment = cfg.experiment
+        self.experiment_id: str | None = None
+        if not self.enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI; undo that so a later Tracker for another
+        # run directory in this process does not mistake our store for a user-chosen server.
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+        try:
+            exp = mlflow.get_experiment_by_name(self.experiment)
+            if exp is None:
+                artifacts = None
+                if self.local_store:  # keep artifacts beside the store, inside the run directory
+                    artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri()
+                self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts)
+            else:
+                self.experiment_id = exp.experiment_id
+        except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrackingError(
+                f"MLflow tracking server {self.uri} is unreachable or refused the request ({first[:200]}); "
+                "start it, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false"
+            ) from exc
+
+    # -------------------------------------------------------------- runs
+    @contextlib.contextmanager
+    def run(self, id_file: Path, name: str, tags: dict[str, Any] | None = None, nested: bool = False) -> Iterator[str | None]:
+        """Start a run, or re-attach to the one whose id is stored in ``id_file``."""
+        if not self.enabled:
+            yield None
+            return
+        mlflow = self.mlflow
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        if run_id:
+            try:
+                mlflow.get_run(run_id)
+            except Exception:  # noqa: BLE001 - stale id (e.g. a different store): start fresh
+                run_id = None
+        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, experiment_id=self.experiment_id,
+                                  nested=nested, tags={k: str(v) for k, v in (tags or {}).items()})
+        if not run_id:
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(active.info.run_id + "\n")
+        status = "FINISHED"
+        try:
+            yield active.info.run_id
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            mlflow.end_run(status=status)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        # Params are immutable in MLflow: on resume, only log keys not yet present.
+        run = self.mlflow.active_run()
+        have = self.mlflow.get_run(run.info.run_id).data.params if run else {}
+        new = {k: str(v)[:6000] for k, v in params.items() if k not in have}
+        items = list(new.items())
+        for i in range(0, len(items), 100):
+            self.mlflow.log_params(dict(items[i: i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.enabled:
+            self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled and Path(path).exists():
+            self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled and Path(directory).is_dir():
+            self.mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
