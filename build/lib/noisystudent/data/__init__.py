@@ -1,1 +1,0 @@
-"""Data layer shared by every stage: labeled ImageFolders, webdataset shards, pseudo-labels."""
