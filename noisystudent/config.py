@@ -195,10 +195,7 @@ class Config:
         raw = to_dict(self)
         raw["generation_overrides"] = {}  # the derived config is final; it has no overrides of its own
         for key, value in changes.items():
-            nested: Any = value
-            for k in reversed(key.split(".")):
-                nested = {k: nested}
-            raw = _deep_merge(raw, nested)
+            raw = _set_dotted(raw, key.split("."), value)
         try:
             cfg = _build(Config, raw)
         except ConfigError as exc:
@@ -287,6 +284,14 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _set_dotted(raw: dict, keys: list[str], value: Any) -> dict:
+    """``raw`` with ``value`` merged in at the nested path ``keys`` (siblings kept)."""
+    nested: Any = value
+    for k in reversed(keys):
+        nested = {k: nested}
+    return _deep_merge(raw, nested)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], yaml-parsed value)."""
     if "=" not in item:
@@ -314,11 +319,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         raw = loaded
     for item in overrides or []:
-        keys, value = parse_override(item)
-        nested: Any = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        raw = _deep_merge(raw, nested)
+        raw = _set_dotted(raw, *parse_override(item))
     cfg = _build(Config, raw)
     validate(cfg)
     return cfg

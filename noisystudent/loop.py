@@ -139,7 +139,7 @@ def _save_augmentation_grid(cfg: Config, data: LabeledData, path: Path) -> None:
     plt.imsave(path, grid, cmap="gray" if grid.ndim == 2 else None)
 
 
-def _generation_minutes(start: float, result: TrainResult, gdir: Path) -> float:
+def _generation_minutes(start: float, result: TrainResult) -> float:
     """Wall minutes of a generation: training time is cumulative across resumes, the rest is this session's."""
     this_session = time.time() - start
     return max(this_session, result.seconds) / 60.0
@@ -187,7 +187,7 @@ def run_generation(cfg: Config, g: int, run_dir: Path, data: LabeledData, tracke
         prior = read_json(gdir / "summary.json") if (gdir / "summary.json").is_file() else {}
         row.update(test_top1=metrics.get("test_top1"), test_ece=metrics.get("test_ece"), val_top1=metrics.get("val_top1"),
                    model_path=result.model_path, sha256=result.sha256,
-                   minutes=prior.get("minutes", _generation_minutes(start, result, gdir)))
+                   minutes=prior.get("minutes", _generation_minutes(start, result)))
         run_id = (gdir / "mlflow_run_id").read_text().strip() if (gdir / "mlflow_run_id").is_file() else ""
         row["mlflow_run_id"] = run_id
     write_json_atomic(gdir / "summary.json", row)

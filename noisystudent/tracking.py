@@ -48,7 +48,7 @@ class Tracker:
         self.enabled = cfg.enabled
         self.run_dir = Path(run_dir)
         self.uri = resolve_tracking_uri(cfg, run_dir)
-        self.local_store = not cfg.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI")
+        local_store = not cfg.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI")
         self.experiment = cfg.experiment
         self.experiment_id: str | None = None
         if not self.enabled:
@@ -68,7 +68,7 @@ class Tracker:
             exp = mlflow.get_experiment_by_name(self.experiment)
             if exp is None:
                 artifacts = None
-                if self.local_store:  # keep artifacts beside the store, inside the run directory
+                if local_store:  # keep artifacts beside the store, inside the run directory
                     artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri()
                 self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts)
             else:
