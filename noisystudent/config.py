@@ -98,6 +98,9 @@ class TrainConfig:
     #: Stop after this many epochs without validation improvement and keep the best epoch's
     #: weights (0 = train all epochs, keep the last).
     early_stop_patience: int = 0
+    #: Validate every N epochs (and always after the last). Raise it when epochs are tiny (a
+    #: teacher on a few thousand labels) and validation would cost more than training.
+    eval_every: int = 1
 
 
 @dataclass
@@ -344,6 +347,7 @@ def validate(cfg: Config) -> None:
         need(t.init in ("scratch", "teacher"), f"{stage}.init", "must be scratch or teacher")
         need(t.epochs >= 1, f"{stage}.epochs", "must be >= 1")
         need(t.batch_size >= 1, f"{stage}.batch_size", "must be >= 1")
+        need(t.eval_every >= 1, f"{stage}.eval_every", "must be >= 1")
         need(0.0 <= t.drop_rate < 1.0, f"{stage}.drop_rate", "must be in [0, 1)")
         need(0.0 <= t.drop_path_rate < 1.0, f"{stage}.drop_path_rate", "must be in [0, 1)")
         need(0.0 <= t.augment.magnitude <= 10.0, f"{stage}.augment.magnitude", "must be in [0, 10]")

@@ -17,7 +17,7 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .config import ClusterConfig, DataConfig
-from .data.pseudo_labels import META_EXT, PROBS_EXT, index_path, write_index
+from .data.pseudo_labels import INDEX_VERSION, META_EXT, PROBS_EXT, index_path, read_index, write_index
 from .data.shards import SkipCounter, decode_image, image_bytes, iter_samples, write_shard
 from .io import read_json, sha256_file, write_json_atomic
 
@@ -81,6 +81,8 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
     labels: list[int] = []
     confs: list[float] = []
     ents: list[float] = []
+    probs_rows: list[np.ndarray] = []
+    image_ext: list[str] = []
     dev = torch.device(device)
     use_amp = amp != "off" and dev.type == "cuda"
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -96,6 +98,7 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
             for (key, ext, raw, _), p, c, e in zip(batch, probs, conf, ent):
                 label = int(p.argmax())
                 keys.append(key), labels.append(label), confs.append(float(c)), ents.append(float(e))
+                probs_rows.append(p.astype(np.float16)), image_ext.append(ext)
                 yield {
                     "__key__": key,
                     ext: raw,
@@ -104,8 +107,12 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
                                "teacher": teacher_id, "source_shard": shard_name, "source_key": key},
                 }
 
-    n = write_shard(output_path, labeled_samples())
-    write_index(output_path, keys, labels, confs, ents)
+    offsets: dict = {}
+    n = write_shard(output_path, labeled_samples(), offsets=offsets)
+    members = [(ext, *offsets[key][ext]) for key, ext in zip(keys, image_ext)]
+    num_out = int(getattr(model, "num_classes", 0) or 0)
+    probs = np.stack(probs_rows) if probs_rows else np.zeros((0, num_out), np.float16)
+    write_index(output_path, keys, labels, confs, ents, probs, members)
     num_classes = int(getattr(model, "num_classes", 0) or (max(labels) + 1 if labels else 0))
     summary = ShardLabelSummary(
         input=input_url, output=str(output_path), samples=n, skipped=skips.as_dict(),
@@ -123,7 +130,14 @@ def output_name(input_url: str) -> str:
 
 
 def shard_done(output_path: Path) -> bool:
-    return index_path(output_path).is_file() and output_path.with_suffix(".summary.json").is_file() and output_path.is_file()
+    """Complete and in the current index format (the index is written last)."""
+    if not (index_path(output_path).is_file() and output_path.with_suffix(".summary.json").is_file()
+            and output_path.is_file()):
+        return False
+    try:
+        return read_index(output_path).version == INDEX_VERSION
+    except Exception:  # noqa: BLE001 - unreadable index: relabel the shard
+        return False
 
 
 def _label_task(input_url: str, output_path: str, checkpoint: str, sha256: str, data: dict, infer_batch_size: int,

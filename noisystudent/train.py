@@ -215,7 +215,7 @@ def train_model(
                "lr": scheduler.get_last_lr()[0], "images_per_sec": seen / max(1e-9, time.time() - epoch_start)}
         if pseudo is not None:
             row["train_pseudo_loss"] = unl_loss_sum / steps
-        if val is not None:
+        if val is not None and ((epoch + 1) % max(1, stage.eval_every) == 0 or epoch + 1 == stage.epochs):
             report = classification_report(*predict(model, _eval_loader(val, device), device, cfg.amp, cfg.channels_last),
                                            len(labeled.class_names))
             row.update(val_top1=report.top1, val_loss=report.nll, val_ece=report.ece)

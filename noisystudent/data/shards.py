@@ -147,8 +147,32 @@ def image_bytes(sample: dict[str, Any]) -> tuple[str, bytes] | None:
     return None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_png_fast(data: bytes, channels: int) -> np.ndarray | None:
+    """OpenCV PNG decode (~5x faster than PIL on small images); None = let PIL handle it.
+
+    The pixel limit is checked on the IHDR header before anything is allocated.
+    """
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image too large ({width}x{height} > {MAX_IMAGE_PIXELS} pixels)")
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
+    if img is None:
+        return None  # PIL gives the precise error
+    return img if channels == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
 def decode_image(data: bytes, channels: int) -> np.ndarray:
     """Decode image bytes to uint8 HxW (channels=1) or HxWx3 (channels=3). Raises ValueError."""
+    fast = _decode_png_fast(data, channels)
+    if fast is not None:
+        return fast
     try:
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("L" if channels == 1 else "RGB")
@@ -179,11 +203,14 @@ def _member_bytes(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True).encode()
 
 
-def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> int:
+def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]],
+                offsets: dict[str, dict[str, tuple[int, int]]] | None = None) -> int:
     """Write samples to one tar shard atomically; returns the sample count.
 
     Each sample is ``{"__key__": str, ext: bytes | str | ndarray (-> .npy) | json-able}``.
-    Keys must not contain dots (a dot starts the extension in webdataset).
+    Keys must not contain dots (a dot starts the extension in webdataset). If ``offsets`` is
+    given it receives ``key -> ext -> (byte offset, size)`` of every member's data, so an index
+    can later read a member with one seek instead of parsing the tar.
     """
     count = 0
     with atomic_path(path) as tmp:
@@ -200,6 +227,9 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> i
                     info.size = len(data)
                     info.mode = 0o444
                     tar.addfile(info, io.BytesIO(data))
+                    if offsets is not None:  # tar.offset is now past the data's 512-byte padding
+                        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                        offsets.setdefault(key, {})[ext] = (tar.offset - padded, len(data))
                 count += 1
     return count
 

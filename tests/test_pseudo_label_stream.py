@@ -1,0 +1,101 @@
+"""The student's pseudo-label stream: seek-by-index reading equals parsing the tar, and damage is counted."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+
+import numpy as np
+import pytest
+import torch
+
+from noisystudent.data import pseudo_labels as pl
+from noisystudent.data.shards import decode_image, encode_png, iter_samples, write_shard
+from noisystudent.label import pseudo_label_shard, shard_done
+from noisystudent.models import ModelSpec, create_model
+from noisystudent.noise import create_eval_transform
+
+
+@pytest.fixture(scope="module")
+def labeled_shard(smoke_data, tmp_path_factory):
+    """One real unlabeled smoke shard labeled by a (random-weight) real timm model."""
+    from noisystudent.config import DataConfig
+
+    data = DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353])
+    spec = ModelSpec("test_resnet", 10, 1, 28, [str(c) for c in range(10)], [0.286], [0.353])
+    model = create_model(spec).eval()
+    out = tmp_path_factory.mktemp("pl") / "shard-000000.tar"
+    src = sorted(glob.glob(str(smoke_data / "unlabeled" / "shard-*.tar")))[0]
+    summary = pseudo_label_shard(src, str(out), model, create_eval_transform(data), data, "t")
+    return out, summary
+
+
+def _identity(img):
+    return torch.from_numpy(img.copy())
+
+
+def test_index_records_offsets_and_probs_that_match_the_tar(labeled_shard):
+    out, summary = labeled_shard
+    ix = pl.read_index(out)
+    assert ix.version == pl.INDEX_VERSION and ix.seekable and shard_done(out)
+    assert ix.probs.shape == (summary.samples, 10)
+    raw = out.read_bytes()
+    for i, sample in enumerate(iter_samples(str(out))):
+        assert sample["__key__"] == ix.keys[i]
+        off, size = int(ix.image_offset[i]), int(ix.image_size[i])
+        assert raw[off: off + size] == sample[str(ix.image_ext[i])]  # the offset points at the image bytes
+        np.testing.assert_array_equal(np.load(__import__("io").BytesIO(sample[pl.PROBS_EXT])), ix.probs[i])
+    assert i + 1 == summary.samples
+
+
+def test_seek_path_yields_exactly_what_tar_parsing_yields(labeled_shard):
+    out, _ = labeled_shard
+    selection = pl.select_pseudo_labels([str(out)], 10, threshold=0.0, balance=False)
+    fast = list(pl.PseudoLabeledStream(selection, 1, 10, _identity)._decoded(str(out)))
+    old_read = pl.read_index
+    try:  # an index without offsets (older format) falls back to parsing the tar
+        pl.read_index = lambda s: dataclasses.replace(old_read(s), image_offset=np.full(len(fast), -1, np.int64))
+        slow = list(pl.PseudoLabeledStream(selection, 1, 10, _identity)._decoded(str(out)))
+    finally:
+        pl.read_index = old_read
+    assert len(fast) == len(slow) == selection.kept_unique > 0
+    for (k1, img1, p1), (k2, img2, p2) in zip(fast, slow):
+        assert k1 == k2
+        np.testing.assert_array_equal(img1, img2)
+        np.testing.assert_array_equal(p1, p2)
+
+
+def test_truncated_pseudo_label_shard_is_counted_not_lost_silently(labeled_shard, tmp_path):
+    out, summary = labeled_shard
+    cut = tmp_path / out.name
+    raw = out.read_bytes()
+    cut.write_bytes(raw[: len(raw) // 2])
+    pl.index_path(cut).write_bytes(pl.index_path(out).read_bytes())
+    selection = pl.select_pseudo_labels([str(cut)], 10, threshold=0.0, balance=False)
+    stream = pl.PseudoLabeledStream(selection, 1, 10, _identity)
+    got = list(stream._decoded(str(cut)))
+    assert 0 < len(got) < summary.samples
+    assert len(got) + stream.skips.reasons["truncated_tar"] == summary.samples
+
+
+def test_png_fast_decode_matches_pil_and_refuses_bombs():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (17, 23), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_image(encode_png(gray), 1), gray)
+    np.testing.assert_array_equal(decode_image(encode_png(rgb), 3), rgb)
+    assert decode_image(encode_png(gray), 3).shape == (17, 23, 3)
+    # a PNG header claiming 100k x 100k pixels is refused before any allocation
+    bomb = bytearray(encode_png(gray))
+    bomb[16:24] = (100_000).to_bytes(4, "big") * 2
+    with pytest.raises(ValueError, match="too large"):
+        decode_image(bytes(bomb), 1)
+
+
+def test_write_shard_reports_member_offsets(tmp_path):
+    offsets: dict = {}
+    samples = [{"__key__": f"k{i}", "png": encode_png(np.full((5, 5), i, np.uint8)), "x.json": {"i": i}} for i in range(5)]
+    write_shard(tmp_path / "s.tar", samples, offsets=offsets)
+    raw = (tmp_path / "s.tar").read_bytes()
+    for s in samples:
+        off, size = offsets[s["__key__"]]["png"]
+        assert raw[off: off + size] == s["png"]
