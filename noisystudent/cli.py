@@ -32,7 +32,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
-    cfg = load_config(args.config, list(extra or []) + list(args.overrides))
+    cfg = load_config(args.config, list(extra or []) + list(args.overrides), getattr(args, "overlays", []))
     if getattr(args, "print_config", False):
         print(dump_config(cfg))
         sys.exit(0)

@@ -1,4 +1,16 @@
-"""The Dask cluster factory used by the pseudo-labeling stage."""
+"""The Dask cluster factory: where pseudo-labeling (and feature extraction) runs.
+
+``cluster.kind`` picks the engine; everything else is plain ``distributed``:
+
+* ``local``: a ``LocalCluster`` of worker processes on this machine (the laptop default);
+* ``address``: a scheduler someone already runs (``dask scheduler`` + ``dask worker``s, the
+  compose stack in ``infra/``), by ``cluster.address``;
+* ``slurm``: dask-jobqueue ``SLURMCluster``, one worker per batch job (``pip install .[slurm]``);
+* ``kubernetes``: the dask-kubernetes operator's ``KubeCluster`` (``pip install .[kubernetes]``).
+
+With ``cluster.gpus_per_worker > 0`` each worker advertises the Dask resource ``GPU`` and every
+labeling task asks for ``GPU=1`` (:func:`task_resources`), so tasks never share a device.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +23,88 @@ class ClusterError(RuntimeError):
     pass
 
 
+def task_resources(cfg: ClusterConfig) -> dict | None:
+    """Resources each labeling task requests (None = any worker)."""
+    return {"GPU": 1} if cfg.gpus_per_worker > 0 else None
+
+
+def worker_resources(cfg: ClusterConfig) -> dict | None:
+    return {"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else None
+
+
+def _memory_bytes(cfg: ClusterConfig) -> int:
+    from dask.utils import parse_bytes
+
+    return parse_bytes(cfg.memory_limit)
+
+
+def slurm_cluster(cfg: ClusterConfig):
+    """A dask-jobqueue SLURMCluster (not yet scaled): one worker process per job."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as exc:
+        raise ClusterError("cluster.kind=slurm needs dask-jobqueue: pip install '.[slurm]'") from exc
+    s = cfg.slurm
+    directives = list(s.job_extra_directives)
+    worker_args: list[str] = []
+    if cfg.gpus_per_worker > 0:
+        directives.append(f"--gres=gpu:{cfg.gpus_per_worker}")
+        worker_args += ["--resources", f"GPU={cfg.gpus_per_worker}"]
+    kwargs = dict(
+        cores=cfg.threads_per_worker, processes=1, memory=cfg.memory_limit, walltime=s.walltime,
+        job_extra_directives=directives, worker_extra_args=worker_args, job_script_prologue=list(s.job_script_prologue),
+        log_directory=s.log_directory, scheduler_options={"dashboard_address": cfg.dashboard_address},
+    )
+    if s.queue:
+        kwargs["queue"] = s.queue
+    if s.account:
+        kwargs["account"] = s.account
+    if s.interface:
+        kwargs["interface"] = s.interface
+    return SLURMCluster(**kwargs)
+
+
+def kubernetes_cluster_spec(cfg: ClusterConfig) -> dict:
+    """The ``DaskCluster`` custom resource the operator would create (also usable with kubectl)."""
+    try:
+        from dask_kubernetes.operator import make_cluster_spec
+    except ImportError as exc:
+        raise ClusterError("cluster.kind=kubernetes needs dask-kubernetes: pip install '.[kubernetes]'") from exc
+    k = cfg.kubernetes
+    limits = {"memory": cfg.memory_limit.replace("iB", "i"), "cpu": str(cfg.threads_per_worker)}
+    if cfg.gpus_per_worker > 0:
+        limits["nvidia.com/gpu"] = str(cfg.gpus_per_worker)
+    command = ["dask", "worker", "--nthreads", str(cfg.threads_per_worker), "--memory-limit", cfg.memory_limit]
+    if cfg.gpus_per_worker > 0:
+        command += ["--resources", f"GPU={cfg.gpus_per_worker}"]
+    spec = make_cluster_spec(name=k.name, image=k.image, n_workers=cfg.n_workers, resources={"limits": limits},
+                             env=dict(k.env), worker_command=command)
+    # make_cluster_spec gives the scheduler the workers' limits; it needs neither a GPU nor their memory
+    for container in spec["spec"]["scheduler"]["spec"]["containers"]:
+        container["resources"] = {"limits": {"cpu": "1", "memory": "4Gi"}}
+    if k.namespace:
+        spec["metadata"]["namespace"] = k.namespace
+    if k.pvc:  # workers read input shards and the teacher and write labeled shards on shared storage
+        pod = spec["spec"]["worker"]["spec"]
+        pod["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": k.pvc}}]
+        for container in pod["containers"]:
+            container["volumeMounts"] = [{"name": "data", "mountPath": k.mount_path}]
+    return spec
+
+
+def _kubernetes_cluster(cfg: ClusterConfig):
+    from dask_kubernetes.operator import KubeCluster
+
+    spec = kubernetes_cluster_spec(cfg)
+    kwargs = {"custom_cluster_spec": spec}
+    if cfg.kubernetes.namespace:
+        kwargs["namespace"] = cfg.kubernetes.namespace
+    return KubeCluster(**kwargs)
+
+
 @contextlib.contextmanager
 def create_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
-    """A connected ``distributed.Client``: a fresh LocalCluster, or a running scheduler by address."""
+    """A connected ``distributed.Client`` for ``cfg.kind``; cluster and client close on exit."""
     from distributed import Client, LocalCluster
 
     if cfg.kind == "address":
@@ -26,16 +117,27 @@ def create_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa
         finally:
             client.close()
         return
-    cluster = LocalCluster(
-        n_workers=cfg.n_workers,
-        threads_per_worker=cfg.threads_per_worker,
-        processes=True,
-        memory_limit=cfg.memory_limit,
-        dashboard_address=cfg.dashboard_address,
-        host="127.0.0.1",
-    )
+    if cfg.kind == "local":
+        cluster = LocalCluster(
+            n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
+            memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address, host="127.0.0.1",
+            resources=worker_resources(cfg),
+        )
+    elif cfg.kind == "slurm":
+        cluster = slurm_cluster(cfg)
+        cluster.scale(jobs=cfg.n_workers)
+    elif cfg.kind == "kubernetes":
+        cluster = _kubernetes_cluster(cfg)
+    else:  # validate() refuses other kinds; keep the error explicit anyway
+        raise ClusterError(f"config key 'cluster.kind' has unknown value {cfg.kind!r}")
     client = Client(cluster)
     try:
+        if cfg.kind in ("slurm", "kubernetes"):
+            try:  # batch queues can be slow; fail with a clear line rather than hang forever
+                client.wait_for_workers(1, timeout=cfg.wait_for_workers_s)
+            except TimeoutError as exc:
+                raise ClusterError(f"no Dask worker joined within {cfg.wait_for_workers_s}s "
+                                   f"(cluster.kind={cfg.kind}); check the queue/pods and cluster.wait_for_workers_s") from exc
         yield client
     finally:
         client.close()

@@ -98,6 +98,9 @@ class TrainConfig:
     #: Stop after this many epochs without validation improvement and keep the best epoch's
     #: weights (0 = train all epochs, keep the last).
     early_stop_patience: int = 0
+    #: Exponential moving average of the weights (0 = off, e.g. 0.999). When on, the EMA model is
+    #: the one validated, checkpointed as the result and handed to the next stage.
+    ema_decay: float = 0.0
     #: Validate every N epochs (and always after the last). Raise it when epochs are tiny (a
     #: teacher on a few thousand labels) and validation would cost more than training.
     eval_every: int = 1
@@ -109,6 +112,13 @@ class PseudoLabelConfig:
 
     #: Inference batch size.
     batch_size: int = 512
+    #: Shared cache of labeled shards, keyed by teacher checkpoint sha256 + preprocessing, each
+    #: shard checked against its input's path/size/mtime: any run or experiment with the same
+    #: teacher reuses them. "" = no sharing (shards live in the stage's output directory).
+    cache_dir: str = ""
+    #: Average the teacher's prediction with its prediction on the mirrored image (clean views
+    #: only; the teacher is still never noised). Doubles labeling compute.
+    tta_hflip: bool = False
     #: Soft targets (teacher probabilities, paper default) or hard argmax labels.
     soft: bool = True
     #: Keep images whose confidence >= threshold (paper: 0.3).
@@ -122,14 +132,54 @@ class PseudoLabelConfig:
 
 
 @dataclass
-class ClusterConfig:
-    """Dask cluster used for pseudo-labeling."""
+class SlurmConfig:
+    """dask-jobqueue ``SLURMCluster`` settings (cluster.kind=slurm): one worker process per job."""
 
-    #: local = start a LocalCluster; address = connect to a running scheduler.
+    #: Partition (``-p``); "" = the site default.
+    queue: str = ""
+    #: Account to charge (``-A``); "" = none.
+    account: str = ""
+    #: Job wall time.
+    walltime: str = "02:00:00"
+    #: Extra ``#SBATCH`` lines, e.g. ["--constraint=a100"]. GPUs are added from cluster.gpus_per_worker.
+    job_extra_directives: list = field(default_factory=list)
+    #: Shell lines run before the worker starts, e.g. ["source /opt/venv/bin/activate"].
+    job_script_prologue: list = field(default_factory=list)
+    #: Network interface workers and scheduler bind to (e.g. "ib0"); "" = default.
+    interface: str = ""
+    #: Directory for SLURM job logs.
+    log_directory: str = "slurm-logs"
+
+
+@dataclass
+class KubernetesConfig:
+    """dask-kubernetes operator ``KubeCluster`` settings (cluster.kind=kubernetes)."""
+
+    #: DaskCluster resource name.
+    name: str = "noisystudent-label"
+    #: Namespace; "" = the current context's.
+    namespace: str = ""
+    #: Worker/scheduler image; must contain noisystudent (see infra/Dockerfile).
+    image: str = "noisystudent:cpu"
+    #: Environment variables set on scheduler and workers.
+    env: dict = field(default_factory=dict)
+    #: PersistentVolumeClaim (ReadWriteMany) holding shards, checkpoints and outputs, mounted in
+    #: every worker at mount_path; "" = none (the paths must then exist in the image).
+    pvc: str = ""
+    #: Where workers see the PVC; config paths must point inside it.
+    mount_path: str = "/data"
+
+
+@dataclass
+class ClusterConfig:
+    """Dask cluster used for pseudo-labeling (and feature extraction)."""
+
+    #: local = start a LocalCluster; address = connect to a running scheduler;
+    #: slurm = dask-jobqueue SLURMCluster; kubernetes = dask-kubernetes operator KubeCluster.
     kind: str = "local"
     #: Scheduler address for kind=address, e.g. tcp://10.0.0.5:8786.
     address: str = ""
-    #: Worker processes of the local cluster.
+    #: Worker processes (local, slurm: one job each, kubernetes: pods).
     n_workers: int = 2
     #: Threads per worker (keep 1 for GPU workers).
     threads_per_worker: int = 1
@@ -137,8 +187,18 @@ class ClusterConfig:
     memory_limit: str = "4GiB"
     #: Torch threads per worker (0 = threads_per_worker).
     torch_threads: int = 0
-    #: Dashboard address for the local cluster (bound to loopback by default).
+    #: GPUs per worker. >0 advertises the Dask resource GPU=n on each worker and every labeling
+    #: task asks for GPU=1, so tasks never share a GPU (local: CUDA_VISIBLE_DEVICES per worker
+    #: is up to you; slurm adds --gres=gpu:n; kubernetes sets nvidia.com/gpu limits).
+    gpus_per_worker: int = 0
+    #: Dashboard address (bound to loopback by default; use 0.0.0.0:8787 to expose it).
     dashboard_address: str = "127.0.0.1:0"
+    #: Retries of a labeling task whose worker died (the scheduler reruns it elsewhere).
+    task_retries: int = 3
+    #: Seconds to wait for workers of a slurm/kubernetes cluster to come up.
+    wait_for_workers_s: int = 600
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
 
 @dataclass
@@ -243,6 +303,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
     if tp is list or origin is list:
         if isinstance(value, list):
             return value
@@ -307,20 +371,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- ``--set`` overrides, validated into a :class:`Config`."""
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        raw = loaded
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return loaded
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                overlays: list[str | Path] | None = None) -> Config:
+    """Defaults <- YAML file <- overlay YAMLs (e.g. configs/cluster/slurm.yaml) <- ``--set`` overrides."""
+    raw: dict = _read_yaml(path) if path else {}
+    for overlay in overlays or []:
+        raw = _deep_merge(raw, _read_yaml(overlay))
     for item in overrides or []:
         raw = _set_dotted(raw, *parse_override(item))
     cfg = _build(Config, raw)
@@ -348,12 +417,17 @@ def validate(cfg: Config) -> None:
         need(t.epochs >= 1, f"{stage}.epochs", "must be >= 1")
         need(t.batch_size >= 1, f"{stage}.batch_size", "must be >= 1")
         need(t.eval_every >= 1, f"{stage}.eval_every", "must be >= 1")
+        need(0.0 <= t.ema_decay < 1.0, f"{stage}.ema_decay", "must be in [0, 1)")
         need(0.0 <= t.drop_rate < 1.0, f"{stage}.drop_rate", "must be in [0, 1)")
         need(0.0 <= t.drop_path_rate < 1.0, f"{stage}.drop_path_rate", "must be in [0, 1)")
         need(0.0 <= t.augment.magnitude <= 10.0, f"{stage}.augment.magnitude", "must be in [0, 10]")
     need(0.0 <= cfg.pseudo_label.threshold < 1.0, "pseudo_label.threshold", "must be in [0, 1)")
     need(cfg.pseudo_label.temperature > 0, "pseudo_label.temperature", "must be > 0")
-    need(cfg.cluster.kind in ("local", "address"), "cluster.kind", "must be local or address")
+    need(cfg.cluster.kind in ("local", "address", "slurm", "kubernetes"), "cluster.kind",
+         "must be local, address, slurm or kubernetes")
+    need(cfg.cluster.n_workers >= 1, "cluster.n_workers", "must be >= 1")
+    need(cfg.cluster.threads_per_worker >= 1, "cluster.threads_per_worker", "must be >= 1")
+    need(cfg.cluster.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be >= 0")
     for gen, changes in cfg.generation_overrides.items():
         need(str(gen).isdigit() and int(gen) >= 0, "generation_overrides", f"keys must be generation numbers, got {gen!r}")
         need(isinstance(changes, dict), f"generation_overrides.{gen}", "must map dotted keys to values")
@@ -384,6 +458,10 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def add_config_args(parser) -> None:
     """The ``--config`` / ``--set`` arguments every pipeline script takes."""
     parser.add_argument("--config", default=None, help="YAML config file (default: configs/default.yaml in a checkout)")
+    parser.add_argument(
+        "--overlay", dest="overlays", action="append", default=[], metavar="YAML",
+        help="partial YAML merged over --config, e.g. configs/cluster/slurm.yaml (repeatable)",
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set student.drop_path_rate=0.2 (repeatable)",

@@ -2,6 +2,11 @@
 
 The teacher runs in eval mode with the clean eval transform (never noised). The model is
 loaded once per worker process (cached by checkpoint sha256) and reused by every task there.
+
+Outputs are cached: a labeled shard lives under
+``<pseudo_label.cache_dir>/teacher-<sha256[:16]>-pre-<preprocessing hash>/`` and records the
+identity (path, size, mtime) of the input it came from, so any later run or experiment with the
+same teacher checkpoint and preprocessing reuses it, and a changed input is relabeled.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .config import ClusterConfig, DataConfig
 from .data.pseudo_labels import INDEX_VERSION, META_EXT, PROBS_EXT, index_path, read_index, write_index
 from .data.shards import SkipCounter, decode_image, image_bytes, iter_samples, write_shard
-from .io import read_json, sha256_file, write_json_atomic
+from .io import read_json, sha256_file, sha256_json, write_json_atomic
 
 _TEACHERS: dict[str, tuple] = {}  # checkpoint sha256 -> (model, spec, transform); one per worker process
 
@@ -48,6 +53,7 @@ class ShardLabelSummary:
     confidence_hist: list = field(default_factory=list)
     seconds: float = 0.0
     worker: str = ""
+    input_identity: dict = field(default_factory=dict)
 
 
 def _batches(samples: Iterator[dict], data: DataConfig, transform, batch_size: int, skips: SkipCounter, shard: str):
@@ -72,11 +78,13 @@ def _batches(samples: Iterator[dict], data: DataConfig, transform, batch_size: i
 
 @torch.inference_mode()
 def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module, transform, data: DataConfig,
-                       teacher_id: str, batch_size: int = 512, device: str = "cpu", amp: str = "off") -> ShardLabelSummary:
+                       teacher_id: str, batch_size: int = 512, device: str = "cpu", amp: str = "off",
+                       tta_hflip: bool = False) -> ShardLabelSummary:
     """Label one input shard into one output shard (+ index), streaming with bounded memory."""
     start = time.time()
     skips = SkipCounter()
     shard_name = os.path.basename(input_url)
+    identity = input_identity(input_url)  # before reading: a concurrent rewrite then shows up as a mismatch
     keys: list[str] = []
     labels: list[int] = []
     confs: list[float] = []
@@ -84,15 +92,21 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
     probs_rows: list[np.ndarray] = []
     image_ext: list[str] = []
     dev = torch.device(device)
+    pin = dev.type == "cuda"
     use_amp = amp != "off" and dev.type == "cuda"
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
 
     def labeled_samples():
         for batch in _batches(iter_samples(input_url, skips), data, transform, batch_size, skips, shard_name):
-            x = torch.stack([b[3] for b in batch]).to(dev, non_blocking=True)
+            x = torch.stack([b[3] for b in batch])
+            if pin:  # page-locked host memory makes the copy asynchronous
+                x = x.pin_memory()
+            x = x.to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=dtype, enabled=use_amp):
-                logits = model(x)
-            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                logits = model(x).float()
+                if tta_hflip:  # average with the mirrored view: a cleaner label, still no noise
+                    logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+            probs = torch.softmax(logits, dim=1).cpu().numpy()
             conf = probs.max(1)
             ent = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
             for (key, ext, raw, _), p, c, e in zip(batch, probs, conf, ent):
@@ -115,7 +129,7 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
     write_index(output_path, keys, labels, confs, ents, probs, members)
     num_classes = int(getattr(model, "num_classes", 0) or (max(labels) + 1 if labels else 0))
     summary = ShardLabelSummary(
-        input=input_url, output=str(output_path), samples=n, skipped=skips.as_dict(),
+        input=input_url, output=str(output_path), samples=n, skipped=skips.as_dict(), input_identity=identity,
         class_counts=np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist(),
         confidence_hist=np.histogram(np.asarray(confs), bins=10, range=(0.0, 1.0))[0].tolist(),
         seconds=time.time() - start,
@@ -124,29 +138,52 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
     return summary
 
 
+def input_identity(url: str) -> dict:
+    """What makes an input shard "the same" for the label cache: where it is, its size and mtime."""
+    st = os.stat(url)
+    return {"path": os.path.realpath(url), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def output_name(input_url: str) -> str:
+    """``<stem>-<hash of the input's directory>.tar``: readable, and distinct across corpora in one cache."""
     base = os.path.basename(input_url)
-    return base if base.endswith(".tar") else base + ".tar"
+    stem = base[: -len(".tar")] if base.endswith(".tar") else base
+    where = sha256_json(os.path.realpath(os.path.dirname(input_url) or "."))[:8]
+    return f"{stem}-{where}.tar"
 
 
-def shard_done(output_path: Path) -> bool:
-    """Complete and in the current index format (the index is written last)."""
-    if not (index_path(output_path).is_file() and output_path.with_suffix(".summary.json").is_file()
-            and output_path.is_file()):
+def preprocessing_key(data: DataConfig, tta_hflip: bool) -> dict:
+    """Everything besides the teacher that changes the labels; part of the cache key."""
+    return {"image_size": data.image_size, "channels": data.channels, "mean": list(data.mean), "std": list(data.std),
+            "tta_hflip": tta_hflip, "index_version": INDEX_VERSION}
+
+
+def label_cache_dir(cache_root: str | Path, teacher_sha256: str, data: DataConfig, tta_hflip: bool) -> Path:
+    return Path(cache_root) / f"teacher-{teacher_sha256[:16]}-pre-{sha256_json(preprocessing_key(data, tta_hflip))[:8]}"
+
+
+def shard_done(output_path: Path, identity: dict | None = None) -> bool:
+    """Complete (the summary is written last), in the current index format, and - if ``identity``
+    is given - labeled from exactly that input file."""
+    summary_path = output_path.with_suffix(".summary.json")
+    if not (summary_path.is_file() and index_path(output_path).is_file() and output_path.is_file()):
         return False
     try:
-        return read_index(output_path).version == INDEX_VERSION
-    except Exception:  # noqa: BLE001 - unreadable index: relabel the shard
+        if read_index(output_path).version != INDEX_VERSION:
+            return False
+        return identity is None or read_json(summary_path).get("input_identity") == identity
+    except Exception:  # noqa: BLE001 - unreadable index or summary: relabel the shard
         return False
 
 
 def _label_task(input_url: str, output_path: str, checkpoint: str, sha256: str, data: dict, infer_batch_size: int,
-                device: str, amp: str, threads: int) -> dict:
+                device: str, amp: str, threads: int, tta_hflip: bool = False) -> dict:
     """One Dask task: label one shard with this worker's cached teacher."""
     cfg = DataConfig(**data)
     model, spec, transform = cached_teacher(checkpoint, sha256, cfg, threads)
     model.to(device)
-    summary = pseudo_label_shard(input_url, output_path, model, transform, cfg, sha256[:16], infer_batch_size, device, amp)
+    summary = pseudo_label_shard(input_url, output_path, model, transform, cfg, sha256[:16], infer_batch_size, device, amp,
+                                 tta_hflip)
     try:
         from distributed import get_worker
 
@@ -171,25 +208,45 @@ class TeacherPlugin(WorkerPlugin):
         _TEACHERS.clear()
 
 
+def _remove_stale_temporaries(shard_dir: Path, outputs: list[Path]) -> int:
+    """Temp files of writers killed mid-shard (atomic_path names them ``.<target>.*.tmp``)."""
+    removed = 0
+    for out in outputs:
+        if shard_done(out):
+            for tmp in shard_dir.glob(f".{out.stem}*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | Path, data: DataConfig, cluster: ClusterConfig,
-                 batch_size: int = 512, device: str = "cpu", amp: str = "off", show_progress: bool = True) -> dict:
-    """Label every input shard through Dask; shards already done are reused. Returns the manifest."""
+                 batch_size: int = 512, device: str = "cpu", amp: str = "off", show_progress: bool = True, *,
+                 cache_dir: str | Path = "", tta_hflip: bool = False, teacher_run_id: str = "") -> dict:
+    """Label every input shard through Dask, reusing cached shards; write and return the manifest.
+
+    Shards go to the label cache (``cache_dir``) or, without one, to ``out_dir``; the manifest
+    (``out_dir/manifest.json``) lists where every output is.
+    """
     from distributed import as_completed
     from tqdm import tqdm
 
-    from .cluster import create_client
+    from .cluster import create_client, task_resources
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = str(Path(checkpoint).resolve())
     sha = sha256_file(checkpoint)
+    shard_dir = label_cache_dir(cache_dir, sha, data, tta_hflip) if cache_dir else out_dir
+    shard_dir.mkdir(parents=True, exist_ok=True)
     names = [output_name(u) for u in input_urls]
     if len(set(names)) != len(names):
         raise ValueError("input shards must have distinct file names (outputs are named after them)")
-    outputs = [out_dir / n for n in names]
-    todo = [(u, o) for u, o in zip(input_urls, outputs) if not shard_done(o)]
+    outputs = [shard_dir / n for n in names]
+    identities = [input_identity(u) for u in input_urls]
+    done = [shard_done(o, ident) for o, ident in zip(outputs, identities)]
+    todo = [(u, o) for u, o, d in zip(input_urls, outputs, done) if not d]
     start = time.time()
-    summaries: dict[str, dict] = {str(o): read_json(o.with_suffix(".summary.json")) for u, o in zip(input_urls, outputs) if shard_done(o)}
+    summaries: dict[str, dict] = {str(o): read_json(o.with_suffix(".summary.json")) for o, d in zip(outputs, done) if d}
     reused = len(summaries)
     dashboard = ""
     if todo:
@@ -203,7 +260,8 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
             futures = client.map(
                 _label_task, [u for u, _ in todo], [str(o) for _, o in todo],
                 checkpoint=checkpoint, sha256=sha, data=data_dict, infer_batch_size=batch_size, device=device, amp=amp,
-                threads=threads, pure=False, retries=3,
+                threads=threads, tta_hflip=tta_hflip, pure=False, retries=cluster.task_retries,
+                resources=task_resources(cluster),
             )
             with tqdm(total=len(futures), desc="pseudo-label shards", unit="shard", disable=not show_progress) as bar:
                 for fut in as_completed(futures):
@@ -211,6 +269,7 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
                     summaries[s["output"]] = s
                     bar.update(1)
     wall = time.time() - start
+    stale = _remove_stale_temporaries(shard_dir, outputs)
     ordered = [summaries[str(o)] for o in outputs]
     skipped = SkipCounter()
     for s in ordered:
@@ -219,18 +278,26 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
     class_counts = np.sum([np.pad(s["class_counts"], (0, width - len(s["class_counts"]))) for s in ordered], axis=0).tolist() if ordered else []
     labeled_now = sum(s["samples"] for s in ordered if s["output"] in {str(o) for _, o in todo})
     manifest = {
-        "teacher": {"checkpoint": checkpoint, "sha256": sha},
-        "shards": [{"input": s["input"], "output": s["output"], "samples": s["samples"], "skipped": s["skipped"]["total"],
-                    "worker": s.get("worker", "")} for s in ordered],
+        "teacher": {"checkpoint": checkpoint, "sha256": sha, "mlflow_run_id": teacher_run_id},
+        "preprocessing": preprocessing_key(data, tta_hflip),
+        "shard_dir": str(shard_dir),
+        "shards": [{"input": s["input"], "input_identity": s.get("input_identity", {}), "output": s["output"],
+                    "samples": s["samples"], "skipped": s["skipped"]["total"], "skipped_by_reason": s["skipped"]["by_reason"],
+                    "seconds": round(s.get("seconds", 0.0), 3), "worker": s.get("worker", "")} for s in ordered],
         "total_samples": int(sum(s["samples"] for s in ordered)),
         "class_counts": class_counts,
         "confidence_hist": np.sum([s["confidence_hist"] for s in ordered], axis=0).tolist() if ordered else [],
+        "confidence_bins": np.linspace(0.0, 1.0, 11).round(2).tolist(),
         "skipped": skipped.as_dict(),
         "shards_reused": reused,
         "shards_labeled": len(todo),
+        "stale_temporaries_removed": stale,
         "wall_seconds": round(wall, 2),
+        "samples_labeled_now": int(labeled_now),
         "throughput_img_s": round(labeled_now / wall, 1) if todo and wall > 0 else None,
         "dashboard": dashboard,
+        "cluster": {"kind": cluster.kind, "n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker,
+                    "gpus_per_worker": cluster.gpus_per_worker},
     }
     write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest

@@ -63,12 +63,14 @@ def train_teacher(cfg: Config, out_dir: Path, data: LabeledData, tracker: Tracke
                        desc="gen 0 teacher")
 
 
-def pseudo_label(cfg: Config, teacher_checkpoint: str | Path, out_dir: Path, show_progress: bool = True) -> dict:
+def pseudo_label(cfg: Config, teacher_checkpoint: str | Path, out_dir: Path, show_progress: bool = True,
+                 teacher_run_id: str = "") -> dict:
     """Label every unlabeled shard with the teacher (clean, eval mode) through Dask."""
     urls = expand_urls(cfg.data.unlabeled_shards)
     device = str(resolve_device(cfg.device))
-    return label_corpus(teacher_checkpoint, urls, out_dir, cfg.data, cfg.cluster, cfg.pseudo_label.batch_size,
-                        device, cfg.amp, show_progress)
+    pl = cfg.pseudo_label
+    return label_corpus(teacher_checkpoint, urls, out_dir, cfg.data, cfg.cluster, pl.batch_size, device, cfg.amp,
+                        show_progress, cache_dir=pl.cache_dir, tta_hflip=pl.tta_hflip, teacher_run_id=teacher_run_id)
 
 
 def train_student(cfg: Config, generation: int, teacher_checkpoint: str | Path, manifest: dict, out_dir: Path,
@@ -165,7 +167,8 @@ def run_generation(cfg: Config, g: int, run_dir: Path, data: LabeledData, tracke
         else:
             teacher = read_json(_gen_dir(run_dir, g - 1) / "summary.json")
             tracker.set_tags({"teacher_run_id": teacher.get("mlflow_run_id", ""), "teacher_sha256": teacher["sha256"]})
-            manifest = pseudo_label(cfg, teacher["model_path"], gdir / "labels")
+            manifest = pseudo_label(cfg, teacher["model_path"], gdir / "labels",
+                                    teacher_run_id=teacher.get("mlflow_run_id", ""))
             tracker.log_artifact(gdir / "labels" / "manifest.json")
             tracker.log_metrics({"pl_throughput_img_s": manifest["throughput_img_s"] or 0.0,
                                  "pl_skipped": manifest["skipped"]["total"], "pl_samples": manifest["total_samples"]})
@@ -252,14 +255,7 @@ def run_single_stage(cfg: Config, stage: str, out_dir: Path, teacher: str | None
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out_dir / "config.yaml", dump_config(cfg).encode())
     if stage == "pseudo_label":
-        manifest = pseudo_label(cfg, teacher, out_dir)
-        print_stage_summary("pseudo-labeling finished", {
-            "samples": f"{manifest['total_samples']:,}", "shards": f"{len(manifest['shards'])} ({manifest['shards_reused']} reused)",
-            "skipped": f"{manifest['skipped']['total']} {manifest['skipped']['by_reason'] or ''}",
-            "throughput img/s": manifest["throughput_img_s"], "wall seconds": manifest["wall_seconds"],
-            "manifest": str(out_dir / "manifest.json"),
-        })
-        return manifest
+        return _pseudo_label_stage(cfg, teacher, out_dir)
     data = load_labeled_data(cfg)
     tracker = Tracker(cfg.tracking, out_dir)
     with tracker.run(out_dir / "mlflow_run_id", f"{stage}-{out_dir.name}", {"role": stage, "git_commit": git_commit()}):
@@ -272,12 +268,39 @@ def run_single_stage(cfg: Config, stage: str, out_dir: Path, teacher: str | None
         tracker.log_metrics(final_metrics(metrics))
         tracker.log_artifact(out_dir / "config.yaml")
         tracker.log_artifact(out_dir / "eval.json")
+        tracker.log_artifact(result.model_path)
     print_stage_summary(f"{stage} finished", {
         "model": f"{result.spec['name']} ({result.params / 1e6:.2f}M params)", "checkpoint": result.model_path,
         "epochs": len(result.history), "minutes": f"{result.seconds / 60:.1f}",
         "val top-1": metrics.get("val_top1"), "test top-1": metrics.get("test_top1"), "test ECE": metrics.get("test_ece"),
     })
     return metrics
+
+
+def _pseudo_label_stage(cfg: Config, teacher: str, out_dir: Path) -> dict:
+    """The pseudo-labeling stage alone, tracked as its own MLflow run with the manifest attached."""
+    from .tracking import resolve_teacher
+
+    tracker = Tracker(cfg.tracking, out_dir)
+    checkpoint, teacher_run_id = resolve_teacher(teacher, tracker, out_dir / "teacher")
+    with tracker.run(out_dir / "mlflow_run_id", f"pseudo_label-{out_dir.name}",
+                     {"role": "pseudo_label", "git_commit": git_commit(), "teacher_run_id": teacher_run_id}):
+        tracker.log_params({k: v for k, v in flatten(to_dict(cfg)).items()
+                            if k.split(".")[0] in ("data", "pseudo_label", "cluster")})
+        manifest = pseudo_label(cfg, checkpoint, out_dir, teacher_run_id=teacher_run_id)
+        tracker.set_tags({"teacher_sha256": manifest["teacher"]["sha256"]})
+        tracker.log_metrics({"pl_samples": manifest["total_samples"], "pl_skipped": manifest["skipped"]["total"],
+                             "pl_shards_reused": manifest["shards_reused"], "pl_wall_seconds": manifest["wall_seconds"],
+                             "pl_throughput_img_s": manifest["throughput_img_s"] or 0.0})
+        tracker.log_artifact(out_dir / "manifest.json")
+        tracker.log_artifact(out_dir / "config.yaml")
+    print_stage_summary("pseudo-labeling finished", {
+        "samples": f"{manifest['total_samples']:,}", "shards": f"{len(manifest['shards'])} ({manifest['shards_reused']} reused)",
+        "skipped": f"{manifest['skipped']['total']} {manifest['skipped']['by_reason'] or ''}",
+        "throughput img/s": manifest["throughput_img_s"], "wall seconds": manifest["wall_seconds"],
+        "shards in": manifest["shard_dir"], "manifest": str(out_dir / "manifest.json"),
+    })
+    return manifest
 
 
 def print_stage_summary(title: str, fields: dict) -> None:

@@ -134,3 +134,30 @@ class Tracker:
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled and Path(directory).is_dir():
             self.mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
+
+    def download_model(self, run_id: str, dst: str | Path) -> Path:
+        """Fetch the ``model.pt`` a stage logged to run ``run_id`` into ``dst``."""
+        if not self.enabled:
+            raise TrackingError(f"teacher {run_id!r} looks like an MLflow run id but tracking.enabled=false")
+        try:
+            local = self.mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt", dst_path=str(dst))
+        except Exception as exc:  # noqa: BLE001
+            raise TrackingError(f"cannot fetch model.pt of MLflow run {run_id} from {self.uri}: "
+                                f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from exc
+        return Path(local)
+
+
+def looks_like_run_id(text: str) -> bool:
+    t = text[len("runs:/"):].split("/")[0] if text.startswith("runs:/") else text
+    return len(t) == 32 and all(c in "0123456789abcdef" for c in t)
+
+
+def resolve_teacher(spec: str, tracker: Tracker, dst: str | Path) -> tuple[Path, str]:
+    """A teacher given as a model.pt path or an MLflow run id (``<id>`` or ``runs:/<id>``) -> (local path, run id)."""
+    if Path(spec).is_file():
+        return Path(spec), ""
+    if looks_like_run_id(spec):
+        run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
+        return tracker.download_model(run_id, dst), run_id
+    raise FileNotFoundError(f"teacher {spec!r} is neither a checkpoint file nor an MLflow run id; "
+                            "pass a model.pt path or the run id of a stage that logged one")

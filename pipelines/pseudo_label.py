@@ -10,16 +10,19 @@ from noisystudent import cli  # noqa: E402
 
 def main() -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--teacher", required=True, help="teacher model.pt")
+    p.add_argument("--teacher", required=True, help="teacher model.pt, or the MLflow run id (or runs:/<id>) of a stage that logged one")
     p.add_argument("--shards", default=None, help="unlabeled shard pattern (overrides data.unlabeled_shards)")
     p.add_argument("--out", required=True, help="output directory for pseudo-labeled shards + manifest.json")
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides tracking.tracking_uri)")
     args = p.parse_args()
     extra = []
     if args.shards:
         extra.append(f"data.unlabeled_shards={args.shards}")
     if args.scheduler:
         extra += ["cluster.kind=address", f"cluster.address={args.scheduler}"]
+    if args.tracking_uri:
+        extra.append(f"tracking.tracking_uri={args.tracking_uri}")
     cfg = cli.config_from_args(args, extra)
     from noisystudent.loop import run_single_stage
 

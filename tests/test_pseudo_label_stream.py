@@ -50,11 +50,11 @@ def test_index_records_offsets_and_probs_that_match_the_tar(labeled_shard):
 def test_seek_path_yields_exactly_what_tar_parsing_yields(labeled_shard):
     out, _ = labeled_shard
     selection = pl.select_pseudo_labels([str(out)], 10, threshold=0.0, balance=False)
-    fast = list(pl.PseudoLabeledStream(selection, 1, 10, _identity)._decoded(str(out)))
+    fast = list(pl.PseudoLabeledStream(selection, 1, 10, _identity).read_shard(str(out)))
     old_read = pl.read_index
     try:  # an index without offsets (older format) falls back to parsing the tar
         pl.read_index = lambda s: dataclasses.replace(old_read(s), image_offset=np.full(len(fast), -1, np.int64))
-        slow = list(pl.PseudoLabeledStream(selection, 1, 10, _identity)._decoded(str(out)))
+        slow = list(pl.PseudoLabeledStream(selection, 1, 10, _identity).read_shard(str(out)))
     finally:
         pl.read_index = old_read
     assert len(fast) == len(slow) == selection.kept_unique > 0
@@ -72,7 +72,7 @@ def test_truncated_pseudo_label_shard_is_counted_not_lost_silently(labeled_shard
     pl.index_path(cut).write_bytes(pl.index_path(out).read_bytes())
     selection = pl.select_pseudo_labels([str(cut)], 10, threshold=0.0, balance=False)
     stream = pl.PseudoLabeledStream(selection, 1, 10, _identity)
-    got = list(stream._decoded(str(cut)))
+    got = list(stream.read_shard(str(cut)))
     assert 0 < len(got) < summary.samples
     assert len(got) + stream.skips.reasons["truncated_tar"] == summary.samples
 

@@ -234,7 +234,7 @@ class PseudoLabeledStream(IterableDataset):
         onehot[int(np.argmax(probs))] = 1.0
         return torch.from_numpy(onehot)
 
-    def _decoded(self, shard: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    def read_shard(self, shard: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """(key, image, probs) of the selected samples of one shard, in tar order."""
         wanted = self.repeats[shard]
         index = read_index(shard)
@@ -279,7 +279,7 @@ class PseudoLabeledStream(IterableDataset):
     def _samples(self, shards: list[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for shard in shards:
             wanted = self.repeats[shard]
-            for key, img, probs in self._decoded(shard):
+            for key, img, probs in self.read_shard(shard):
                 y = self.target(probs)
                 for _ in range(wanted[key]):
                     yield self.transform(img), y

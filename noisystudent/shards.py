@@ -1,0 +1,116 @@
+"""Public reader API for pseudo-labeled shards.
+
+A labeling job's output is a set of webdataset tars plus, per tar, an ``.index.npz`` and a
+``manifest.json`` for the job (schema in :mod:`noisystudent.data.pseudo_labels` and README).
+Other code reads them through this module without knowing the layout::
+
+    from noisystudent import shards
+
+    table = shards.load_table("runs/default/gen-1/labels")          # all labels, no pixels
+    confident = table.confidence >= 0.9
+    for rec in shards.read_pseudo_labels("runs/default/gen-1/labels", threshold=0.9, with_images=True):
+        rec.key, rec.label, rec.confidence, rec.probs, rec.image      # uint8 HxW or HxWx3
+
+``source`` is a labeling output directory (with ``manifest.json``), a manifest path, a shard
+glob/brace pattern, or a list of shard paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .data.pseudo_labels import (  # noqa: F401 - re-exported
+    INDEX_VERSION, META_EXT, PROBS_EXT, ClassBalancer, ConfidenceFilter, PseudoLabeledStream, Selection, ShardIndex,
+    read_index, select_pseudo_labels,
+)
+from .data.shards import SkipCounter, decode_image, expand_urls, iter_samples  # noqa: F401 - re-exported
+
+__all__ = [
+    "PseudoLabel", "LabelTable", "shard_paths", "load_table", "read_pseudo_labels", "read_index", "select_pseudo_labels",
+    "ConfidenceFilter", "ClassBalancer", "PseudoLabeledStream", "iter_samples", "decode_image",
+]
+
+
+@dataclass
+class PseudoLabel:
+    """One pseudo-labeled sample."""
+
+    shard: str
+    key: str
+    label: int
+    confidence: float
+    entropy: float
+    probs: np.ndarray  # float16 [num_classes], the teacher's soft label
+    image: np.ndarray | None = None  # decoded uint8 pixels if requested
+
+
+@dataclass
+class LabelTable:
+    """Every sample's label fields as flat arrays (one row per sample, shards concatenated)."""
+
+    shard: np.ndarray
+    key: np.ndarray
+    label: np.ndarray
+    confidence: np.ndarray
+    entropy: np.ndarray
+    probs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+
+def shard_paths(source: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Resolve a labeling output dir, manifest path, shard pattern or list to shard paths."""
+    if isinstance(source, (list, tuple)):
+        return [str(s) for s in source]
+    p = Path(source)
+    manifest = p / "manifest.json" if p.is_dir() else p if p.suffix == ".json" else None
+    if manifest is not None:
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no manifest.json in {p}: pass a labeling output directory or a shard pattern")
+        return [s["output"] for s in json.loads(manifest.read_text())["shards"]]
+    return expand_urls(str(source))
+
+
+def load_table(source: str | os.PathLike | Sequence[str]) -> LabelTable:
+    """All labels of ``source`` from the per-shard indexes (the tars are not opened)."""
+    indexes = [read_index(s) for s in shard_paths(source)]
+    width = max((ix.probs.shape[1] for ix in indexes), default=0)
+    cat = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)  # noqa: E731
+    return LabelTable(
+        shard=np.concatenate([np.full(len(ix.keys), ix.shard) for ix in indexes]) if indexes else np.zeros(0, str),
+        key=cat([ix.keys for ix in indexes], str),
+        label=cat([ix.labels for ix in indexes], np.int64),
+        confidence=cat([ix.confidence for ix in indexes], np.float32),
+        entropy=cat([ix.entropy for ix in indexes], np.float32),
+        probs=np.concatenate([ix.probs for ix in indexes]) if indexes and width else np.zeros((0, width), np.float16),
+    )
+
+
+def read_pseudo_labels(source: str | os.PathLike | Sequence[str], threshold: float = 0.0, with_images: bool = False,
+                       channels: int = 3, skips: SkipCounter | None = None) -> Iterator[PseudoLabel]:
+    """Stream samples with confidence >= ``threshold``; decode pixels only if ``with_images``.
+
+    Unreadable images and truncated shards are counted in ``skips`` (never dropped silently).
+    """
+    skips = skips if skips is not None else SkipCounter()
+    for shard in shard_paths(source):
+        ix = read_index(shard)
+        keep = np.flatnonzero(ConfidenceFilter(threshold)(ix.confidence))
+        if not with_images:
+            for i in keep:
+                yield PseudoLabel(shard, str(ix.keys[i]), int(ix.labels[i]), float(ix.confidence[i]),
+                                  float(ix.entropy[i]), ix.probs[i] if ix.probs.shape[1] else np.zeros(0, np.float16))
+            continue
+        selection = Selection({shard: {str(ix.keys[i]): 1 for i in keep}}, [], len(ix.keys), len(keep))
+        stream = PseudoLabeledStream(selection, channels, ix.probs.shape[1], transform=lambda im: im)
+        stream.skips = skips
+        row = {str(k): i for i, k in enumerate(ix.keys)}
+        for key, img, probs in stream.read_shard(shard):
+            i = row[key]
+            yield PseudoLabel(shard, key, int(ix.labels[i]), float(ix.confidence[i]), float(ix.entropy[i]), probs, img)

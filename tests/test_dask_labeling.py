@@ -1,0 +1,195 @@
+"""Pseudo-labeling at corpus scale through real Dask processes: worker death, job kill -9, label cache."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+from noisystudent.data.shards import iter_samples, write_shard
+from noisystudent.models import ModelSpec, create_model, save_model
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+# Big enough inputs that one shard takes about a second per worker, so there is a "mid-job".
+SLOW = ["data.image_size=96", "pseudo_label.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def corpus(smoke_data, tmp_path_factory):
+    """12 shards x 60 real Fashion-MNIST/OOD images (re-sharded smoke corpus), unique keys."""
+    root = tmp_path_factory.mktemp("corpus")
+    samples = [s for p in sorted((smoke_data / "unlabeled").glob("shard-*.tar")) for s in iter_samples(str(p))]
+    keys = []
+    for shard in range(12):
+        batch = []
+        for i in range(60):
+            s = samples[(shard * 60 + i) % len(samples)]
+            key = f"s{shard:02d}-{i:03d}"
+            keys.append(key)
+            batch.append({"__key__": key, "png": s["png"]})
+        write_shard(root / "in" / f"part-{shard:03d}.tar", batch)
+    spec = ModelSpec("resnet18", 10, 1, 96, [str(c) for c in range(10)], [0.286], [0.353])
+    save_model(root / "teacher.pt", create_model(spec).eval(), spec)
+    return root, keys
+
+
+def _label_cmd(root: Path, out: Path, *overrides: str) -> list[str]:
+    cmd = [sys.executable, "pipelines/pseudo_label.py", "--config", "configs/smoke.yaml", "--teacher", str(root / "teacher.pt"),
+           "--shards", str(root / "in" / "part-*.tar"), "--out", str(out)]
+    for o in ["tracking.enabled=false", *SLOW, *overrides]:
+        cmd += ["--set", o]
+    return cmd
+
+
+def _output_keys(manifest: dict) -> Counter:
+    return Counter(s["__key__"] for shard in manifest["shards"] for s in iter_samples(shard["output"]))
+
+
+def _wait(cond, timeout: float, what: str):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpus, tmp_path):
+    """Real `dask scheduler` + two `dask worker` processes; SIGKILL one while it holds a task."""
+    from distributed import Client
+
+    root, keys = corpus
+    sched_file = tmp_path / "scheduler.json"
+    dask = [sys.executable, "-m", "dask"]
+    procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+                               "--scheduler-file", str(sched_file)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        _wait(sched_file.exists, 60, "scheduler file")
+        address = json.loads(sched_file.read_text())["address"]
+        for name in ("victim", "survivor"):
+            procs.append(subprocess.Popen([*dask, "worker", address, "--nthreads", "1",
+                                           "--no-nanny", "--name", name, "--host", "127.0.0.1", "--no-dashboard"],
+                                          env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with Client(address, timeout="30s") as monitor:
+            monitor.wait_for_workers(2, timeout=120)
+            victim = next(addr for addr, w in monitor.scheduler_info()["workers"].items() if w["name"] == "victim")
+            out = tmp_path / "labels"
+            job = subprocess.Popen(_label_cmd(root, out, "cluster.task_retries=3", "cluster.torch_threads=1") + ["--scheduler", address],
+                                   cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            # kill the victim once it has finished something and is busy with a labeling task
+            def victim_busy():
+                done = list(out.rglob("*.summary.json")) if out.exists() else []
+                busy = [k for k in monitor.processing().get(victim, []) if "label_task" in str(k)]
+                return busy if done and busy else None
+            killed_while = _wait(victim_busy, 240, "victim worker to be mid-task")
+            os.kill(procs[1].pid, signal.SIGKILL)
+            stdout, stderr = job.communicate(timeout=600)
+        assert job.returncode == 0, stderr[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(timeout=30)
+    assert killed_while
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = _output_keys(manifest)
+    assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}  # every sample exactly once
+    assert manifest["total_samples"] == len(keys) and manifest["skipped"]["total"] == 0
+    workers = Counter(s["worker"] for s in manifest["shards"])
+    assert any(w != victim for w in workers)  # the survivor finished the victim's work
+    assert not list(out.rglob("*.tmp"))  # no half-written shard left behind
+
+
+def test_kill_9_of_whole_job_then_rerun_labels_only_unfinished_shards(corpus, tmp_path):
+    root, keys = corpus
+    out = tmp_path / "labels"
+    cmd = _label_cmd(root, out, "cluster.n_workers=2")
+    job = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait(lambda: len(list(out.glob("*.summary.json"))) >= 3 if out.exists() else False, 300, "3 finished shards")
+    os.killpg(job.pid, signal.SIGKILL)  # the job and its LocalCluster workers, mid-shard
+    job.wait(timeout=60)
+    finished_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.with_suffix(".summary.json").exists()}
+    assert 3 <= len(finished_before) < 12
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards_reused"] == len(finished_before)
+    assert manifest["shards_labeled"] == 12 - len(finished_before)
+    assert {n: (out / n).stat().st_mtime_ns for n in finished_before} == finished_before  # not rewritten
+    counts = _output_keys(manifest)
+    assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_changes(corpus, tmp_path):
+    from noisystudent import shards
+    from noisystudent.config import ClusterConfig, DataConfig
+    from noisystudent.label import label_corpus
+
+    root, keys = corpus
+    inputs = sorted(str(p) for p in (root / "in").glob("part-*.tar"))[:3]
+    copies = tmp_path / "in"
+    copies.mkdir()
+    for p in inputs:  # private copies: this test touches one
+        (copies / Path(p).name).write_bytes(Path(p).read_bytes())
+    inputs = sorted(str(p) for p in copies.glob("*.tar"))
+    data = DataConfig(image_size=32, channels=1, mean=[0.286], std=[0.353])
+    spec = ModelSpec("test_resnet", 10, 1, 32, [str(c) for c in range(10)], [0.286], [0.353])
+    save_model(tmp_path / "t.pt", create_model(spec).eval(), spec)
+    cluster = ClusterConfig(n_workers=1)
+    cache = tmp_path / "cache"
+
+    def run(out, **kw):
+        return label_corpus(tmp_path / "t.pt", inputs, tmp_path / out, data, cluster, 64, show_progress=False, cache_dir=cache, **kw)
+
+    first = run("exp-a")
+    assert first["shards_labeled"] == 3 and first["shard_dir"].startswith(str(cache))
+    other = run("exp-b")  # another experiment, same teacher + preprocessing: nothing recomputed
+    assert other["shards_reused"] == 3 and other["shards_labeled"] == 0
+    assert [s["output"] for s in other["shards"]] == [s["output"] for s in first["shards"]]
+    os.utime(inputs[1], ns=(time.time_ns(), time.time_ns()))  # the input changed: only it is relabeled
+    changed = run("exp-c")
+    assert changed["shards_reused"] == 2 and changed["shards_labeled"] == 1
+    assert changed["shards"][1]["input_identity"]["mtime_ns"] == os.stat(inputs[1]).st_mtime_ns
+    tta = run("exp-d", tta_hflip=True)  # different preprocessing: a different cache entry
+    assert tta["shards_labeled"] == 3 and tta["shard_dir"] != first["shard_dir"]
+
+    # provenance and the public reader API
+    assert first["teacher"]["sha256"] and first["preprocessing"]["image_size"] == 32
+    assert sum(first["class_counts"]) == first["total_samples"] == sum(first["confidence_hist"]) == 180
+    table = shards.load_table(tmp_path / "exp-a")
+    assert len(table) == 180 and table.probs.shape == (180, 10)
+    np.testing.assert_allclose(table.probs.astype(np.float32).sum(1), 1.0, atol=1e-2)
+    assert (table.label == table.probs.argmax(1)).all()
+    recs = list(shards.read_pseudo_labels(tmp_path / "exp-a" / "manifest.json", threshold=float(np.median(table.confidence)),
+                                          with_images=True, channels=1))
+    assert 0 < len(recs) < 180 and all(r.image.shape == (28, 28) for r in recs)
+    assert len(recs) == int((table.confidence >= float(np.median(table.confidence))).sum())
+
+
+def test_slurm_job_script_requests_gpus_and_dask_resources():
+    pytest.importorskip("dask_jobqueue")
+    from noisystudent.cluster import slurm_cluster, task_resources
+    from noisystudent.config import load_config
+
+    cfg = load_config(REPO / "configs" / "imagenet.yaml", overlays=[REPO / "configs" / "cluster" / "slurm-gpu.yaml"],
+                      overrides=["cluster.dashboard_address=127.0.0.1:0"])
+    cluster = slurm_cluster(cfg.cluster)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert f"#SBATCH --gres=gpu:{cfg.cluster.gpus_per_worker}" in script
+    assert f"--resources GPU={cfg.cluster.gpus_per_worker}" in script
+    assert f"#SBATCH -p {cfg.cluster.slurm.queue}" in script
+    assert task_resources(cfg.cluster) == {"GPU": 1}
