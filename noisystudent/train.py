@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -147,6 +148,8 @@ def train_model(
     total_steps = steps_per_epoch * stage.epochs
 
     optimizer = create_optimizer(model, stage)
+    # EMA of the weights: validated, saved and handed on instead of the raw weights when enabled
+    ema = ModelEmaV3(model, decay=stage.ema_decay, use_warmup=True) if stage.ema_decay > 0 else None
     scheduler = cosine_with_warmup(optimizer, int(stage.warmup_epochs * steps_per_epoch), total_steps)
     use_amp = cfg.amp != "off"
     amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
@@ -162,6 +165,8 @@ def train_model(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+        if ema is not None and "ema" in state:
+            ema.module.load_state_dict(state["ema"])
         first_epoch, history = state["epoch"], list(state["history"])
         start -= state.get("seconds", 0.0)  # keep wall time cumulative across resumes
         best_top1, best_epoch = state["best_top1"], state["best_epoch"]
@@ -205,6 +210,8 @@ def train_model(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update(model, step=epoch * steps_per_epoch + bar.n)
             seen += x.shape[0]
             loss_sum += loss.item()
             lab_loss_sum += lab_loss.item()
@@ -216,13 +223,14 @@ def train_model(
         if pseudo is not None:
             row["train_pseudo_loss"] = unl_loss_sum / steps
         if val is not None and ((epoch + 1) % max(1, stage.eval_every) == 0 or epoch + 1 == stage.epochs):
-            report = classification_report(*predict(model, _eval_loader(val, device), device, cfg.amp, cfg.channels_last),
+            report = classification_report(*predict(ema.module if ema is not None else model, _eval_loader(val, device),
+                                                    device, cfg.amp, cfg.channels_last),
                                            len(labeled.class_names))
             row.update(val_top1=report.top1, val_loss=report.nll, val_ece=report.ece)
             if report.top1 > best_top1:
                 best_top1, best_epoch = report.top1, epoch + 1
                 if stage.early_stop_patience > 0:
-                    save_model(out_dir / "best.pt", model, spec)
+                    save_model(out_dir / "best.pt", ema.module if ema is not None else model, spec)
         history.append(row)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
@@ -231,11 +239,14 @@ def train_model(
         save_checkpoint(last, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
                                "history": history, "best_top1": best_top1, "best_epoch": best_epoch,
-                               "seconds": time.time() - start})
+                               "seconds": time.time() - start,
+                               **({"ema": ema.module.state_dict()} if ema is not None else {})})
         if stage.early_stop_patience > 0 and epoch + 1 - best_epoch >= stage.early_stop_patience:
             print(f"[{desc}] early stop: no val improvement for {stage.early_stop_patience} epochs")
             break
 
+    if ema is not None:
+        model = ema.module
     if stage.early_stop_patience > 0 and (out_dir / "best.pt").is_file():
         best = load_checkpoint(out_dir / "best.pt")
         unwrap(model).load_state_dict(best["model"])
