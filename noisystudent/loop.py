@@ -13,12 +13,13 @@ teacher -> (pseudo-label -> student) x N in one run directory::
 """
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .audit import audit_pseudo_labels
-from .config import Config, dump_config, flatten, to_dict
+from .config import Config, ConfigError, dump_config, flatten, to_dict
 from .data.imagefolder import LabeledImages, load_labeled
 from .data.pseudo_labels import PseudoLabeledStream, select_pseudo_labels
 from .data.shards import expand_urls
@@ -199,6 +200,9 @@ def run_generation(cfg: Config, g: int, run_dir: Path, data: LabeledData, tracke
 
 def iterate(cfg: Config, show_table: bool = True) -> list[dict]:
     """teacher -> (pseudo-label -> student) x cfg.generations, resuming whatever is on disk."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("iterate.py runs as one process (labeling uses Dask); use torchrun with "
+                          "pipelines/train_teacher.py / train_student.py")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Fail fast, before any training: data, shards, ladder, tracking server.
@@ -252,18 +256,27 @@ def run_single_stage(cfg: Config, stage: str, out_dir: Path, teacher: str | None
     """One stage on its own (the ``pipelines/train_*.py`` / ``pseudo_label.py`` scripts), tracked as its own run."""
     from .label import load_manifest
 
+    from . import distributed as ddp
+
+    env = ddp.init_distributed()  # torchrun: every rank trains its data slice, rank 0 tracks and reports
+    if env.enabled and stage == "pseudo_label":
+        raise ConfigError("pseudo-labeling scales with Dask (cluster.*), not torchrun: run pseudo_label.py as one process")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out_dir / "config.yaml", dump_config(cfg).encode())
+    if env.is_main:
+        write_bytes_atomic(out_dir / "config.yaml", dump_config(cfg).encode())
     if stage == "pseudo_label":
         return _pseudo_label_stage(cfg, teacher, out_dir)
     data = load_labeled_data(cfg)
-    tracker = Tracker(cfg.tracking, out_dir)
-    with tracker.run(out_dir / "mlflow_run_id", f"{stage}-{out_dir.name}", {"role": stage, "git_commit": git_commit()}):
+    tracker = Tracker(cfg.tracking if env.is_main else replace(cfg.tracking, enabled=False), out_dir)
+    with tracker.run(out_dir / "mlflow_run_id", f"{stage}-{out_dir.name}",
+                     {"role": stage, "git_commit": git_commit(), "world_size": env.world_size}):
         tracker.log_params(flatten(to_dict(cfg)))
         if stage == "teacher":
             result = train_teacher(cfg, out_dir, data, tracker)
         else:
             result, _ = train_student(cfg, generation, teacher, load_manifest(labels), out_dir, data, tracker)
+        if not env.is_main:
+            return {}
         metrics = evaluate_model(result.model_path, cfg, data, out_dir)
         tracker.log_metrics(final_metrics(metrics))
         tracker.log_artifact(out_dir / "config.yaml")
@@ -271,7 +284,7 @@ def run_single_stage(cfg: Config, stage: str, out_dir: Path, teacher: str | None
         tracker.log_artifact(result.model_path)
     print_stage_summary(f"{stage} finished", {
         "model": f"{result.spec['name']} ({result.params / 1e6:.2f}M params)", "checkpoint": result.model_path,
-        "epochs": len(result.history), "minutes": f"{result.seconds / 60:.1f}",
+        "epochs": len(result.history), "minutes": f"{result.seconds / 60:.1f}", "ranks": env.world_size,
         "val top-1": metrics.get("val_top1"), "test top-1": metrics.get("test_top1"), "test ECE": metrics.get("test_ece"),
     })
     return metrics

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from . import distributed as ddp
 from .config import Config, TrainConfig
 from .data.imagefolder import LabeledImages
 from .data.pseudo_labels import PseudoLabeledStream
@@ -80,9 +81,14 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def forever(loader: DataLoader) -> Iterator:
+def forever(loader: DataLoader, first_pass: int = 0) -> Iterator:
+    """Endless batches; a DistributedSampler is reshuffled on every pass."""
+    n = first_pass
     while True:
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(n)
         yield from loader
+        n += 1
 
 
 @dataclass
@@ -94,6 +100,8 @@ class TrainResult:
     history: list = field(default_factory=list)
     best_val_top1: float = 0.0
     seconds: float = 0.0
+    world_size: int = 1
+    data_by_rank: list = field(default_factory=list)  # under torchrun: what each rank read in its first epoch
 
 
 def train_model(
@@ -108,12 +116,19 @@ def train_model(
     init_from: str | None = None,
     desc: str = "train",
 ) -> TrainResult:
-    """Train (or resume) one model in ``out_dir``; writes ``model.pt`` and ``DONE`` at the end."""
+    """Train (or resume) one model in ``out_dir``; writes ``model.pt`` and ``DONE`` at the end.
+
+    Under torchrun each rank trains on its slice of the data with DDP; rank 0 alone validates
+    into the log, checkpoints and writes the result, which every rank returns.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / "DONE").is_file():
         return TrainResult(**read_json(out_dir / "result.json"))
+    env = ddp.init_distributed()
     device = resolve_device(cfg.device)
+    if env.enabled and device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -132,13 +147,20 @@ def train_model(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
+    # the module that runs forward/backward: DDP averages gradients across ranks
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None) \
+        if env.enabled else model
 
     # ---- data: labeled batches, plus pseudo-labeled batches for a student
     pin = device.type == "cuda"
     workers = cfg.data.num_workers
-    lab_loader = DataLoader(labeled, batch_size=min(stage.batch_size, len(labeled)), shuffle=True, drop_last=True,
-                            num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    sampler = DistributedSampler(labeled, env.world_size, env.rank, shuffle=True, seed=cfg.seed, drop_last=True) \
+        if env.enabled else None
+    lab_loader = DataLoader(labeled, batch_size=min(stage.batch_size, len(labeled) // env.world_size), shuffle=sampler is None,
+                            sampler=sampler, drop_last=True, num_workers=workers, pin_memory=pin,
+                            persistent_workers=workers > 0)
     if pseudo is not None:
+        pseudo.rank, pseudo.world_size = env.rank, env.world_size  # each rank reads its own shards
         unl_bs = max(1, int(round(stage.batch_size * stage.unlabeled_ratio)))
         unl_loader = DataLoader(pseudo, batch_size=unl_bs, drop_last=True, num_workers=min(workers, max(1, len(pseudo.shards))),
                                 pin_memory=pin, persistent_workers=False)
@@ -157,6 +179,7 @@ def train_model(
 
     # ---- resume from the last finished epoch
     history: list[dict] = []
+    data_by_rank: list = []
     first_epoch, best_top1, best_epoch = 0, -1.0, -1
     last = out_dir / "last.pt"
     if last.is_file():
@@ -176,11 +199,12 @@ def train_model(
         model.train()
         epoch_start = time.time()
         seen, loss_sum, lab_loss_sum, unl_loss_sum = 0, 0.0, 0.0, 0.0
-        lab_iter = forever(lab_loader)
+        lab_iter = forever(lab_loader, first_pass=epoch * 1000)
         if pseudo is not None:
             pseudo.set_epoch(epoch)
             unl_iter = iter(unl_loader)
-        bar = tqdm(range(steps_per_epoch), desc=f"[{desc}] epoch {epoch + 1}/{stage.epochs}", leave=False, dynamic_ncols=True)
+        bar = tqdm(range(steps_per_epoch), desc=f"[{desc}] epoch {epoch + 1}/{stage.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not env.is_main)
         for _ in bar:
             x, y = next(lab_iter)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -188,14 +212,18 @@ def train_model(
             if pseudo is not None:
                 try:
                     xu, yu = next(unl_iter)
-                except StopIteration:  # fewer unlabeled batches than estimated (skips): end the epoch
-                    break
+                except StopIteration:
+                    if not env.enabled:  # fewer unlabeled batches than estimated (skips): end the epoch
+                        break
+                    # ranks hold different shard counts; all must take the same number of steps
+                    unl_iter = iter(unl_loader)
+                    xu, yu = next(unl_iter)
                 x = torch.cat([x, xu.to(device, non_blocking=True)])
                 yu = yu.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(x).float()
+                logits = net(x).float()
             lab_loss = F.cross_entropy(logits[:n_lab], y, label_smoothing=stage.label_smoothing)
             loss = lab_loss
             if pseudo is not None:
@@ -216,12 +244,14 @@ def train_model(
             loss_sum += loss.item()
             lab_loss_sum += lab_loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        steps = max(1, bar.n)
         bar.close()
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / steps, "train_labeled_loss": lab_loss_sum / steps,
-               "lr": scheduler.get_last_lr()[0], "images_per_sec": seen / max(1e-9, time.time() - epoch_start)}
+        sums = ddp.reduce_sums({"steps": bar.n, "seen": seen, "loss": loss_sum, "lab": lab_loss_sum, "unl": unl_loss_sum})
+        steps = max(1.0, sums["steps"])
+        row = {"epoch": epoch + 1, "train_loss": sums["loss"] / steps, "train_labeled_loss": sums["lab"] / steps,
+               "lr": scheduler.get_last_lr()[0],
+               "images_per_sec": sums["seen"] / max(1e-9, ddp.reduce_max(time.time() - epoch_start))}
         if pseudo is not None:
-            row["train_pseudo_loss"] = unl_loss_sum / steps
+            row["train_pseudo_loss"] = sums["unl"] / steps
         if val is not None and ((epoch + 1) % max(1, stage.eval_every) == 0 or epoch + 1 == stage.epochs):
             report = classification_report(*predict(ema.module if ema is not None else model, _eval_loader(val, device),
                                                     device, cfg.amp, cfg.channels_last),
@@ -229,22 +259,33 @@ def train_model(
             row.update(val_top1=report.top1, val_loss=report.nll, val_ece=report.ece)
             if report.top1 > best_top1:
                 best_top1, best_epoch = report.top1, epoch + 1
-                if stage.early_stop_patience > 0:
+                if stage.early_stop_patience > 0 and env.is_main:
                     save_model(out_dir / "best.pt", ema.module if ema is not None else model, spec)
         history.append(row)
-        if tracker is not None:
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        print(f"[{desc}] epoch {epoch + 1}/{stage.epochs} " + " ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
-        save_checkpoint(last, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
-                               "history": history, "best_top1": best_top1, "best_epoch": best_epoch,
-                               "seconds": time.time() - start,
-                               **({"ema": ema.module.state_dict()} if ema is not None else {})})
-        if stage.early_stop_patience > 0 and epoch + 1 - best_epoch >= stage.early_stop_patience:
-            print(f"[{desc}] early stop: no val improvement for {stage.early_stop_patience} epochs")
+        if epoch == first_epoch and env.enabled:  # what each rank read, for the record (and the DDP test)
+            data_by_rank = ddp.gather_objects({
+                "rank": env.rank, "labeled_indices": list(sampler) if sampler is not None else [],
+                "pseudo_shards": pseudo._my_shards() if pseudo is not None else []})
+        stop = stage.early_stop_patience > 0 and epoch + 1 - best_epoch >= stage.early_stop_patience
+        if env.is_main:  # every rank validated the same weights; rank 0 alone logs and checkpoints
+            if tracker is not None:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            print(f"[{desc}] epoch {epoch + 1}/{stage.epochs} " + " ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
+            save_checkpoint(last, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
+                                   "history": history, "best_top1": best_top1, "best_epoch": best_epoch,
+                                   "seconds": time.time() - start,
+                                   **({"ema": ema.module.state_dict()} if ema is not None else {})})
+            if stop:
+                print(f"[{desc}] early stop: no val improvement for {stage.early_stop_patience} epochs")
+        ddp.barrier()
+        if stop:
             break
 
+    if not env.is_main:
+        ddp.barrier()  # rank 0 writes model.pt and result.json
+        return TrainResult(**read_json(out_dir / "result.json"))
     if ema is not None:
         model = ema.module
     if stage.early_stop_patience > 0 and (out_dir / "best.pt").is_file():
@@ -252,11 +293,13 @@ def train_model(
         unwrap(model).load_state_dict(best["model"])
     sha = save_model(out_dir / "model.pt", model, spec, extra={"history": history})
     result = TrainResult(model_path=str(out_dir / "model.pt"), sha256=sha, spec=spec.as_dict(), params=params,
-                         history=history, best_val_top1=best_top1, seconds=time.time() - start)
+                         history=history, best_val_top1=best_top1, seconds=time.time() - start,
+                         world_size=env.world_size, data_by_rank=data_by_rank)
     write_json_atomic(out_dir / "result.json", result.__dict__)
     (out_dir / "DONE").write_text("")
     last.unlink(missing_ok=True)
     last.with_name("last.pt.sha256").unlink(missing_ok=True)
+    ddp.barrier()
     return result
 
 
