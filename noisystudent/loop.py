@@ -91,7 +91,19 @@ def train_student(cfg: Config, generation: int, teacher_checkpoint: str | Path, 
         tracker.log_metrics({k: v for k, v in stats.items() if not isinstance(v, list)})
     result = train_model(cfg.student, cfg, cfg.model_for_generation(generation), out_dir, labeled, data.val, stream,
                          tracker, init_from=init_from, desc=f"gen {generation} student")
+    if cfg.student.finetune_epochs > 0:
+        result = finetune_on_labeled(cfg, generation, result, out_dir / "finetune", data, noise)
     return result, {"selection": selection, **stats}
+
+
+def finetune_on_labeled(cfg: Config, generation: int, trained: TrainResult, out_dir: Path, data: LabeledData,
+                        noise) -> TrainResult:
+    """Optional last step of a student: a short, low-LR fine-tune on the labeled data alone."""
+    s = cfg.student
+    stage = replace(s, epochs=s.finetune_epochs, lr=s.finetune_lr, warmup_epochs=0.0, drop_rate=0.0, drop_path_rate=0.0,
+                    ema_decay=0.0)
+    return train_model(stage, cfg, cfg.model_for_generation(generation), out_dir, data.train.with_transform(noise),
+                       data.val, None, None, init_from=trained.model_path, desc=f"gen {generation} fine-tune")
 
 
 def evaluate_model(model_path: str | Path, cfg: Config, data: LabeledData, out_dir: Path) -> dict:

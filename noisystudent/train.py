@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed as ddp
-from .config import Config, TrainConfig
+from .config import Config, ConfigError, TrainConfig
 from .data.imagefolder import LabeledImages
 from .data.pseudo_labels import PseudoLabeledStream
 from .evaluate import classification_report, predict
@@ -150,6 +150,8 @@ def train_model(
     # the module that runs forward/backward: DDP averages gradients across ranks
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None) \
         if env.enabled else model
+    if cfg.compile:
+        net = torch.compile(net)
 
     # ---- data: labeled batches, plus pseudo-labeled batches for a student
     pin = device.type == "cuda"
@@ -164,9 +166,13 @@ def train_model(
         unl_bs = max(1, int(round(stage.batch_size * stage.unlabeled_ratio)))
         unl_loader = DataLoader(pseudo, batch_size=unl_bs, drop_last=True, num_workers=min(workers, max(1, len(pseudo.shards))),
                                 pin_memory=pin, persistent_workers=False)
+        if len(pseudo) < unl_bs:
+            raise ConfigError(f"only {len(pseudo)} pseudo-labeled samples selected per rank, fewer than one batch of "
+                              f"{unl_bs}: lower pseudo_label.threshold or student.unlabeled_ratio / student.batch_size")
         steps_per_epoch = max(1, len(pseudo) // unl_bs)
     else:
         steps_per_epoch = len(lab_loader)
+    steps_per_epoch = stage.steps_per_epoch or steps_per_epoch
     total_steps = steps_per_epoch * stage.epochs
 
     optimizer = create_optimizer(model, stage)
@@ -213,9 +219,9 @@ def train_model(
                 try:
                     xu, yu = next(unl_iter)
                 except StopIteration:
-                    if not env.enabled:  # fewer unlabeled batches than estimated (skips): end the epoch
+                    if not env.enabled and not stage.steps_per_epoch:  # fewer batches than estimated (skips)
                         break
-                    # ranks hold different shard counts; all must take the same number of steps
+                    # a fixed step budget, or ranks holding different shard counts: start another pass
                     unl_iter = iter(unl_loader)
                     xu, yu = next(unl_iter)
                 x = torch.cat([x, xu.to(device, non_blocking=True)])

@@ -1,0 +1,209 @@
+"""Ablations of the student recipe, every cell trained from the same teacher's pseudo-labeled shards.
+
+Cells (each: test top-1 of a student with the same budget: ``student.steps_per_epoch`` fixed to the
+base recipe's, so every cell takes the same optimizer steps at the same batch size):
+
+* noise: (a) no noise, (b) data noise only (RandAugment + flip/crop/cutout), (c) model noise only
+  (dropout + stochastic depth), (d) full noise;
+* threshold: the confidence threshold swept, with the number of pseudo-labeled images kept;
+* targets: soft vs hard pseudo-labels;
+* control: a supervised model on the labeled data alone with the same noise and budget, which
+  separates the gain from pseudo-labels from the gain from augmentation.
+
+Cells are resumable (a finished cell is read back, not retrained).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, config_from_dict, to_dict
+from .data.pseudo_labels import select_pseudo_labels
+from .io import read_json, write_json_atomic
+from .label import manifest_outputs
+from .loop import LabeledData, evaluate_model, train_student
+from .noise import create_train_transform
+from .train import train_model
+
+NO_AUGMENT = {"num_ops": 0, "cutout": 0.0, "hflip": 0.0, "crop_pad": 0.0}
+
+
+@dataclass
+class AblationCell:
+    """One student recipe: dotted overrides on the base config, trained for each seed."""
+
+    name: str
+    group: str
+    overrides: dict = field(default_factory=dict)
+    seeds: tuple = (0,)
+    supervised_only: bool = False
+
+
+def default_cells(cfg: Config, thresholds: list[float], seeds: tuple) -> list[AblationCell]:
+    no_model_noise = {"student.drop_rate": 0.0, "student.drop_path_rate": 0.0}
+    no_data_noise = {"student.augment": NO_AUGMENT}
+    cells = [
+        AblationCell("no noise", "noise", {**no_data_noise, **no_model_noise}, seeds),
+        AblationCell("data noise only", "noise", no_model_noise),
+        AblationCell("model noise only", "noise", no_data_noise),
+        AblationCell("full noise", "noise", {}, seeds),
+        AblationCell("supervised control (labeled only, full noise)", "control", {}, seeds, supervised_only=True),
+        AblationCell("hard labels", "targets", {"pseudo_label.soft": False}),
+    ]
+    for t in thresholds:
+        if not math.isclose(t, cfg.pseudo_label.threshold):  # the base threshold is "full noise"
+            cells.append(AblationCell(f"threshold {t:g}", "threshold", {"pseudo_label.threshold": float(t)}))
+    return cells
+
+
+def _cell_config(base: Config, cell: AblationCell, seed: int) -> Config:
+    raw = to_dict(base)
+    raw["seed"] = seed
+    raw["generation_overrides"] = {}
+    for key, value in cell.overrides.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = dict(value) if isinstance(value, dict) else value
+    return config_from_dict(raw)
+
+
+def _supervised_control(cfg: Config, data: LabeledData, out_dir: Path):
+    """Labeled data only, with the student's noise, batch size and number of optimizer steps."""
+    s = cfg.student
+    batch = min(len(data.train), int(round(s.batch_size * (1 + s.unlabeled_ratio))))
+    stage = replace(s, batch_size=batch, eval_every=max(1, s.epochs), early_stop_patience=0)
+    noise = create_train_transform(cfg.data, s.augment, seed=cfg.seed)
+    return train_model(stage, cfg, cfg.model_for_generation(1), out_dir, data.train.with_transform(noise), data.val, None,
+                       None, desc="control")
+
+
+def budget_steps(cfg: Config, manifest: dict, num_classes: int) -> int:
+    """Steps per epoch of a student at the base recipe: the budget every cell gets."""
+    pl = cfg.pseudo_label
+    sel = select_pseudo_labels(manifest_outputs(manifest), num_classes, pl.threshold, pl.balance, pl.per_class, cfg.seed)
+    return max(1, sel.total // max(1, int(round(cfg.student.batch_size * cfg.student.unlabeled_ratio))))
+
+
+def run_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manifest: dict, data: LabeledData,
+             out_dir: Path, tracker=None) -> dict:
+    done = out_dir / "cell.json"
+    if done.is_file():
+        return read_json(done)
+    cfg = _cell_config(base, cell, seed)
+    start = time.time()
+    row = {"cell": cell.name, "group": cell.group, "seed": seed, "overrides": cell.overrides}
+    steps = cfg.student.steps_per_epoch * cfg.student.epochs
+    if cell.supervised_only:
+        result = _supervised_control(cfg, data, out_dir / "model")
+        row.update(images_kept=len(data.train), pl_kept_unique=0, steps=steps)
+    else:
+        result, stats = train_student(cfg, 1, teacher, manifest, out_dir / "model", data, None)
+        row.update(images_kept=len(data.train) + stats["pl_kept_total"], pl_kept_unique=stats["pl_kept_unique"], steps=steps)
+    metrics = evaluate_model(result.model_path, cfg, data, out_dir)
+    row.update(test_top1=metrics.get("test_top1"), val_top1=metrics.get("val_top1"), test_ece=metrics.get("test_ece"),
+               minutes=(time.time() - start) / 60, epochs=len(result.history))
+    if tracker is not None:
+        with tracker.run(out_dir / "mlflow_run_id", f"{cell.name} seed {seed}", {"cell": cell.name, "group": cell.group,
+                                                                                 "seed": seed}, nested=True):
+            tracker.log_params({"cell": cell.name, "seed": seed, **{f"override.{k}": v for k, v in cell.overrides.items()}})
+            tracker.log_metrics({k: row[k] for k in ("test_top1", "val_top1", "test_ece", "images_kept", "minutes")
+                                 if row.get(k) is not None})
+    write_json_atomic(done, row)
+    return row
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per cell: mean and spread (sample std, n) of test top-1 over seeds."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        c = out.setdefault(r["cell"], {"cell": r["cell"], "group": r["group"], "top1": [], "images_kept": r["images_kept"],
+                                       "pl_kept_unique": r.get("pl_kept_unique", 0), "steps": r["steps"]})
+        c["top1"].append(r["test_top1"])
+    for c in out.values():
+        v = np.asarray(c.pop("top1"), dtype=np.float64)
+        c.update(n=len(v), mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                 min=float(v.min()), max=float(v.max()))
+    return list(out.values())
+
+
+def threshold_plot(summary: list[dict], base_threshold: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = []
+    for c in summary:
+        if c["group"] == "threshold":
+            pts.append((float(c["cell"].split()[-1]), c["mean"], c["pl_kept_unique"]))
+        elif c["cell"] == "full noise":
+            pts.append((base_threshold, c["mean"], c["pl_kept_unique"]))
+    if not pts:
+        return
+    pts.sort()
+    t, acc, kept = zip(*pts)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(t, [100 * a for a in acc], "o-", color="tab:blue")
+    ax.set_xlabel("confidence threshold")
+    ax.set_ylabel("test top-1 %", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(t, kept, "s--", color="tab:orange")
+    ax2.set_ylabel("pseudo-labeled images kept", color="tab:orange")
+    ax.set_title("Confidence threshold: accuracy vs images kept")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+def run_ablation(cfg: Config, teacher: str, labels_dir: Path, out_dir: Path, thresholds: list[float], seeds: tuple,
+                 only: list[str] | None = None) -> list[dict]:
+    """Every cell x seed from one teacher's shards; writes ablation.json + threshold.png, logs to MLflow."""
+    from .config import dump_config, flatten
+    from .io import write_bytes_atomic
+    from .label import load_manifest
+    from .loop import load_labeled_data
+    from .tracking import Tracker, git_commit
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_labeled_data(cfg)
+    manifest = load_manifest(labels_dir)
+    steps = cfg.student.steps_per_epoch or budget_steps(cfg, manifest, len(data.class_names))
+    cfg = config_from_dict({**to_dict(cfg), "student": {**to_dict(cfg)["student"], "steps_per_epoch": steps}})
+    write_bytes_atomic(out_dir / "config.yaml", dump_config(cfg).encode())
+    cells = [c for c in default_cells(cfg, thresholds, seeds) if not only or c.name in only or c.group in only]
+    tracker = Tracker(cfg.tracking, out_dir)
+    rows: list[dict] = []
+    with tracker.run(out_dir / "mlflow_parent_run_id", "ablation", {"role": "ablation", "git_commit": git_commit(),
+                                                                    "teacher_sha256": manifest["teacher"]["sha256"]}):
+        tracker.log_params({**flatten(to_dict(cfg)), "ablation.steps_per_epoch": steps, "ablation.seeds": list(seeds)})
+        for cell in cells:
+            for seed in cell.seeds:
+                slug = "".join(ch if ch.isalnum() else "-" for ch in cell.name.lower()).strip("-")
+                rows.append(run_cell(cfg, cell, seed, teacher, manifest, data, out_dir / f"{slug}-seed{seed}", tracker))
+        summary = summarize(rows)
+        write_json_atomic(out_dir / "ablation.json", {"budget": {"steps_per_epoch": steps, "epochs": cfg.student.epochs,
+                                                                 "batch": cfg.student.batch_size,
+                                                                 "unlabeled_ratio": cfg.student.unlabeled_ratio},
+                                                      "teacher": manifest["teacher"], "rows": rows, "summary": summary})
+        threshold_plot(summary, cfg.pseudo_label.threshold, out_dir / "threshold.png")
+        for name in ("ablation.json", "threshold.png", "config.yaml"):
+            tracker.log_artifact(out_dir / name)
+    return summary
+
+
+def print_ablation_table(summary: list[dict], budget: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Student ablations (same teacher shards, {budget})")
+    for col in ("group", "cell", "pseudo-labels kept", "test top-1 %", "± std", "seeds"):
+        table.add_column(col, justify="left" if col in ("group", "cell") else "right")
+    for c in summary:
+        table.add_row(c["group"], c["cell"], f"{c['pl_kept_unique']:,}", f"{100 * c['mean']:.2f}",
+                      f"{100 * c['std']:.2f}" if c["n"] > 1 else "-", str(c["n"]))
+    Console(width=max(110, Console().width)).print(table)

@@ -1,0 +1,74 @@
+"""pipelines/ablate.py on the smoke data: cells share one teacher's shards and one step budget."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, smoke_overrides
+
+
+def _run(*args, overrides=()):
+    cmd = [sys.executable, *args, "--config", "configs/smoke.yaml"]
+    for o in overrides:
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_ablation_cells_share_budget_and_report_seeds(smoke_data, tmp_path):
+    over = smoke_overrides(smoke_data, tmp_path / "unused") + ["cluster.n_workers=1", "tracking.enabled=false"]
+    _run("pipelines/train_teacher.py", "--out", str(tmp_path / "teacher"), overrides=over)
+    teacher = str(tmp_path / "teacher" / "model.pt")
+    _run("pipelines/pseudo_label.py", "--teacher", teacher, "--out", str(tmp_path / "labels"), overrides=over)
+    out = tmp_path / "ablation"
+    args = ["pipelines/ablate.py", "--teacher", teacher, "--labels", str(tmp_path / "labels"), "--out", str(out),
+            "--seeds", "0,1", "--thresholds", "0.0,0.15", "--only", "full noise,no noise,control,threshold"]
+    abl = over + ["tracking.enabled=true"]
+    r = _run(*args, overrides=abl)
+    assert "Student ablations" in r.stdout
+
+    report = json.loads((out / "ablation.json").read_text())
+    summary = {c["cell"]: c for c in report["summary"]}
+    # 0.0 is the smoke recipe's threshold, so it is the "full noise" cell, not a separate one
+    assert set(summary) == {"full noise", "no noise", "supervised control (labeled only, full noise)", "threshold 0.15"}
+    # headline cells ran once per seed and report a spread; others once
+    assert summary["full noise"]["n"] == summary["no noise"]["n"] == 2
+    assert summary["threshold 0.15"]["n"] == 1
+    # every cell trained with the same number of optimizer steps, whatever data it kept
+    steps = {r["steps"] for r in report["rows"]}
+    assert len(steps) == 1 and steps.pop() == report["budget"]["steps_per_epoch"] * report["budget"]["epochs"]
+    assert all(0.0 <= r["test_top1"] <= 1.0 for r in report["rows"])
+    # a stricter threshold keeps fewer pseudo-labels; the control keeps none
+    kept = {c["cell"]: c["pl_kept_unique"] for c in report["summary"]}
+    assert kept["full noise"] >= kept["threshold 0.15"] > 0
+    assert summary["supervised control (labeled only, full noise)"]["pl_kept_unique"] == 0
+    assert (out / "threshold.png").stat().st_size > 1000
+
+    # resumable: a rerun reads finished cells back instead of training them
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("cell.json")}
+    _run(*args, overrides=abl)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("cell.json")} == mtimes
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
+    assert len(runs) == 1 + len(report["rows"])  # parent + one nested run per cell x seed
+
+
+def test_threshold_keeping_less_than_a_batch_is_a_clear_error(smoke_data, tmp_path):
+    from noisystudent.config import ConfigError, load_config
+    from noisystudent.data.pseudo_labels import PseudoLabeledStream, Selection
+    from noisystudent.loop import load_labeled_data
+    from noisystudent.noise import create_eval_transform
+    from noisystudent.train import train_model
+
+    import pytest
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, tmp_path / "run"))
+    data = load_labeled_data(cfg)
+    empty = PseudoLabeledStream(Selection({}, [0] * 10, 0, 0), 1, 10, create_eval_transform(cfg.data))
+    with pytest.raises(ConfigError, match="pseudo_label.threshold"):
+        train_model(cfg.student, cfg, "test_resnet", tmp_path / "s", data.train, data.val, empty)
