@@ -217,6 +217,11 @@ class TrackingConfig:
     experiment: str = "noisystudent"
     #: false disables MLflow entirely.
     enabled: bool = True
+    #: Log every generation's model with mlflow.pytorch (signature + input example).
+    log_models: bool = True
+    #: Register logged models under this name (a new version per generation, aliases gen-<g>,
+    #: best = highest validation top-1); "" = log without registering.
+    registered_model: str = "noisystudent"
 
 
 @dataclass

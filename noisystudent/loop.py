@@ -28,7 +28,8 @@ from .io import read_json, sha256_json, write_bytes_atomic, write_json_atomic
 from .label import label_corpus, manifest_outputs
 from .models import check_ladder, load_model
 from .noise import augmentation_grid, create_eval_transform, create_train_transform
-from .tracking import Tracker, git_commit
+from .plots import generations_png, learning_curves_png, reliability_png
+from .tracking import Tracker, git_commit, log_and_register_model, set_best_alias
 from .train import TrainResult, resolve_device, train_model
 
 
@@ -116,11 +117,13 @@ def evaluate_model(model_path: str | Path, cfg: Config, data: LabeledData, out_d
     for name, split in (("val", data.val), ("test", data.test)):
         if split is None:
             continue
-        report = classification_report(*predict(model, _eval_loader(split, device), device, cfg.amp), len(spec.class_names))
+        probs, targets = predict(model, _eval_loader(split, device), device, cfg.amp)
+        report = classification_report(probs, targets, len(spec.class_names))
         out.update(report.metrics(name))
         out[f"{name}_per_class"] = dict(zip(spec.class_names, report.per_class))
         if name == "test" or data.test is None:
             save_confusion_png(report, spec.class_names, str(out_dir / f"confusion_{name}.png"))
+            reliability_png(probs, targets, out_dir / f"reliability_{name}.png", title=f"{name} reliability (ECE {report.ece:.3f})")
     write_json_atomic(out_dir / "eval.json", out)
     return out
 
@@ -132,6 +135,25 @@ def final_metrics(metrics: dict) -> dict[str, float]:
         if acc == acc:  # not NaN
             out[f"test_acc_{name}"] = acc
     return out
+
+
+def labeled_fingerprint(data: LabeledData) -> str:
+    """Identity of the labeled splits: class names and every file's relative path and label."""
+    splits = {}
+    for name, split in (("train", data.train), ("val", data.val), ("test", data.test)):
+        if split is not None:
+            splits[name] = [split.class_names, [(os.path.basename(p), t) for p, t in zip(split.paths, split.targets)]]
+    return sha256_json(splits)
+
+
+def label_agreement(labels_a: Path, labels_b: Path) -> float:
+    """Share of samples whose hard pseudo-label is the same in two labeling jobs (matched by key)."""
+    from . import shards
+
+    a, b = shards.load_table(labels_a), shards.load_table(labels_b)
+    left = dict(zip(a.key.tolist(), a.label.tolist()))
+    same = [left[k] == v for k, v in zip(b.key.tolist(), b.label.tolist()) if k in left]
+    return float(sum(same) / len(same)) if same else float("nan")
 
 
 # ------------------------------------------------------------------ the loop
@@ -167,7 +189,7 @@ def run_generation(cfg: Config, g: int, run_dir: Path, data: LabeledData, tracke
     role = "teacher" if g == 0 else "student"
     model_name = cfg.model_for_generation(g)
     tags = {"generation": g, "role": role, "model": model_name, "git_commit": git_commit(),
-            "config_hash": sha256_json(to_dict(cfg))[:16]}
+            "config_hash": sha256_json(to_dict(cfg))[:16], "labeled_data_hash": labeled_fingerprint(data)[:16]}
     start = time.time()
     with tracker.run(gdir / "mlflow_run_id", f"gen-{g}-{role}-{model_name}", tags, nested=True):
         stage_cfg = cfg.teacher if g == 0 else cfg.student
@@ -182,12 +204,21 @@ def run_generation(cfg: Config, g: int, run_dir: Path, data: LabeledData, tracke
             tracker.set_tags({"teacher_run_id": teacher.get("mlflow_run_id", ""), "teacher_sha256": teacher["sha256"]})
             manifest = pseudo_label(cfg, teacher["model_path"], gdir / "labels",
                                     teacher_run_id=teacher.get("mlflow_run_id", ""))
+            tracker.set_tags({"shard_manifest_hash": sha256_json([s["input_identity"] for s in manifest["shards"]])[:16],
+                              "pseudo_label_teacher_sha256": manifest["teacher"]["sha256"]})
             tracker.log_artifact(gdir / "labels" / "manifest.json")
+            for b, n in enumerate(manifest["confidence_hist"]):  # one point per confidence bin
+                tracker.log_metrics({"pl_confidence_hist": n}, step=b)
+            if g >= 2:  # how much the labels moved since the previous teacher
+                agreement = label_agreement(_gen_dir(run_dir, g - 1) / "labels", gdir / "labels")
+                tracker.log_metrics({"pl_agreement_prev_gen": agreement})
+                row["pl_agreement_prev_gen"] = agreement
             tracker.log_metrics({"pl_throughput_img_s": manifest["throughput_img_s"] or 0.0,
                                  "pl_skipped": manifest["skipped"]["total"], "pl_samples": manifest["total_samples"]})
             result, stats = train_student(cfg, g, teacher["model_path"], manifest, gdir / "student", data, tracker)
             audit = audit_pseudo_labels(manifest, data.class_names, stats["selection"])
             tracker.log_metrics({k: v for k, v in audit.items() if isinstance(v, (int, float))})
+            tracker.log_metrics({f"pl_kept_{name}": n for name, n in zip(data.class_names, stats["pl_kept_per_class"])})
             row.update(images_kept=len(data.train) + stats["pl_kept_total"], pl_kept_unique=stats["pl_kept_unique"],
                        pl_kept_per_class=stats["pl_kept_per_class"], pl_acc=audit.get("pl_acc_all"),
                        pl_acc_kept=audit.get("pl_acc_kept"), pl_ood_share_kept=audit.get("pl_ood_share_kept"),
@@ -195,9 +226,13 @@ def run_generation(cfg: Config, g: int, run_dir: Path, data: LabeledData, tracke
         metrics = evaluate_model(result.model_path, cfg, data, gdir)
         tracker.log_metrics(final_metrics(metrics))
         stage_dir = Path(result.model_path).parent
-        for artifact in (run_dir / "config.yaml", stage_dir / "result.json", gdir / "eval.json",
-                         gdir / "confusion_test.png", result.model_path):
+        learning_curves_png(result.history, gdir / "learning_curves.png", f"generation {g} {role} ({model_name})")
+        for artifact in (run_dir / "config.yaml", stage_dir / "result.json", gdir / "eval.json", gdir / "confusion_test.png",
+                         gdir / "reliability_test.png", gdir / "learning_curves.png", result.model_path,
+                         Path(result.model_path).with_name("model.pt.sha256")):
             tracker.log_artifact(artifact)
+        version = log_and_register_model(tracker, result.model_path, cfg.tracking.registered_model, g) \
+            if cfg.tracking.log_models else None
         if g == 1:
             tracker.log_artifact(run_dir / "augmentation_grid.png")
         prior = read_json(gdir / "summary.json") if (gdir / "summary.json").is_file() else {}
@@ -206,6 +241,8 @@ def run_generation(cfg: Config, g: int, run_dir: Path, data: LabeledData, tracke
                    minutes=prior.get("minutes", _generation_minutes(start, result)))
         run_id = (gdir / "mlflow_run_id").read_text().strip() if (gdir / "mlflow_run_id").is_file() else ""
         row["mlflow_run_id"] = run_id
+        row["model_version"] = version
+        tracker.log_metrics({"images_kept": row["images_kept"], "minutes": row["minutes"]})
     write_json_atomic(gdir / "summary.json", row)
     return row
 
@@ -240,8 +277,13 @@ def iterate(cfg: Config, show_table: bool = True) -> list[dict]:
             rows.append(row)
             tracker.log_metrics({"test_top1": row.get("test_top1") or 0.0, "test_ece": row.get("test_ece") or 0.0,
                                  "images_kept": row["images_kept"]}, step=g)
+        best = set_best_alias(tracker, cfg.tracking.registered_model, rows)
+        if best is not None:
+            tracker.set_tags({"best_generation": best["generation"], "best_model_version": best["model_version"]})
         write_json_atomic(run_dir / "results.json", rows)
+        generations_png(rows, run_dir / "generations.png")
         tracker.log_artifact(run_dir / "results.json")
+        tracker.log_artifact(run_dir / "generations.png")
     if show_table:
         print_generation_table(rows)
     return rows

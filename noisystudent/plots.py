@@ -1,0 +1,84 @@
+"""PNG figures a person would rather look at than read: calibration, learning curves, generations."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def reliability_png(probs: np.ndarray, targets: np.ndarray, path: str | Path, bins: int = 15, title: str = "") -> None:
+    """Reliability diagram: accuracy vs confidence per bin, with bin counts; the diagonal is perfect calibration."""
+    plt = _plt()
+    conf, correct = probs.max(1), probs.argmax(1) == targets
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    acc = np.array([correct[idx == b].mean() if (idx == b).any() else np.nan for b in range(bins)])
+    count = np.bincount(idx, minlength=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centers, np.nan_to_num(acc), width=1 / bins, edgecolor="black", alpha=0.8, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "reliability diagram")
+    ax.legend(loc="upper left")
+    ax2.bar(centers, count, width=1 / bins, color="tab:gray")
+    ax2.set_xlabel("confidence")
+    ax2.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def learning_curves_png(history: list[dict], path: str | Path, title: str = "") -> None:
+    """Train/val loss, val top-1 and learning rate per epoch."""
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], label="train")
+    val = [(h["epoch"], h["val_loss"]) for h in history if "val_loss" in h]
+    if val:
+        axes[0].plot(*zip(*val), "o-", label="val")
+        axes[1].plot(*zip(*[(h["epoch"], 100 * h["val_top1"]) for h in history if "val_top1" in h]), "o-")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].set_title("val top-1 %")
+    axes[2].plot(epochs, [h["lr"] for h in history])
+    axes[2].set_title("learning rate (end of epoch)")
+    for a in axes:
+        a.set_xlabel("epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def generations_png(rows: list[dict], path: str | Path, title: str = "Noisy Student generations") -> None:
+    """Test top-1, images kept and ECE by generation."""
+    plt = _plt()
+    gens = [r["generation"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(gens, [100 * (r.get("test_top1") or np.nan) for r in rows], "o-", label="test top-1")
+    if any(r.get("pl_acc") for r in rows):
+        axes[0].plot(gens, [100 * r["pl_acc"] if r.get("pl_acc") else np.nan for r in rows], "s--", label="pseudo-label acc")
+    axes[0].set_title("accuracy %")
+    axes[0].legend()
+    axes[1].bar(gens, [r.get("images_kept") or 0 for r in rows])
+    axes[1].set_title("images kept (labeled + pseudo)")
+    axes[2].plot(gens, [r.get("test_ece") or np.nan for r in rows], "o-", color="tab:red")
+    axes[2].set_title("test ECE")
+    for a in axes:
+        a.set_xlabel("generation")
+        a.set_xticks(gens)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,150 @@
+"""Two smoke generations tracked on a real `mlflow server` (temporary sqlite backend + artifact root)."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import REPO, smoke_overrides
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("mlflow server did not come up")
+            time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tracked_run(mlflow_server, smoke_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tracked") / "run"
+    cmd = [sys.executable, "pipelines/iterate.py", "--config", "configs/smoke.yaml", "--generations", "2",
+           "--tracking-uri", mlflow_server]
+    for o in smoke_overrides(smoke_data, run_dir) + ["cluster.n_workers=1", "tracking.experiment=server-test",
+                                                      "tracking.registered_model=smoke-student"]:
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return mlflow_server, run_dir
+
+
+def test_parent_nested_lineage_metrics_artifacts(tracked_run):
+    import mlflow
+
+    uri, run_dir = tracked_run
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("server-test")
+    parent_id = (run_dir / "mlflow_parent_run_id").read_text().strip()
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["kind"] == "iterate" and parent.data.params["student.drop_path_rate"] == "0.1"
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    by_gen = {int(c.data.tags["generation"]): c for c in children}
+    assert sorted(by_gen) == [0, 1, 2]
+    # lineage: each student names the run of the teacher that labeled its data
+    assert by_gen[1].data.tags["teacher_run_id"] == by_gen[0].info.run_id
+    assert by_gen[2].data.tags["teacher_run_id"] == by_gen[1].info.run_id
+    for c in children:
+        for tag in ("git_commit", "config_hash", "labeled_data_hash", "role", "model"):
+            assert c.data.tags.get(tag), (tag, c.data.tags)
+    assert by_gen[1].data.tags["shard_manifest_hash"] == by_gen[2].data.tags["shard_manifest_hash"]
+    # per-epoch histories and per-generation metrics
+    teacher_epochs = len(client.get_metric_history(by_gen[0].info.run_id, "train_loss"))
+    assert teacher_epochs == 2 and len(client.get_metric_history(by_gen[0].info.run_id, "val_top1")) == 2
+    for g in (1, 2):
+        m = by_gen[g].data.metrics
+        for key in ("test_top1", "test_top5", "test_ece", "pl_acc_all", "pl_kept_total", "images_per_sec", "images_kept"):
+            assert key in m, (g, key)
+        assert len(client.get_metric_history(by_gen[g].info.run_id, "pl_confidence_hist")) == 10
+    assert 0.0 <= by_gen[2].data.metrics["pl_agreement_prev_gen"] <= 1.0
+    assert len(client.get_metric_history(parent_id, "test_top1")) == 3  # one point per generation
+    # artifacts
+    names = {a.path for a in client.list_artifacts(by_gen[1].info.run_id)}
+    assert {"model.pt", "eval.json", "confusion_test.png", "reliability_test.png", "learning_curves.png", "manifest.json",
+            "config.yaml", "augmentation_grid.png"} <= names
+    assert {"results.json", "generations.png", "config.yaml"} <= {a.path for a in client.list_artifacts(parent_id)}
+
+
+def test_registered_versions_aliases_and_loading(tracked_run, smoke_data):
+    import mlflow
+
+    from noisystudent.data.imagefolder import load_labeled
+    from noisystudent.noise import create_eval_transform
+    from noisystudent.tracking import load_tracked_model
+
+    uri, run_dir = tracked_run
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    versions = client.search_model_versions("name = 'smoke-student'")
+    assert len(versions) == 3
+    results = json.loads((run_dir / "results.json").read_text())
+    for row in results:
+        v = client.get_model_version_by_alias("smoke-student", f"gen-{row['generation']}")
+        assert v.run_id == row["mlflow_run_id"] and v.version == row["model_version"]
+    best = client.get_model_version_by_alias("smoke-student", "best")
+    best_row = max(results, key=lambda r: (r["val_top1"], r["generation"]))
+    assert best.run_id == best_row["mlflow_run_id"]  # chosen on validation, never on test
+
+    model, spec = load_tracked_model("models:/smoke-student@best", tracking_uri=uri)
+    from conftest import REPO  # noqa: F401
+    from noisystudent.config import DataConfig
+
+    data = DataConfig(image_size=spec.image_size, channels=spec.in_chans, mean=spec.mean, std=spec.std)
+    test = load_labeled(str(smoke_data / "labeled" / "test"), 1, create_eval_transform(data), spec.class_names)
+    import torch
+
+    x = torch.stack([test[i][0] for i in range(32)])
+    with torch.inference_mode():
+        ours = model(x).softmax(1).numpy()
+    assert ours.shape == (32, len(spec.class_names))
+    np.testing.assert_allclose(ours.sum(1), 1.0, atol=1e-5)
+    # the same version through MLflow's own loader predicts the same
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pytorch.load_model("models:/smoke-student@best")
+    with torch.inference_mode():
+        theirs = pyfunc(x).softmax(1).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_compare_script_prints_generations_and_logs_chart(tracked_run, tmp_path):
+    import mlflow
+
+    uri, run_dir = tracked_run
+    out = tmp_path / "compare.png"
+    r = subprocess.run([sys.executable, "pipelines/compare.py", "--tracking-uri", uri, "--experiment", "server-test",
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parent_id = (run_dir / "mlflow_parent_run_id").read_text().strip()
+    assert parent_id in r.stdout and "test top-1" in r.stdout
+    results = json.loads((run_dir / "results.json").read_text())
+    for row in results:  # the table shows the same test top-1 the run recorded
+        assert f"{100 * row['test_top1']:.2f}" in r.stdout
+    assert out.stat().st_size > 5000
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert "compare.png" in {a.path for a in client.list_artifacts(parent_id)}
