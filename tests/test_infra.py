@@ -45,3 +45,28 @@ def test_committed_dask_cluster_matches_what_the_code_generates():
 def test_slurm_driver_script_is_valid_bash():
     r = subprocess.run(["bash", "-n", str(REPO / "infra" / "slurm" / "pseudo_label.sbatch")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_compose_stack_is_wellformed_and_binds_to_loopback():
+    compose = yaml.safe_load((REPO / "infra" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "mlflow", "dask-scheduler", "dask-worker", "runner"} <= set(services)
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)  # UIs are not exposed beyond the host
+        if name != "postgres":
+            assert svc["image"] == "noisystudent:cpu" and "/data" in str(svc["volumes"])
+    assert "--backend-store-uri postgresql://" in " ".join(services["mlflow"]["command"].split())
+    runner = " ".join(services["runner"]["command"].split())
+    for path in ("pipelines/prepare.py", "pipelines/iterate.py", "configs/cluster/address.yaml"):
+        assert path in runner and (REPO / path).is_file()
+    assert services["runner"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_dockerfile_builds_both_variants_from_the_pinned_pair():
+    text = (REPO / "infra" / "Dockerfile").read_text()
+    assert "ARG VARIANT=cpu" in text and "torch==2.14.1 torchvision==0.29.1" in text
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert '"torch==2.14.1; platform_machine == \'x86_64\'"' in pyproject  # the image's +cpu pair satisfies the pin
+    for copied in ("noisystudent", "pipelines", "configs", "infra"):
+        assert f"COPY {copied} " in text and (REPO / copied).is_dir()

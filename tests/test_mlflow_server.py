@@ -148,3 +148,24 @@ def test_compare_script_prints_generations_and_logs_chart(tracked_run, tmp_path)
     assert out.stat().st_size > 5000
     client = mlflow.MlflowClient(tracking_uri=uri)
     assert "compare.png" in {a.path for a in client.list_artifacts(parent_id)}
+
+
+def test_pseudo_label_stage_takes_teacher_by_mlflow_run_id(tracked_run, smoke_data, tmp_path):
+    import mlflow
+
+    uri, run_dir = tracked_run
+    gen0 = json.loads((run_dir / "results.json").read_text())[0]
+    out = tmp_path / "labels"
+    cmd = [sys.executable, "pipelines/pseudo_label.py", "--config", "configs/smoke.yaml", "--teacher", gen0["mlflow_run_id"],
+           "--tracking-uri", uri, "--out", str(out)]
+    for o in smoke_overrides(smoke_data, tmp_path / "unused") + ["cluster.n_workers=1", "tracking.experiment=server-test"]:
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teacher"]["mlflow_run_id"] == gen0["mlflow_run_id"]
+    assert manifest["teacher"]["sha256"] == gen0["sha256"]  # the very checkpoint that run logged
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    stage_run = client.get_run((out / "mlflow_run_id").read_text().strip())
+    assert stage_run.data.tags["teacher_run_id"] == gen0["mlflow_run_id"]
+    assert "manifest.json" in {a.path for a in client.list_artifacts(stage_run.info.run_id)}
