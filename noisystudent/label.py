@@ -235,11 +235,11 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
 
     from .cluster import create_client, task_resources
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # the manifest lists absolute paths: usable from any directory
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = str(Path(checkpoint).resolve())
     sha = sha256_file(checkpoint)
-    shard_dir = label_cache_dir(cache_dir, sha, data, tta_hflip) if cache_dir else out_dir
+    shard_dir = label_cache_dir(Path(cache_dir).resolve(), sha, data, tta_hflip) if cache_dir else out_dir
     shard_dir.mkdir(parents=True, exist_ok=True)
     names = [output_name(u) for u in input_urls]
     if len(set(names)) != len(names):

@@ -239,11 +239,12 @@ def load_tracked_model(uri: str, tracking_uri: str | None = None, dst: str | Pat
 
     run_id = resolve_model_run(uri, tracking_uri)
     dst = Path(dst or tempfile.mkdtemp(prefix="noisystudent-model-"))
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt", dst_path=str(dst))
+    # tracking_uri passed per call: no process-wide mlflow.set_tracking_uri side effect
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt", dst_path=str(dst),
+                                                tracking_uri=tracking_uri)
     try:
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt.sha256", dst_path=str(dst))
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt.sha256", dst_path=str(dst),
+                                            tracking_uri=tracking_uri)
     except Exception:  # noqa: BLE001 - older runs logged no sidecar; the checkpoint still loads weights_only
         pass
     return load_model(local)

@@ -131,7 +131,7 @@ def test_kill_9_of_whole_job_then_rerun_labels_only_unfinished_shards(corpus, tm
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
-def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_changes(corpus, tmp_path):
+def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_changes(corpus, tmp_path, monkeypatch):
     from noisystudent import shards
     from noisystudent.config import ClusterConfig, DataConfig
     from noisystudent.label import label_corpus
@@ -148,12 +148,14 @@ def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_ch
     save_model(tmp_path / "t.pt", create_model(spec).eval(), spec)
     cluster = ClusterConfig(n_workers=1)
     cache = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)  # a relative cache_dir still yields a manifest usable from anywhere
 
     def run(out, **kw):
-        return label_corpus(tmp_path / "t.pt", inputs, tmp_path / out, data, cluster, 64, show_progress=False, cache_dir=cache, **kw)
+        return label_corpus(tmp_path / "t.pt", inputs, out, data, cluster, 64, show_progress=False, cache_dir="cache", **kw)
 
     first = run("exp-a")
     assert first["shards_labeled"] == 3 and first["shard_dir"].startswith(str(cache))
+    assert all(os.path.isabs(s["output"]) and os.path.isfile(s["output"]) for s in first["shards"])
     other = run("exp-b")  # another experiment, same teacher + preprocessing: nothing recomputed
     assert other["shards_reused"] == 3 and other["shards_labeled"] == 0
     assert [s["output"] for s in other["shards"]] == [s["output"] for s in first["shards"]]

@@ -92,7 +92,7 @@ def test_parent_nested_lineage_metrics_artifacts(tracked_run):
     assert {"results.json", "generations.png", "config.yaml"} <= {a.path for a in client.list_artifacts(parent_id)}
 
 
-def test_registered_versions_aliases_and_loading(tracked_run, smoke_data):
+def test_registered_versions_aliases_and_loading(tracked_run, smoke_data, tmp_path):
     import mlflow
 
     from noisystudent.data.imagefolder import load_labeled
@@ -125,8 +125,10 @@ def test_registered_versions_aliases_and_loading(tracked_run, smoke_data):
     assert ours.shape == (32, len(spec.class_names))
     np.testing.assert_allclose(ours.sum(1), 1.0, atol=1e-5)
     # the same version through MLflow's own loader predicts the same
-    mlflow.set_tracking_uri(uri)
-    pyfunc = mlflow.pytorch.load_model("models:/smoke-student@best")
+    # (fetched with an explicit tracking_uri: no process-wide tracking state leaks into later tests)
+    source = client.get_model_version_download_uri("smoke-student", best.version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, dst_path=str(tmp_path / "registered"))
+    pyfunc = mlflow.pytorch.load_model(local)
     with torch.inference_mode():
         theirs = pyfunc(x).softmax(1).numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
