@@ -15,6 +15,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | Path, title: str = "") -> None:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def reliability_png(probs: np.ndarray, targets: np.ndarray, path: str | Path, bins: int = 15, title: str = "") -> None:
     """Reliability diagram: accuracy vs confidence per bin, with bin counts; the diagonal is perfect calibration."""
     plt = _plt()
@@ -33,9 +41,7 @@ def reliability_png(probs: np.ndarray, targets: np.ndarray, path: str | Path, bi
     ax2.bar(centers, count, width=1 / bins, color="tab:gray")
     ax2.set_xlabel("confidence")
     ax2.set_ylabel("images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def learning_curves_png(history: list[dict], path: str | Path, title: str = "") -> None:
@@ -55,10 +61,7 @@ def learning_curves_png(history: list[dict], path: str | Path, title: str = "") 
     axes[2].set_title("learning rate (end of epoch)")
     for a in axes:
         a.set_xlabel("epoch")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
 
 
 def generations_png(rows: list[dict], path: str | Path, title: str = "Noisy Student generations") -> None:
@@ -78,7 +81,4 @@ def generations_png(rows: list[dict], path: str | Path, title: str = "Noisy Stud
     for a in axes:
         a.set_xlabel("generation")
         a.set_xticks(gens)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)

@@ -77,3 +77,17 @@ def smoke_config(smoke_data, tmp_path):
         return load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, run_dir or tmp_path / "run") + list(extra))
 
     return make
+
+
+def run_script(script: str, *args: str, config: str = "configs/smoke.yaml", overrides=(), launcher=None, env=None,
+               timeout: int = 900):
+    """Run ``pipelines/<script>`` with the smoke config and ``--set`` overrides; assert it succeeded."""
+    import subprocess
+    import sys
+
+    cmd = [*(launcher or [sys.executable]), f"pipelines/{script}", "--config", config, *args]
+    for o in overrides:
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r

@@ -2,31 +2,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from conftest import REPO, smoke_overrides
-
-
-def _run(*args, overrides=()):
-    cmd = [sys.executable, *args, "--config", "configs/smoke.yaml"]
-    for o in overrides:
-        cmd += ["--set", o]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+from conftest import REPO, run_script, smoke_overrides
 
 
 def test_ablation_cells_share_budget_and_report_seeds(smoke_data, tmp_path):
     over = smoke_overrides(smoke_data, tmp_path / "unused") + ["cluster.n_workers=1", "tracking.enabled=false"]
-    _run("pipelines/train_teacher.py", "--out", str(tmp_path / "teacher"), overrides=over)
+    run_script("train_teacher.py", "--out", str(tmp_path / "teacher"), overrides=over)
     teacher = str(tmp_path / "teacher" / "model.pt")
-    _run("pipelines/pseudo_label.py", "--teacher", teacher, "--out", str(tmp_path / "labels"), overrides=over)
+    run_script("pseudo_label.py", "--teacher", teacher, "--out", str(tmp_path / "labels"), overrides=over)
     out = tmp_path / "ablation"
-    args = ["pipelines/ablate.py", "--teacher", teacher, "--labels", str(tmp_path / "labels"), "--out", str(out),
+    args = ["ablate.py", "--teacher", teacher, "--labels", str(tmp_path / "labels"), "--out", str(out),
             "--seeds", "0,1", "--thresholds", "0.0,0.15", "--only", "full noise,no noise,control,threshold"]
     abl = over + ["tracking.enabled=true"]
-    r = _run(*args, overrides=abl)
+    r = run_script(*args, overrides=abl)
     assert "Student ablations" in r.stdout
 
     report = json.loads((out / "ablation.json").read_text())
@@ -48,7 +37,7 @@ def test_ablation_cells_share_budget_and_report_seeds(smoke_data, tmp_path):
 
     # resumable: a rerun reads finished cells back instead of training them
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("cell.json")}
-    _run(*args, overrides=abl)
+    run_script(*args, overrides=abl)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("cell.json")} == mtimes
 
     import mlflow

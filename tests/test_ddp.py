@@ -3,19 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
-from conftest import REPO, smoke_overrides
-
-
-def _script(*args, launcher=(), overrides=(), env=None):
-    cmd = [*launcher, f"pipelines/{args[0]}", "--config", "configs/smoke.yaml", *args[1:]]
-    for o in overrides:
-        cmd += ["--set", o]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return r
+from conftest import REPO, run_script as _script, smoke_overrides
 
 
 def test_torchrun_two_ranks_split_data_and_rank0_alone_writes(smoke_data, tmp_path):

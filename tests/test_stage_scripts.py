@@ -2,19 +2,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from conftest import REPO, smoke_overrides
-
-
-def _run(script, *args, overrides=()):
-    cmd = [sys.executable, f"pipelines/{script}", "--config", "configs/smoke.yaml", *args]
-    for o in overrides:
-        cmd += ["--set", o]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+from conftest import run_script as _run, smoke_overrides
 
 
 def test_teacher_label_student_scripts(smoke_data, tmp_path):
