@@ -24,6 +24,28 @@ class TrackingError(RuntimeError):
     pass
 
 
+def _lost_server(method):
+    """Turn a tracking call that fails mid-run into one clear TrackingError (checkpoints stay on disk)."""
+    import functools
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except TrackingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - HTTP, DB and REST errors come in many types
+            raise _lost_error(self.uri, exc) from exc
+
+    return call
+
+
+def _lost_error(uri: str, exc: BaseException) -> TrackingError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return TrackingError(f"MLflow tracking at {uri} failed during the run ({first}); checkpoints on disk are kept: "
+                         "rerun the same command once it is reachable to resume and re-attach to the same runs")
+
+
 def resolve_tracking_uri(cfg: TrackingConfig, run_dir: str | Path) -> str:
     if cfg.tracking_uri:
         return cfg.tracking_uri
@@ -94,8 +116,11 @@ class Tracker:
                 mlflow.get_run(run_id)
             except Exception:  # noqa: BLE001 - stale id (e.g. a different store): start fresh
                 run_id = None
-        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, experiment_id=self.experiment_id,
-                                  nested=nested, tags={k: str(v) for k, v in (tags or {}).items()})
+        try:
+            active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, experiment_id=self.experiment_id,
+                                      nested=nested, tags={k: str(v) for k, v in (tags or {}).items()})
+        except Exception as exc:  # noqa: BLE001
+            raise _lost_error(self.uri, exc) from exc
         if not run_id:
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(active.info.run_id + "\n")
@@ -106,8 +131,13 @@ class Tracker:
             status = "FAILED"
             raise
         finally:
-            mlflow.end_run(status=status)
+            try:
+                mlflow.end_run(status=status)
+            except Exception:  # noqa: BLE001 - server gone: keep the original error; the rerun re-attaches
+                if status == "FINISHED":
+                    raise
 
+    @_lost_server
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -119,18 +149,22 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.mlflow.log_params(dict(items[i: i + 100]))
 
+    @_lost_server
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
 
+    @_lost_server
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
             self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    @_lost_server
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled and Path(path).exists():
             self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    @_lost_server
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled and Path(directory).is_dir():
             self.mlflow.log_artifacts(str(directory), artifact_path=artifact_path)

@@ -274,15 +274,16 @@ def train_model(
                 "pseudo_shards": pseudo._my_shards() if pseudo is not None else []})
         stop = stage.early_stop_patience > 0 and epoch + 1 - best_epoch >= stage.early_stop_patience
         if env.is_main:  # every rank validated the same weights; rank 0 alone logs and checkpoints
-            if tracker is not None:
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             print(f"[{desc}] epoch {epoch + 1}/{stage.epochs} " + " ".join(
                 f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
+            # checkpoint first: if the tracking server is gone, the epoch is still safe on disk
             save_checkpoint(last, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
                                    "history": history, "best_top1": best_top1, "best_epoch": best_epoch,
                                    "seconds": time.time() - start,
                                    **({"ema": ema.module.state_dict()} if ema is not None else {})})
+            if tracker is not None:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if stop:
                 print(f"[{desc}] early stop: no val improvement for {stage.early_stop_patience} epochs")
         ddp.barrier()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,13 +22,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+def _stop(proc) -> None:
+    """SIGKILL the server and its uvicorn workers (they share the session we started)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _start_server(root, port):
+    root.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -35,12 +44,17 @@ def mlflow_server(tmp_path_factory):
             break
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
+                _stop(proc)
                 pytest.fail("mlflow server did not come up")
             time.sleep(0.5)
+    return proc, uri
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    proc, uri = _start_server(tmp_path_factory.mktemp("mlflow-server"), _free_port())
     yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +185,45 @@ def test_pseudo_label_stage_takes_teacher_by_mlflow_run_id(tracked_run, smoke_da
     stage_run = client.get_run((out / "mlflow_run_id").read_text().strip())
     assert stage_run.data.tags["teacher_run_id"] == gen0["mlflow_run_id"]
     assert "manifest.json" in {a.path for a in client.list_artifacts(stage_run.info.run_id)}
+
+
+def test_server_lost_mid_run_then_resume_reattaches(smoke_data, tmp_path):
+    """The server dies after generation 0: one clear error, exit 2; after a restart the same command resumes."""
+    import mlflow
+
+    port = _free_port()
+    server, uri = _start_server(tmp_path / "server", port)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "pipelines/iterate.py", "--config", "configs/smoke.yaml", "--generations", "1", "--tracking-uri", uri]
+    for o in smoke_overrides(smoke_data, run_dir) + ["cluster.n_workers=1", "student.epochs=3", "tracking.log_models=false"]:
+        cmd += ["--set", o]
+    try:
+        job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 600
+        while not (run_dir / "gen-0" / "summary.json").exists():
+            assert job.poll() is None and time.time() < deadline, "run ended before generation 0 finished"
+            time.sleep(0.1)
+        _stop(server)
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 2, err[-2000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: MLflow tracking at") and "rerun the same command" in last
+        teacher = run_dir / "gen-0" / "teacher" / "model.pt"
+        parent_id = (run_dir / "mlflow_parent_run_id").read_text().strip()
+        teacher_mtime = teacher.stat().st_mtime_ns
+
+        server, uri = _start_server(tmp_path / "server", port)  # back, same store
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "gen 0: already done" in r.stdout and teacher.stat().st_mtime_ns == teacher_mtime
+        assert (run_dir / "mlflow_parent_run_id").read_text().strip() == parent_id  # re-attached, not a new run
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        parent = client.get_run(parent_id)
+        assert parent.info.status == "FINISHED"
+        exp = client.get_experiment(parent.info.experiment_id)
+        children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+        assert sorted(int(c.data.tags["generation"]) for c in children) == [0, 1]
+        assert all(c.info.status == "FINISHED" for c in children)
+        assert len(client.get_metric_history(parent_id, "test_top1")) >= 2
+    finally:
+        _stop(server)
