@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, config_from_dict, to_dict
+from .config import Config, to_dict
 from .data.pseudo_labels import select_pseudo_labels
 from .io import read_json, write_json_atomic
 from .label import manifest_outputs
 from .loop import LabeledData, evaluate_model, train_student
 from .noise import create_train_transform
+from .plots import threshold_plot
 from .train import train_model
 
 NO_AUGMENT = {"num_ops": 0, "cutout": 0.0, "hflip": 0.0, "crop_pad": 0.0}
@@ -60,19 +61,6 @@ def default_cells(cfg: Config, thresholds: list[float], seeds: tuple) -> list[Ab
     return cells
 
 
-def _cell_config(base: Config, cell: AblationCell, seed: int) -> Config:
-    raw = to_dict(base)
-    raw["seed"] = seed
-    raw["generation_overrides"] = {}
-    for key, value in cell.overrides.items():
-        node = raw
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = dict(value) if isinstance(value, dict) else value
-    return config_from_dict(raw)
-
-
 def _supervised_control(cfg: Config, data: LabeledData, out_dir: Path):
     """Labeled data only, with the student's noise, batch size and number of optimizer steps."""
     s = cfg.student
@@ -87,7 +75,7 @@ def budget_steps(cfg: Config, manifest: dict, num_classes: int) -> int:
     """Steps per epoch of a student at the base recipe: the budget every cell gets."""
     pl = cfg.pseudo_label
     sel = select_pseudo_labels(manifest_outputs(manifest), num_classes, pl.threshold, pl.balance, pl.per_class, cfg.seed)
-    return max(1, sel.total // max(1, int(round(cfg.student.batch_size * cfg.student.unlabeled_ratio))))
+    return max(1, sel.total // cfg.student.unlabeled_batch_size)
 
 
 def run_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manifest: dict, data: LabeledData,
@@ -95,7 +83,7 @@ def run_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manifest
     done = out_dir / "cell.json"
     if done.is_file():
         return read_json(done)
-    cfg = _cell_config(base, cell, seed)
+    cfg = base.with_overrides({**cell.overrides, "seed": seed})
     start = time.time()
     row = {"cell": cell.name, "group": cell.group, "seed": seed, "overrides": cell.overrides}
     steps = cfg.student.steps_per_epoch * cfg.student.epochs
@@ -132,34 +120,6 @@ def summarize(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def threshold_plot(summary: list[dict], base_threshold: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = []
-    for c in summary:
-        if c["group"] == "threshold":
-            pts.append((float(c["cell"].split()[-1]), c["mean"], c["pl_kept_unique"]))
-        elif c["cell"] == "full noise":
-            pts.append((base_threshold, c["mean"], c["pl_kept_unique"]))
-    if not pts:
-        return
-    pts.sort()
-    t, acc, kept = zip(*pts)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(t, [100 * a for a in acc], "o-", color="tab:blue")
-    ax.set_xlabel("confidence threshold")
-    ax.set_ylabel("test top-1 %", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(t, kept, "s--", color="tab:orange")
-    ax2.set_ylabel("pseudo-labeled images kept", color="tab:orange")
-    ax.set_title("Confidence threshold: accuracy vs images kept")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
 def run_ablation(cfg: Config, teacher: str, labels_dir: Path, out_dir: Path, thresholds: list[float], seeds: tuple,
                  only: list[str] | None = None) -> list[dict]:
     """Every cell x seed from one teacher's shards; writes ablation.json + threshold.png, logs to MLflow."""
@@ -173,7 +133,7 @@ def run_ablation(cfg: Config, teacher: str, labels_dir: Path, out_dir: Path, thr
     data = load_labeled_data(cfg)
     manifest = load_manifest(labels_dir)
     steps = cfg.student.steps_per_epoch or budget_steps(cfg, manifest, len(data.class_names))
-    cfg = config_from_dict({**to_dict(cfg), "student": {**to_dict(cfg)["student"], "steps_per_epoch": steps}})
+    cfg = cfg.with_overrides({"student.steps_per_epoch": steps})
     write_bytes_atomic(out_dir / "config.yaml", dump_config(cfg).encode())
     cells = [c for c in default_cells(cfg, thresholds, seeds) if not only or c.name in only or c.group in only]
     tracker = Tracker(cfg.tracking, out_dir)

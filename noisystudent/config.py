@@ -109,6 +109,11 @@ class TrainConfig:
     #: Exponential moving average of the weights (0 = off, e.g. 0.999). When on, the EMA model is
     #: the one validated, checkpointed as the result and handed to the next stage.
     ema_decay: float = 0.0
+    @property
+    def unlabeled_batch_size(self) -> int:
+        """Student only: pseudo-labeled images per step."""
+        return max(1, int(round(self.batch_size * self.unlabeled_ratio)))
+
     #: Validate every N epochs (and always after the last). Raise it when epochs are tiny (a
     #: teacher on a few thousand labels) and validation would cost more than training.
     eval_every: int = 1
@@ -270,14 +275,19 @@ class Config:
         changes = self.generation_overrides.get(generation) or self.generation_overrides.get(str(generation))
         if not changes:
             return self
-        raw = to_dict(self)
-        raw["generation_overrides"] = {}  # the derived config is final; it has no overrides of its own
-        for key, value in changes.items():
-            raw = _set_dotted(raw, key.split("."), value)
         try:
-            cfg = _build(Config, raw)
+            return self.with_overrides(changes)
         except ConfigError as exc:
             raise ConfigError(f"generation_overrides[{generation}]: {exc}") from exc
+
+    def with_overrides(self, changes: dict) -> "Config":
+        """A derived config with dotted ``changes`` merged in (validated like ``--set``). It is final:
+        it carries no ``generation_overrides`` of its own."""
+        raw = to_dict(self)
+        raw["generation_overrides"] = {}
+        for key, value in changes.items():
+            raw = _set_dotted(raw, key.split("."), value)
+        cfg = _build(Config, raw)
         validate(cfg)
         return cfg
 
@@ -407,13 +417,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = _deep_merge(raw, _read_yaml(overlay))
     for item in overrides or []:
         raw = _set_dotted(raw, *parse_override(item))
-    cfg = _build(Config, raw)
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(raw: dict) -> Config:
-    """A validated Config from a plain dict (e.g. ``to_dict`` of another one, edited)."""
     cfg = _build(Config, raw)
     validate(cfg)
     return cfg

@@ -15,11 +15,11 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | Path, title: str = "") -> None:
+def _save(fig, path: str | Path, title: str = "", dpi: int = 110) -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     _plt().close(fig)
 
 
@@ -82,3 +82,27 @@ def generations_png(rows: list[dict], path: str | Path, title: str = "Noisy Stud
         a.set_xlabel("generation")
         a.set_xticks(gens)
     _save(fig, path, title)
+
+
+def threshold_plot(summary: list[dict], base_threshold: float, path: Path) -> None:
+    """Test top-1 and pseudo-labels kept across the ablation's threshold cells."""
+    plt = _plt()
+    pts = []
+    for c in summary:
+        if c["group"] == "threshold":
+            pts.append((float(c["cell"].split()[-1]), c["mean"], c["pl_kept_unique"]))
+        elif c["cell"] == "full noise":
+            pts.append((base_threshold, c["mean"], c["pl_kept_unique"]))
+    if not pts:
+        return
+    pts.sort()
+    t, acc, kept = zip(*pts)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(t, [100 * a for a in acc], "o-", color="tab:blue")
+    ax.set_xlabel("confidence threshold")
+    ax.set_ylabel("test top-1 %", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(t, kept, "s--", color="tab:orange")
+    ax2.set_ylabel("pseudo-labeled images kept", color="tab:orange")
+    ax.set_title("Confidence threshold: accuracy vs images kept")
+    _save(fig, path, dpi=120)

@@ -163,7 +163,7 @@ def train_model(
                             persistent_workers=workers > 0)
     if pseudo is not None:
         pseudo.rank, pseudo.world_size = env.rank, env.world_size  # each rank reads its own shards
-        unl_bs = max(1, int(round(stage.batch_size * stage.unlabeled_ratio)))
+        unl_bs = stage.unlabeled_batch_size
         unl_loader = DataLoader(pseudo, batch_size=unl_bs, drop_last=True, num_workers=min(workers, max(1, len(pseudo.shards))),
                                 pin_memory=pin, persistent_workers=False)
         if len(pseudo) < unl_bs:
