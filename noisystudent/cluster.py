@@ -32,10 +32,9 @@ def worker_resources(cfg: ClusterConfig) -> dict | None:
     return {"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else None
 
 
-def _memory_bytes(cfg: ClusterConfig) -> int:
-    from dask.utils import parse_bytes
-
-    return parse_bytes(cfg.memory_limit)
+def worker_resource_args(cfg: ClusterConfig) -> list[str]:
+    """``dask worker`` arguments advertising the worker's GPUs (none for CPU workers)."""
+    return ["--resources", f"GPU={cfg.gpus_per_worker}"] if cfg.gpus_per_worker > 0 else []
 
 
 def slurm_cluster(cfg: ClusterConfig):
@@ -46,13 +45,11 @@ def slurm_cluster(cfg: ClusterConfig):
         raise ClusterError("cluster.kind=slurm needs dask-jobqueue: pip install '.[slurm]'") from exc
     s = cfg.slurm
     directives = list(s.job_extra_directives)
-    worker_args: list[str] = []
     if cfg.gpus_per_worker > 0:
         directives.append(f"--gres=gpu:{cfg.gpus_per_worker}")
-        worker_args += ["--resources", f"GPU={cfg.gpus_per_worker}"]
     kwargs = dict(
         cores=cfg.threads_per_worker, processes=1, memory=cfg.memory_limit, walltime=s.walltime,
-        job_extra_directives=directives, worker_extra_args=worker_args, job_script_prologue=list(s.job_script_prologue),
+        job_extra_directives=directives, worker_extra_args=worker_resource_args(cfg), job_script_prologue=list(s.job_script_prologue),
         log_directory=s.log_directory, scheduler_options={"dashboard_address": cfg.dashboard_address},
     )
     if s.queue:
@@ -74,9 +71,8 @@ def kubernetes_cluster_spec(cfg: ClusterConfig) -> dict:
     limits = {"memory": cfg.memory_limit.replace("iB", "i"), "cpu": str(cfg.threads_per_worker)}
     if cfg.gpus_per_worker > 0:
         limits["nvidia.com/gpu"] = str(cfg.gpus_per_worker)
-    command = ["dask", "worker", "--nthreads", str(cfg.threads_per_worker), "--memory-limit", cfg.memory_limit]
-    if cfg.gpus_per_worker > 0:
-        command += ["--resources", f"GPU={cfg.gpus_per_worker}"]
+    command = ["dask", "worker", "--nthreads", str(cfg.threads_per_worker), "--memory-limit", cfg.memory_limit,
+               *worker_resource_args(cfg)]
     spec = make_cluster_spec(name=k.name, image=k.image, n_workers=cfg.n_workers, resources={"limits": limits},
                              env=dict(k.env), worker_command=command)
     # make_cluster_spec gives the scheduler the workers' limits; it needs neither a GPU nor their memory

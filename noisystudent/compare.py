@@ -35,7 +35,6 @@ def generation_rows(client, parent_run_id: str) -> list[dict]:
         row = {"generation": int(tags["generation"]), "role": tags.get("role", ""), "model": tags.get("model", ""),
                "run_id": run.info.run_id, "teacher_run_id": tags.get("teacher_run_id", ""), "status": run.info.status}
         row.update({k: m.get(k) for k in COLUMNS})
-        row["images_kept"] = m.get("images_kept")
         rows.append(row)
     return sorted(rows, key=lambda r: r["generation"])
 

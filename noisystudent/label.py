@@ -22,7 +22,7 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .config import ClusterConfig, DataConfig
-from .data.pseudo_labels import INDEX_VERSION, META_EXT, PROBS_EXT, index_path, read_index, write_index
+from .data.pseudo_labels import INDEX_VERSION, META_EXT, PROBS_EXT, index_path, index_version, write_index
 from .data.shards import SkipCounter, decode_image, image_bytes, iter_samples, write_shard
 from .io import read_json, sha256_file, sha256_json, write_json_atomic
 
@@ -172,7 +172,7 @@ def shard_done(output_path: Path, identity: dict | None = None) -> bool:
     if not (summary_path.is_file() and index_path(output_path).is_file() and output_path.is_file()):
         return False
     try:
-        if read_index(output_path).version != INDEX_VERSION:
+        if index_version(output_path) != INDEX_VERSION:
             return False
         return identity is None or read_json(summary_path).get("input_identity") == identity
     except Exception:  # noqa: BLE001 - unreadable index or summary: relabel the shard
@@ -212,13 +212,15 @@ class TeacherPlugin(WorkerPlugin):
 
 
 def _remove_stale_temporaries(shard_dir: Path, outputs: list[Path]) -> int:
-    """Temp files of writers killed mid-shard (atomic_path names them ``.<target>.*.tmp``)."""
+    """Temp files of writers killed mid-shard (atomic_path names them ``.<target>.*.tmp``).
+
+    Called once every output is complete, so any temporary left for one of them is stale.
+    """
     removed = 0
     for out in outputs:
-        if shard_done(out):
-            for tmp in shard_dir.glob(f".{out.stem}*.tmp"):
-                tmp.unlink(missing_ok=True)
-                removed += 1
+        for tmp in shard_dir.glob(f".{out.stem}*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 

@@ -111,6 +111,6 @@ def read_pseudo_labels(source: str | os.PathLike | Sequence[str], threshold: flo
         stream = PseudoLabeledStream(selection, channels, ix.probs.shape[1], transform=lambda im: im)
         stream.skips = skips
         row = {str(k): i for i, k in enumerate(ix.keys)}
-        for key, img, probs in stream.read_shard(shard):
+        for key, img, probs in stream.read_shard(shard, ix):
             i = row[key]
             yield PseudoLabel(shard, key, int(ix.labels[i]), float(ix.confidence[i]), float(ix.entropy[i]), probs, img)

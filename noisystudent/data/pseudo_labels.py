@@ -89,6 +89,12 @@ class ShardIndex:
         return len(self.keys) == 0 or (self.probs.shape[1] > 0 and bool((self.image_offset >= 0).all()))
 
 
+def index_version(shard_path: str | os.PathLike) -> int:
+    """The index format version, reading only that entry of the archive (cheap on big indexes)."""
+    with np.load(index_path(shard_path), allow_pickle=False) as z:
+        return int(z["version"]) if "version" in z.files else 1
+
+
 def read_index(shard_path: str | os.PathLike) -> ShardIndex:
     with np.load(index_path(shard_path), allow_pickle=False) as z:
         n = len(z["keys"])
@@ -234,10 +240,10 @@ class PseudoLabeledStream(IterableDataset):
         onehot[int(np.argmax(probs))] = 1.0
         return torch.from_numpy(onehot)
 
-    def read_shard(self, shard: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    def read_shard(self, shard: str, index: ShardIndex | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """(key, image, probs) of the selected samples of one shard, in tar order."""
         wanted = self.repeats[shard]
-        index = read_index(shard)
+        index = index if index is not None else read_index(shard)
         if index.seekable:
             yield from self._decoded_by_offset(shard, index, wanted)
             return
