@@ -12,12 +12,13 @@ from .config import Config, ConfigError, add_config_args, dump_config, load_conf
 def user_errors() -> tuple[type[BaseException], ...]:
     from .cluster import ClusterError
     from .data.imagefolder import DataError
+    from .data.pseudo_labels import OODScoreError
     from .data.shards import ShardError
     from .models import CheckpointError, LadderError
     from .tracking import TrackingError
 
     return (ConfigError, DataError, ShardError, CheckpointError, LadderError, TrackingError, ClusterError,
-            FileNotFoundError)
+            OODScoreError, FileNotFoundError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

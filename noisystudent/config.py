@@ -142,6 +142,45 @@ class PseudoLabelConfig:
     per_class: int = 0
     #: Sharpen soft labels: p ** (1/T) renormalised (1.0 = as is).
     temperature: float = 1.0
+    #: Also write the teacher's pooled penultimate features beside each labeled shard
+    #: (``.features.npy``, float16): the analysis stage reads them instead of a second pass.
+    save_features: bool = True
+    #: Drop images by an OOD score of the analysis stage before thresholding: one of msp,
+    #: entropy, energy, mahalanobis, knn ("" = keep all, the paper's choice). Needs the
+    #: teacher's analysis (``<shard>.ood.npz``, written by analysis of the previous generation).
+    ood_score: str = ""
+    #: Share of the corpus with the highest ``ood_score`` to drop (0.05 = the most OOD-looking 5%).
+    ood_drop_fraction: float = 0.0
+
+
+#: OOD scores computed by the analysis stage, all oriented "higher = more out-of-distribution".
+OOD_SCORES = ("msp", "entropy", "energy", "mahalanobis", "knn")
+
+
+@dataclass
+class AnalysisConfig:
+    """Hidden-state analysis of each generation: OOD scores, probes, embeddings, report."""
+
+    #: Run the analysis after every generation of iterate.py (pipelines/analyze.py runs it alone).
+    enabled: bool = True
+    #: Neighbours for the kNN score (distance to the k-th nearest labeled feature, cosine).
+    knn_k: int = 5
+    #: Points in the PCA / t-SNE embedding plots (a stratified random subsample of the corpus).
+    embedding_points: int = 1500
+    #: Also compute a t-SNE embedding (PCA is always drawn); ~10 s for 1,500 points on 2 cores.
+    tsne: bool = True
+    #: Unlabeled images per confidence group (lowest / highest confidence) for the consistency
+    #: probe: cosine similarity of hidden states between two noised views of the same image.
+    consistency_samples: int = 500
+    #: Images per gallery (lowest confidence, highest OOD score, confident but wrong).
+    gallery_size: int = 24
+    #: Confidence at or above which a wrong pseudo-label counts as "confident but wrong".
+    confident_wrong_threshold: float = 0.9
+    #: Linear probes also on earlier blocks (timm ``forward_intermediates``, globally pooled).
+    probe_blocks: bool = False
+    #: The with/without experiment: students trained on all pseudo-labels (threshold 0) versus
+    #: only those at or above this confidence.
+    high_threshold: float = 0.8
 
 
 @dataclass
@@ -266,6 +305,7 @@ class Config:
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def model_for_generation(self, generation: int) -> str:
         return self.ladder[min(generation, len(self.ladder) - 1)]
@@ -450,6 +490,12 @@ def validate(cfg: Config) -> None:
         need(0.0 <= t.augment.magnitude <= 10.0, f"{stage}.augment.magnitude", "must be in [0, 10]")
     need(0.0 <= cfg.pseudo_label.threshold < 1.0, "pseudo_label.threshold", "must be in [0, 1)")
     need(cfg.pseudo_label.temperature > 0, "pseudo_label.temperature", "must be > 0")
+    need(cfg.pseudo_label.ood_score in ("",) + OOD_SCORES, "pseudo_label.ood_score", f"must be '' or one of {OOD_SCORES}")
+    need(0.0 <= cfg.pseudo_label.ood_drop_fraction < 1.0, "pseudo_label.ood_drop_fraction", "must be in [0, 1)")
+    need(cfg.pseudo_label.ood_drop_fraction == 0.0 or bool(cfg.pseudo_label.ood_score), "pseudo_label.ood_score",
+         "must name a score when pseudo_label.ood_drop_fraction > 0")
+    need(cfg.analysis.knn_k >= 1, "analysis.knn_k", "must be >= 1")
+    need(0.0 < cfg.analysis.high_threshold < 1.0, "analysis.high_threshold", "must be in (0, 1)")
     need(cfg.cluster.kind in ("local", "address", "slurm", "kubernetes"), "cluster.kind",
          "must be local, address, slurm or kubernetes")
     need(cfg.cluster.n_workers >= 1, "cluster.n_workers", "must be >= 1")

@@ -22,9 +22,12 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .config import ClusterConfig, DataConfig
-from .data.pseudo_labels import INDEX_VERSION, META_EXT, PROBS_EXT, index_path, index_version, write_index
+from .data.pseudo_labels import (
+    INDEX_VERSION, META_EXT, PROBS_EXT, features_path, index_path, index_version, write_index,
+)
 from .data.shards import SkipCounter, decode_image, image_bytes, iter_samples, write_shard
-from .io import read_json, sha256_file, sha256_json, write_json_atomic
+from .io import atomic_path, read_json, sha256_file, sha256_json, write_json_atomic
+from .models import pooled_and_logits
 
 _TEACHERS: dict[str, tuple] = {}  # checkpoint sha256 -> (model, spec, transform); one per worker process
 
@@ -82,8 +85,9 @@ def _batches(samples: Iterator[dict], data: DataConfig, transform, batch_size: i
 @torch.inference_mode()
 def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module, transform, data: DataConfig,
                        teacher_id: str, batch_size: int = 512, device: str = "cpu", amp: str = "off",
-                       tta_hflip: bool = False) -> ShardLabelSummary:
-    """Label one input shard into one output shard (+ index), streaming with bounded memory."""
+                       tta_hflip: bool = False, save_features: bool = False) -> ShardLabelSummary:
+    """Label one input shard into one output shard (+ index, + pooled features if asked),
+    streaming with bounded memory (features are float16 rows: 1 KB per 512-d image)."""
     start = time.time()
     skips = SkipCounter()
     shard_name = os.path.basename(input_url)
@@ -93,6 +97,8 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
     confs: list[float] = []
     ents: list[float] = []
     probs_rows: list[np.ndarray] = []
+    lse: list[float] = []
+    feature_rows: list[np.ndarray] = []
     image_ext: list[str] = []
     dev = torch.device(device)
     pin = dev.type == "cuda"
@@ -106,9 +112,14 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
                 x = x.pin_memory()
             x = x.to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=dtype, enabled=use_amp):
-                logits = model(x).float()
+                pooled, logits = pooled_and_logits(model, x)
                 if tta_hflip:  # average with the mirrored view: a cleaner label, still no noise
-                    logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+                    pooled_m, logits_m = pooled_and_logits(model, torch.flip(x, dims=[3]))
+                    pooled, logits = (pooled + pooled_m) / 2, (logits + logits_m) / 2
+            logits = logits.float()
+            lse.extend(torch.logsumexp(logits, dim=1).cpu().tolist())
+            if save_features:
+                feature_rows.append(pooled.float().cpu().numpy().astype(np.float16))
             probs = torch.softmax(logits, dim=1).cpu().numpy()
             conf = probs.max(1)
             ent = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
@@ -129,7 +140,11 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
     members = [(ext, *offsets[key][ext]) for key, ext in zip(keys, image_ext)]
     num_out = int(getattr(model, "num_classes", 0) or 0)
     probs = np.stack(probs_rows) if probs_rows else np.zeros((0, num_out), np.float16)
-    write_index(output_path, keys, labels, confs, ents, probs, members)
+    if save_features:  # before the index: the index marks the shard complete
+        dim = int(getattr(model, "num_features", 0) or 0)
+        with atomic_path(features_path(output_path)) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.concatenate(feature_rows) if feature_rows else np.zeros((0, dim), np.float16))
+    write_index(output_path, keys, labels, confs, ents, probs, members, logsumexp=lse)
     num_classes = int(getattr(model, "num_classes", 0) or (max(labels) + 1 if labels else 0))
     summary = ShardLabelSummary(
         input=input_url, output=str(output_path), samples=n, skipped=skips.as_dict(), input_identity=identity,
@@ -155,21 +170,25 @@ def output_name(input_url: str) -> str:
     return f"{stem}-{where}.tar"
 
 
-def preprocessing_key(data: DataConfig, tta_hflip: bool) -> dict:
-    """Everything besides the teacher that changes the labels; part of the cache key."""
+def preprocessing_key(data: DataConfig, tta_hflip: bool, save_features: bool = False) -> dict:
+    """Everything besides the teacher that changes the outputs; part of the cache key."""
     return {"image_size": data.image_size, "channels": data.channels, "mean": list(data.mean), "std": list(data.std),
-            "tta_hflip": tta_hflip, "index_version": INDEX_VERSION}
+            "tta_hflip": tta_hflip, "index_version": INDEX_VERSION, "features": save_features}
 
 
-def label_cache_dir(cache_root: str | Path, teacher_sha256: str, data: DataConfig, tta_hflip: bool) -> Path:
-    return Path(cache_root) / f"teacher-{teacher_sha256[:16]}-pre-{sha256_json(preprocessing_key(data, tta_hflip))[:8]}"
+def label_cache_dir(cache_root: str | Path, teacher_sha256: str, data: DataConfig, tta_hflip: bool,
+                    save_features: bool = False) -> Path:
+    key = sha256_json(preprocessing_key(data, tta_hflip, save_features))[:8]
+    return Path(cache_root) / f"teacher-{teacher_sha256[:16]}-pre-{key}"
 
 
-def shard_done(output_path: Path, identity: dict | None = None) -> bool:
-    """Complete (the summary is written last), in the current index format, and - if ``identity``
-    is given - labeled from exactly that input file."""
+def shard_done(output_path: Path, identity: dict | None = None, features: bool = False) -> bool:
+    """Complete (the summary is written last), in the current index format, with features if
+    asked, and - if ``identity`` is given - labeled from exactly that input file."""
     summary_path = output_path.with_suffix(".summary.json")
     if not (summary_path.is_file() and index_path(output_path).is_file() and output_path.is_file()):
+        return False
+    if features and not features_path(output_path).is_file():
         return False
     try:
         if index_version(output_path) != INDEX_VERSION:
@@ -180,13 +199,13 @@ def shard_done(output_path: Path, identity: dict | None = None) -> bool:
 
 
 def _label_task(input_url: str, output_path: str, checkpoint: str, sha256: str, data: dict, infer_batch_size: int,
-                device: str, amp: str, threads: int, tta_hflip: bool = False) -> dict:
+                device: str, amp: str, threads: int, tta_hflip: bool = False, save_features: bool = False) -> dict:
     """One Dask task: label one shard with this worker's cached teacher."""
     cfg = DataConfig(**data)
     model, spec, transform = cached_teacher(checkpoint, sha256, cfg, threads)
     model.to(device)
     summary = pseudo_label_shard(input_url, output_path, model, transform, cfg, sha256[:16], infer_batch_size, device, amp,
-                                 tta_hflip)
+                                 tta_hflip, save_features)
     try:
         from distributed import get_worker
 
@@ -226,7 +245,8 @@ def _remove_stale_temporaries(shard_dir: Path, outputs: list[Path]) -> int:
 
 def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | Path, data: DataConfig, cluster: ClusterConfig,
                  batch_size: int = 512, device: str = "cpu", amp: str = "off", show_progress: bool = True, *,
-                 cache_dir: str | Path = "", tta_hflip: bool = False, teacher_run_id: str = "") -> dict:
+                 cache_dir: str | Path = "", tta_hflip: bool = False, teacher_run_id: str = "",
+                 save_features: bool = False) -> dict:
     """Label every input shard through Dask, reusing cached shards; write and return the manifest.
 
     Shards go to the label cache (``cache_dir``) or, without one, to ``out_dir``; the manifest
@@ -241,14 +261,14 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = str(Path(checkpoint).resolve())
     sha = sha256_file(checkpoint)
-    shard_dir = label_cache_dir(Path(cache_dir).resolve(), sha, data, tta_hflip) if cache_dir else out_dir
+    shard_dir = label_cache_dir(Path(cache_dir).resolve(), sha, data, tta_hflip, save_features) if cache_dir else out_dir
     shard_dir.mkdir(parents=True, exist_ok=True)
     names = [output_name(u) for u in input_urls]
     if len(set(names)) != len(names):
         raise ValueError("input shards must have distinct file names (outputs are named after them)")
     outputs = [shard_dir / n for n in names]
     identities = [input_identity(u) for u in input_urls]
-    done = [shard_done(o, ident) for o, ident in zip(outputs, identities)]
+    done = [shard_done(o, ident, save_features) for o, ident in zip(outputs, identities)]
     todo = [(u, o) for u, o, d in zip(input_urls, outputs, done) if not d]
     start = time.time()
     summaries: dict[str, dict] = {str(o): read_json(o.with_suffix(".summary.json")) for o, d in zip(outputs, done) if d}
@@ -265,7 +285,7 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
             futures = client.map(
                 _label_task, [u for u, _ in todo], [str(o) for _, o in todo],
                 checkpoint=checkpoint, sha256=sha, data=data_dict, infer_batch_size=batch_size, device=device, amp=amp,
-                threads=threads, tta_hflip=tta_hflip, pure=False, retries=cluster.task_retries,
+                threads=threads, tta_hflip=tta_hflip, save_features=save_features, pure=False, retries=cluster.task_retries,
                 resources=task_resources(cluster),
             )
             with tqdm(total=len(futures), desc="pseudo-label shards", unit="shard", disable=not show_progress) as bar:
@@ -284,7 +304,7 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
     labeled_now = sum(s["samples"] for s in ordered if s["output"] in {str(o) for _, o in todo})
     manifest = {
         "teacher": {"checkpoint": checkpoint, "sha256": sha, "mlflow_run_id": teacher_run_id},
-        "preprocessing": preprocessing_key(data, tta_hflip),
+        "preprocessing": preprocessing_key(data, tta_hflip, save_features),
         "shard_dir": str(shard_dir),
         "shards": [{"input": s["input"], "input_identity": s.get("input_identity", {}), "output": s["output"],
                     "samples": s["samples"], "skipped": s["skipped"]["total"], "skipped_by_reason": s["skipped"]["by_reason"],

@@ -72,7 +72,8 @@ def pseudo_label(cfg: Config, teacher_checkpoint: str | Path, out_dir: Path, sho
     device = str(resolve_device(cfg.device))
     pl = cfg.pseudo_label
     return label_corpus(teacher_checkpoint, urls, out_dir, cfg.data, cfg.cluster, pl.batch_size, device, cfg.amp,
-                        show_progress, cache_dir=pl.cache_dir, tta_hflip=pl.tta_hflip, teacher_run_id=teacher_run_id)
+                        show_progress, cache_dir=pl.cache_dir, tta_hflip=pl.tta_hflip, teacher_run_id=teacher_run_id,
+                        save_features=pl.save_features)
 
 
 def train_student(cfg: Config, generation: int, teacher_checkpoint: str | Path, manifest: dict, out_dir: Path,
@@ -80,13 +81,15 @@ def train_student(cfg: Config, generation: int, teacher_checkpoint: str | Path, 
     """Select pseudo-labels at read time and train the noised student."""
     pl = cfg.pseudo_label
     num_classes = len(data.class_names)
-    selection = select_pseudo_labels(manifest_outputs(manifest), num_classes, pl.threshold, pl.balance, pl.per_class, cfg.seed)
+    selection = select_pseudo_labels(manifest_outputs(manifest), num_classes, pl.threshold, pl.balance, pl.per_class, cfg.seed,
+                                     ood_score=pl.ood_score, ood_drop_fraction=pl.ood_drop_fraction)
     noise = create_train_transform(cfg.data, cfg.student.augment, seed=cfg.seed + generation)
     stream = PseudoLabeledStream(selection, cfg.data.channels, num_classes, noise, soft=pl.soft,
                                  temperature=pl.temperature, seed=cfg.seed + generation)
     labeled = data.train.with_transform(noise)
     init_from = str(teacher_checkpoint) if cfg.student.init == "teacher" else None
     stats = {"pl_candidates": selection.total_candidates, "pl_kept_unique": selection.kept_unique,
+             "pl_dropped_ood": selection.dropped_ood,
              "pl_kept_total": selection.total, "pl_kept_per_class": selection.kept_per_class}
     if tracker is not None:
         tracker.log_metrics({k: v for k, v in stats.items() if not isinstance(v, list)})
@@ -263,6 +266,7 @@ def iterate(cfg: Config, show_table: bool = True) -> list[dict]:
     write_bytes_atomic(run_dir / "config.yaml", dump_config(cfg).encode())
     _save_augmentation_grid(cfg, data, run_dir / "augmentation_grid.png")
     rows: list[dict] = []
+    analysis_rows: list[dict] = []
     with tracker.run(run_dir / "mlflow_parent_run_id", f"iterate-{run_dir.name}",
                      {"git_commit": git_commit(), "config_hash": sha256_json(to_dict(cfg))[:16], "kind": "iterate"}):
         tracker.log_params(flatten(to_dict(cfg)))
@@ -277,6 +281,10 @@ def iterate(cfg: Config, show_table: bool = True) -> list[dict]:
             rows.append(row)
             tracker.log_metrics({"test_top1": row.get("test_top1") or 0.0, "test_ece": row.get("test_ece") or 0.0,
                                  "images_kept": row["images_kept"]}, step=g)
+            if cfg.analysis.enabled:  # this model's corpus pass is also the next generation's labeling
+                from .analysis import analyze_generation
+
+                analysis_rows.append(analyze_generation(cfg, g, run_dir, data, tracker))
         best = set_best_alias(tracker, cfg.tracking.registered_model, rows)
         if best is not None:
             tracker.set_tags({"best_generation": best["generation"], "best_model_version": best["model_version"]})
@@ -284,8 +292,19 @@ def iterate(cfg: Config, show_table: bool = True) -> list[dict]:
         generations_png(rows, run_dir / "generations.png")
         tracker.log_artifact(run_dir / "results.json")
         tracker.log_artifact(run_dir / "generations.png")
+        if analysis_rows:
+            from .analysis import compare_generations
+
+            report = compare_generations(analysis_rows, run_dir / "analysis")
+            tracker.log_artifact(report, "analysis")
+            tracker.log_artifact(run_dir / "analysis" / "analysis.json", "analysis")
     if show_table:
         print_generation_table(rows)
+        if analysis_rows:
+            from .analysis import print_analysis_table
+
+            print_analysis_table(analysis_rows)
+            print(f"analysis report: {run_dir / 'analysis' / 'report.html'}")
     return rows
 
 

@@ -121,6 +121,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     return model.to(device).eval(), spec
 
 
+def pooled_and_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled penultimate features (the classifier's input) and logits, from one forward pass.
+
+    Works for any timm model: ``forward_head(pre_logits=True)`` pools (CNN) or picks tokens (ViT).
+    """
+    feats = model.forward_features(x)
+    pooled = model.forward_head(feats, pre_logits=True)
+    return pooled, model.forward_head(feats)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying module of a DDP / torch.compile wrapper."""
     model = getattr(model, "module", model)

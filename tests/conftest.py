@@ -91,3 +91,16 @@ def run_script(script: str, *args: str, config: str = "configs/smoke.yaml", over
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_data, tmp_path_factory):
+    """One end-to-end ``iterate`` of the smoke config (2 generations, analysis on), shared by the
+    pipeline and analysis tests."""
+    from noisystudent.config import load_config
+    from noisystudent.loop import iterate
+
+    run_dir = tmp_path_factory.mktemp("smoke-run") / "run"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, run_dir))
+    rows = iterate(cfg, show_table=False)
+    return cfg, run_dir, rows

@@ -1,6 +1,6 @@
 """End to end on the smoke config: real Dask LocalCluster, real MLflow sqlite store, real shards.
 
-One module-scoped run of ``iterate`` (2 generations) feeds most assertions; a second call in the
+One session-scoped run of ``iterate`` (2 generations, conftest.smoke_run) feeds most assertions; a second call in the
 same run directory must resume without recomputing anything.
 """
 from __future__ import annotations
@@ -9,23 +9,9 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from noisystudent.data.pseudo_labels import META_EXT, PROBS_EXT, read_index
 from noisystudent.data.shards import expand_urls, iter_samples
-
-
-@pytest.fixture(scope="module")
-def smoke_run(smoke_data, tmp_path_factory):
-    from noisystudent.config import load_config
-    from noisystudent.loop import iterate
-
-    from conftest import REPO, smoke_overrides
-
-    run_dir = tmp_path_factory.mktemp("smoke-run") / "run"
-    cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, run_dir))
-    rows = iterate(cfg, show_table=False)
-    return cfg, run_dir, rows
 
 
 def test_generation_rows_and_files(smoke_run):

@@ -31,3 +31,10 @@ def test_teacher_label_student_scripts(smoke_data, tmp_path):
     result = json.loads((tmp_path / "student" / "result.json").read_text())
     assert result["spec"]["name"] == "test_resnet" and len(result["history"]) == 1
     assert result["history"][0]["train_pseudo_loss"] > 0
+
+    a = _run("analyze.py", "--model", str(tmp_path / "student" / "model.pt"), "--out", str(tmp_path / "analysis"),
+             overrides=over)
+    assert "Analysis: ID-vs-OOD AUROC" in a.stdout and "report:" in a.stdout
+    summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
+    assert set(summary["ood"]) == {"msp", "entropy", "energy", "mahalanobis", "knn"}
+    assert (tmp_path / "analysis" / "report.html").stat().st_size > 10_000

@@ -11,10 +11,16 @@ member         content
 =============  ==============================================================================
 
 Next to each ``<name>.tar`` sits ``<name>.index.npz``: per sample its key, label, confidence,
-entropy, soft label and the byte offset and size of its image member, so read-time selection
-never opens the tars and the student reads each image with one seek (no tar parsing). The index is written after the tar, so its
+entropy, logsumexp of the logits (energy OOD score), soft label and the byte offset and size of
+its image member, so read-time selection never opens the tars and the student reads each image
+with one seek (no tar parsing). The index is written after the tar, so its
 presence marks the shard as complete. Threshold, class balancing and soft/hard targets are all
 applied when reading: one labeling pass serves any number of student recipes.
+
+With ``pseudo_label.save_features`` the labeling pass also writes ``<name>.features.npy``: the
+teacher's pooled penultimate features (float16 [n, dim], index order), which the analysis stage
+reads instead of running the model over the corpus again. Analysis writes ``<name>.ood.npz``
+(OOD scores per key) beside them; a student can drop images by one of those scores.
 """
 from __future__ import annotations
 
@@ -38,17 +44,31 @@ META_EXT = "pl.json"
 
 
 def index_path(shard_path: str | os.PathLike) -> Path:
-    p = Path(shard_path)
-    return p.with_name(p.name[: -len(".tar")] + ".index.npz" if p.name.endswith(".tar") else p.name + ".index.npz")
+    return _sibling(shard_path, ".index.npz")
 
 
 #: Bumped when the index layout changes; shards with an older index are relabeled.
-INDEX_VERSION = 2
+INDEX_VERSION = 3
+
+
+def features_path(shard_path: str | os.PathLike) -> Path:
+    """``<name>.features.npy`` beside the shard: pooled penultimate features in index order."""
+    return _sibling(shard_path, ".features.npy")
+
+
+def ood_scores_path(shard_path: str | os.PathLike) -> Path:
+    """``<name>.ood.npz`` beside the shard: OOD scores per key, written by the analysis stage."""
+    return _sibling(shard_path, ".ood.npz")
+
+
+def _sibling(shard_path: str | os.PathLike, suffix: str) -> Path:
+    p = Path(shard_path)
+    return p.with_name((p.name[: -len(".tar")] if p.name.endswith(".tar") else p.name) + suffix)
 
 
 def write_index(shard_path: str | os.PathLike, keys: list[str], labels: list[int], confidence: list[float],
                 entropy: list[float], probs: np.ndarray | None = None,
-                image_members: list[tuple[str, int, int]] | None = None) -> None:
+                image_members: list[tuple[str, int, int]] | None = None, logsumexp: list[float] | None = None) -> None:
     """Write ``<name>.index.npz``. ``image_members`` holds (ext, byte offset, size) per sample."""
     n = len(keys)
     members = image_members if image_members is not None else [("", -1, 0)] * n
@@ -61,6 +81,7 @@ def write_index(shard_path: str | os.PathLike, keys: list[str], labels: list[int
                 labels=np.asarray(labels, dtype=np.int32),
                 confidence=np.asarray(confidence, dtype=np.float32),
                 entropy=np.asarray(entropy, dtype=np.float32),
+                logsumexp=np.asarray(logsumexp if logsumexp is not None else [np.nan] * n, dtype=np.float32),
                 probs=np.asarray(probs if probs is not None else np.zeros((n, 0)), dtype=np.float16),
                 image_ext=np.asarray([m[0] for m in members], dtype=np.str_),
                 image_offset=np.asarray([m[1] for m in members], dtype=np.int64),
@@ -82,6 +103,7 @@ class ShardIndex:
     image_offset: np.ndarray  # byte offset of the image member's data in the tar (-1 = unknown)
     image_size: np.ndarray
     version: int = 1
+    logsumexp: np.ndarray | None = None  # float32 [n]: logsumexp of the teacher's logits (NaN if not recorded)
 
     @property
     def seekable(self) -> bool:
@@ -106,6 +128,7 @@ def read_index(shard_path: str | os.PathLike) -> ShardIndex:
             image_offset=get("image_offset", np.full(n, -1, np.int64)),
             image_size=get("image_size", np.zeros(n, np.int64)),
             version=int(get("version", 1)),
+            logsumexp=get("logsumexp", np.full(n, np.nan, np.float32)),
         )
 
 
@@ -160,19 +183,57 @@ class Selection:
     kept_per_class: list[int]
     total_candidates: int
     kept_unique: int
+    dropped_ood: int = 0  # removed by the OOD-score filter before thresholding
 
     @property
     def total(self) -> int:
         return int(sum(self.kept_per_class))
 
 
+class OODScoreError(ValueError):
+    """OOD-score selection asked for, but the analysis scores are missing or stale."""
+
+
+def read_ood_scores(ix: ShardIndex, score: str) -> np.ndarray:
+    """One analysis score per sample of ``ix`` (index order), from ``<shard>.ood.npz``."""
+    path = ood_scores_path(ix.shard)
+    if not path.is_file():
+        raise OODScoreError(f"{path} is missing: pseudo_label.ood_score needs the teacher's analysis "
+                            "(run pipelines/analyze.py on the teacher, or keep analysis.enabled=true)")
+    with np.load(path, allow_pickle=False) as z:
+        if score not in z.files:
+            raise OODScoreError(f"{path} has no score {score!r} (has {sorted(set(z.files) - {'keys'})})")
+        if len(z["keys"]) != len(ix.keys) or not np.array_equal(z["keys"], ix.keys):
+            raise OODScoreError(f"{path} does not match its shard's keys: rerun the analysis for this teacher")
+        return z[score].astype(np.float64)
+
+
+@dataclass
+class OODFilter:
+    """Keep-mask dropping the ``round(fraction * n)`` samples with the highest OOD score
+    (higher = more OOD; ties broken by position, so the count is exact)."""
+
+    fraction: float
+
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        keep = np.ones(len(scores), bool)
+        keep[np.argsort(-scores, kind="stable")[: int(round(self.fraction * len(scores)))]] = False
+        return keep
+
+
 def select_pseudo_labels(
-    shards: list[str], num_classes: int, threshold: float, balance: bool, per_class: int = 0, seed: int = 0
+    shards: list[str], num_classes: int, threshold: float, balance: bool, per_class: int = 0, seed: int = 0,
+    ood_score: str = "", ood_drop_fraction: float = 0.0,
 ) -> Selection:
     indexes = [read_index(s) for s in shards]
     labels = np.concatenate([ix.labels for ix in indexes]) if indexes else np.zeros(0, np.int32)
     conf = np.concatenate([ix.confidence for ix in indexes]) if indexes else np.zeros(0, np.float32)
     keep = ConfidenceFilter(threshold)(conf)
+    dropped_ood = 0
+    if ood_score and ood_drop_fraction > 0 and indexes:
+        in_dist = OODFilter(ood_drop_fraction)(np.concatenate([read_ood_scores(ix, ood_score) for ix in indexes]))
+        dropped_ood = int((~in_dist).sum())
+        keep &= in_dist
     repeats = keep.astype(np.int64)
     if balance:
         kept_idx = np.flatnonzero(keep)
@@ -185,7 +246,34 @@ def select_pseudo_labels(
         out[ix.shard] = {str(k): int(n) for k, n in zip(ix.keys, r) if n > 0}
         offset += len(ix.keys)
     kept_per_class = np.bincount(labels, weights=repeats, minlength=num_classes).astype(int).tolist()
-    return Selection(out, kept_per_class, int(len(labels)), int((repeats > 0).sum()))
+    return Selection(out, kept_per_class, int(len(labels)), int((repeats > 0).sum()), dropped_ood)
+
+
+# ------------------------------------------------------------------ reading pixels
+
+def _decode_or_skip(data: bytes, channels: int, skips: SkipCounter, shard: str, key: str) -> np.ndarray | None:
+    try:
+        return decode_image(data, channels)
+    except ValueError as exc:
+        skips.skip("unreadable_image", f"{shard}:{key}: {exc}")
+        return None
+
+
+def images_by_offset(shard: str, index: ShardIndex, rows: list[int], channels: int,
+                     skips: SkipCounter) -> Iterator[tuple[int, np.ndarray]]:
+    """(row, decoded image) for the given index rows, one seek + read each: no tar parsing, no
+    per-sample .npy (3-4x faster than streaming the tar). Damaged members are skipped and counted."""
+    size = os.path.getsize(shard)
+    with open(shard, "rb") as fh:
+        for i in sorted(rows):
+            off, n = int(index.image_offset[i]), int(index.image_size[i])
+            if off < 0 or off + n > size:
+                skips.skip("truncated_tar", f"{shard}:{index.keys[i]}: image member past end of file")
+                continue
+            fh.seek(off)
+            img = _decode_or_skip(fh.read(n), channels, skips, shard, str(index.keys[i]))
+            if img is not None:
+                yield i, img
 
 
 # ------------------------------------------------------------------ the student's stream
@@ -260,27 +348,12 @@ class PseudoLabeledStream(IterableDataset):
                 yield key, img, np.load(io.BytesIO(sample[PROBS_EXT]), allow_pickle=False)
 
     def _decoded_by_offset(self, shard: str, index: ShardIndex, wanted: dict[str, int]):
-        # One seek + read per selected image: no tar parsing, no per-sample .npy (3-4x faster).
-        size = os.path.getsize(shard)
-        with open(shard, "rb") as fh:
-            for i, key in enumerate(index.keys.tolist()):
-                if key not in wanted:
-                    continue
-                off, n = int(index.image_offset[i]), int(index.image_size[i])
-                if off + n > size:
-                    self.skips.skip("truncated_tar", f"{shard}:{key}: image member past end of file")
-                    continue
-                fh.seek(off)
-                img = self._decode(fh.read(n), shard, key)
-                if img is not None:
-                    yield key, img, index.probs[i]
+        rows = [i for i, key in enumerate(index.keys.tolist()) if key in wanted]
+        for i, img in images_by_offset(shard, index, rows, self.channels, self.skips):
+            yield str(index.keys[i]), img, index.probs[i]
 
     def _decode(self, data: bytes, shard: str, key: str) -> np.ndarray | None:
-        try:
-            return decode_image(data, self.channels)
-        except ValueError as exc:
-            self.skips.skip("unreadable_image", f"{shard}:{key}: {exc}")
-            return None
+        return _decode_or_skip(data, self.channels, self.skips, shard, key)
 
     def _samples(self, shards: list[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for shard in shards:

@@ -1,0 +1,128 @@
+"""Out-of-distribution scores and detection metrics.
+
+Every score is oriented the same way, **higher = more out-of-distribution**, so they can be
+compared, thresholded and ranked alike:
+
+=============  ===========================================================================
+``msp``        1 - max softmax probability (Hendrycks & Gimpel 2017)
+``entropy``    entropy of the softmax, in nats
+``energy``     -logsumexp(logits) (Liu et al. 2020: the free energy at T=1)
+``mahalanobis``  min over classes of the Mahalanobis distance (squared) to the class mean,
+               class-conditional means and one shared covariance fit on labeled features
+               (Lee et al. 2018)
+``knn``        Euclidean distance to the k-th nearest labeled feature after L2 normalisation
+               (Sun et al. 2022)
+=============  ===========================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import OOD_SCORES
+
+__all__ = ["OOD_SCORES", "msp_score", "entropy_score", "energy_score", "MahalanobisScorer", "KNNScorer", "auroc",
+           "fpr_at_tpr", "detection_metrics"]
+
+
+def msp_score(probs: np.ndarray) -> np.ndarray:
+    return 1.0 - np.asarray(probs, np.float64).max(axis=1)
+
+
+def entropy_score(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(probs, np.float64), 1e-12, None)
+    p = p / p.sum(axis=1, keepdims=True)
+    return -(p * np.log(p)).sum(axis=1)
+
+
+def energy_score(logits: np.ndarray | None = None, logsumexp: np.ndarray | None = None) -> np.ndarray:
+    """-logsumexp of the logits; pass the logits or their precomputed logsumexp."""
+    if logsumexp is None:
+        z = np.asarray(logits, np.float64)
+        m = z.max(axis=1, keepdims=True)
+        logsumexp = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+    return -np.asarray(logsumexp, np.float64)
+
+
+@dataclass
+class MahalanobisScorer:
+    """Class means and a shared covariance from labeled features; scores new features."""
+
+    means: np.ndarray  # [C, D]
+    whitener: np.ndarray  # [D, D], W with W W^T = precision
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, ridge: float = 1e-6) -> "MahalanobisScorer":
+        x = np.asarray(features, np.float64)
+        labels = np.asarray(labels)
+        present = [c for c in range(num_classes) if (labels == c).any()]
+        means = np.stack([x[labels == c].mean(axis=0) for c in present])
+        centred = x - means[np.searchsorted(present, labels)]
+        cov = centred.T @ centred / max(1, len(x))
+        # eigen-decomposition: the precision's square root, with a small ridge for rank-deficient
+        # covariances (fewer labeled images than feature dimensions is the normal case here)
+        w, v = np.linalg.eigh(cov)
+        w = np.clip(w, 0.0, None) + ridge * max(float(w.max()), 1e-12)
+        return cls(means, v / np.sqrt(w))
+
+    def __call__(self, features: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        mz = self.means @ self.whitener  # [C, D]
+        out = np.empty(len(features))
+        for i in range(0, len(features), chunk):
+            z = np.asarray(features[i:i + chunk], np.float64) @ self.whitener
+            d2 = (z * z).sum(1)[:, None] - 2 * z @ mz.T + (mz * mz).sum(1)[None, :]
+            out[i:i + chunk] = np.maximum(d2.min(axis=1), 0.0)
+        return out
+
+
+@dataclass
+class KNNScorer:
+    """Distance to the k-th nearest neighbour in a bank of L2-normalised labeled features."""
+
+    bank: torch.Tensor  # [N, D], normalised
+    k: int = 5
+
+    @classmethod
+    def fit(cls, features: np.ndarray, k: int = 5) -> "KNNScorer":
+        bank = torch.nn.functional.normalize(torch.as_tensor(np.asarray(features, np.float32)), dim=1)
+        return cls(bank, min(k, len(bank)))
+
+    def __call__(self, features: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        out = np.empty(len(features))
+        for i in range(0, len(features), chunk):
+            q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(features[i:i + chunk], np.float32)), dim=1)
+            sim = q @ self.bank.T  # cosine; for unit vectors ||a - b||^2 = 2 - 2 cos
+            kth = sim.topk(self.k, dim=1).values[:, -1].double()
+            out[i:i + chunk] = torch.sqrt(torch.clamp(2 - 2 * kth, min=0)).numpy()
+        return out
+
+
+def auroc(scores: np.ndarray, is_ood: np.ndarray) -> float:
+    """Area under the ROC curve for "OOD scores higher": P(score_ood > score_id) + 0.5 P(tie)
+    (the Mann-Whitney statistic, ties averaged). NaN without both kinds of sample."""
+    from scipy.stats import rankdata
+
+    s, y = np.asarray(scores, np.float64), np.asarray(is_ood, bool)
+    n_ood, n_id = int(y.sum()), int((~y).sum())
+    if n_ood == 0 or n_id == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_ood * (n_ood + 1) / 2) / (n_ood * n_id))
+
+
+def fpr_at_tpr(scores: np.ndarray, is_ood: np.ndarray, tpr: float = 0.95) -> float:
+    """FPR95: the share of OOD samples accepted as in-distribution when the threshold keeps
+    ``tpr`` of the in-distribution samples (ID is the positive class, as in the OOD literature)."""
+    s, y = np.asarray(scores, np.float64), np.asarray(is_ood, bool)
+    if y.all() or not y.any():
+        return float("nan")
+    id_sorted = np.sort(s[~y])
+    threshold = id_sorted[int(np.ceil(tpr * len(id_sorted))) - 1]  # smallest t keeping >= tpr of ID
+    return float((s[y] <= threshold).mean())
+
+
+def detection_metrics(scores: dict[str, np.ndarray], is_ood: np.ndarray) -> dict[str, dict[str, float]]:
+    """{score name: {"auroc", "fpr95"}} for each score."""
+    return {name: {"auroc": auroc(v, is_ood), "fpr95": fpr_at_tpr(v, is_ood)} for name, v in scores.items()}

@@ -1,0 +1,100 @@
+"""OOD scores, detection metrics and probes against small hand-computable cases."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from noisystudent.analysis.probes import linear_probe_accuracy
+from noisystudent.analysis.scores import (
+    KNNScorer, MahalanobisScorer, auroc, energy_score, entropy_score, fpr_at_tpr, msp_score,
+)
+from noisystudent.data.pseudo_labels import OODFilter
+
+
+def test_msp_and_entropy_by_hand():
+    probs = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    assert np.allclose(msp_score(probs), [0.0, 0.5, 2 / 3])
+    assert np.allclose(entropy_score(probs), [0.0, math.log(2), math.log(3)], atol=1e-9)
+
+
+def test_energy_is_minus_logsumexp():
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0)) * 5
+    expected = -torch.logsumexp(logits.double(), dim=1).numpy()
+    assert np.allclose(energy_score(logits.numpy()), expected, atol=1e-6)
+    assert np.allclose(energy_score(logsumexp=-expected), expected)
+    # a confident, large-logit image has lower energy (looks more in-distribution) than a flat one
+    assert energy_score(np.array([[10.0, 0.0], [0.1, 0.0]]))[0] < energy_score(np.array([[10.0, 0.0], [0.1, 0.0]]))[1]
+
+
+def test_mahalanobis_exact_small_case():
+    # both classes: the same 4 centred points (+-1, 0), (0, +-2) -> shared covariance diag(0.5, 2)
+    offsets = np.array([[1, 0], [-1, 0], [0, 2], [0, -2]], float)
+    feats = np.concatenate([offsets, offsets + [10, 0]])
+    labels = np.array([0] * 4 + [1] * 4)
+    scorer = MahalanobisScorer.fit(feats, labels, num_classes=2)
+    assert np.allclose(scorer.means, [[0, 0], [10, 0]])
+    # (1,1): to class 0 1/0.5 + 1/2 = 2.5, to class 1 81/0.5 + 0.5 = 162.5 -> min 2.5
+    assert np.allclose(scorer(np.array([[0.0, 0.0], [1.0, 1.0], [10.0, 2.0]])), [0.0, 2.5, 2.0], atol=1e-4)
+
+
+def test_mahalanobis_recovers_known_gaussians():
+    rng = np.random.default_rng(0)
+    cov = np.array([[2.0, 0.8], [0.8, 1.0]])
+    means = np.array([[0.0, 0.0], [6.0, -3.0]])
+    feats = np.concatenate([rng.multivariate_normal(m, cov, 20000) for m in means])
+    labels = np.repeat([0, 1], 20000)
+    scorer = MahalanobisScorer.fit(feats, labels, num_classes=2)
+    q = np.array([[1.0, 1.0], [5.0, -2.0], [3.0, 5.0]])
+    prec = np.linalg.inv(cov)
+    truth = np.min([[(x - m) @ prec @ (x - m) for m in means] for x in q], axis=1)
+    assert np.allclose(scorer(q), truth, rtol=0.03)
+
+
+def test_knn_distance_on_unit_vectors():
+    bank = np.array([[1.0, 0.0], [0.0, 3.0]])  # normalised to (1,0), (0,1)
+    q = np.array([[2.0, 0.0], [1.0, 1.0]])
+    assert np.allclose(KNNScorer.fit(bank, k=1)(q), [0.0, math.sqrt(2 - math.sqrt(2))])
+    assert np.allclose(KNNScorer.fit(bank, k=2)(q), [math.sqrt(2), math.sqrt(2 - math.sqrt(2))])
+
+
+def test_auroc_known_cases():
+    y = np.array([0, 0, 1, 1], bool)
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), y) == 1.0
+    assert auroc(np.array([0.8, 0.9, 0.1, 0.2]), y) == 0.0
+    assert auroc(np.array([0.5, 0.5, 0.5, 0.5]), y) == 0.5
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), y) == 0.75  # 3 of 4 (ood, id) pairs ordered right
+    assert math.isnan(auroc(np.array([0.1, 0.2]), np.array([False, False])))
+    rng = np.random.default_rng(1)
+    s, yy = rng.normal(size=500), rng.random(500) < 0.3
+    s[yy] += 1.0
+    from sklearn.metrics import roc_auc_score  # an independent implementation
+
+    assert auroc(s, yy) == pytest.approx(roc_auc_score(yy, s), abs=1e-12)
+
+
+def test_fpr_at_95_tpr():
+    id_scores, ood_scores = np.arange(1, 101, dtype=float), np.arange(50, 150, dtype=float)
+    s = np.concatenate([id_scores, ood_scores])
+    y = np.r_[np.zeros(100, bool), np.ones(100, bool)]
+    assert fpr_at_tpr(s, y) == pytest.approx(0.46)  # threshold 95 keeps 95 ID; OOD 50..95 pass
+    assert fpr_at_tpr(np.r_[np.zeros(20), np.ones(20)], np.r_[np.zeros(20, bool), np.ones(20, bool)]) == 0.0
+
+
+def test_ood_filter_drops_exact_count_of_highest_scores():
+    scores = np.array([0.1, 0.9, 0.5, 0.9, 0.2, 0.7, 0.3, 0.0, 0.8, 0.4])
+    keep = OODFilter(0.3)(scores)
+    assert keep.sum() == 7 and not keep[[1, 3, 8]].any()
+    assert OODFilter(0.0)(scores).all()
+
+
+def test_linear_probe_separable_vs_random_labels():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16)) * 5
+    y = rng.integers(0, 3, 600)
+    x = centers[y] + rng.normal(size=(600, 16))
+    assert linear_probe_accuracy(x[:300], y[:300], x[300:], y[300:]) == 1.0
+    noise = rng.normal(size=(600, 16))
+    assert linear_probe_accuracy(noise[:300], y[:300], noise[300:], y[300:]) < 0.6  # chance is 1/3
