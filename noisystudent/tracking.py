@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -61,6 +62,32 @@ def git_commit() -> str:
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+_SECRET_NAME = re.compile(r"pass(word|wd)?|secret|token|api[_-]?key|access[_-]?key|credential|private[_-]?key|auth",
+                          re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/:@\s]+:)(?P<pw>[^@/\s]+)(?P<tail>@)", re.IGNORECASE)
+REDACTED = "***redacted***"
+
+
+def redact_params(params: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Params safe to log: values of secret-looking keys and of any environment mapping
+    (``*.env.*``) are replaced, passwords in URIs are masked, and the value of any secret-looking
+    environment variable is masked wherever it appears."""
+    environ = os.environ if environ is None else environ
+    secrets = sorted({v for k, v in environ.items() if _SECRET_NAME.search(k) and len(v) >= 6}, key=len, reverse=True)
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        parts = key.split(".")
+        if _SECRET_NAME.search(parts[-1]) or "env" in parts[:-1]:
+            out[key] = REDACTED
+            continue
+        text = str(value)
+        masked = _URI_PASSWORD.sub(lambda m: m["head"] + REDACTED + m["tail"], text)
+        for secret in secrets:
+            masked = masked.replace(secret, REDACTED)
+        out[key] = value if masked == text else masked
+    return out
 
 
 class Tracker:
@@ -144,7 +171,7 @@ class Tracker:
         # Params are immutable in MLflow: on resume, only log keys not yet present.
         run = self.mlflow.active_run()
         have = self.mlflow.get_run(run.info.run_id).data.params if run else {}
-        new = {k: str(v)[:6000] for k, v in params.items() if k not in have}
+        new = {k: str(v)[:6000] for k, v in redact_params(params).items() if k not in have}
         items = list(new.items())
         for i in range(0, len(items), 100):
             self.mlflow.log_params(dict(items[i: i + 100]))

@@ -82,3 +82,46 @@ def test_decode_rejects_garbage():
         decode_image(b"not an image", 1)
     rgb = decode_image(encode_png(np.zeros((5, 6), np.uint8)), 3)
     assert rgb.shape == (5, 6, 3) and rgb.dtype == np.uint8
+
+
+def test_fuzz_shard_reader_never_crashes_and_never_invents_data(tmp_path):
+    """Random bytes and random damage (bit flips, cuts, inserted junk) thrown at the shard reader:
+    it must finish every time, count what it skipped, and only yield well-formed samples whose
+    members are bytes and whose images decode or fail with ValueError (skipped by callers)."""
+    path = tmp_path / "good.tar"
+    write_shard(path, _samples(12))
+    good = path.read_bytes()
+    rng = np.random.default_rng(1234)
+    target = tmp_path / "fuzz.tar"
+    for trial in range(300):
+        kind = trial % 4
+        if kind == 0:
+            data = rng.integers(0, 256, int(rng.integers(0, 5000)), dtype=np.uint8).tobytes()
+        else:
+            buf = bytearray(good)
+            if kind == 1:  # bit flips, in headers as well as data
+                for pos in rng.integers(0, len(buf), int(rng.integers(1, 40))):
+                    buf[pos] ^= 1 << int(rng.integers(0, 8))
+            elif kind == 2:  # cut anywhere
+                buf = buf[: int(rng.integers(0, len(buf)))]
+            else:  # junk inserted anywhere
+                pos = int(rng.integers(0, len(buf)))
+                buf[pos:pos] = rng.integers(0, 256, int(rng.integers(1, 2000)), dtype=np.uint8).tobytes()
+            data = bytes(buf)
+        target.write_bytes(data)
+        skips = SkipCounter()
+        got = list(iter_samples(str(target), skips))  # must not raise
+        assert len(got) <= 12 + 2  # flips can split a sample, never multiply them
+        for s in got:
+            assert isinstance(s["__key__"], str) and s["__key__"] and "/" not in s["__key__"]
+            for name, value in s.items():
+                if not name.startswith("__"):
+                    assert isinstance(value, bytes)
+            if "png" in s:
+                try:
+                    img = decode_image(s["png"], 1)
+                    assert img.dtype == np.uint8 and img.ndim == 2
+                except ValueError:
+                    pass
+        if data != good and len(got) < 12:
+            assert skips.total > 0  # every loss is counted, never silent

@@ -29,3 +29,27 @@ def test_unreachable_tracking_server_fails_fast_and_trains_nothing(smoke_data, t
     assert "Traceback" not in r.stderr
     assert not (run_dir / "gen-0").exists()  # nothing trained
     assert time.time() - start < 120
+
+
+def test_logged_params_never_hold_secrets(tmp_path, monkeypatch):
+    """Through a real MLflow store: env mappings, secret-named keys, URI passwords and the values
+    of secret-looking environment variables are redacted before they are logged."""
+    from mlflow.tracking import MlflowClient
+
+    from noisystudent.config import Config, TrackingConfig, flatten, to_dict
+    from noisystudent.tracking import REDACTED, Tracker
+
+    monkeypatch.setenv("NS_TEST_API_TOKEN", "tok-9f8e7d6c5b")
+    cfg = Config().with_overrides({"cluster.kubernetes.env": {"AWS_SECRET_ACCESS_KEY": "abc123xyz", "REGION": "eu"},
+                                   "data.labeled_dir": "/data/tok-9f8e7d6c5b/train"})
+    params = {**flatten(to_dict(cfg)), "tracking.backend": "postgresql://ml:hunter22@db:5432/mlflow"}
+    tracker = Tracker(TrackingConfig(), tmp_path)
+    with tracker.run(tmp_path / "run_id", "redaction") as run_id:
+        tracker.log_params(params)
+    logged = MlflowClient(tracker.uri).get_run(run_id).data.params
+    assert logged["cluster.kubernetes.env.AWS_SECRET_ACCESS_KEY"] == REDACTED
+    assert logged["cluster.kubernetes.env.REGION"] == REDACTED  # every environment value
+    assert logged["data.labeled_dir"] == f"/data/{REDACTED}/train"
+    assert logged["tracking.backend"] == f"postgresql://ml:{REDACTED}@db:5432/mlflow"
+    assert logged["student.lr"] == str(cfg.student.lr)  # ordinary params untouched
+    assert not any(s in v for v in logged.values() for s in ("abc123xyz", "hunter22", "tok-9f8e7d6c5b"))

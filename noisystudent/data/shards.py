@@ -124,6 +124,7 @@ def iter_samples(url: str, skips: SkipCounter | None = None) -> Iterator[dict[st
                 if current is None:
                     current = {"__key__": key, "__shard__": shard}
                 current[ext] = data
+            stopped_at = tar.offset
     except (tarfile.TarError, EOFError, OSError, Exception) as exc:  # noqa: BLE001 - any damage counts
         # The sample being assembled when the tar broke may be incomplete: count it as lost.
         skips.skip("truncated_tar", f"{shard}: {type(exc).__name__}: {exc}")
@@ -135,8 +136,24 @@ def iter_samples(url: str, skips: SkipCounter | None = None) -> Iterator[dict[st
         if current is not None:  # the last sample may be missing members
             skips.skip("incomplete_sample", f"{shard}:{current['__key__']}")
         return
+    if not _only_zeros_after(url, stopped_at):
+        # tarfile reads a damaged header mid-archive as a clean end: the rest would be lost silently
+        skips.skip("corrupt_tar", f"{shard}: unreadable tar header at byte {stopped_at}; the rest of the shard is lost")
+        if current is not None:
+            skips.skip("incomplete_sample", f"{shard}:{current['__key__']}")
+        return
     if current is not None:
         yield current
+
+
+def _only_zeros_after(url: str, offset: int, chunk: int = 1 << 16) -> bool:
+    """True if the file holds nothing but zero bytes (end-of-archive blocks, padding) from ``offset``."""
+    with open(url, "rb") as fh:
+        fh.seek(offset)
+        while block := fh.read(chunk):
+            if block.count(0) != len(block):
+                return False
+    return True
 
 
 def image_bytes(sample: dict[str, Any]) -> tuple[str, bytes] | None:
