@@ -59,6 +59,7 @@ class ImageTransform:
         self.mean = np.asarray((data.mean * c)[:c] if len(data.mean) == 1 else data.mean, np.float32) * 255.0
         self.std = np.asarray((data.std * c)[:c] if len(data.std) == 1 else data.std, np.float32) * 255.0
         self.pipeline = None
+        self.seed = seed
         if augment is not None:
             steps: list = []
             if augment.hflip > 0:
@@ -84,6 +85,12 @@ class ImageTransform:
             if steps:
                 self.pipeline = A.Compose(steps, seed=seed)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation random stream at ``seed`` (see :func:`reseed_augmentation`)."""
+        self.seed = int(seed)
+        if self.pipeline is not None:
+            self.pipeline.set_random_seed(self.seed)
+
     def resize(self, image: np.ndarray) -> np.ndarray:
         if image.shape[0] != self.size or image.shape[1] != self.size:
             image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
@@ -104,6 +111,25 @@ class ImageTransform:
             image = image[:, :, None]
         x = (image.astype(np.float32) - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def reseed_augmentation(transform, seed: int) -> None:
+    """Reseed a dataset's augmentation if it has one. Training reseeds from torch's RNG (saved in
+    every checkpoint) before each pass over the data, and each DataLoader worker adds its id, so
+    the noise a model saw is a function of the seed alone: a resumed run sees exactly the noise an
+    uninterrupted run would have, with any number of loader workers."""
+    if hasattr(transform, "reseed"):
+        transform.reseed(seed)
+
+
+def reseed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: distinct, reproducible noise per worker."""
+    from torch.utils.data import get_worker_info
+
+    dataset = get_worker_info().dataset
+    transform = getattr(dataset, "transform", None)
+    if transform is not None and getattr(transform, "seed", None) is not None:
+        reseed_augmentation(transform, transform.seed + 7919 * (worker_id + 1))
 
 
 def create_train_transform(data: DataConfig, augment: AugmentConfig, seed: int | None = None) -> ImageTransform:

@@ -29,6 +29,7 @@ from .data.pseudo_labels import PseudoLabeledStream
 from .evaluate import classification_report, predict
 from .io import read_json, write_json_atomic
 from .models import ModelSpec, create_model, load_checkpoint, save_checkpoint, save_model, unwrap
+from .noise import reseed_augmentation, reseed_worker
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,13 +83,19 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def forever(loader: DataLoader, first_pass: int = 0) -> Iterator:
-    """Endless batches; a DistributedSampler is reshuffled on every pass."""
+    """Endless batches; a DistributedSampler is reshuffled and the augmentation reseeded (from
+    torch's RNG, which checkpoints restore) on every pass."""
     n = first_pass
     while True:
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(n)
+        reseed_augmentation(loader.dataset.transform, _draw_seed())
         yield from loader
         n += 1
+
+
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 @dataclass
@@ -158,14 +165,15 @@ def train_model(
     workers = cfg.data.num_workers
     sampler = DistributedSampler(labeled, env.world_size, env.rank, shuffle=True, seed=cfg.seed, drop_last=True) \
         if env.enabled else None
+    # workers are not persistent: each pass forks them with the freshly reseeded augmentation
     lab_loader = DataLoader(labeled, batch_size=min(stage.batch_size, len(labeled) // env.world_size), shuffle=sampler is None,
                             sampler=sampler, drop_last=True, num_workers=workers, pin_memory=pin,
-                            persistent_workers=workers > 0)
+                            worker_init_fn=reseed_worker)
     if pseudo is not None:
         pseudo.rank, pseudo.world_size = env.rank, env.world_size  # each rank reads its own shards
         unl_bs = stage.unlabeled_batch_size
         unl_loader = DataLoader(pseudo, batch_size=unl_bs, drop_last=True, num_workers=min(workers, max(1, len(pseudo.shards))),
-                                pin_memory=pin, persistent_workers=False)
+                                pin_memory=pin, persistent_workers=False, worker_init_fn=reseed_worker)
         if len(pseudo) < unl_bs:
             raise ConfigError(f"only {len(pseudo)} pseudo-labeled samples selected per rank, fewer than one batch of "
                               f"{unl_bs}: lower pseudo_label.threshold or student.unlabeled_ratio / student.batch_size")
@@ -208,6 +216,7 @@ def train_model(
         lab_iter = forever(lab_loader, first_pass=epoch * 1000)
         if pseudo is not None:
             pseudo.set_epoch(epoch)
+            reseed_augmentation(pseudo.transform, _draw_seed())
             unl_iter = iter(unl_loader)
         bar = tqdm(range(steps_per_epoch), desc=f"[{desc}] epoch {epoch + 1}/{stage.epochs}", leave=False, dynamic_ncols=True,
                    disable=not env.is_main)
@@ -222,6 +231,7 @@ def train_model(
                     if not env.enabled and not stage.steps_per_epoch:  # fewer batches than estimated (skips)
                         break
                     # a fixed step budget, or ranks holding different shard counts: start another pass
+                    reseed_augmentation(pseudo.transform, _draw_seed())
                     unl_iter = iter(unl_loader)
                     xu, yu = next(unl_iter)
                 x = torch.cat([x, xu.to(device, non_blocking=True)])
