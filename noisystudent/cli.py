@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Callable
 
 from .config import Config, ConfigError, add_config_args, dump_config, load_config
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
 
 #: Errors that are the user's to fix: printed as one line, exit code 2, no traceback.
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -49,5 +53,12 @@ def run(main: Callable[[], int | None]) -> None:
         sys.exit(130)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        # outputs are written to temp files and renamed, so nothing partial was left behind
+        print(f"error: cannot write {exc.filename or 'an output file'}: {exc.strerror}; free space (or raise the "
+              "quota) and rerun the same command: it resumes, nothing partial was kept", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

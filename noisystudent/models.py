@@ -6,6 +6,7 @@ recorded next to them.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import timm
 import torch
 
-from .io import atomic_path, sha256_file
+from .io import atomic_path
 
 
 class CheckpointError(RuntimeError):
@@ -79,9 +80,12 @@ def check_ladder(ladder: list[str], generations: int, num_classes: int, in_chans
 def save_checkpoint(path: str | Path, obj: dict) -> str:
     """Atomically save ``obj`` with torch.save, write ``<path>.sha256``; return the digest."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    digest = sha256_file(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialise in memory: a full disk then fails as OSError(ENOSPC/EFBIG)
+    data = buffer.getbuffer()  # naming the file, not as torch's opaque "iostream error"
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+    digest = hashlib.sha256(data).hexdigest()
     with atomic_path(path.with_name(path.name + ".sha256")) as tmp:
         tmp.write_text(digest + "\n")
     return digest

@@ -62,7 +62,7 @@ def tracked_run(mlflow_server, smoke_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tracked") / "run"
     cmd = [sys.executable, "pipelines/iterate.py", "--config", "configs/smoke.yaml", "--generations", "2",
            "--tracking-uri", mlflow_server]
-    for o in smoke_overrides(smoke_data, run_dir) + ["cluster.n_workers=1", "tracking.experiment=server-test",
+    for o in smoke_overrides(smoke_data, run_dir) + ["cluster.n_workers=1", "analysis.enabled=false", "tracking.experiment=server-test",
                                                       "tracking.registered_model=smoke-student"]:
         cmd += ["--set", o]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -195,7 +195,7 @@ def test_server_lost_mid_run_then_resume_reattaches(smoke_data, tmp_path):
     server, uri = _start_server(tmp_path / "server", port)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "pipelines/iterate.py", "--config", "configs/smoke.yaml", "--generations", "1", "--tracking-uri", uri]
-    for o in smoke_overrides(smoke_data, run_dir) + ["cluster.n_workers=1", "student.epochs=3", "tracking.log_models=false"]:
+    for o in smoke_overrides(smoke_data, run_dir) + ["cluster.n_workers=1", "student.epochs=3", "tracking.log_models=false", "analysis.enabled=false"]:
         cmd += ["--set", o]
     try:
         job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

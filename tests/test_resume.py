@@ -21,7 +21,7 @@ def _iterate_cmd(overrides):
 def test_kill_during_student_then_resume(smoke_data, tmp_path):
     run_dir = tmp_path / "run"
     # Enough student epochs that the kill lands mid-training.
-    overrides = smoke_overrides(smoke_data, run_dir) + ["student.epochs=40"]
+    overrides = smoke_overrides(smoke_data, run_dir) + ["student.epochs=40", "analysis.enabled=false"]
     proc = subprocess.Popen(_iterate_cmd(overrides), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     last = run_dir / "gen-1" / "student" / "last.pt"

@@ -1,0 +1,95 @@
+"""Chaos: a 10,000-sample corpus labeled while a Dask worker is SIGKILLed every few seconds.
+
+Slow (about a minute and a half on 2 cores): ``pytest -m slow tests/test_chaos_labeling.py``.
+A real ``dask scheduler`` and two nanny-supervised ``dask worker`` processes; the nannies restart
+killed workers, the scheduler reschedules their tasks, and the job must end with every sample
+labeled exactly once, nothing skipped and no temporary file left.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from conftest import REPO
+
+from noisystudent.data.shards import iter_samples, write_shard
+from noisystudent.models import ModelSpec, create_model, save_model
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+       # a task whose worker died is "suspicious"; by default the scheduler gives up after 3 such deaths
+       "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "100"}
+N_SHARDS, PER_SHARD, KILL_EVERY_S = 20, 500, 3.0
+
+
+def test_10k_samples_labeled_exactly_once_while_workers_are_killed(smoke_data, tmp_path):
+    from distributed import Client
+
+    pool = [s["png"] for p in sorted((smoke_data / "unlabeled").glob("shard-*.tar")) for s in iter_samples(str(p))]
+    keys = [f"c{s:02d}-{i:04d}" for s in range(N_SHARDS) for i in range(PER_SHARD)]
+    for s in range(N_SHARDS):
+        write_shard(tmp_path / "in" / f"part-{s:03d}.tar",
+                    [{"__key__": k, "png": pool[(s * PER_SHARD + i) % len(pool)]}
+                     for i, k in enumerate(keys[s * PER_SHARD:(s + 1) * PER_SHARD])])
+    spec = ModelSpec("resnet18", 10, 1, 64, [str(c) for c in range(10)], [0.286], [0.353])
+    save_model(tmp_path / "teacher.pt", create_model(spec).eval(), spec)
+
+    sched_file = tmp_path / "scheduler.json"
+    dask = [sys.executable, "-m", "dask"]
+    procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                               "127.0.0.1:0", "--scheduler-file", str(sched_file)], env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    kills = 0
+    out = tmp_path / "labels"
+    try:
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
+        for name in ("a", "b"):
+            procs.append(subprocess.Popen([*dask, "worker", address, "--nthreads", "1", "--name", name, "--host",
+                                           "127.0.0.1", "--no-dashboard"], env=ENV,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        cmd = [sys.executable, "pipelines/pseudo_label.py", "--config", "configs/smoke.yaml", "--teacher",
+               str(tmp_path / "teacher.pt"), "--shards", str(tmp_path / "in" / "part-*.tar"), "--out", str(out),
+               "--scheduler", address]
+        for o in ("tracking.enabled=false", "data.image_size=64", "pseudo_label.batch_size=50",
+                  "cluster.task_retries=100", "cluster.torch_threads=1"):
+            cmd += ["--set", o]
+        with Client(address, timeout="30s") as monitor:
+            monitor.wait_for_workers(2, timeout=120)
+            job = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            rng = random.Random(0)
+            while job.poll() is None:
+                time.sleep(KILL_EVERY_S)
+                workers = monitor.scheduler_info()["workers"]
+                if job.poll() is None and workers:
+                    pid = workers[rng.choice(sorted(workers))]["pid"]  # the worker process, not its nanny
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        kills += 1
+                    except ProcessLookupError:
+                        pass
+            stdout, stderr = job.communicate(timeout=60)
+        assert job.returncode == 0, stderr[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(timeout=30)
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = Counter(s["__key__"] for shard in manifest["shards"] for s in iter_samples(shard["output"]))
+    print(f"\nworkers killed: {kills}; samples: {sum(counts.values())}; wall: {manifest['wall_seconds']} s")
+    assert kills >= 3  # the job really ran through repeated worker deaths
+    assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}  # every sample exactly once
+    assert manifest["total_samples"] == N_SHARDS * PER_SHARD and manifest["skipped"]["total"] == 0
+    assert not list(out.rglob("*.tmp"))
