@@ -125,3 +125,41 @@ def test_fuzz_shard_reader_never_crashes_and_never_invents_data(tmp_path):
                     pass
         if data != good and len(got) < 12:
             assert skips.total > 0  # every loss is counted, never silent
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_refused_before_decoding():
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="too large"):
+        decode_image(_png_header_claiming(10_000, 10_000), 1)  # 100 Mpx claimed in a 100-byte file
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="BMP")
+    bmp = bytearray(buf.getvalue())
+    bmp[18:22], bmp[22:26] = (9000).to_bytes(4, "little"), (8000).to_bytes(4, "little")  # 72 Mpx: PIL would only warn
+    with pytest.raises(ValueError, match="too large"):
+        decode_image(bytes(bmp), 3)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "LA", "I;16", "CMYK", "1", "F"])
+def test_any_image_mode_decodes_to_the_requested_channels(mode):
+    from PIL import Image
+
+    img = Image.new(mode, (13, 7))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if mode == "CMYK" else "TIFF" if mode == "F" else "PNG")
+    gray, rgb = decode_image(buf.getvalue(), 1), decode_image(buf.getvalue(), 3)
+    assert gray.shape == (7, 13) and rgb.shape == (7, 13, 3) and gray.dtype == rgb.dtype == np.uint8
+
+
+def test_non_image_bytes_are_refused():
+    with pytest.raises(ValueError, match="undecodable"):
+        decode_image(b"#!/bin/sh\nrm -rf /\n", 1)

@@ -58,7 +58,7 @@ def gallery_png(images: list[np.ndarray], captions: list[str], path: str | Path,
     """A grid of images with one short caption each."""
     plt = _plt()
     rows = max(1, int(np.ceil(len(images) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.55 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.8 * rows), squeeze=False)  # room for 2-line captions
     for ax in axes.ravel():
         ax.axis("off")
     for ax, img, cap in zip(axes.ravel(), images, captions):

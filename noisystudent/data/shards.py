@@ -11,6 +11,7 @@ import glob
 import io
 import os
 import tarfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +192,13 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     if fast is not None:
         return fast
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit; we refuse below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+        with opened as img:
+            # PIL only warns between 1x and 2x its limit; refuse before any pixel is decoded
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{img.width}x{img.height}")
             img = img.convert("L" if channels == 1 else "RGB")
             return np.asarray(img, dtype=np.uint8).copy()
     except Image.DecompressionBombError as exc:
