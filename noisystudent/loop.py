@@ -79,6 +79,7 @@ def pseudo_label(cfg: Config, teacher_checkpoint: str | Path, out_dir: Path, sho
 def train_student(cfg: Config, generation: int, teacher_checkpoint: str | Path, manifest: dict, out_dir: Path,
                   data: LabeledData, tracker: Tracker | None = None) -> tuple[TrainResult, dict]:
     """Select pseudo-labels at read time and train the noised student."""
+    check_same_classes(teacher_checkpoint, data)
     pl = cfg.pseudo_label
     num_classes = len(data.class_names)
     selection = select_pseudo_labels(manifest_outputs(manifest), num_classes, pl.threshold, pl.balance, pl.per_class, cfg.seed,
@@ -98,6 +99,21 @@ def train_student(cfg: Config, generation: int, teacher_checkpoint: str | Path, 
     if cfg.student.finetune_epochs > 0:
         result = finetune_on_labeled(cfg, generation, result, out_dir / "finetune", data, noise)
     return result, {"selection": selection, **stats}
+
+
+def check_same_classes(teacher_checkpoint: str | Path, data: LabeledData) -> None:
+    """Soft labels index the teacher's classes: a student on a different class set (added,
+    removed, renamed or reordered folders since the teacher) would learn wrong targets silently."""
+    from .data.imagefolder import DataError
+    from .models import load_checkpoint
+
+    teacher_classes = list(load_checkpoint(teacher_checkpoint)["spec"]["class_names"])
+    if teacher_classes != list(data.class_names):
+        added = sorted(set(data.class_names) - set(teacher_classes))
+        gone = sorted(set(teacher_classes) - set(data.class_names))
+        detail = f"new {added}, missing {gone}" if added or gone else "same names, different order"
+        raise DataError(f"teacher {teacher_checkpoint} was trained on other classes than data.labeled_dir "
+                        f"({detail}): retrain the teacher on the current class folders, or restore them")
 
 
 def finetune_on_labeled(cfg: Config, generation: int, trained: TrainResult, out_dir: Path, data: LabeledData,

@@ -99,3 +99,21 @@ def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data,
     assert per["a.tar"]["samples"] == len(good) - 1
     readable_b = len(list(iter_samples(str(corpus / "b.tar"))))
     assert 0 < per["b.tar"]["samples"] == readable_b < len(list(iter_samples(str(src[1]))))
+
+
+def test_student_refuses_a_class_set_that_differs_from_its_teachers(smoke_run, smoke_data, tmp_path):
+    """Soft labels index the teacher's classes: a removed class folder must stop the student."""
+    _, run_dir, _ = smoke_run
+    train = tmp_path / "train"
+    shutil.copytree(smoke_data / "labeled" / "train", train)
+    shutil.rmtree(train / "Bag")
+    over = smoke_overrides(smoke_data, tmp_path / "unused") + [f"data.labeled_dir={train}", "data.val_dir=",
+                                                               "data.test_dir=", "tracking.enabled=false"]
+    args = ["pipelines/train_student.py", "--config", "configs/smoke.yaml", "--teacher",
+            str(run_dir / "gen-0" / "teacher" / "model.pt"), "--labels", str(run_dir / "gen-1" / "labels"),
+            "--out", str(tmp_path / "student")]
+    r = run_script(*args, *[a for o in over for a in ("--set", o)])
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: teacher") and "missing ['Bag']" in line and "data.labeled_dir" in line
+    assert not (tmp_path / "student" / "model.pt").exists()
