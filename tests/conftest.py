@@ -6,8 +6,13 @@ feeds the pipeline: ImageFolder splits and webdataset shards.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +109,28 @@ def smoke_run(smoke_data, tmp_path_factory):
     cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, run_dir))
     rows = iterate(cfg, show_table=False)
     return cfg, run_dir, rows
+
+
+@contextlib.contextmanager
+def dask_processes(tmp_path: Path, worker_names: tuple[str, ...], env: dict, nanny: bool = True):
+    """A real ``dask scheduler`` and one ``dask worker`` process per name (1 thread each), all
+    killed on exit. Yields (scheduler address, [scheduler, *worker processes])."""
+    sched_file = tmp_path / "scheduler.json"
+    dask = [sys.executable, "-m", "dask"]
+    quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                               "127.0.0.1:0", "--scheduler-file", str(sched_file)], **quiet)]
+    try:
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
+        for name in worker_names:
+            procs.append(subprocess.Popen([*dask, "worker", address, "--nthreads", "1", "--name", name, "--host",
+                                           "127.0.0.1", "--no-dashboard", *([] if nanny else ["--no-nanny"])], **quiet))
+        yield address, procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(timeout=30)

@@ -18,7 +18,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, dask_processes
 
 from noisystudent.data.shards import iter_samples, write_shard
 from noisystudent.models import ModelSpec, create_model, save_model
@@ -43,22 +43,9 @@ def test_10k_samples_labeled_exactly_once_while_workers_are_killed(smoke_data, t
     spec = ModelSpec("resnet18", 10, 1, 64, [str(c) for c in range(10)], [0.286], [0.353])
     save_model(tmp_path / "teacher.pt", create_model(spec).eval(), spec)
 
-    sched_file = tmp_path / "scheduler.json"
-    dask = [sys.executable, "-m", "dask"]
-    procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
-                               "127.0.0.1:0", "--scheduler-file", str(sched_file)], env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     kills = 0
     out = tmp_path / "labels"
-    try:
-        deadline = time.time() + 60
-        while not sched_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        address = json.loads(sched_file.read_text())["address"]
-        for name in ("a", "b"):
-            procs.append(subprocess.Popen([*dask, "worker", address, "--nthreads", "1", "--name", name, "--host",
-                                           "127.0.0.1", "--no-dashboard"], env=ENV,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    with dask_processes(tmp_path, ("a", "b"), ENV, nanny=True) as (address, _):
         cmd = [sys.executable, "pipelines/pseudo_label.py", "--config", "configs/smoke.yaml", "--teacher",
                str(tmp_path / "teacher.pt"), "--shards", str(tmp_path / "in" / "part-*.tar"), "--out", str(out),
                "--scheduler", address]
@@ -81,11 +68,6 @@ def test_10k_samples_labeled_exactly_once_while_workers_are_killed(smoke_data, t
                         pass
             stdout, stderr = job.communicate(timeout=60)
         assert job.returncode == 0, stderr[-3000:]
-    finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait(timeout=30)
     manifest = json.loads((out / "manifest.json").read_text())
     counts = Counter(s["__key__"] for shard in manifest["shards"] for s in iter_samples(shard["output"]))
     print(f"\nworkers killed: {kills}; samples: {sum(counts.values())}; wall: {manifest['wall_seconds']} s")

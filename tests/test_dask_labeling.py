@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, dask_processes
 
 from noisystudent.data.shards import iter_samples, write_shard
 from noisystudent.models import ModelSpec, create_model, save_model
@@ -69,17 +69,7 @@ def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpu
     from distributed import Client
 
     root, keys = corpus
-    sched_file = tmp_path / "scheduler.json"
-    dask = [sys.executable, "-m", "dask"]
-    procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
-                               "--scheduler-file", str(sched_file)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        _wait(sched_file.exists, 60, "scheduler file")
-        address = json.loads(sched_file.read_text())["address"]
-        for name in ("victim", "survivor"):
-            procs.append(subprocess.Popen([*dask, "worker", address, "--nthreads", "1",
-                                           "--no-nanny", "--name", name, "--host", "127.0.0.1", "--no-dashboard"],
-                                          env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    with dask_processes(tmp_path, ("victim", "survivor"), ENV, nanny=False) as (address, procs):
         with Client(address, timeout="30s") as monitor:
             monitor.wait_for_workers(2, timeout=120)
             victim = next(addr for addr, w in monitor.scheduler_info()["workers"].items() if w["name"] == "victim")
@@ -95,11 +85,6 @@ def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpu
             os.kill(procs[1].pid, signal.SIGKILL)
             stdout, stderr = job.communicate(timeout=600)
         assert job.returncode == 0, stderr[-3000:]
-    finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait(timeout=30)
     assert killed_while
     manifest = json.loads((out / "manifest.json").read_text())
     counts = _output_keys(manifest)
