@@ -121,10 +121,13 @@ def dask_processes(tmp_path: Path, worker_names: tuple[str, ...], env: dict, nan
     procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
                                "127.0.0.1:0", "--scheduler-file", str(sched_file)], **quiet)]
     try:
-        deadline = time.time() + 60
-        while not sched_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        address = json.loads(sched_file.read_text())["address"]
+        deadline, address = time.time() + 60, None
+        while address is None and time.time() < deadline:  # the file appears before it is written
+            try:
+                address = json.loads(sched_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.1)
+        assert address, "dask scheduler did not start"
         for name in worker_names:
             procs.append(subprocess.Popen([*dask, "worker", address, "--nthreads", "1", "--name", name, "--host",
                                            "127.0.0.1", "--no-dashboard", *([] if nanny else ["--no-nanny"])], **quiet))

@@ -1,6 +1,6 @@
 """Chaos: a 10,000-sample corpus labeled while a Dask worker is SIGKILLed every few seconds.
 
-Slow (about a minute and a half on 2 cores): ``pytest -m slow tests/test_chaos_labeling.py``.
+Slow (several minutes on 2 cores: every restart re-imports torch): ``pytest -m slow tests/test_chaos_labeling.py``.
 A real ``dask scheduler`` and two nanny-supervised ``dask worker`` processes; the nannies restart
 killed workers, the scheduler reschedules their tasks, and the job must end with every sample
 labeled exactly once, nothing skipped and no temporary file left.
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
        # a task whose worker died is "suspicious"; by default the scheduler gives up after 3 such deaths
        "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "100"}
-N_SHARDS, PER_SHARD, KILL_EVERY_S = 20, 500, 3.0
+N_SHARDS, PER_SHARD, KILL_EVERY_S = 20, 500, 5.0
 
 
 def test_10k_samples_labeled_exactly_once_while_workers_are_killed(smoke_data, tmp_path):
@@ -58,11 +58,13 @@ def test_10k_samples_labeled_exactly_once_while_workers_are_killed(smoke_data, t
             rng = random.Random(0)
             while job.poll() is None:
                 time.sleep(KILL_EVERY_S)
-                workers = monitor.scheduler_info()["workers"]
-                if job.poll() is None and workers:
-                    pid = workers[rng.choice(sorted(workers))]["pid"]  # the worker process, not its nanny
+                try:
+                    pids = monitor.run(os.getpid, on_error="ignore")  # worker processes, not their nannies
+                except Exception:  # noqa: BLE001 - a worker died while answering: try again next round
+                    continue
+                if job.poll() is None and pids:
                     try:
-                        os.kill(pid, signal.SIGKILL)
+                        os.kill(pids[rng.choice(sorted(pids))], signal.SIGKILL)
                         kills += 1
                     except ProcessLookupError:
                         pass
