@@ -157,7 +157,10 @@ def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_ch
     table = shards.load_table(tmp_path / "exp-a")
     assert len(table) == 180 and table.probs.shape == (180, 10)
     np.testing.assert_allclose(table.probs.astype(np.float32).sum(1), 1.0, atol=1e-2)
-    assert (table.label == table.probs.argmax(1)).all()
+    # the label is the argmax of full-precision probs; stored probs are float16, so near-ties of this
+    # untrained teacher may round either way: the label's prob is the max up to float16 rounding
+    p16 = table.probs.astype(np.float32)
+    assert (p16[np.arange(len(table)), table.label] >= p16.max(1) - 1e-3).all()
     recs = list(shards.read_pseudo_labels(tmp_path / "exp-a" / "manifest.json", threshold=float(np.median(table.confidence)),
                                           with_images=True, channels=1))
     assert 0 < len(recs) < 180 and all(r.image.shape == (28, 28) for r in recs)
