@@ -43,7 +43,8 @@ def test_pseudo_label_shards_schema(smoke_run, smoke_data):
     probs = np.load(__import__("io").BytesIO(sample[PROBS_EXT]), allow_pickle=False)
     meta = json.loads(sample[META_EXT])
     assert probs.shape == (10,) and abs(float(probs.sum()) - 1.0) < 1e-2
-    assert meta["label"] == int(np.argmax(probs)) and abs(meta["confidence"] - float(probs.max())) < 1e-2
+    assert float(probs[meta["label"]]) >= float(probs.max()) - 1e-3  # argmax up to float16 rounding
+    assert abs(meta["confidence"] - float(probs.max())) < 1e-2
     assert meta["source_key"] == sample["__key__"] and meta["teacher"] == manifest["teacher"]["sha256"][:16]
     assert "eval.json" not in sample  # hidden evaluation fields never reach the training shards
     ix = read_index(manifest["shards"][0]["output"])
