@@ -89,13 +89,15 @@ def forever(loader: DataLoader, first_pass: int = 0) -> Iterator:
     while True:
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(n)
-        reseed_augmentation(loader.dataset.transform, _draw_seed())
-        yield from loader
+        yield from start_pass(loader)
         n += 1
 
 
-def _draw_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def start_pass(loader: DataLoader) -> Iterator:
+    """A new pass over ``loader`` with its dataset's augmentation reseeded from torch's RNG first
+    (workers are forked per pass and inherit the seed)."""
+    reseed_augmentation(loader.dataset.transform, int(torch.randint(0, 2**31 - 1, (1,)).item()))
+    return iter(loader)
 
 
 @dataclass
@@ -216,8 +218,7 @@ def train_model(
         lab_iter = forever(lab_loader, first_pass=epoch * 1000)
         if pseudo is not None:
             pseudo.set_epoch(epoch)
-            reseed_augmentation(pseudo.transform, _draw_seed())
-            unl_iter = iter(unl_loader)
+            unl_iter = start_pass(unl_loader)
         bar = tqdm(range(steps_per_epoch), desc=f"[{desc}] epoch {epoch + 1}/{stage.epochs}", leave=False, dynamic_ncols=True,
                    disable=not env.is_main)
         for _ in bar:
@@ -231,8 +232,7 @@ def train_model(
                     if not env.enabled and not stage.steps_per_epoch:  # fewer batches than estimated (skips)
                         break
                     # a fixed step budget, or ranks holding different shard counts: start another pass
-                    reseed_augmentation(pseudo.transform, _draw_seed())
-                    unl_iter = iter(unl_loader)
+                    unl_iter = start_pass(unl_loader)
                     xu, yu = next(unl_iter)
                 x = torch.cat([x, xu.to(device, non_blocking=True)])
                 yu = yu.to(device, non_blocking=True)
