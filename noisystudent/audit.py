@@ -5,6 +5,7 @@ reads it; this audit joins it with the teacher's labels by key, after the fact.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -14,16 +15,30 @@ from .data.shards import EVAL_EXT, iter_samples
 
 
 def read_hidden_fields(input_urls: list[str]) -> dict[str, dict]:
-    """key -> eval.json content, for every input sample that carries one."""
+    """key -> eval.json content, for every input sample that carries one.
+
+    Each shard is parsed once per process and identity (path, size, mtime): the audit and the
+    analysis of every generation ask for the same corpus.
+    """
+    from .label import input_identity
+
     hidden: dict[str, dict] = {}
     for url in input_urls:
-        for sample in iter_samples(url):
-            if EVAL_EXT in sample:
-                try:
-                    hidden[sample["__key__"]] = json.loads(sample[EVAL_EXT])
-                except (ValueError, UnicodeDecodeError):
-                    continue
+        ident = input_identity(url)
+        hidden.update(_hidden_fields_of(ident["path"], ident["size"], ident["mtime_ns"]))
     return hidden
+
+
+@functools.lru_cache(maxsize=1024)
+def _hidden_fields_of(path: str, size: int, mtime_ns: int) -> dict[str, dict]:
+    found: dict[str, dict] = {}
+    for sample in iter_samples(path):
+        if EVAL_EXT in sample:
+            try:
+                found[sample["__key__"]] = json.loads(sample[EVAL_EXT])
+            except (ValueError, UnicodeDecodeError):
+                continue
+    return found
 
 
 def audit_pseudo_labels(manifest: dict, class_names: list[str], selection: Selection | None = None) -> dict:
