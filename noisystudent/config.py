@@ -8,6 +8,7 @@ resolved tree.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,22 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are booleans, so ``amp: off`` or
+    ``--set amp=off`` stays the string "off" instead of YAML 1.1's False."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -280,8 +297,10 @@ class Config:
     require_equal_or_larger: bool = True
     #: auto (cuda if visible, else cpu), cpu, cuda or cuda:N.
     device: str = "auto"
-    #: Mixed precision: off, bf16 or fp16 (fp16 with a GradScaler on CUDA). bf16 also runs on CPU.
-    amp: str = "off"
+    #: Mixed precision for training: auto, off, bf16 or fp16 (fp16 with a GradScaler, CUDA only).
+    #: auto = bf16 on CUDA (fp16 if unsupported) and on CPUs with native bf16 (AVX512-BF16/AMX:
+    #: ~1.3x faster training there), else off. Inference on CPU always runs in fp32.
+    amp: str = "auto"
     #: NHWC memory format for model and batches (faster convolutions on GPUs and recent CPUs).
     channels_last: bool = True
     #: Torch intra-op threads in the training process (0 = torch default).
@@ -430,7 +449,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key!r}: cannot parse value {raw!r}: {exc}") from exc
     return key.strip().split("."), value
@@ -441,7 +460,7 @@ def _read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = yaml_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
     if not isinstance(loaded, dict):
@@ -470,7 +489,7 @@ def validate(cfg: Config) -> None:
     need(cfg.generations >= 0, "generations", "must be >= 0")
     need(len(cfg.ladder) >= 1 and all(isinstance(m, str) for m in cfg.ladder), "ladder", "must be a non-empty list of timm model names")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "device", "must be auto, cpu or cuda")
-    need(cfg.amp in ("off", "bf16", "fp16"), "amp", "must be off, bf16 or fp16")
+    need(cfg.amp in ("auto", "off", "bf16", "fp16"), "amp", "must be auto, off, bf16 or fp16")
     need(cfg.data.channels in (1, 3), "data.channels", "must be 1 or 3")
     need(len(cfg.data.mean) in (1, cfg.data.channels), "data.mean", "must have 1 or data.channels entries")
     need(len(cfg.data.std) in (1, cfg.data.channels), "data.std", "must have 1 or data.channels entries")

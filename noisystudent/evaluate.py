@@ -11,10 +11,14 @@ from torch.utils.data import DataLoader
 @torch.inference_mode()
 def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: str = "off",
             channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and targets over a loader of ``(x, y)`` batches."""
+    """Softmax probabilities and targets over a loader of ``(x, y)`` batches. ``amp`` applies on
+    CUDA; on CPU inference is cheap and runs in fp32 (exact metrics)."""
     was_training = model.training
     model.eval()
-    use_amp = amp != "off" and (device.type == "cuda" or amp == "bf16")
+    from .precision import resolve_amp
+
+    amp = resolve_amp(amp, device)
+    use_amp = amp != "off" and device.type == "cuda"
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     probs, targets = [], []
     for x, y in loader:

@@ -28,6 +28,7 @@ from .data.pseudo_labels import (
 from .data.shards import SkipCounter, decode_image, image_bytes, iter_samples, write_shard
 from .io import atomic_path, read_json, sha256_file, sha256_json, write_json_atomic
 from .models import pooled_and_logits
+from .precision import resolve_amp
 
 _TEACHERS: dict[str, tuple] = {}  # checkpoint sha256 -> (model, spec, transform); one per worker process
 
@@ -102,7 +103,8 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
     image_ext: list[str] = []
     dev = torch.device(device)
     pin = dev.type == "cuda"
-    use_amp = amp != "off" and dev.type == "cuda"
+    amp = resolve_amp(amp, dev)
+    use_amp = amp != "off" and dev.type == "cuda"  # CPU labeling runs in fp32
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
 
     def labeled_samples():

@@ -50,6 +50,8 @@ def test_override_wins_over_yaml(tmp_path):
         ("teacher=3", "config key 'teacher' must be a mapping"),
         ("cluster.kind=address", "config key 'cluster.address'"),
         ("noequals", "must look like key.sub=value"),
+        ("amp=fast", "config key 'amp' must be auto, off, bf16 or fp16"),
+        ("tracking.enabled=yes", "config key 'tracking.enabled' must be true/false"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):
@@ -113,3 +115,24 @@ def test_ladder_refuses_a_smaller_student():
     assert params[0] < params[1] == params[2] == params[3]
     with pytest.raises(LadderError, match="generation 1 student test_efficientnet .* is smaller than its teacher test_resnet"):
         check_ladder(["test_resnet", "test_efficientnet"], 1, num_classes=10, in_chans=1)
+
+
+def test_yaml_1_2_booleans_keep_off_and_yes_as_strings(tmp_path):
+    # YAML 1.1 would read `amp: off` as False and reject it as "not a string"
+    path = tmp_path / "c.yaml"
+    path.write_text("amp: off\ntracking:\n  enabled: false\n")
+    cfg = load_config(path, [])
+    assert cfg.amp == "off" and cfg.tracking.enabled is False
+    assert load_config(None, ["amp=off"]).amp == "off"
+    assert load_config(None, ["amp=bf16", "tracking.enabled=true"]).tracking.enabled is True
+
+
+def test_amp_auto_resolves_per_device():
+    import torch
+
+    from noisystudent.precision import cpu_has_native_bf16, resolve_amp
+
+    cpu = torch.device("cpu")
+    assert Config().amp == "auto"
+    assert resolve_amp("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "off")
+    assert resolve_amp("off", cpu) == "off" and resolve_amp("bf16", cpu) == "bf16"
