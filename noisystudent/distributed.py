@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node N pipelines/train_student.py ...`` sets RANK / WORLD_SIZE /
 LOCAL_RANK; :func:`init_distributed` joins the process group once. Without torchrun everything
 here is a no-op for a world of one. Conventions: every rank trains on its own slice of the data
-(labeled images by ``DistributedSampler``, pseudo-labeled shards by rank), metrics are reduced
+(labeled images by rank slices of ``EpochSampler``, pseudo-labeled shards by rank), metrics are reduced
 across ranks, and only rank 0 logs to MLflow and writes checkpoints.
 """
 from __future__ import annotations

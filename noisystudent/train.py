@@ -19,17 +19,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed as ddp
 from .config import Config, ConfigError, TrainConfig
 from .data.imagefolder import LabeledImages
+from .data.sampler import EpochSampler
 from .data.pseudo_labels import PseudoLabeledStream
 from .evaluate import classification_report, predict
 from .io import read_json, write_json_atomic
 from .models import ModelSpec, create_model, load_checkpoint, save_checkpoint, save_model, unwrap
 from .noise import reseed_augmentation, reseed_worker
+from .precision import resolve_amp
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,9 +65,11 @@ def create_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Opti
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach: one fused kernel per step for all tensors (torch only defaults to it on CUDA; the
+    # per-tensor loop costs ~10% of a small model's CPU step)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=t.lr)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True, foreach=True)
+    return torch.optim.AdamW(groups, lr=t.lr, foreach=True)
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -82,20 +86,9 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def forever(loader: DataLoader, first_pass: int = 0) -> Iterator:
-    """Endless batches; a DistributedSampler is reshuffled and the augmentation reseeded (from
-    torch's RNG, which checkpoints restore) on every pass."""
-    n = first_pass
-    while True:
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(n)
-        yield from start_pass(loader)
-        n += 1
-
-
 def start_pass(loader: DataLoader) -> Iterator:
-    """A new pass over ``loader`` with its dataset's augmentation reseeded from torch's RNG first
-    (workers are forked per pass and inherit the seed)."""
+    """A new pass over the pseudo-labeled stream with its augmentation reseeded from torch's RNG
+    (saved in checkpoints) first; its workers are forked per pass and inherit the seed."""
     reseed_augmentation(loader.dataset.transform, int(torch.randint(0, 2**31 - 1, (1,)).item()))
     return iter(loader)
 
@@ -165,33 +158,38 @@ def train_model(
     # ---- data: labeled batches, plus pseudo-labeled batches for a student
     pin = device.type == "cuda"
     workers = cfg.data.num_workers
-    sampler = DistributedSampler(labeled, env.world_size, env.rank, shuffle=True, seed=cfg.seed, drop_last=True) \
-        if env.enabled else None
-    # workers are not persistent: each pass forks them with the freshly reseeded augmentation
-    lab_loader = DataLoader(labeled, batch_size=min(stage.batch_size, len(labeled) // env.world_size), shuffle=sampler is None,
-                            sampler=sampler, drop_last=True, num_workers=workers, pin_memory=pin,
-                            worker_init_fn=reseed_worker)
     if pseudo is not None:
         pseudo.rank, pseudo.world_size = env.rank, env.world_size  # each rank reads its own shards
         unl_bs = stage.unlabeled_batch_size
+        # workers are forked per pass (one per epoch) and inherit the freshly reseeded augmentation
         unl_loader = DataLoader(pseudo, batch_size=unl_bs, drop_last=True, num_workers=min(workers, max(1, len(pseudo.shards))),
                                 pin_memory=pin, persistent_workers=False, worker_init_fn=reseed_worker)
         if len(pseudo) < unl_bs:
             raise ConfigError(f"only {len(pseudo)} pseudo-labeled samples selected per rank, fewer than one batch of "
                               f"{unl_bs}: lower pseudo_label.threshold or student.unlabeled_ratio / student.batch_size")
         steps_per_epoch = max(1, len(pseudo) // unl_bs)
-    else:
-        steps_per_epoch = len(lab_loader)
+    lab_bs = min(stage.batch_size, len(labeled) // env.world_size)
+    if pseudo is None:
+        steps_per_epoch = len(labeled) // env.world_size // lab_bs
     steps_per_epoch = stage.steps_per_epoch or steps_per_epoch
     total_steps = steps_per_epoch * stage.epochs
+    # One labeled iteration per epoch, however many passes it spans; shuffling, rank slices and
+    # augmentation seeds come from (seed, epoch), so the workers can persist (data/sampler.py).
+    sampler = EpochSampler(len(labeled), lab_bs, steps_per_epoch, cfg.seed, env.rank, env.world_size)
+    # its own generator: creating the (persistent) worker iterator draws a base seed, which must
+    # not come from the global torch RNG that dropout uses and checkpoints restore
+    lab_loader = DataLoader(labeled, batch_size=lab_bs, sampler=sampler, drop_last=True, num_workers=workers,
+                            pin_memory=pin, persistent_workers=workers > 0,
+                            generator=torch.Generator().manual_seed(cfg.seed))
 
     optimizer = create_optimizer(model, stage)
     # EMA of the weights: validated, saved and handed on instead of the raw weights when enabled
     ema = ModelEmaV3(model, decay=stage.ema_decay, use_warmup=True) if stage.ema_decay > 0 else None
     scheduler = cosine_with_warmup(optimizer, int(stage.warmup_epochs * steps_per_epoch), total_steps)
-    use_amp = cfg.amp != "off"
-    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
+    amp = resolve_amp(cfg.amp, device)
+    use_amp = amp != "off"
+    amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
 
     # ---- resume from the last finished epoch
     history: list[dict] = []
@@ -215,7 +213,8 @@ def train_model(
         model.train()
         epoch_start = time.time()
         seen, loss_sum, lab_loss_sum, unl_loss_sum = 0, 0.0, 0.0, 0.0
-        lab_iter = forever(lab_loader, first_pass=epoch * 1000)
+        sampler.set_epoch(epoch)
+        lab_iter = iter(lab_loader)
         if pseudo is not None:
             pseudo.set_epoch(epoch)
             unl_iter = start_pass(unl_loader)
@@ -270,7 +269,7 @@ def train_model(
             row["train_pseudo_loss"] = sums["unl"] / steps
         if val is not None and ((epoch + 1) % max(1, stage.eval_every) == 0 or epoch + 1 == stage.epochs):
             report = classification_report(*predict(ema.module if ema is not None else model, _eval_loader(val, device),
-                                                    device, cfg.amp, cfg.channels_last),
+                                                    device, amp, cfg.channels_last),
                                            len(labeled.class_names))
             row.update(val_top1=report.top1, val_loss=report.nll, val_ece=report.ece)
             if report.top1 > best_top1:
@@ -280,7 +279,7 @@ def train_model(
         history.append(row)
         if epoch == first_epoch and env.enabled:  # what each rank read, for the record (and the DDP test)
             data_by_rank = ddp.gather_objects({
-                "rank": env.rank, "labeled_indices": list(sampler) if sampler is not None else [],
+                "rank": env.rank, "labeled_indices": sampler.first_pass(),
                 "pseudo_shards": pseudo._my_shards() if pseudo is not None else []})
         stop = stage.early_stop_patience > 0 and epoch + 1 - best_epoch >= stage.early_stop_patience
         if env.is_main:  # every rank validated the same weights; rank 0 alone logs and checkpoints

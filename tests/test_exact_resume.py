@@ -1,6 +1,7 @@
 """Exact resume: a run killed with SIGKILL mid-training and resumed ends with bit-identical
 weights to an uninterrupted run with the same seed (the checkpoint holds model, optimizer,
-scheduler and RNG state, and the augmentation noise is reseeded from that RNG on every pass)."""
+scheduler and RNG state; the labeled loader's shuffling and augmentation seeds are a function of
+(seed, epoch) computed in the main process, so persistent loader workers hold no state to lose)."""
 from __future__ import annotations
 
 import os

@@ -79,7 +79,17 @@ class LabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        """``item`` is an index, or ``(index, batch seed)`` from an :class:`EpochSampler`: the
+        augmentation restarts at the seed when a new batch begins (reseeding per image would
+        triple augmentation cost)."""
+        if isinstance(item, tuple):
+            i, seed = item
+            if seed != getattr(self, "_batch_seed", None) and hasattr(self.transform, "reseed"):
+                self.transform.reseed(seed)
+                self._batch_seed = seed
+        else:
+            i = item
         x = self.images[i] if self.transform is None else self.transform(self.images[i])
         return x, torch.tensor(self.targets[i])
 
@@ -97,6 +107,7 @@ class LabeledImages(Dataset):
         clone = object.__new__(LabeledImages)
         clone.__dict__.update(self.__dict__)
         clone.transform = transform
+        clone.__dict__.pop("_batch_seed", None)
         return clone
 
     def class_counts(self) -> list[int]:
