@@ -351,6 +351,8 @@ def run_single_stage(cfg: Config, stage: str, out_dir: Path, teacher: str | None
     if env.enabled and stage == "pseudo_label":
         raise ConfigError("pseudo-labeling scales with Dask (cluster.*), not torchrun: run pseudo_label.py as one process")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if stage == "student":  # the generation's overrides, as iterate.py applies them (the dump is resolved)
+        cfg = cfg.for_generation(generation)
     if env.is_main:
         write_bytes_atomic(out_dir / "config.yaml", dump_config(cfg).encode())
     if stage == "pseudo_label":

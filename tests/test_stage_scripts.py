@@ -26,8 +26,11 @@ def test_teacher_label_student_scripts(smoke_data, tmp_path):
     assert "pseudo-labeling finished" in again.stdout
 
     s = _run("train_student.py", "--teacher", str(tmp_path / "teacher" / "model.pt"), "--labels", str(labels),
-             "--out", str(tmp_path / "student"), overrides=over + ["pseudo_label.threshold=0.0"])
+             "--out", str(tmp_path / "student"),
+             overrides=over + ["pseudo_label.threshold=0.0", "generation_overrides={1: {student.unlabeled_weight: 0.5}}"])
     assert "student finished" in s.stdout
+    # the script applies its generation's overrides, and dumps the resolved config
+    assert "unlabeled_weight: 0.5" in (tmp_path / "student" / "config.yaml").read_text()
     result = json.loads((tmp_path / "student" / "result.json").read_text())
     assert result["spec"]["name"] == "test_resnet" and len(result["history"]) == 1
     assert result["history"][0]["train_pseudo_loss"] > 0
