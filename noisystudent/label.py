@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -44,9 +44,8 @@ def cached_teacher(checkpoint: str, sha256: str, data: DataConfig, threads: int 
         model, spec = load_model(checkpoint)
         # the teacher sees images the way it was trained (its own resolution and normalisation),
         # whatever the student's generation uses
-        own = replace(data, image_size=spec.image_size, mean=list(spec.mean), std=list(spec.std))
         _TEACHERS.clear()
-        _TEACHERS[sha256] = (model, spec, create_eval_transform(own))
+        _TEACHERS[sha256] = (model, spec, create_eval_transform(spec.data_config(data)))
     return _TEACHERS[sha256]
 
 

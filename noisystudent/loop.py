@@ -132,11 +132,12 @@ def evaluate_model(model_path: str | Path, cfg: Config, data: LabeledData, out_d
     model, spec = load_model(model_path, device)
     from .train import _eval_loader
 
+    eval_t = create_eval_transform(spec.data_config(cfg.data))  # a ladder may change resolution per generation
     out: dict = {}
     for name, split in (("val", data.val), ("test", data.test)):
         if split is None:
             continue
-        probs, targets = predict(model, _eval_loader(split, device), device, cfg.amp)
+        probs, targets = predict(model, _eval_loader(split.with_transform(eval_t), device), device, cfg.amp)
         report = classification_report(probs, targets, len(spec.class_names))
         out.update(report.metrics(name))
         out[f"{name}_per_class"] = dict(zip(spec.class_names, report.per_class))

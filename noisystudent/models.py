@@ -41,6 +41,13 @@ class ModelSpec:
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def data_config(self, data):
+        """``data`` (a DataConfig) at this model's own resolution and normalisation: a model is
+        evaluated, and labels, the way it was trained, whatever another generation uses."""
+        from dataclasses import replace
+
+        return replace(data, image_size=self.image_size, mean=list(self.mean), std=list(self.std))
+
 
 def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
     """A timm model by name, randomly initialised (no hub downloads), with model noise."""

@@ -30,7 +30,7 @@ from .data.pseudo_labels import PseudoLabeledStream
 from .evaluate import classification_report, predict
 from .io import read_json, write_json_atomic
 from .models import ModelSpec, create_model, load_checkpoint, save_checkpoint, save_model, unwrap
-from .noise import reseed_augmentation, reseed_worker
+from .noise import create_eval_transform, reseed_augmentation, reseed_worker
 from .precision import resolve_amp
 
 
@@ -156,6 +156,8 @@ def train_model(
         net = torch.compile(net)
 
     # ---- data: labeled batches, plus pseudo-labeled batches for a student
+    if val is not None:  # validate at this model's resolution (a ladder may change it per generation)
+        val = val.with_transform(create_eval_transform(cfg.data))
     pin = device.type == "cuda"
     workers = cfg.data.num_workers
     if pseudo is not None:

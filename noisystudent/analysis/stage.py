@@ -10,7 +10,6 @@ report plus ``summary.json`` (its DONE marker). Scores go beside the labeled sha
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +84,7 @@ def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data, out
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
     model, spec = load_model(model_path, device)
-    own = replace(cfg.data, image_size=spec.image_size, mean=list(spec.mean), std=list(spec.std))
+    own = spec.data_config(cfg.data)
     eval_t = create_eval_transform(own)
     names = list(spec.class_names)
     train = extract_split(model, data.train.with_transform(eval_t), device, a.probe_blocks)

@@ -1,0 +1,37 @@
+"""A model is evaluated at the resolution and normalisation it was trained with (stored in its
+checkpoint), not the run's base ``data.image_size``: a ladder may change resolution per generation."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from noisystudent.evaluate import predict
+from noisystudent.loop import evaluate_model, load_labeled_data
+from noisystudent.models import ModelSpec, create_model, save_model
+from noisystudent.noise import create_eval_transform
+from noisystudent.train import _eval_loader
+
+
+def _nll(model, split, data_cfg) -> float:
+    probs, targets = predict(model, _eval_loader(split.with_transform(create_eval_transform(data_cfg)), torch.device("cpu")),
+                             torch.device("cpu"))
+    return float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
+
+
+def test_evaluation_uses_the_checkpoint_resolution(smoke_config, tmp_path):
+    cfg = smoke_config()
+    assert cfg.data.image_size == 28
+    data = load_labeled_data(cfg)  # decoded once, base transform at 28 px
+    spec = ModelSpec(name=cfg.ladder[-1], num_classes=len(data.class_names), in_chans=cfg.data.channels, image_size=20,
+                     class_names=list(data.class_names), mean=[0.5], std=[0.25])
+    torch.manual_seed(0)
+    model = create_model(spec).eval()
+    save_model(tmp_path / "model.pt", model, spec)
+
+    metrics = evaluate_model(tmp_path / "model.pt", cfg, data, tmp_path)
+
+    own = _nll(model, data.test, spec.data_config(cfg.data))
+    base = _nll(model, data.test, cfg.data)
+    assert spec.data_config(cfg.data).image_size == 20 and spec.data_config(cfg.data).mean == [0.5]
+    assert abs(metrics["test_nll"] - own) < 1e-5
+    assert abs(own - base) > 1e-3  # the two resolutions really differ for this model
