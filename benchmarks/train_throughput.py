@@ -12,7 +12,7 @@ Shared machines drift (a VM's neighbours, frequency scaling), so (a) and (b) alt
 ``--rounds`` rounds; each pipeline epoch is divided by the mean of the bare runs either side of it
 and the median of those ratios is reported, with every round's numbers.
 
-    python benchmarks/train_throughput.py [--config configs/default.yaml] [--set data.num_workers=0] [--images 6000]
+    python benchmarks/train_throughput.py [--config configs/default.yaml] [--set data.num_workers=1] [--images 6000]
 """
 import contextlib
 import json
@@ -42,7 +42,7 @@ def main() -> int:
     from noisystudent.data.imagefolder import LabeledImages
     from noisystudent.noise import create_train_transform
     from noisystudent.precision import resolve_amp
-    from noisystudent.train import create_optimizer, train_model
+    from noisystudent.train import create_optimizer, resolve_num_workers, train_model
 
     stage = getattr(cfg, args.stage)
     gen = 0 if args.stage == "teacher" else 1
@@ -108,7 +108,7 @@ def main() -> int:
 
     print(json.dumps({
         "model": model_name, "image_size": size, "channels": ch, "batch_size": bs, "stage": args.stage,
-        "num_workers": cfg.data.num_workers, "torch_threads": torch.get_num_threads(),
+        "num_workers": resolve_num_workers(cfg.data.num_workers, torch.device("cpu")), "torch_threads": torch.get_num_threads(),
         "bare_img_s": round(bare, 1), "pipeline_img_s": round(pipeline, 1), "augment_only_img_s": round(augment_only, 1),
         "amp": amp, "channels_last": cfg.channels_last, "rounds": args.rounds,
         "bare_runs_img_s": [round(v, 1) for v in bare_runs], "pipeline_runs_img_s": [round(v, 1) for v in pipeline_runs],

@@ -9,6 +9,7 @@ killed run resumes at the next epoch.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,17 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("config key 'device' asks for cuda but no GPU is visible; use device=cpu or auto")
     return torch.device(name)
+
+
+def resolve_num_workers(requested: int, device: torch.device) -> int:
+    """Loader workers for ``data.num_workers`` (-1 = auto). On CPU the train step already uses
+    torch's threads, so a worker only pays off on a core those threads leave free."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return max(0, min(8, cores - 1))
+    return max(0, min(8, cores - torch.get_num_threads()))
 
 
 def seed_everything(seed: int) -> None:
@@ -159,7 +171,7 @@ def train_model(
     if val is not None:  # validate at this model's resolution (a ladder may change it per generation)
         val = val.with_transform(create_eval_transform(cfg.data))
     pin = device.type == "cuda"
-    workers = cfg.data.num_workers
+    workers = resolve_num_workers(cfg.data.num_workers, device)
     if pseudo is not None:
         pseudo.rank, pseudo.world_size = env.rank, env.world_size  # each rank reads its own shards
         unl_bs = stage.unlabeled_batch_size

@@ -74,3 +74,24 @@ def test_bf16_autocast_on_cpu_learns(tmp_path):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.history[-1]["val_top1"] > 0.5  # 4 classes: chance is 0.25
     assert all(v.dtype == torch.float32 for v in _weights(result.model_path).values() if v.is_floating_point())
+
+
+def test_num_workers_auto_leaves_the_cores_to_the_train_step_on_cpu():
+    from noisystudent.config import ConfigError, load_config
+    from noisystudent.train import resolve_num_workers
+
+    cpu = torch.device("cpu")
+    cores = len(__import__("os").sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)  # torch's threads take every core: a worker would only steal one
+        assert resolve_num_workers(-1, cpu) == 0
+        if cores >= 2:
+            torch.set_num_threads(1)  # a free core: auto uses it
+            assert 1 <= resolve_num_workers(-1, cpu) <= min(8, cores - 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert resolve_num_workers(3, cpu) == 3  # an explicit count is kept
+    assert load_config(None).data.num_workers == -1
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        load_config(None, ["data.num_workers=-2"])
