@@ -3,9 +3,12 @@
 
 Prints JSON. Both runs happen in this process on the same model, input shape and batch size:
 (a) ``bare``: timm train steps on pre-made tensors (the compute ceiling);
-(b) ``pipeline``: ``noisystudent.train.train_model`` on in-memory uint8 images with the
-    configured augmentation and loader workers; the second epoch is timed (steady state: the
-    first pays model creation and worker start-up once per training run);
+(b) ``pipeline``: ``noisystudent.train.train_model`` with the configured augmentation and loader
+    workers. For ``--stage student`` (default) that is the student's real input: in-memory labeled
+    images plus a pseudo-labeled shard (written and labeled here by an untrained model) read through
+    ``PseudoLabeledStream``, batch_size labeled + unlabeled_ratio x batch_size pseudo-labeled images
+    per step; ``--stage teacher`` trains on the labeled images alone. The second epoch is timed
+    (steady state: the first pays model creation and worker start-up once per training run);
 (c) ``augment_only``: the augmentation pipeline alone (images/s on one core).
 
 Shared machines drift (a VM's neighbours, frequency scaling), so (a) and (b) alternate for
@@ -47,7 +50,9 @@ def main() -> int:
     stage = getattr(cfg, args.stage)
     gen = 0 if args.stage == "teacher" else 1
     model_name = cfg.model_for_generation(gen)
-    size, ch, bs = cfg.data.image_size, cfg.data.channels, stage.batch_size
+    student = args.stage == "student"
+    size, ch = cfg.data.image_size, cfg.data.channels
+    bs = stage.batch_size + (stage.unlabeled_batch_size if student else 0)  # images per train step
     rng = np.random.default_rng(0)
     shape = (size, size) if ch == 1 else (size, size, 3)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(args.images)]
@@ -92,11 +97,13 @@ def main() -> int:
     # (b) our training loop over the images: epoch 2 timed (workers persist across epochs)
     labeled = LabeledImages.from_arrays(images, targets, [str(c) for c in range(10)], transform)
     bench_stage = type(stage)(**{**stage.__dict__, "epochs": 2, "warmup_epochs": 0.0, "eval_every": 100})
+    shard_dir = tempfile.TemporaryDirectory()
+    pseudo = pseudo_stream(cfg, images, model_name, Path(shard_dir.name), transform) if student else None
 
     def pipeline_run() -> float:
         # the loop's per-epoch lines go to stderr: stdout is the JSON alone
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
-            result = train_model(bench_stage, cfg, model_name, Path(tmp), labeled, None, None, None, desc="bench")
+            result = train_model(bench_stage, cfg, model_name, Path(tmp), labeled, None, pseudo, None, desc="bench")
         return result.history[-1]["images_per_sec"]
 
     bare_runs, pipeline_runs = [bare_run()], []
@@ -116,6 +123,28 @@ def main() -> int:
         "pipeline_over_bare": round(float(np.median(ratios)), 3), "augment_over_bare": round(augment_only / bare, 3),
     }, indent=2))
     return 0
+
+
+def pseudo_stream(cfg, images, model_name: str, out_dir: Path, transform):
+    """The images as one unlabeled shard, labeled by an untrained model through the real labeling
+    function, and the stream a student reads it with (every image kept, soft targets)."""
+    import torch
+
+    from noisystudent.data.pseudo_labels import PseudoLabeledStream, select_pseudo_labels
+    from noisystudent.data.shards import encode_png, write_shard
+    from noisystudent.label import pseudo_label_shard
+    from noisystudent.models import ModelSpec, create_model
+    from noisystudent.noise import create_eval_transform
+
+    source, labeled_shard = out_dir / "unlabeled.tar", out_dir / "labeled.tar"
+    write_shard(source, ({"__key__": f"img{i:06d}", "png": encode_png(img)} for i, img in enumerate(images)))
+    spec = ModelSpec(name=model_name, num_classes=10, in_chans=cfg.data.channels, image_size=cfg.data.image_size,
+                     class_names=[str(c) for c in range(10)], mean=list(cfg.data.mean), std=list(cfg.data.std))
+    teacher = create_model(spec).eval()
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        pseudo_label_shard(str(source), str(labeled_shard), teacher, create_eval_transform(cfg.data), cfg.data, "bench")
+    selection = select_pseudo_labels([str(labeled_shard)], 10, threshold=0.0, balance=False)
+    return PseudoLabeledStream(selection, cfg.data.channels, 10, transform, soft=True, seed=cfg.seed)
 
 
 if __name__ == "__main__":
