@@ -82,3 +82,28 @@ def test_augmentation_grid_shape(real_images):
     t = create_train_transform(DataConfig(image_size=28), AugmentConfig())
     grid = augmentation_grid(real_images[:3], t, views=4)
     assert grid.shape == (3 * 30, 5 * 30) and grid.dtype == np.uint8
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    ({"rotate": (12, 12)}, {"rotate": (12, 12)}),
+    ({"rotate": (-25, -25)}, {"rotate": (-25, -25)}),
+    ({"shear_x": (15, 15)}, {"shear": {"x": (15, 15), "y": (0, 0)}}),
+    ({"shear_y": (-9, -9)}, {"shear": {"x": (0, 0), "y": (-9, -9)}}),
+    ({"translate_x": (0.25, 0.25)}, {"translate_percent": {"x": (0.25, 0.25), "y": (0, 0)}}),
+    ({"translate_y": (-0.3, -0.3)}, {"translate_percent": {"x": (0, 0), "y": (-0.3, -0.3)}}),
+])
+def test_fast_affine_warps_like_albumentations_affine(real_images, ours, theirs):
+    """The geometric ops use our RandomAffine (for speed); at a fixed setting it must warp exactly
+    as albumentations' A.Affine does, on gray and RGB."""
+    import albumentations as A
+
+    from noisystudent.noise import RandomAffine
+
+    gray = real_images[3]
+    rgb = np.stack([gray, np.roll(gray, 2, 0), 255 - gray], axis=-1)
+    for img in (gray, rgb):
+        mine = RandomAffine(**ours)(image=img.copy())["image"]
+        ref = A.Affine(**theirs, p=1.0)(image=img.copy())["image"]
+        assert mine.shape == img.shape and mine.dtype == np.uint8
+        assert not np.array_equal(mine, img)  # a real warp
+        assert np.abs(mine.astype(int) - ref).max() <= 1, ours  # identical up to rounding
