@@ -31,7 +31,7 @@ class RandomAffine(A.ImageOnlyTransform):
 
     The geometric RandAugment ops (rotate, shear x/y, translate x/y) go through this instead of
     ``A.Affine``, whose general machinery (bboxes, keypoints, fit/keep-ratio options) costs
-    ~190 us per call on a 32x32 image against ~10 us here: it made the geometric ops, 5 of 13,
+    ~190 us per call on a 32x32 image against ~50 us here: it made the geometric ops, 5 of 13,
     the largest share of the student's input pipeline. Randomness comes from albumentations'
     seeded generator, so a seeded ``A.Compose`` stays reproducible.
     """

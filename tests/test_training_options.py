@@ -2,6 +2,7 @@
 on CPU. Each trains a real (tiny) timm model on in-memory images."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_num_workers_auto_leaves_the_cores_to_the_train_step_on_cpu():
     from noisystudent.train import resolve_num_workers
 
     cpu = torch.device("cpu")
-    cores = len(__import__("os").sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(cores)  # torch's threads take every core: a worker would only steal one
