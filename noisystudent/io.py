@@ -40,6 +40,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_temporaries(directory: str | os.PathLike, targets: list[str] | None = None) -> int:
+    """Delete temp files that writers killed mid-write (kill -9, OOM) left in ``directory``.
+
+    atomic_path names them ``.<target>.<random>.tmp``; pass ``targets`` to sweep only those of
+    some outputs. Call it only while no other process writes those outputs (at stage start in a
+    single-writer directory, or once every output is complete). Returns how many were removed.
+    """
+    directory = Path(directory)
+    patterns = [f".{t}.*.tmp" for t in targets] if targets is not None else [".*.tmp"]
+    removed = 0
+    for pattern in patterns:
+        for tmp in directory.glob(pattern):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -26,7 +26,7 @@ from .data.pseudo_labels import (
     INDEX_VERSION, META_EXT, PROBS_EXT, features_path, index_path, index_version, write_index,
 )
 from .data.shards import SkipCounter, decode_image, image_bytes, iter_samples, write_shard
-from .io import atomic_path, read_json, sha256_file, sha256_json, write_json_atomic
+from .io import atomic_path, read_json, remove_stale_temporaries, sha256_file, sha256_json, write_json_atomic
 from .models import pooled_and_logits
 from .precision import resolve_amp
 
@@ -231,19 +231,6 @@ class TeacherPlugin(WorkerPlugin):
         _TEACHERS.clear()
 
 
-def _remove_stale_temporaries(shard_dir: Path, outputs: list[Path]) -> int:
-    """Temp files of writers killed mid-shard (atomic_path names them ``.<target>.*.tmp``).
-
-    Called once every output is complete, so any temporary left for one of them is stale.
-    """
-    removed = 0
-    for out in outputs:
-        for tmp in shard_dir.glob(f".{out.stem}*.tmp"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
 def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | Path, data: DataConfig, cluster: ClusterConfig,
                  batch_size: int = 512, device: str = "cpu", amp: str = "off", show_progress: bool = True, *,
                  cache_dir: str | Path = "", tta_hflip: bool = False, teacher_run_id: str = "",
@@ -295,7 +282,7 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
                     summaries[s["output"]] = s
                     bar.update(1)
     wall = time.time() - start
-    stale = _remove_stale_temporaries(shard_dir, outputs)
+    stale = remove_stale_temporaries(shard_dir, [o.stem for o in outputs])  # every output is complete: any temp left is stale
     ordered = [summaries[str(o)] for o in outputs]
     skipped = SkipCounter()
     for s in ordered:

@@ -29,7 +29,7 @@ from .data.imagefolder import LabeledImages
 from .data.sampler import EpochSampler
 from .data.pseudo_labels import PseudoLabeledStream
 from .evaluate import classification_report, predict
-from .io import read_json, write_json_atomic
+from .io import read_json, remove_stale_temporaries, write_json_atomic
 from .models import ModelSpec, create_model, load_checkpoint, save_checkpoint, save_model, unwrap
 from .noise import create_eval_transform, reseed_augmentation, reseed_worker
 from .precision import resolve_amp
@@ -143,6 +143,8 @@ def train_model(
     device = resolve_device(cfg.device)
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
+    if env.is_main:  # rank 0 alone writes here: a temp file left now is from a writer killed mid-write
+        remove_stale_temporaries(out_dir)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)

@@ -39,9 +39,13 @@ def test_killed_and_resumed_training_matches_uninterrupted_bit_for_bit(smoke_dat
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (killed / "last.pt").exists() and not (killed / "DONE").exists(), "the kill missed the middle of training"
+    # what a kill between atomic_path's mkstemp and its rename leaves (the timing above rarely hits it)
+    stale = killed / ".last.pt.sha256.k1lled.tmp"
+    stale.write_text("half")
     r = subprocess.run(_teacher_cmd(smoke_data, killed, 1), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming after epoch" in r.stdout
+    assert not stale.exists() and not list(killed.glob("*.tmp")), "the resumed run must sweep temp files of the killed writer"
 
     a = torch.load(straight / "model.pt", weights_only=True)["model"]
     b = torch.load(killed / "model.pt", weights_only=True)["model"]
