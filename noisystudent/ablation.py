@@ -10,7 +10,9 @@ base recipe's, so every cell takes the same optimizer steps at the same batch si
 * control: a supervised model on the labeled data alone with the same noise and budget, which
   separates the gain from pseudo-labels from the gain from augmentation.
 
-Cells are resumable (a finished cell is read back, not retrained).
+Cells are resumable (a finished cell is read back, not retrained), so several processes or machines
+can split the cells of one output directory (disjoint ``--only``/``--seeds``, tracking off), and a
+last run over all of them gathers the table and logs every cell to one MLflow parent run.
 """
 from __future__ import annotations
 
@@ -80,9 +82,30 @@ def budget_steps(cfg: Config, manifest: dict, num_classes: int) -> int:
 
 def run_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manifest: dict, data: LabeledData,
              out_dir: Path, tracker=None) -> dict:
+    """Train and evaluate one cell x seed, or read it back if finished; log it to MLflow once.
+
+    A cell finished by another process (e.g. several ``ablate.py`` runs splitting the cells with
+    tracking off) is logged by the first tracked run that reads it back.
+    """
     done = out_dir / "cell.json"
     if done.is_file():
-        return read_json(done)
+        row = read_json(done)
+    else:
+        row = _train_cell(base, cell, seed, teacher, manifest, data, out_dir)
+        write_json_atomic(done, row)
+    logged = out_dir / "mlflow_logged"
+    if tracker is not None and tracker.enabled and not logged.is_file():
+        with tracker.run(out_dir / "mlflow_run_id", f"{cell.name} seed {seed}", {"cell": cell.name, "group": cell.group,
+                                                                                 "seed": seed}, nested=True):
+            tracker.log_params({"cell": cell.name, "seed": seed, **{f"override.{k}": v for k, v in cell.overrides.items()}})
+            tracker.log_metrics({k: row[k] for k in ("test_top1", "val_top1", "test_ece", "images_kept", "minutes")
+                                 if row.get(k) is not None})
+        logged.write_text("")
+    return row
+
+
+def _train_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manifest: dict, data: LabeledData,
+                out_dir: Path) -> dict:
     cfg = base.with_overrides({**cell.overrides, "seed": seed})
     start = time.time()
     row = {"cell": cell.name, "group": cell.group, "seed": seed, "overrides": cell.overrides}
@@ -96,13 +119,6 @@ def run_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manifest
     metrics = evaluate_model(result.model_path, cfg, data, out_dir)
     row.update(test_top1=metrics.get("test_top1"), val_top1=metrics.get("val_top1"), test_ece=metrics.get("test_ece"),
                minutes=(time.time() - start) / 60, epochs=len(result.history))
-    if tracker is not None:
-        with tracker.run(out_dir / "mlflow_run_id", f"{cell.name} seed {seed}", {"cell": cell.name, "group": cell.group,
-                                                                                 "seed": seed}, nested=True):
-            tracker.log_params({"cell": cell.name, "seed": seed, **{f"override.{k}": v for k, v in cell.overrides.items()}})
-            tracker.log_metrics({k: row[k] for k in ("test_top1", "val_top1", "test_ece", "images_kept", "minutes")
-                                 if row.get(k) is not None})
-    write_json_atomic(done, row)
     return row
 
 

@@ -20,6 +20,10 @@ def test_ablation_cells_share_budget_and_report_seeds(smoke_data, tmp_path):
     strict = round(float(np.median(shards.load_table(tmp_path / "labels").confidence)), 3)
     args = ["ablate.py", "--teacher", teacher, "--labels", str(tmp_path / "labels"), "--out", str(out),
             "--seeds", "0,1", "--thresholds", f"0.0,{strict}", "--only", "full noise,no noise,control,threshold"]
+    # one cell trained first by a separate untracked process, as when splitting cells across machines
+    split = args[:args.index("--seeds")] + ["--seeds", "0", "--only", "no noise"]
+    run_script(*split, overrides=over)
+    assert (out / "no-noise-seed0" / "cell.json").is_file() and not (out / "mlflow.db").exists()
     abl = over + ["tracking.enabled=true"]
     r = run_script(*args, overrides=abl)
     assert "Student ablations" in r.stdout
@@ -50,7 +54,9 @@ def test_ablation_cells_share_budget_and_report_seeds(smoke_data, tmp_path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
-    assert len(runs) == 1 + len(report["rows"])  # parent + one nested run per cell x seed
+    assert len(runs) == 1 + len(report["rows"])  # parent + one nested run per cell x seed, the gathered one included
+    assert {(r.data.params["cell"], r.data.params["seed"]) for r in runs if "cell" in r.data.params} == \
+        {(r["cell"], str(r["seed"])) for r in report["rows"]}
 
 
 def test_threshold_keeping_less_than_a_batch_is_a_clear_error(smoke_data, tmp_path):
