@@ -226,6 +226,21 @@ def resolve_teacher(spec: str, tracker: Tracker, dst: str | Path) -> tuple[Path,
 
 # ---------------------------------------------------------------------- model registry
 
+def model_pip_requirements() -> list[str]:
+    """The logged model's environment, pinned to what is installed. Passed explicitly because
+    MLflow's default inference re-imports the model in a subprocess: ~15 s per logged model on
+    2 CPU cores, more than a smoke generation's training."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("torch", "torchvision", "timm", "numpy", "cloudpickle"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:  # cloudpickle only matters to pickle-format models
+            continue
+    return pins
+
+
 def log_and_register_model(tracker: Tracker, checkpoint: str | Path, registered_name: str, generation: int) -> str | None:
     """Log a checkpoint's model with ``mlflow.pytorch`` (signature + input example) into the active
     run and register it as a new version of ``registered_name``; returns the version ("" if not
@@ -247,6 +262,7 @@ def log_and_register_model(tracker: Tracker, checkpoint: str | Path, registered_
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.in_chans, spec.image_size, spec.image_size), "images")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes), "logits")]))
     info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
+                                    pip_requirements=model_pip_requirements(),
                                     registered_model_name=registered_name or None,
                                     metadata={"spec": spec.as_dict(), "generation": generation})
     version = getattr(info, "registered_model_version", None)
