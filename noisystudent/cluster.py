@@ -14,6 +14,7 @@ labeling task asks for ``GPU=1`` (:func:`task_resources`), so tasks never share 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator
 
 from .config import ClusterConfig
@@ -98,9 +99,58 @@ def _kubernetes_cluster(cfg: ClusterConfig):
     return KubeCluster(**kwargs)
 
 
+class SharedCluster:
+    """One cluster for several labeling stages: started by the first :func:`create_client`, closed
+    by :func:`shared_cluster` on exit. Starting a LocalCluster and importing torch in each worker
+    costs ~10 s on 2 cores, every generation, and a slurm/kubernetes cluster has to queue again."""
+
+    def __init__(self, cfg: ClusterConfig):
+        self.cfg = cfg
+        self.client = None
+        self._stack = contextlib.ExitStack()
+
+    def get(self, cfg: ClusterConfig):
+        if cfg != self.cfg:  # a stage with a different cluster config gets its own cluster
+            return None
+        if self.client is None:
+            self.client = self._stack.enter_context(_new_client(cfg))
+        return self.client
+
+
+_SHARED: contextvars.ContextVar[SharedCluster | None] = contextvars.ContextVar("noisystudent_shared_cluster", default=None)
+
+
+@contextlib.contextmanager
+def shared_cluster(cfg: ClusterConfig) -> Iterator[None]:
+    """Within this block every ``create_client(cfg)`` shares one lazily started cluster (unless
+    ``cfg.reuse`` is false); it closes when the block ends, even on error."""
+    if not cfg.reuse:
+        yield
+        return
+    shared = SharedCluster(cfg)
+    token = _SHARED.set(shared)
+    try:
+        with shared._stack:
+            yield
+    finally:
+        _SHARED.reset(token)
+
+
 @contextlib.contextmanager
 def create_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
-    """A connected ``distributed.Client`` for ``cfg.kind``; cluster and client close on exit."""
+    """A connected ``distributed.Client`` for ``cfg.kind``; cluster and client close on exit
+    (inside :func:`shared_cluster`, at the end of that block instead)."""
+    shared = _SHARED.get()
+    client = shared.get(cfg) if shared is not None else None
+    if client is not None:
+        yield client
+        return
+    with _new_client(cfg) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _new_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
     from distributed import Client, LocalCluster
 
     if cfg.kind == "address":

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .audit import audit_pseudo_labels
+from .cluster import shared_cluster
 from .config import Config, ConfigError, dump_config, flatten, to_dict
 from .data.imagefolder import LabeledImages, load_labeled
 from .data.pseudo_labels import PseudoLabeledStream, select_pseudo_labels
@@ -285,7 +286,8 @@ def iterate(cfg: Config, show_table: bool = True) -> list[dict]:
     rows: list[dict] = []
     analysis_rows: list[dict] = []
     with tracker.run(run_dir / "mlflow_parent_run_id", f"iterate-{run_dir.name}",
-                     {"git_commit": git_commit(), "config_hash": sha256_json(to_dict(cfg))[:16], "kind": "iterate"}):
+                     {"git_commit": git_commit(), "config_hash": sha256_json(to_dict(cfg))[:16], "kind": "iterate"}), \
+            shared_cluster(cfg.cluster):
         tracker.log_params(flatten(to_dict(cfg)))
         tracker.log_artifact(run_dir / "config.yaml")
         for g in range(cfg.generations + 1):
