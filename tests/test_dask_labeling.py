@@ -183,3 +183,45 @@ def test_slurm_job_script_requests_gpus_and_dask_resources():
     assert f"--resources GPU={cfg.cluster.gpus_per_worker}" in script
     assert f"#SBATCH -p {cfg.cluster.slurm.queue}" in script
     assert task_resources(cfg.cluster) == {"GPU": 1}
+
+
+def test_labeling_stages_inside_shared_cluster_reuse_its_workers(corpus, tmp_path):
+    """iterate wraps its generations in shared_cluster: two labeling passes run on the same worker
+    processes (one start-up, torch imported once); outside it, or with cluster.reuse=false, each
+    pass starts its own cluster, and the shared one is closed when the block ends."""
+    from dataclasses import replace
+
+    from noisystudent.cluster import shared_cluster
+    from noisystudent.config import ClusterConfig, DataConfig
+    from noisystudent.label import label_corpus
+
+    root, _ = corpus
+    inputs = sorted(str(p) for p in (root / "in").glob("part-*.tar"))[:2]
+    data = DataConfig(image_size=32, channels=1, mean=[0.286], std=[0.353])
+    import torch
+
+    teachers = []
+    for seed in (0, 1):  # two teachers: the second pass cannot reuse the first one's shards
+        spec = ModelSpec("test_resnet", 10, 1, 32, [str(c) for c in range(10)], [0.286], [0.353])
+        torch.manual_seed(seed)
+        save_model(tmp_path / f"t{seed}.pt", create_model(spec).eval(), spec)
+        teachers.append(tmp_path / f"t{seed}.pt")
+    cluster = ClusterConfig(n_workers=1)
+
+    def workers(manifest: dict) -> set[str]:
+        assert manifest["shards_labeled"] == len(inputs)
+        return {s["worker"] for s in manifest["shards"]}
+
+    with shared_cluster(cluster):
+        a = label_corpus(teachers[0], inputs, tmp_path / "a", data, cluster, 64, show_progress=False)
+        b = label_corpus(teachers[1], inputs, tmp_path / "b", data, cluster, 64, show_progress=False)
+    assert workers(a) == workers(b) and a["dashboard"] == b["dashboard"]
+    # the shared cluster is gone: the next pass gets a new worker (ports are random: a new cluster
+    # repeating both the worker's and the dashboard's port is a one-in-a-billion event)
+    c = label_corpus(teachers[0], inputs, tmp_path / "c", data, cluster, 64, show_progress=False)
+    assert (workers(c), c["dashboard"]) != (workers(a), a["dashboard"])
+    off = replace(cluster, reuse=False)
+    with shared_cluster(off):
+        d = label_corpus(teachers[0], inputs, tmp_path / "d", data, off, 64, show_progress=False)
+        e = label_corpus(teachers[1], inputs, tmp_path / "e", data, off, 64, show_progress=False)
+    assert (workers(d), d["dashboard"]) != (workers(e), e["dashboard"])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +71,7 @@ def tracked_run(mlflow_server, smoke_data, tmp_path_factory):
     return mlflow_server, run_dir
 
 
+@pytest.mark.xdist_group("tracked_run")  # one server and one tracked run for these four
 def test_parent_nested_lineage_metrics_artifacts(tracked_run):
     import mlflow
 
@@ -106,6 +108,7 @@ def test_parent_nested_lineage_metrics_artifacts(tracked_run):
     assert {"results.json", "generations.png", "config.yaml"} <= {a.path for a in client.list_artifacts(parent_id)}
 
 
+@pytest.mark.xdist_group("tracked_run")  # one server and one tracked run for these four
 def test_registered_versions_aliases_and_loading(tracked_run, smoke_data, tmp_path):
     import mlflow
 
@@ -143,11 +146,18 @@ def test_registered_versions_aliases_and_loading(tracked_run, smoke_data, tmp_pa
     source = client.get_model_version_download_uri("smoke-student", best.version)
     local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, dst_path=str(tmp_path / "registered"))
     pyfunc = mlflow.pytorch.load_model(local)
+    # the environment it declares is the installed one, pinned
+    from importlib.metadata import version
+
+    requirements = (Path(local) / "requirements.txt").read_text().split()
+    for package in ("torch", "timm", "mlflow"):
+        assert f"{package}=={version(package)}" in requirements, (package, requirements)
     with torch.inference_mode():
         theirs = pyfunc(x).softmax(1).numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
+@pytest.mark.xdist_group("tracked_run")  # one server and one tracked run for these four
 def test_compare_script_prints_generations_and_logs_chart(tracked_run, tmp_path):
     import mlflow
 
@@ -166,6 +176,7 @@ def test_compare_script_prints_generations_and_logs_chart(tracked_run, tmp_path)
     assert "compare.png" in {a.path for a in client.list_artifacts(parent_id)}
 
 
+@pytest.mark.xdist_group("tracked_run")  # one server and one tracked run for these four
 def test_pseudo_label_stage_takes_teacher_by_mlflow_run_id(tracked_run, smoke_data, tmp_path):
     import mlflow
 
