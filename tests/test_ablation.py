@@ -4,21 +4,25 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from conftest import REPO, run_script, smoke_overrides
 
+# the session-scoped smoke_run fixture is built once per xdist worker: keep its users on one
+pytestmark = pytest.mark.xdist_group("smoke_run")
 
-def test_ablation_cells_share_budget_and_report_seeds(smoke_data, tmp_path):
+
+def test_ablation_cells_share_budget_and_report_seeds(smoke_run, smoke_data, tmp_path):
+    # the teacher and its shards come from the shared smoke run (the stage scripts have their own test)
+    _, run_dir, _ = smoke_run
     over = smoke_overrides(smoke_data, tmp_path / "unused") + ["cluster.n_workers=1", "tracking.enabled=false"]
-    run_script("train_teacher.py", "--out", str(tmp_path / "teacher"), overrides=over)
-    teacher = str(tmp_path / "teacher" / "model.pt")
-    run_script("pseudo_label.py", "--teacher", teacher, "--out", str(tmp_path / "labels"), overrides=over)
+    teacher, labels = str(run_dir / "gen-0" / "teacher" / "model.pt"), run_dir / "gen-1" / "labels"
     out = tmp_path / "ablation"
     # the tiny smoke teacher is unsure of everything: a "strict" threshold is its median confidence
     from noisystudent import shards
 
-    strict = round(float(np.median(shards.load_table(tmp_path / "labels").confidence)), 3)
-    args = ["ablate.py", "--teacher", teacher, "--labels", str(tmp_path / "labels"), "--out", str(out),
+    strict = round(float(np.median(shards.load_table(labels).confidence)), 3)
+    args = ["ablate.py", "--teacher", teacher, "--labels", str(labels), "--out", str(out),
             "--seeds", "0,1", "--thresholds", f"0.0,{strict}", "--only", "full noise,no noise,control,threshold"]
     # one cell trained first by a separate untracked process, as when splitting cells across machines
     split = args[:args.index("--seeds")] + ["--seeds", "0", "--only", "no noise"]
