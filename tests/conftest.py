@@ -23,6 +23,22 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_SOURCE = Path("/usr/share/datasets/fashion-mnist")
+MAX_TEST_WORKERS = 4  # each xdist worker holds torch (~0.5 GB) and builds its own session fixtures
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject addopts): one worker per core, at most MAX_TEST_WORKERS."""
+    return max(1, min(_cores(), MAX_TEST_WORKERS))
+
+
+# Each xdist worker gets its share of the cores for torch, in-process and in the scripts it runs
+# (they inherit the variable); without it every worker's torch spins on every core.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
