@@ -269,9 +269,9 @@ class ClusterConfig:
     task_retries: int = 3
     #: Seconds to wait for workers of a slurm/kubernetes cluster to come up.
     wait_for_workers_s: int = 600
-    #: Keep one cluster for a whole iterate run (started at the first labeling, closed at the end):
-    #: workers keep torch imported and the teacher slot warm. false = a fresh cluster per labeling
-    #: stage, which releases slurm/kubernetes workers while students train.
+    #: Keep one cluster for a whole iterate run (started at the first labeling, closed at the end),
+    #: so later passes skip the start-up and the workers' torch import. false = a fresh cluster per
+    #: labeling stage, which releases slurm/kubernetes workers while students train.
     reuse: bool = True
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
