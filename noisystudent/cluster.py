@@ -104,10 +104,8 @@ class SharedCluster:
     by :func:`shared_cluster` on exit. Starting a LocalCluster and importing torch in each worker
     costs ~10 s on 2 cores, every generation, and a slurm/kubernetes cluster has to queue again."""
 
-    def __init__(self, cfg: ClusterConfig):
-        self.cfg = cfg
-        self.client = None
-        self._stack = contextlib.ExitStack()
+    def __init__(self, cfg: ClusterConfig, stack: contextlib.ExitStack):
+        self.cfg, self.client, self._stack = cfg, None, stack
 
     def get(self, cfg: ClusterConfig):
         if cfg != self.cfg:  # a stage with a different cluster config gets its own cluster
@@ -127,13 +125,12 @@ def shared_cluster(cfg: ClusterConfig) -> Iterator[None]:
     if not cfg.reuse:
         yield
         return
-    shared = SharedCluster(cfg)
-    token = _SHARED.set(shared)
-    try:
-        with shared._stack:
+    with contextlib.ExitStack() as stack:
+        token = _SHARED.set(SharedCluster(cfg, stack))
+        try:
             yield
-    finally:
-        _SHARED.reset(token)
+        finally:
+            _SHARED.reset(token)
 
 
 @contextlib.contextmanager
