@@ -191,6 +191,8 @@ def test_labeling_stages_inside_shared_cluster_reuse_its_workers(corpus, tmp_pat
     pass starts its own cluster, and the shared one is closed when the block ends."""
     from dataclasses import replace
 
+    import torch
+
     from noisystudent.cluster import shared_cluster
     from noisystudent.config import ClusterConfig, DataConfig
     from noisystudent.label import label_corpus
@@ -198,11 +200,9 @@ def test_labeling_stages_inside_shared_cluster_reuse_its_workers(corpus, tmp_pat
     root, _ = corpus
     inputs = sorted(str(p) for p in (root / "in").glob("part-*.tar"))[:2]
     data = DataConfig(image_size=32, channels=1, mean=[0.286], std=[0.353])
-    import torch
-
+    spec = ModelSpec("test_resnet", 10, 1, 32, [str(c) for c in range(10)], [0.286], [0.353])
     teachers = []
     for seed in (0, 1):  # two teachers: the second pass cannot reuse the first one's shards
-        spec = ModelSpec("test_resnet", 10, 1, 32, [str(c) for c in range(10)], [0.286], [0.353])
         torch.manual_seed(seed)
         save_model(tmp_path / f"t{seed}.pt", create_model(spec).eval(), spec)
         teachers.append(tmp_path / f"t{seed}.pt")
