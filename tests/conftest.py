@@ -35,10 +35,24 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(_cores(), MAX_TEST_WORKERS))
 
 
+# Expensive shared fixtures: every test using one joins its xdist_group (--dist loadgroup), so the
+# fixture is built once, on one worker, whoever writes the next test that uses it.
+SHARED_FIXTURE_GROUPS = ("smoke_run", "tracked_run")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the marks into node-id suffixes
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        for name in SHARED_FIXTURE_GROUPS:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+
+
 # Each xdist worker gets its share of the cores for torch, in-process and in the scripts it runs
 # (they inherit the variable); without it every worker's torch spins on every core.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+_xdist_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _xdist_workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // _xdist_workers)))
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

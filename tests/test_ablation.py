@@ -4,12 +4,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from conftest import REPO, run_script, smoke_overrides
-
-# the session-scoped smoke_run fixture is built once per xdist worker: keep its users on one
-pytestmark = pytest.mark.xdist_group("smoke_run")
 
 
 def test_ablation_cells_share_budget_and_report_seeds(smoke_run, smoke_data, tmp_path):

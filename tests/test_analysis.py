@@ -20,9 +20,6 @@ from noisystudent.audit import read_hidden_fields
 from noisystudent.data.pseudo_labels import OODScoreError, ood_scores_path, read_index, select_pseudo_labels
 from noisystudent.label import load_manifest
 
-# the session-scoped smoke_run fixture is built once per xdist worker: keep its users on one
-pytestmark = pytest.mark.xdist_group("smoke_run")
-
 
 class ReportParser(HTMLParser):
     def __init__(self):

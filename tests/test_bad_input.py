@@ -100,7 +100,6 @@ def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data,
     assert 0 < per["b.tar"]["samples"] == readable_b < len(list(iter_samples(str(src[1]))))
 
 
-@pytest.mark.xdist_group("smoke_run")  # built once, on the worker that runs its other users
 def test_student_refuses_a_class_set_that_differs_from_its_teachers(smoke_run, smoke_data, tmp_path):
     """Soft labels index the teacher's classes: a removed class folder must stop the student."""
     _, run_dir, _ = smoke_run

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import REPO, smoke_overrides
 
@@ -49,7 +48,6 @@ def _kill_when(cmd: list[str], ready, what: str, timeout: float = 300) -> None:
     proc.wait()
 
 
-@pytest.mark.xdist_group("smoke_run")  # built once, on the worker that runs its other users
 def test_disk_full_while_labeling_fails_cleanly_then_rerun_completes(smoke_run, tmp_path):
     cfg, run_dir, _ = smoke_run
     teacher = str(run_dir / "gen-0" / "teacher" / "model.pt")

@@ -71,7 +71,6 @@ def tracked_run(mlflow_server, smoke_data, tmp_path_factory):
     return mlflow_server, run_dir
 
 
-@pytest.mark.xdist_group("tracked_run")  # one server and one tracked run for these four
 def test_parent_nested_lineage_metrics_artifacts(tracked_run):
     import mlflow
 
@@ -108,7 +107,6 @@ def test_parent_nested_lineage_metrics_artifacts(tracked_run):
     assert {"results.json", "generations.png", "config.yaml"} <= {a.path for a in client.list_artifacts(parent_id)}
 
 
-@pytest.mark.xdist_group("tracked_run")  # one server and one tracked run for these four
 def test_registered_versions_aliases_and_loading(tracked_run, smoke_data, tmp_path):
     import mlflow
 
@@ -157,7 +155,6 @@ def test_registered_versions_aliases_and_loading(tracked_run, smoke_data, tmp_pa
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
-@pytest.mark.xdist_group("tracked_run")  # one server and one tracked run for these four
 def test_compare_script_prints_generations_and_logs_chart(tracked_run, tmp_path):
     import mlflow
 
@@ -176,7 +173,6 @@ def test_compare_script_prints_generations_and_logs_chart(tracked_run, tmp_path)
     assert "compare.png" in {a.path for a in client.list_artifacts(parent_id)}
 
 
-@pytest.mark.xdist_group("tracked_run")  # one server and one tracked run for these four
 def test_pseudo_label_stage_takes_teacher_by_mlflow_run_id(tracked_run, smoke_data, tmp_path):
     import mlflow
 

@@ -9,13 +9,9 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from noisystudent.data.pseudo_labels import META_EXT, PROBS_EXT, read_index
 from noisystudent.data.shards import expand_urls, iter_samples
-
-# the session-scoped smoke_run fixture is built once per xdist worker: keep its users on one
-pytestmark = pytest.mark.xdist_group("smoke_run")
 
 
 def test_generation_rows_and_files(smoke_run):
