@@ -186,9 +186,10 @@ def test_slurm_job_script_requests_gpus_and_dask_resources():
 
 
 def test_labeling_stages_inside_shared_cluster_reuse_its_workers(corpus, tmp_path):
-    """iterate wraps its generations in shared_cluster: two labeling passes run on the same worker
-    processes (one start-up, torch imported once); outside it, or with cluster.reuse=false, each
-    pass starts its own cluster, and the shared one is closed when the block ends."""
+    """iterate wraps its generations in shared_cluster: with cluster.reuse=true two labeling passes
+    run on the same worker processes (one start-up, torch imported once); outside it, or with
+    cluster.reuse=false (the default), each pass starts its own cluster, and the shared one is
+    closed when the block ends."""
     from dataclasses import replace
 
     import torch
@@ -206,7 +207,7 @@ def test_labeling_stages_inside_shared_cluster_reuse_its_workers(corpus, tmp_pat
         torch.manual_seed(seed)
         save_model(tmp_path / f"t{seed}.pt", create_model(spec).eval(), spec)
         teachers.append(tmp_path / f"t{seed}.pt")
-    cluster = ClusterConfig(n_workers=1)
+    cluster = ClusterConfig(n_workers=1, reuse=True)
 
     def workers(manifest: dict) -> set[str]:
         assert manifest["shards_labeled"] == len(inputs)
