@@ -67,7 +67,7 @@ def main() -> int:
             save_model(checkpoint, create_model(spec).eval(), spec)
 
         # (a) bare loop: same work minus tars, Dask and writing
-        model, _ = load_model(checkpoint)
+        model, _ = load_model(checkpoint, channels_last=cfg.channels_last)  # as the stage's workers load it
         torch.set_num_threads(threads)
         transform = create_eval_transform(cfg.data)
         n, t0 = 0, time.perf_counter()
@@ -86,7 +86,7 @@ def main() -> int:
 
         # (b) the real stage through a LocalCluster
         manifest = label_corpus(checkpoint, urls, tmp / "labels", cfg.data, cfg.cluster, cfg.pseudo_label.batch_size,
-                                show_progress=False)
+                                show_progress=False, channels_last=cfg.channels_last)
         dask_img_s = manifest["throughput_img_s"]
         assert manifest["total_samples"] == n, "the stage labeled a different number of samples than the bare loop"
 

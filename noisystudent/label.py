@@ -33,7 +33,7 @@ from .precision import resolve_amp
 _TEACHERS: dict[str, tuple] = {}  # checkpoint sha256 -> (model, spec, transform); one per worker process
 
 
-def cached_teacher(checkpoint: str, sha256: str, data: DataConfig, threads: int = 0):
+def cached_teacher(checkpoint: str, sha256: str, data: DataConfig, threads: int = 0, channels_last: bool = False):
     """Load the teacher once per process; later tasks in this process reuse it."""
     if sha256 not in _TEACHERS:
         from .models import load_model
@@ -41,7 +41,7 @@ def cached_teacher(checkpoint: str, sha256: str, data: DataConfig, threads: int 
 
         if threads > 0:
             torch.set_num_threads(threads)
-        model, spec = load_model(checkpoint)
+        model, spec = load_model(checkpoint, channels_last=channels_last)
         # the teacher sees images the way it was trained (its own resolution and normalisation),
         # whatever the student's generation uses
         _TEACHERS.clear()
@@ -200,10 +200,11 @@ def shard_done(output_path: Path, identity: dict | None = None, features: bool =
 
 
 def _label_task(input_url: str, output_path: str, checkpoint: str, sha256: str, data: dict, infer_batch_size: int,
-                device: str, amp: str, threads: int, tta_hflip: bool = False, save_features: bool = False) -> dict:
+                device: str, amp: str, threads: int, tta_hflip: bool = False, save_features: bool = False,
+                channels_last: bool = False) -> dict:
     """One Dask task: label one shard with this worker's cached teacher."""
     cfg = DataConfig(**data)
-    model, spec, transform = cached_teacher(checkpoint, sha256, cfg, threads)
+    model, spec, transform = cached_teacher(checkpoint, sha256, cfg, threads, channels_last)
     model.to(device)
     summary = pseudo_label_shard(input_url, output_path, model, transform, cfg, sha256[:16], infer_batch_size, device, amp,
                                  tta_hflip, save_features)
@@ -221,11 +222,12 @@ class TeacherPlugin(WorkerPlugin):
 
     name = "noisystudent-teacher"
 
-    def __init__(self, checkpoint: str, sha256: str, data: dict, threads: int):
+    def __init__(self, checkpoint: str, sha256: str, data: dict, threads: int, channels_last: bool = False):
         self.checkpoint, self.sha256, self.data, self.threads = checkpoint, sha256, data, threads
+        self.channels_last = channels_last
 
     def setup(self, worker) -> None:
-        cached_teacher(self.checkpoint, self.sha256, DataConfig(**self.data), self.threads)
+        cached_teacher(self.checkpoint, self.sha256, DataConfig(**self.data), self.threads, self.channels_last)
 
     def teardown(self, worker) -> None:
         _TEACHERS.clear()
@@ -234,7 +236,7 @@ class TeacherPlugin(WorkerPlugin):
 def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | Path, data: DataConfig, cluster: ClusterConfig,
                  batch_size: int = 512, device: str = "cpu", amp: str = "off", show_progress: bool = True, *,
                  cache_dir: str | Path = "", tta_hflip: bool = False, teacher_run_id: str = "",
-                 save_features: bool = False) -> dict:
+                 save_features: bool = False, channels_last: bool = False) -> dict:
     """Label every input shard through Dask, reusing cached shards; write and return the manifest.
 
     Shards go to the label cache (``cache_dir``) or, without one, to ``out_dir``; the manifest
@@ -269,11 +271,11 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
             dashboard = client.dashboard_link or ""
             if show_progress and dashboard:
                 print(f"Dask dashboard: {dashboard}")
-            client.register_plugin(TeacherPlugin(checkpoint, sha, data_dict, threads), name=TeacherPlugin.name)
+            client.register_plugin(TeacherPlugin(checkpoint, sha, data_dict, threads, channels_last), name=TeacherPlugin.name)
             futures = client.map(
                 _label_task, [u for u, _ in todo], [str(o) for _, o in todo],
                 checkpoint=checkpoint, sha256=sha, data=data_dict, infer_batch_size=batch_size, device=device, amp=amp,
-                threads=threads, tta_hflip=tta_hflip, save_features=save_features, pure=False, retries=cluster.task_retries,
+                threads=threads, tta_hflip=tta_hflip, save_features=save_features, channels_last=channels_last, pure=False, retries=cluster.task_retries,
                 resources=task_resources(cluster),
             )
             with tqdm(total=len(futures), desc="pseudo-label shards", unit="shard", disable=not show_progress) as bar:

@@ -74,7 +74,7 @@ def pseudo_label(cfg: Config, teacher_checkpoint: str | Path, out_dir: Path, sho
     pl = cfg.pseudo_label
     return label_corpus(teacher_checkpoint, urls, out_dir, cfg.data, cfg.cluster, pl.batch_size, device, cfg.amp,
                         show_progress, cache_dir=pl.cache_dir, tta_hflip=pl.tta_hflip, teacher_run_id=teacher_run_id,
-                        save_features=pl.save_features)
+                        save_features=pl.save_features, channels_last=cfg.channels_last)
 
 
 def train_student(cfg: Config, generation: int, teacher_checkpoint: str | Path, manifest: dict, out_dir: Path,
@@ -130,7 +130,7 @@ def finetune_on_labeled(cfg: Config, generation: int, trained: TrainResult, out_
 def evaluate_model(model_path: str | Path, cfg: Config, data: LabeledData, out_dir: Path) -> dict:
     """Test (and val) metrics of a trained model; writes eval.json and a confusion matrix PNG."""
     device = resolve_device(cfg.device)
-    model, spec = load_model(model_path, device)
+    model, spec = load_model(model_path, device, cfg.channels_last)
     from .train import _eval_loader
 
     eval_t = create_eval_transform(spec.data_config(cfg.data))  # a ladder may change resolution per generation

@@ -123,13 +123,21 @@ def save_model(path: str | Path, model: torch.nn.Module, spec: ModelSpec, extra:
     return save_checkpoint(path, {"model": state, "spec": spec.as_dict(), "extra": extra or {}})
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
-    """A ready-to-use eval-mode model (no dropout / stochastic depth) and its spec."""
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               channels_last: bool = False) -> tuple[torch.nn.Module, ModelSpec]:
+    """A ready-to-use eval-mode model (no dropout / stochastic depth) and its spec.
+
+    ``channels_last`` converts the weights to NHWC; NCHW inputs then run NHWC too (the first
+    convolution switches format), 1.3x faster inference for resnet10t at 32 px on one CPU thread.
+    """
     ckpt = load_checkpoint(path)
     spec = ModelSpec(**ckpt["spec"])
     model = create_model(spec)
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), spec
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval(), spec
 
 
 def pooled_and_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

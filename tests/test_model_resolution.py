@@ -35,3 +35,25 @@ def test_evaluation_uses_the_checkpoint_resolution(smoke_config, tmp_path):
     assert spec.data_config(cfg.data).image_size == 20 and spec.data_config(cfg.data).mean == [0.5]
     assert abs(metrics["test_nll"] - own) < 1e-5
     assert abs(own - base) > 1e-3  # the two resolutions really differ for this model
+
+
+def test_channels_last_inference_predicts_like_nchw(tmp_path):
+    """Labeling, evaluation and analysis load models channels_last (``channels_last: true``):
+    NCHW batches then run NHWC from the first convolution on, with the same predictions."""
+    from noisystudent.models import load_model
+
+    for in_chans in (1, 3):
+        spec = ModelSpec(name="resnet10t", num_classes=10, in_chans=in_chans, image_size=32,
+                         class_names=[str(c) for c in range(10)], mean=[0.5], std=[0.25])
+        torch.manual_seed(in_chans)
+        save_model(tmp_path / f"m{in_chans}.pt", create_model(spec).eval(), spec)
+        nchw, _ = load_model(tmp_path / f"m{in_chans}.pt")
+        nhwc, _ = load_model(tmp_path / f"m{in_chans}.pt", channels_last=True)
+        seen = {}
+        nhwc.layer1.register_forward_hook(lambda mod, inp, out: seen.update(
+            nhwc=out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
+        x = torch.randn(8, in_chans, 32, 32)  # what the loaders yield: plain NCHW
+        with torch.inference_mode():
+            a, b = nchw(x), nhwc(x)
+        assert seen["nhwc"]
+        assert torch.allclose(a, b, atol=1e-4) and torch.equal(a.argmax(1), b.argmax(1))

@@ -83,7 +83,7 @@ def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data, out
     a = cfg.analysis
     rng = np.random.default_rng(cfg.seed)
     device = resolve_device(cfg.device)
-    model, spec = load_model(model_path, device)
+    model, spec = load_model(model_path, device, cfg.channels_last)
     own = spec.data_config(cfg.data)
     eval_t = create_eval_transform(own)
     names = list(spec.class_names)
