@@ -67,6 +67,65 @@ class RandomAffine(A.ImageOnlyTransform):
         return ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 
+class Cutout(A.ImageOnlyTransform):
+    """One square hole of ``size`` x the image side, filled with 0 and placed uniformly so it lies
+    inside the image: the distribution of ``A.CoarseDropout`` with one hole of fixed fractional
+    size, whose general machinery costs ~100 us per call on a 32x32 image against ~10 us here."""
+
+    def __init__(self, size: float = 0.35, p: float = 0.5):
+        super().__init__(p=p)
+        self.size = float(size)
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        h, w = params["shape"][:2]
+        hole_h, hole_w = int(h * self.size), int(w * self.size)
+        return {"top": self.py_random.randint(0, h - hole_h), "left": self.py_random.randint(0, w - hole_w),
+                "hole": (hole_h, hole_w)}
+
+    def apply(self, img: np.ndarray, top: int = 0, left: int = 0, hole=(0, 0), **params) -> np.ndarray:
+        out = img.copy()
+        out[top: top + hole[0], left: left + hole[1]] = 0
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size",)
+
+
+class RandomShift(A.ImageOnlyTransform):
+    """Translate by a whole number of pixels drawn uniformly in [-pad, pad] on each axis, zero fill:
+    what padding by ``pad`` then a random crop back to size does (``A.PadIfNeeded`` +
+    ``A.RandomCrop``), in one slice copy instead of two albumentations calls."""
+
+    def __init__(self, pad: int = 4, p: float = 1.0):
+        super().__init__(p=p)
+        self.pad = int(pad)
+
+    def get_params(self) -> dict:
+        return {"dy": self.py_random.randint(-self.pad, self.pad), "dx": self.py_random.randint(-self.pad, self.pad)}
+
+    def apply(self, img: np.ndarray, dy: int = 0, dx: int = 0, **params) -> np.ndarray:
+        if dy == 0 and dx == 0:
+            return img
+        h, w = img.shape[:2]
+        out = np.zeros_like(img)
+        if abs(dy) < h and abs(dx) < w:
+            out[max(dy, 0): h + min(dy, 0), max(dx, 0): w + min(dx, 0)] = \
+                img[max(-dy, 0): h + min(-dy, 0), max(-dx, 0): w + min(-dx, 0)]
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("pad",)
+
+
+class RandAugment(A.SomeOf):
+    """``num_ops`` distinct ops drawn uniformly from the op list, applied in list order: ``A.SomeOf``
+    with replace=False, drawing the indices with the seeded Python generator (numpy's
+    ``Generator.choice`` without replacement took ~17 us per image, more than some ops)."""
+
+    def _get_idx(self) -> np.ndarray:
+        return np.asarray(sorted(self.py_random.sample(range(len(self.transforms)), self.n)), dtype=np.int64)
+
+
 def randaugment_ops(magnitude: float) -> dict[str, A.BasicTransform]:
     """One albumentations transform per RandAugment op at ``magnitude`` (0..10), each at p=1.
 
@@ -107,23 +166,12 @@ class ImageTransform:
             if augment.hflip > 0:
                 steps.append(A.HorizontalFlip(p=augment.hflip))
             if augment.crop_pad > 0:
-                pad = max(1, int(round(self.size * augment.crop_pad)))
-                steps += [
-                    A.PadIfNeeded(self.size + 2 * pad, self.size + 2 * pad, border_mode=cv2.BORDER_CONSTANT, fill=0),
-                    A.RandomCrop(self.size, self.size),
-                ]
+                steps.append(RandomShift(pad=max(1, int(round(self.size * augment.crop_pad)))))
             if augment.num_ops > 0:
                 ops = list(randaugment_ops(augment.magnitude).values())
-                steps.append(A.SomeOf(ops, n=augment.num_ops, replace=False, p=1.0))
+                steps.append(RandAugment(ops, n=min(augment.num_ops, len(ops)), replace=False, p=1.0))
             if augment.cutout > 0:
-                steps.append(
-                    A.CoarseDropout(
-                        num_holes_range=(1, 1),
-                        hole_height_range=(augment.cutout_size, augment.cutout_size),
-                        hole_width_range=(augment.cutout_size, augment.cutout_size),
-                        fill=0, p=augment.cutout,
-                    )
-                )
+                steps.append(Cutout(size=augment.cutout_size, p=augment.cutout))
             if steps:
                 self.pipeline = A.Compose(steps, seed=seed)
 

@@ -107,3 +107,61 @@ def test_fast_affine_warps_like_albumentations_affine(real_images, ours, theirs)
         assert mine.shape == img.shape and mine.dtype == np.uint8
         assert not np.array_equal(mine, img)  # a real warp
         assert np.abs(mine.astype(int) - ref).max() <= 1, ours  # identical up to rounding
+
+
+def test_cutout_blacks_out_one_square_inside_the_image_with_probability_p():
+    import albumentations as A
+
+    from noisystudent.noise import Cutout
+
+    for img in (np.full((32, 32), 200, np.uint8), np.full((32, 32, 3), 200, np.uint8)):
+        c = A.Compose([Cutout(size=0.35, p=0.5)], seed=3)
+        holes, corners = 0, set()
+        for _ in range(400):
+            out = c(image=img.copy())["image"]
+            zero = (out == 0) if out.ndim == 2 else (out == 0).all(-1)
+            if zero.any():
+                holes += 1
+                rows, cols = np.flatnonzero(zero.any(1)), np.flatnonzero(zero.any(0))
+                assert len(rows) == len(cols) == int(32 * 0.35) == zero.sum() ** 0.5  # one full 11x11 square
+                corners.add((rows[0], cols[0]))
+            assert out.shape == img.shape and ((out == 0) | (out == 200)).all()
+        assert 160 < holes < 240  # p = 0.5 of 400
+        assert min(r for r, _ in corners) == 0 and max(r for r, _ in corners) == 32 - 11  # placed over the whole range
+
+
+def test_random_shift_is_pad_then_random_crop():
+    import albumentations as A
+
+    from noisystudent.noise import RandomShift
+
+    img = np.arange(1, 28 * 28 + 1, dtype=np.int64).reshape(28, 28).astype(np.uint8) | 1  # no zeros inside
+    padded = np.pad(img, 4)
+    shift = RandomShift(pad=4)
+    seen = set()
+    for dy in range(-4, 5):
+        for dx in range(-4, 5):
+            out = shift.apply(img, dy=dy, dx=dx)
+            assert np.array_equal(out, padded[4 - dy: 4 - dy + 28, 4 - dx: 4 - dx + 28]), (dy, dx)
+    c = A.Compose([RandomShift(pad=4)], seed=0)
+    for _ in range(600):
+        out = c(image=img.copy())["image"]
+        seen.add(next((dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                      if np.array_equal(out, padded[4 - dy: 4 - dy + 28, 4 - dx: 4 - dx + 28])))
+    assert len(seen) == 81  # every shift in [-4, 4]^2 occurs
+
+
+def test_randaugment_applies_n_distinct_ops_uniformly():
+    import albumentations as A
+
+    from noisystudent.noise import RandAugment
+
+    ops = list(randaugment_ops(9).values())
+    ra = RandAugment(ops, n=2, replace=False, p=1.0)
+    A.Compose([ra], seed=0)  # seeds ra as the student's pipeline does
+    counts = np.zeros(len(ops), int)
+    for _ in range(2600):
+        idx = ra._get_idx()
+        assert len(idx) == 2 and idx[0] < idx[1]  # two distinct ops, applied in list order
+        counts[idx] += 1
+    assert counts.min() > 0.7 * 400 and counts.max() < 1.3 * 400  # each op 2/13 of draws
