@@ -11,15 +11,13 @@ Prints JSON. In one command, on the same teacher, corpus and thread budget:
     python benchmarks/label_throughput.py [--config configs/default.yaml] [--shards 'data/default/unlabeled/shard-*.tar']
         [--teacher runs/default/gen-0/teacher/model.pt] [--max-shards 4]
 """
+import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from noisystudent import cli  # noqa: E402
+from noisystudent import cli
 
 
 def _peak_rss_mb() -> float:
@@ -30,7 +28,8 @@ def _peak_rss_mb() -> float:
 
 def _label_one_in_fresh_worker(checkpoint: str, shard: str, out: str, data: dict, threads: int) -> dict:
     """Runs inside a fresh Dask worker: label one shard, report the worker's peak RSS."""
-    from noisystudent.label import _label_task, sha256_file
+    from noisystudent.io import sha256_file
+    from noisystudent.labeling.job import _label_task
 
     rss_before = _peak_rss_mb()
     summary = _label_task(shard, out, checkpoint, sha256_file(checkpoint), data, 256, "cpu", "off", threads)
@@ -38,20 +37,20 @@ def _label_one_in_fresh_worker(checkpoint: str, shard: str, out: str, data: dict
 
 
 def main() -> int:
-    p = cli.parser(__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_config_args(p)
     p.add_argument("--teacher", default=None, help="teacher model.pt (default: a random-weight model of the gen-0 architecture)")
     p.add_argument("--shards", default=None, help="input shard pattern (default: data.unlabeled_shards)")
     p.add_argument("--max-shards", type=int, default=4, help="shards used for the throughput runs")
     args = p.parse_args()
     cfg = cli.config_from_args(args)
 
-    import numpy as np
     import torch
     from dataclasses import asdict
     from distributed import Client, LocalCluster
 
-    from noisystudent.data.shards import decode_image, expand_urls, image_bytes, iter_samples, write_shard
-    from noisystudent.label import label_corpus
+    from noisystudent.data.shard_io import decode_image, expand_urls, image_bytes, iter_samples, write_shard
+    from noisystudent.labeling.job import label_corpus
     from noisystudent.models import ModelSpec, create_model, load_model, save_model
     from noisystudent.noise import create_eval_transform
 

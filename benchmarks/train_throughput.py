@@ -3,7 +3,7 @@
 
 Prints JSON. Both runs happen in this process on the same model, input shape and batch size:
 (a) ``bare``: timm train steps on pre-made tensors (the compute ceiling);
-(b) ``pipeline``: ``noisystudent.train.train_model`` with the configured augmentation and loader
+(b) ``pipeline``: ``noisystudent.engine.train.train_model`` with the configured augmentation and loader
     workers. For ``--stage student`` (default) that is the student's real input: in-memory labeled
     images plus a pseudo-labeled shard (written and labeled here by an untrained model) read through
     ``PseudoLabeledStream``, batch_size labeled + unlabeled_ratio x batch_size pseudo-labeled images
@@ -18,19 +18,19 @@ and the median of those ratios is reported, with every round's numbers.
     python benchmarks/train_throughput.py [--config configs/default.yaml] [--set data.num_workers=1] [--images 6000]
 """
 import contextlib
+import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from noisystudent import cli  # noqa: E402
+from noisystudent import cli
 
 
 def main() -> int:
-    p = cli.parser(__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_config_args(p)
     p.add_argument("--images", type=int, default=6000, help="images per measured run")
     p.add_argument("--stage", choices=["teacher", "student"], default="student", help="whose augmentation/model noise")
     p.add_argument("--rounds", type=int, default=3, help="alternating bare/pipeline rounds (median ratio reported)")
@@ -44,8 +44,10 @@ def main() -> int:
 
     from noisystudent.data.imagefolder import LabeledImages
     from noisystudent.noise import create_train_transform
-    from noisystudent.precision import resolve_amp
-    from noisystudent.train import create_optimizer, resolve_num_workers, train_model
+    from noisystudent.engine.precision import resolve_amp
+    from noisystudent.engine.device import resolve_num_workers
+    from noisystudent.engine.optim import create_optimizer
+    from noisystudent.engine.train import train_model
 
     stage = getattr(cfg, args.stage)
     gen = 0 if args.stage == "teacher" else 1
@@ -130,9 +132,10 @@ def pseudo_stream(cfg, images, model_name: str, out_dir: Path, transform):
     function, and the stream a student reads it with (every image kept, soft targets)."""
     import torch
 
-    from noisystudent.data.pseudo_labels import PseudoLabeledStream, select_pseudo_labels
-    from noisystudent.data.shards import encode_png, write_shard
-    from noisystudent.label import pseudo_label_shard
+    from noisystudent.data.pseudo_stream import PseudoLabeledStream
+    from noisystudent.data.selection import select_pseudo_labels
+    from noisystudent.data.shard_io import encode_png, write_shard
+    from noisystudent.labeling.shard import pseudo_label_shard
     from noisystudent.models import ModelSpec, create_model
     from noisystudent.noise import create_eval_transform
 

@@ -60,10 +60,9 @@ def main() -> int:
     if not args.chromium:
         raise SystemExit("error: no chromium on PATH: apt-get install chromium (or pass --chromium)")
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import mlflow
 
-    from noisystudent.compare import find_parent_run, generation_rows
+    from noisystudent.tracking.compare import find_parent_run, generation_rows
 
     server, proc = args.server, None
     if not server:

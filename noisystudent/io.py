@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -64,10 +62,6 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def write_yaml_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(path, yaml.safe_dump(obj, sort_keys=False).encode())
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -30,8 +30,8 @@ class RandomAffine(A.ImageOnlyTransform):
     as a fraction of the side, each drawn uniformly from its range; black fill, bilinear.
 
     The geometric RandAugment ops (rotate, shear x/y, translate x/y) go through this instead of
-    ``A.Affine``, whose general machinery (bboxes, keypoints, fit/keep-ratio options) costs
-    ~190 us per call on a 32x32 image against ~50 us here: it made the geometric ops, 5 of 13,
+    ``A.Affine``, whose general machinery (bboxes, keypoints, fit/keep-ratio options) costs several
+    times this one warp on small images (docs/benchmarks.md): it made the geometric ops, 5 of 13,
     the largest share of the student's input pipeline. Randomness comes from albumentations'
     seeded generator, so a seeded ``A.Compose`` stays reproducible.
     """
@@ -70,7 +70,7 @@ class RandomAffine(A.ImageOnlyTransform):
 class Cutout(A.ImageOnlyTransform):
     """One square hole of ``size`` x the image side, filled with 0 and placed uniformly so it lies
     inside the image: the distribution of ``A.CoarseDropout`` with one hole of fixed fractional
-    size, whose general machinery costs ~100 us per call on a 32x32 image against ~10 us here."""
+    size, whose general machinery costs far more per call than this slice assignment."""
 
     def __init__(self, size: float = 0.35, p: float = 0.5):
         super().__init__(p=p)
@@ -120,7 +120,7 @@ class RandomShift(A.ImageOnlyTransform):
 class RandAugment(A.SomeOf):
     """``num_ops`` distinct ops drawn uniformly from the op list, applied in list order: ``A.SomeOf``
     with replace=False, drawing the indices with the seeded Python generator (numpy's
-    ``Generator.choice`` without replacement took ~17 us per image, more than some ops)."""
+    ``Generator.choice`` without replacement costs more per image than some of the ops)."""
 
     def _get_idx(self) -> np.ndarray:
         return np.asarray(sorted(self.py_random.sample(range(len(self.transforms)), self.n)), dtype=np.int64)
@@ -173,8 +173,8 @@ class ImageTransform:
             if augment.cutout > 0:
                 steps.append(Cutout(size=augment.cutout_size, p=augment.cutout))
             if steps:
-                # image-only: the shape checks between targets have nothing to compare and cost
-                # ~20% of the whole augmentation on a 32x32 image (same outputs without them)
+                # image-only: the shape checks between targets have nothing to compare and are a
+                # visible share of the augmentation on small images (same outputs without them)
                 self.pipeline = A.Compose(steps, seed=seed, is_check_shapes=False)
 
     def reseed(self, seed: int) -> None:

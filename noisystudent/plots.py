@@ -1,4 +1,5 @@
-"""PNG figures a person would rather look at than read: calibration, learning curves, generations."""
+"""PNG figures a person would rather look at than read: calibration, confusion, learning curves,
+generations, thresholds, augmentation grids. Layer 0: numpy and matplotlib only."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,17 +16,17 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | Path, title: str = "", dpi: int = 110) -> None:
+def save_figure(fig, path: str | Path, title: str = "", dpi: int = 110) -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def reliability_png(probs: np.ndarray, targets: np.ndarray, path: str | Path, bins: int = 15, title: str = "") -> None:
     """Reliability diagram: accuracy vs confidence per bin, with bin counts; the diagonal is perfect calibration."""
-    plt = _plt()
+    plt = pyplot()
     conf, correct = probs.max(1), probs.argmax(1) == targets
     edges = np.linspace(0, 1, bins + 1)
     idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
@@ -41,12 +42,35 @@ def reliability_png(probs: np.ndarray, targets: np.ndarray, path: str | Path, bi
     ax2.bar(centers, count, width=1 / bins, color="tab:gray")
     ax2.set_xlabel("confidence")
     ax2.set_ylabel("images")
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def confusion_png(confusion: list[list[int]], class_names: list[str], path: str | Path, title: str) -> None:
+    """Row-normalised confusion matrix (true class per row)."""
+    plt = pyplot()
+    cm = np.asarray(confusion, dtype=float)
+    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    save_figure(fig, path)
+
+
+def augmentation_grid_png(grid: np.ndarray, path: str | Path) -> None:
+    """A uint8 image grid, enlarged (nearest) so small images stay visible."""
+    scale = max(1, 512 // grid.shape[1])
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    pyplot().imsave(path, grid, cmap="gray" if grid.ndim == 2 else None)
 
 
 def learning_curves_png(history: list[dict], path: str | Path, title: str = "") -> None:
     """Train/val loss, val top-1 and learning rate per epoch."""
-    plt = _plt()
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     axes[0].plot(epochs, [h["train_loss"] for h in history], label="train")
@@ -61,12 +85,12 @@ def learning_curves_png(history: list[dict], path: str | Path, title: str = "") 
     axes[2].set_title("learning rate (end of epoch)")
     for a in axes:
         a.set_xlabel("epoch")
-    _save(fig, path, title)
+    save_figure(fig, path, title)
 
 
 def generations_png(rows: list[dict], path: str | Path, title: str = "Noisy Student generations") -> None:
     """Test top-1, images kept and ECE by generation."""
-    plt = _plt()
+    plt = pyplot()
     gens = [r["generation"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     axes[0].plot(gens, [100 * (r.get("test_top1") or np.nan) for r in rows], "o-", label="test top-1")
@@ -81,12 +105,12 @@ def generations_png(rows: list[dict], path: str | Path, title: str = "Noisy Stud
     for a in axes:
         a.set_xlabel("generation")
         a.set_xticks(gens)
-    _save(fig, path, title)
+    save_figure(fig, path, title)
 
 
 def threshold_plot(summary: list[dict], base_threshold: float, path: Path) -> None:
     """Test top-1 and pseudo-labels kept across the ablation's threshold cells."""
-    plt = _plt()
+    plt = pyplot()
     pts = []
     for c in summary:
         if c["group"] == "threshold":
@@ -105,4 +129,4 @@ def threshold_plot(summary: list[dict], base_threshold: float, path: Path) -> No
     ax2.plot(t, kept, "s--", color="tab:orange")
     ax2.set_ylabel("pseudo-labeled images kept", color="tab:orange")
     ax.set_title("Confidence threshold: accuracy vs images kept")
-    _save(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120)

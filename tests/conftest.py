@@ -85,7 +85,7 @@ def make_fmnist_slice(dst: Path, train_per_class: int, n_test: int) -> Path:
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> Path:
     """A prepared smoke dataset: 100 labeled, 50 val, 200 test, ~450 unlabeled + OOD in 4 shards."""
-    from noisystudent.data.prepare import prepare_fashion_mnist
+    from noisystudent.prepare.fashion_mnist import prepare_fashion_mnist
 
     root = tmp_path_factory.mktemp("smoke")
     src = make_fmnist_slice(root / "src", train_per_class=60, n_test=200)
@@ -137,7 +137,7 @@ def smoke_run(smoke_data, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("smoke-run") / "run"
     cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, run_dir))
-    rows = iterate(cfg, show_table=False)
+    rows = [r.as_dict() for r in iterate(cfg).generations]
     return cfg, run_dir, rows
 
 

@@ -15,7 +15,7 @@ def test_ablation_cells_share_budget_and_report_seeds(smoke_run, smoke_data, tmp
     teacher, labels = str(run_dir / "gen-0" / "teacher" / "model.pt"), run_dir / "gen-1" / "labels"
     out = tmp_path / "ablation"
     # the tiny smoke teacher is unsure of everything: a "strict" threshold is its median confidence
-    from noisystudent import shards
+    from noisystudent.data import pseudo_labels as shards
 
     strict = round(float(np.median(shards.load_table(labels).confidence)), 3)
     args = ["ablate.py", "--teacher", teacher, "--labels", str(labels), "--out", str(out),
@@ -61,15 +61,16 @@ def test_ablation_cells_share_budget_and_report_seeds(smoke_run, smoke_data, tmp
 
 def test_threshold_keeping_less_than_a_batch_is_a_clear_error(smoke_data, tmp_path):
     from noisystudent.config import ConfigError, load_config
-    from noisystudent.data.pseudo_labels import PseudoLabeledStream, Selection
-    from noisystudent.loop import load_labeled_data
+    from noisystudent.data.pseudo_stream import PseudoLabeledStream
+    from noisystudent.data.selection import Selection
+    from noisystudent.data.imagefolder import load_labeled_data
     from noisystudent.noise import create_eval_transform
-    from noisystudent.train import train_model
+    from noisystudent.engine.train import train_model
 
     import pytest
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, tmp_path / "run"))
-    data = load_labeled_data(cfg)
+    data = load_labeled_data(cfg.data)
     empty = PseudoLabeledStream(Selection({}, [0] * 10, 0, 0), 1, 10, create_eval_transform(cfg.data))
     with pytest.raises(ConfigError, match="pseudo_label.threshold"):
         train_model(cfg.student, cfg, "test_resnet", tmp_path / "s", data.train, data.val, empty)

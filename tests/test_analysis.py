@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from noisystudent.analysis.scores import OOD_SCORES, auroc, energy_score, msp_score
-from noisystudent.audit import read_hidden_fields
-from noisystudent.data.pseudo_labels import OODScoreError, ood_scores_path, read_index, select_pseudo_labels
-from noisystudent.label import load_manifest
+from noisystudent.data.audit import read_hidden_fields
+from noisystudent.data.label_index import ood_scores_path, read_index
+from noisystudent.data.selection import OODScoreError, select_pseudo_labels
+from noisystudent.labeling.job import load_manifest
 
 
 class ReportParser(HTMLParser):
@@ -142,9 +143,10 @@ def test_run_report_compares_generations_and_mlflow_has_it(smoke_run):
 
 
 def test_with_without_low_confidence_experiment(smoke_run):
-    from noisystudent.analysis import analyze_run, with_without
+    from noisystudent.analysis.run import analyze_run
+    from noisystudent.experiments.with_without import with_without
 
-    from noisystudent import shards
+    from noisystudent.data import pseudo_labels as shards
 
     cfg, run_dir, _ = smoke_run
     # the tiny smoke teacher is unsure of everything: "high" = its median confidence

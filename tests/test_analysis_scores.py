@@ -11,7 +11,7 @@ from noisystudent.analysis.probes import linear_probe_accuracy
 from noisystudent.analysis.scores import (
     KNNScorer, MahalanobisScorer, auroc, energy_score, entropy_score, fpr_at_tpr, msp_score,
 )
-from noisystudent.data.pseudo_labels import OODFilter
+from noisystudent.data.selection import OODFilter
 
 
 def test_msp_and_entropy_by_hand():

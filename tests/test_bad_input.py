@@ -76,8 +76,10 @@ def test_unreadable_labeled_image_is_skipped_and_counted(smoke_data, tmp_path):
 def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data, tmp_path):
     """Labeling skips a corrupt image and the cut-off tail of a truncated shard, counts both, labels the rest."""
     from noisystudent.config import load_config
-    from noisystudent.data.shards import iter_samples, write_shard
-    from noisystudent.loop import pseudo_label, load_labeled_data, train_teacher
+    from noisystudent.data.shard_io import iter_samples, write_shard
+    from noisystudent.data.imagefolder import load_labeled_data
+    from noisystudent.stages.pseudo_label import pseudo_label
+    from noisystudent.stages.teacher import train_teacher
 
     src = sorted((smoke_data / "unlabeled").glob("shard-*.tar"))[:2]
     good = list(iter_samples(str(src[0])))
@@ -90,7 +92,7 @@ def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data,
                       smoke_overrides(smoke_data, tmp_path / "run") + [f"data.unlabeled_shards={corpus}/*.tar",
                                                                         "teacher.epochs=1", "cluster.n_workers=1",
                                                                         "tracking.enabled=false"])
-    teacher = train_teacher(cfg, tmp_path / "teacher", load_labeled_data(cfg))
+    teacher = train_teacher(cfg, tmp_path / "teacher", load_labeled_data(cfg.data))
     manifest = pseudo_label(cfg, teacher.model_path, tmp_path / "labels", show_progress=False)
     reasons = manifest["skipped"]["by_reason"]
     assert reasons["unreadable_image"] == 1 and reasons["truncated_tar"] == 1

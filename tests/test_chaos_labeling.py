@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO, dask_processes
 
-from noisystudent.data.shards import iter_samples, write_shard
+from noisystudent.data.shard_io import iter_samples, write_shard
 from noisystudent.models import ModelSpec, create_model, save_model
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, dask_processes
 
-from noisystudent.data.shards import iter_samples, write_shard
+from noisystudent.data.shard_io import iter_samples, write_shard
 from noisystudent.models import ModelSpec, create_model, save_model
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -117,9 +117,9 @@ def test_kill_9_of_whole_job_then_rerun_labels_only_unfinished_shards(corpus, tm
 
 
 def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_changes(corpus, tmp_path, monkeypatch):
-    from noisystudent import shards
+    from noisystudent.data import pseudo_labels as shards
     from noisystudent.config import ClusterConfig, DataConfig
-    from noisystudent.label import label_corpus
+    from noisystudent.labeling.job import label_corpus
 
     root, keys = corpus
     inputs = sorted(str(p) for p in (root / "in").glob("part-*.tar"))[:3]
@@ -169,7 +169,7 @@ def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_ch
 
 def test_slurm_job_script_requests_gpus_and_dask_resources():
     pytest.importorskip("dask_jobqueue")
-    from noisystudent.cluster import slurm_cluster, task_resources
+    from noisystudent.labeling.cluster import slurm_cluster, task_resources
     from noisystudent.config import load_config
 
     cfg = load_config(REPO / "configs" / "imagenet.yaml", overlays=[REPO / "configs" / "cluster" / "slurm-gpu.yaml"],
@@ -194,9 +194,9 @@ def test_labeling_stages_inside_shared_cluster_reuse_its_workers(corpus, tmp_pat
 
     import torch
 
-    from noisystudent.cluster import shared_cluster
+    from noisystudent.labeling.cluster import shared_cluster
     from noisystudent.config import ClusterConfig, DataConfig
-    from noisystudent.label import label_corpus
+    from noisystudent.labeling.job import label_corpus
 
     root, _ = corpus
     inputs = sorted(str(p) for p in (root / "in").glob("part-*.tar"))[:2]

@@ -112,7 +112,7 @@ def test_registered_versions_aliases_and_loading(tracked_run, smoke_data, tmp_pa
 
     from noisystudent.data.imagefolder import load_labeled
     from noisystudent.noise import create_eval_transform
-    from noisystudent.tracking import load_tracked_model
+    from noisystudent.tracking.registry import load_tracked_model
 
     uri, run_dir = tracked_run
     client = mlflow.MlflowClient(tracking_uri=uri)

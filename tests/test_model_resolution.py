@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from noisystudent.evaluate import predict
-from noisystudent.loop import evaluate_model, load_labeled_data
+from noisystudent.engine.evaluate import predict
+from noisystudent.data.imagefolder import load_labeled_data
 from noisystudent.models import ModelSpec, create_model, save_model
 from noisystudent.noise import create_eval_transform
-from noisystudent.train import _eval_loader
+from noisystudent.stages.evaluate import evaluate_model
+from noisystudent.engine.evaluate import eval_loader
 
 
 def _nll(model, split, data_cfg) -> float:
-    probs, targets = predict(model, _eval_loader(split.with_transform(create_eval_transform(data_cfg)), torch.device("cpu")),
+    probs, targets = predict(model, eval_loader(split.with_transform(create_eval_transform(data_cfg)), torch.device("cpu")),
                              torch.device("cpu"))
     return float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
 
@@ -21,7 +22,7 @@ def _nll(model, split, data_cfg) -> float:
 def test_evaluation_uses_the_checkpoint_resolution(smoke_config, tmp_path):
     cfg = smoke_config()
     assert cfg.data.image_size == 28
-    data = load_labeled_data(cfg)  # decoded once, base transform at 28 px
+    data = load_labeled_data(cfg.data)  # decoded once; every consumer picks its transform
     spec = ModelSpec(name=cfg.ladder[-1], num_classes=len(data.class_names), in_chans=cfg.data.channels, image_size=20,
                      class_names=list(data.class_names), mean=[0.5], std=[0.25])
     torch.manual_seed(0)

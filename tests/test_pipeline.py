@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from noisystudent.data.pseudo_labels import META_EXT, PROBS_EXT, read_index
-from noisystudent.data.shards import expand_urls, iter_samples
+from noisystudent.data.label_index import META_EXT, PROBS_EXT, read_index
+from noisystudent.data.shard_io import expand_urls, iter_samples
 
 
 def test_generation_rows_and_files(smoke_run):
@@ -90,7 +90,7 @@ def test_rerun_resumes_without_recomputing(smoke_run, capsys):
     watched = [run_dir / "gen-0" / "teacher" / "model.pt", run_dir / "gen-2" / "student" / "model.pt"]
     watched += sorted((run_dir / "gen-1" / "labels").glob("*.tar"))
     before = {p: p.stat().st_mtime_ns for p in watched}
-    again = iterate(cfg, show_table=False)
-    assert [r["test_top1"] for r in again] == [r["test_top1"] for r in rows]
+    again = iterate(cfg).generations
+    assert [r.test_top1 for r in again] == [r["test_top1"] for r in rows]
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     assert capsys.readouterr().out.count("already done") == 3

@@ -11,13 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from noisystudent.data.prepare import (
-    FASHION_MNIST_CLASSES,
-    PrepareError,
-    folder_to_shards,
-    prepare_fashion_mnist,
-)
-from noisystudent.data.shards import decode_image, iter_samples
+from noisystudent.prepare.fashion_mnist import FASHION_MNIST_CLASSES, prepare_fashion_mnist
+from noisystudent.prepare.folder_to_shards import PrepareError, folder_to_shards
+from noisystudent.data.shard_io import decode_image, iter_samples
 
 from conftest import REAL_SOURCE, read_real, write_idx  # noqa: E402
 PER_CLASS_TRAIN = 6  # tiny train set: 6 images per class = 60

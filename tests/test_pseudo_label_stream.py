@@ -1,16 +1,19 @@
 """The student's pseudo-label stream: seek-by-index reading equals parsing the tar, and damage is counted."""
 from __future__ import annotations
 
-import dataclasses
 import glob
+import io
 
 import numpy as np
 import pytest
 import torch
 
-from noisystudent.data import pseudo_labels as pl
-from noisystudent.data.shards import decode_image, encode_png, iter_samples, write_shard
-from noisystudent.label import pseudo_label_shard, shard_done
+from noisystudent.data.label_index import INDEX_VERSION, PROBS_EXT, index_path, read_index
+from noisystudent.data.pseudo_stream import PseudoLabeledStream
+from noisystudent.data.selection import select_pseudo_labels
+from noisystudent.data.shard_io import decode_image, encode_png, iter_samples, write_shard
+from noisystudent.labeling.job import shard_done
+from noisystudent.labeling.shard import pseudo_label_shard
 from noisystudent.models import ModelSpec, create_model
 from noisystudent.noise import create_eval_transform
 
@@ -35,28 +38,25 @@ def _identity(img):
 
 def test_index_records_offsets_and_probs_that_match_the_tar(labeled_shard):
     out, summary = labeled_shard
-    ix = pl.read_index(out)
-    assert ix.version == pl.INDEX_VERSION and ix.seekable and shard_done(out)
+    ix = read_index(out)
+    assert ix.version == INDEX_VERSION and shard_done(out) and (ix.image_offset >= 0).all()
     assert ix.probs.shape == (summary.samples, 10)
     raw = out.read_bytes()
     for i, sample in enumerate(iter_samples(str(out))):
         assert sample["__key__"] == ix.keys[i]
         off, size = int(ix.image_offset[i]), int(ix.image_size[i])
         assert raw[off: off + size] == sample[str(ix.image_ext[i])]  # the offset points at the image bytes
-        np.testing.assert_array_equal(np.load(__import__("io").BytesIO(sample[pl.PROBS_EXT])), ix.probs[i])
+        np.testing.assert_array_equal(np.load(io.BytesIO(sample[PROBS_EXT])), ix.probs[i])
     assert i + 1 == summary.samples
 
 
 def test_seek_path_yields_exactly_what_tar_parsing_yields(labeled_shard):
     out, _ = labeled_shard
-    selection = pl.select_pseudo_labels([str(out)], 10, threshold=0.0, balance=False)
-    fast = list(pl.PseudoLabeledStream(selection, 1, 10, _identity).read_shard(str(out)))
-    old_read = pl.read_index
-    try:  # an index without offsets (older format) falls back to parsing the tar
-        pl.read_index = lambda s: dataclasses.replace(old_read(s), image_offset=np.full(len(fast), -1, np.int64))
-        slow = list(pl.PseudoLabeledStream(selection, 1, 10, _identity).read_shard(str(out)))
-    finally:
-        pl.read_index = old_read
+    selection = select_pseudo_labels([str(out)], 10, threshold=0.0, balance=False)
+    fast = list(PseudoLabeledStream(selection, 1, 10, _identity).read_shard(str(out)))
+    # the same samples, parsed from the tar member by member
+    slow = [(s["__key__"], decode_image(s["png"], 1), np.load(io.BytesIO(s[PROBS_EXT]), allow_pickle=False))
+            for s in iter_samples(str(out)) if s["__key__"] in selection.repeats[str(out)]]
     assert len(fast) == len(slow) == selection.kept_unique > 0
     for (k1, img1, p1), (k2, img2, p2) in zip(fast, slow):
         assert k1 == k2
@@ -69,9 +69,9 @@ def test_truncated_pseudo_label_shard_is_counted_not_lost_silently(labeled_shard
     cut = tmp_path / out.name
     raw = out.read_bytes()
     cut.write_bytes(raw[: len(raw) // 2])
-    pl.index_path(cut).write_bytes(pl.index_path(out).read_bytes())
-    selection = pl.select_pseudo_labels([str(cut)], 10, threshold=0.0, balance=False)
-    stream = pl.PseudoLabeledStream(selection, 1, 10, _identity)
+    index_path(cut).write_bytes(index_path(out).read_bytes())
+    selection = select_pseudo_labels([str(cut)], 10, threshold=0.0, balance=False)
+    stream = PseudoLabeledStream(selection, 1, 10, _identity)
     got = list(stream.read_shard(str(cut)))
     assert 0 < len(got) < summary.samples
     assert len(got) + stream.skips.reasons["truncated_tar"] == summary.samples

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from noisystudent.data.pseudo_labels import ClassBalancer, ConfidenceFilter, select_pseudo_labels, write_index
+from noisystudent.data.label_index import write_index
+from noisystudent.data.selection import ClassBalancer, ConfidenceFilter, select_pseudo_labels
 
 
 def test_confidence_filter_is_inclusive():

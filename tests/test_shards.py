@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from noisystudent.data.shards import (
+from noisystudent.data.shard_io import (
     SkipCounter, ShardError, decode_image, encode_png, expand_urls, iter_samples, write_shard, write_shards,
 )
 

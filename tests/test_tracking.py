@@ -37,7 +37,7 @@ def test_logged_params_never_hold_secrets(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from noisystudent.config import Config, TrackingConfig, flatten, to_dict
-    from noisystudent.tracking import REDACTED, Tracker
+    from noisystudent.tracking.tracker import REDACTED, Tracker
 
     monkeypatch.setenv("NS_TEST_API_TOKEN", "tok-9f8e7d6c5b")
     cfg = Config().with_overrides({"cluster.kubernetes.env": {"AWS_SECRET_ACCESS_KEY": "abc123xyz", "REGION": "eu"},

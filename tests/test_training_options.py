@@ -13,7 +13,7 @@ from noisystudent.config import AugmentConfig, Config, TrainConfig
 from noisystudent.data.imagefolder import LabeledImages
 from noisystudent.models import load_checkpoint
 from noisystudent.noise import create_eval_transform, create_train_transform
-from noisystudent.train import train_model
+from noisystudent.engine.train import train_model
 
 STAGE = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=0.0, augment=AugmentConfig(num_ops=1, magnitude=4))
 
@@ -66,7 +66,7 @@ def test_compiled_training_writes_plain_checkpoints(tmp_path):
     assert np.isfinite(result.history[-1]["train_loss"])
 
 
-@pytest.mark.skipif(not __import__("noisystudent.precision", fromlist=["x"]).cpu_has_native_bf16(),
+@pytest.mark.skipif(not __import__("noisystudent.engine.precision", fromlist=["x"]).cpu_has_native_bf16(),
                     reason="CPU without native bf16")
 def test_bf16_autocast_on_cpu_learns(tmp_path):
     cfg = _cfg(amp="bf16")
@@ -79,7 +79,7 @@ def test_bf16_autocast_on_cpu_learns(tmp_path):
 
 def test_num_workers_auto_leaves_the_cores_to_the_train_step_on_cpu():
     from noisystudent.config import ConfigError, load_config
-    from noisystudent.train import resolve_num_workers
+    from noisystudent.engine.device import resolve_num_workers
 
     cpu = torch.device("cpu")
     cores = len(os.sched_getaffinity(0))

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..audit import read_hidden_fields
-from ..data.pseudo_labels import features_path, read_index
-from ..data.shards import SkipCounter
+from ..data.audit import read_hidden_fields
+from ..data.label_index import features_path, ood_scores_path, read_index
+from ..data.pseudo_stream import images_by_offset
+from ..data.shard_io import SkipCounter
+from ..engine.evaluate import eval_loader
+from ..io import atomic_path
 from ..models import pooled_and_logits
-from ..train import _eval_loader
 
 
 @dataclass
@@ -40,7 +42,7 @@ def extract_split(model: torch.nn.Module, dataset, device: torch.device, with_bl
     """Pooled features and logits (clean eval transform, eval mode) for every image of ``dataset``."""
     pooled, logits, targets = [], [], []
     blocks: dict[str, list] = {}
-    for x, y in _eval_loader(dataset, device):
+    for x, y in eval_loader(dataset, device):
         x = x.to(device)
         p, z = pooled_and_logits(model, x)
         pooled.append(p.float().cpu().numpy())
@@ -124,8 +126,6 @@ def load_corpus_features(manifest: dict, class_names: list[str]) -> CorpusFeatur
 
 def corpus_images(corpus: CorpusFeatures, rows: np.ndarray, channels: int) -> dict[int, np.ndarray]:
     """Decoded images of the given corpus rows (one seek each, from the labeled shards)."""
-    from ..data.pseudo_labels import images_by_offset
-
     out: dict[int, np.ndarray] = {}
     skips = SkipCounter()
     by_shard: dict[str, list[tuple[int, int]]] = {}
@@ -158,9 +158,6 @@ def view_consistency(model: torch.nn.Module, images: list[np.ndarray], noise, de
 def save_scores_beside_shards(corpus: CorpusFeatures, scores: dict[str, np.ndarray]) -> list[Path]:
     """Write ``<shard>.ood.npz`` (keys + every score, index order) next to each labeled shard,
     atomically, so the scores can drive selection (``pseudo_label.ood_score``)."""
-    from ..data.pseudo_labels import ood_scores_path
-    from ..io import atomic_path
-
     written = []
     for shard in dict.fromkeys(corpus.shard.tolist()):
         mask = corpus.shard == shard

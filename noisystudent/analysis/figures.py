@@ -5,13 +5,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..plots import _plt, _save
+from ..plots import pyplot, save_figure
 
 
 def score_histograms_png(scores: dict[str, np.ndarray], is_ood: np.ndarray | None, path: str | Path, title: str = "",
                          metrics: dict | None = None) -> None:
     """One panel per score: in-distribution vs OOD histograms (density), AUROC in the title."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(scores), figsize=(3.2 * len(scores), 2.8))
     for ax, (name, v) in zip(np.atleast_1d(axes), scores.items()):
         v = np.asarray(v, np.float64)
@@ -27,13 +27,13 @@ def score_histograms_png(scores: dict[str, np.ndarray], is_ood: np.ndarray | Non
         ax.tick_params(labelsize=7)
     if is_ood is not None:
         np.atleast_1d(axes)[0].legend(fontsize=7)
-    _save(fig, path, title)
+    save_figure(fig, path, title)
 
 
 def embedding_png(points: dict[str, np.ndarray], confidence: np.ndarray, is_ood: np.ndarray | None, path: str | Path,
                   title: str = "") -> None:
     """Each 2-D embedding (PCA, t-SNE) twice: coloured by the model's confidence and by ID/OOD."""
-    plt = _plt()
+    plt = pyplot()
     names = list(points)
     fig, axes = plt.subplots(len(names), 2, figsize=(9, 4.2 * len(names)), squeeze=False)
     for row, name in enumerate(names):
@@ -51,12 +51,12 @@ def embedding_png(points: dict[str, np.ndarray], confidence: np.ndarray, is_ood:
         b.set_title(f"{name}: in-distribution vs OOD", fontsize=9)
         for ax in (a, b):
             ax.set_xticks([]), ax.set_yticks([])
-    _save(fig, path, title)
+    save_figure(fig, path, title)
 
 
 def gallery_png(images: list[np.ndarray], captions: list[str], path: str | Path, title: str = "", cols: int = 8) -> None:
     """A grid of images with one short caption each."""
-    plt = _plt()
+    plt = pyplot()
     rows = max(1, int(np.ceil(len(images) / cols)))
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.8 * rows), squeeze=False)  # room for 2-line captions
     for ax in axes.ravel():
@@ -66,12 +66,12 @@ def gallery_png(images: list[np.ndarray], captions: list[str], path: str | Path,
         ax.set_title(cap, fontsize=6)
     if not images:
         axes[0, 0].text(0, 0.5, "no images", fontsize=9)
-    _save(fig, path, title)
+    save_figure(fig, path, title)
 
 
 def scores_by_generation_png(rows: list[dict], path: str | Path, title: str = "OOD detection by generation") -> None:
     """AUROC of every score per generation (rows: {"generation", "ood": {score: {"auroc"}}})."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     gens = [r["generation"] for r in rows]
     names = list(rows[0]["ood"]) if rows else []
@@ -82,4 +82,4 @@ def scores_by_generation_png(rows: list[dict], path: str | Path, title: str = "O
     ax.set_xticks(gens)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path, title)
+    save_figure(fig, path, title)

@@ -1,4 +1,4 @@
-"""Labeled data in ImageNet layout: ``root/<class>/<image>``."""
+"""Labeled data in ImageNet layout: ``root/<class>/<image>``, and the train/val/test splits of a run."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .shards import IMAGE_EXTS, SkipCounter, decode_image
+from ..config import DataConfig
+from ..io import sha256_json
+from .shard_io import IMAGE_EXTS, SkipCounter, decode_image
 
 
 class DataError(ValueError):
@@ -110,9 +112,39 @@ class LabeledImages(Dataset):
         clone.__dict__.pop("_batch_seed", None)
         return clone
 
-    def class_counts(self) -> list[int]:
-        return np.bincount(np.asarray(self.targets), minlength=len(self.class_names)).tolist()
-
 
 def load_labeled(root: str, channels: int, transform: Callable | None, class_names: list[str] | None = None) -> LabeledImages:
     return LabeledImages(scan_image_folder(root, class_names), channels, transform)
+
+
+@dataclass
+class LabeledData:
+    """The labeled splits of a run, decoded once and shared by every stage. Each consumer picks its
+    own transform with ``with_transform`` (a generation's resolution, the student's noise)."""
+
+    train: LabeledImages
+    val: LabeledImages | None
+    test: LabeledImages | None
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train.class_names
+
+    def fingerprint(self) -> str:
+        """Identity of the splits: class names and every file's name and label."""
+        splits = {}
+        for name, split in (("train", self.train), ("val", self.val), ("test", self.test)):
+            if split is not None:
+                splits[name] = [split.class_names, [(os.path.basename(p), t) for p, t in zip(split.paths, split.targets)]]
+        return sha256_json(splits)
+
+
+def load_labeled_data(data: DataConfig) -> LabeledData:
+    """``data.labeled_dir`` and the optional val/test splits, mapped onto the train split's classes."""
+    train = load_labeled(data.labeled_dir, data.channels, None)
+    val = load_labeled(data.val_dir, data.channels, None, train.class_names) if data.val_dir else None
+    test = load_labeled(data.test_dir, data.channels, None, train.class_names) if data.test_dir else None
+    for split in (train, val, test):
+        if split is not None and split.skips.total:
+            print(f"warning: skipped {split.skips.total} unreadable image(s) in labeled data: {split.skips.examples[:3]}")
+    return LabeledData(train, val, test)

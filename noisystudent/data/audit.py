@@ -10,8 +10,9 @@ import json
 
 import numpy as np
 
-from .data.pseudo_labels import Selection, read_index
-from .data.shards import EVAL_EXT, iter_samples
+from .label_index import read_index
+from .selection import Selection
+from .shard_io import EVAL_EXT, input_identity, iter_samples
 
 
 def read_hidden_fields(input_urls: list[str]) -> dict[str, dict]:
@@ -20,8 +21,6 @@ def read_hidden_fields(input_urls: list[str]) -> dict[str, dict]:
     Each shard is parsed once per process and identity (path, size, mtime): the audit and the
     analysis of every generation ask for the same corpus.
     """
-    from .label import input_identity
-
     hidden: dict[str, dict] = {}
     for url in input_urls:
         ident = input_identity(url)

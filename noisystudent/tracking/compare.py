@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tracking import TrackingError
+from ..plots import generations_png
+from .tracker import TrackingError
 
 #: metric keys read per generation run, and the table column they fill
 COLUMNS = {"test_top1": "test top-1", "test_top5": "test top-5", "test_ece": "ECE", "pl_acc_all": "PL acc",
@@ -44,8 +45,6 @@ def compare(tracking_uri: str, experiment: str = "noisystudent", parent_run_id: 
     """Rows per generation (+ a PNG chart, logged to the parent run) for one iterate run."""
     import mlflow
 
-    from .plots import generations_png
-
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     try:
         parent = find_parent_run(client, experiment, parent_run_id)
@@ -62,21 +61,3 @@ def compare(tracking_uri: str, experiment: str = "noisystudent", parent_run_id: 
         if log_to_parent:
             client.log_artifact(parent, str(out_png))
     return parent, rows
-
-
-def print_comparison(parent: str, rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"Generations of MLflow run {parent}")
-    for col in ("gen", "role", "model", *COLUMNS.values(), "run id", "teacher run"):
-        table.add_column(col, justify="right" if col not in ("role", "model", "run id", "teacher run") else "left")
-    for r in rows:
-        cells = []
-        for k in COLUMNS:
-            v = r.get(k)
-            cells.append("-" if v is None else f"{100 * v:.2f}" if k in ("test_top1", "test_top5", "pl_acc_all",
-                                                                          "pl_agreement_prev_gen") else
-                         f"{v:.4f}" if k == "test_ece" else f"{int(v):,}")
-        table.add_row(str(r["generation"]), r["role"], r["model"], *cells, r["run_id"][:8], r["teacher_run_id"][:8] or "-")
-    Console(width=max(170, Console().width)).print(table)

@@ -23,14 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, to_dict
-from .data.pseudo_labels import select_pseudo_labels
-from .io import read_json, write_json_atomic
-from .label import manifest_outputs
-from .loop import LabeledData, evaluate_model, train_student
-from .noise import create_train_transform
-from .plots import threshold_plot
-from .train import train_model
+from ..config import Config, flatten, to_dict
+from ..data.imagefolder import LabeledData, load_labeled_data
+from ..engine.train import train_model
+from ..io import read_json, write_json_atomic
+from ..labeling.job import load_manifest
+from ..noise import create_train_transform
+from ..plots import threshold_plot
+from ..stages.evaluate import evaluate_model
+from ..stages.student import select_for_student, train_student
+from ..tracking.stage_run import tracked_run
 
 NO_AUGMENT = {"num_ops": 0, "cutout": 0.0, "hflip": 0.0, "crop_pad": 0.0}
 
@@ -67,17 +69,15 @@ def _supervised_control(cfg: Config, data: LabeledData, out_dir: Path):
     """Labeled data only, with the student's noise, batch size and number of optimizer steps."""
     s = cfg.student
     batch = min(len(data.train), int(round(s.batch_size * (1 + s.unlabeled_ratio))))
-    stage = replace(s, batch_size=batch, eval_every=max(1, s.epochs), early_stop_patience=0)
+    recipe = replace(s, batch_size=batch, eval_every=max(1, s.epochs), early_stop_patience=0)
     noise = create_train_transform(cfg.data, s.augment, seed=cfg.seed)
-    return train_model(stage, cfg, cfg.model_for_generation(1), out_dir, data.train.with_transform(noise), data.val, None,
+    return train_model(recipe, cfg, cfg.model_for_generation(1), out_dir, data.train.with_transform(noise), data.val, None,
                        None, desc="control")
 
 
 def budget_steps(cfg: Config, manifest: dict, num_classes: int) -> int:
     """Steps per epoch of a student at the base recipe: the budget every cell gets."""
-    pl = cfg.pseudo_label
-    sel = select_pseudo_labels(manifest_outputs(manifest), num_classes, pl.threshold, pl.balance, pl.per_class, cfg.seed)
-    return max(1, sel.total // cfg.student.unlabeled_batch_size)
+    return max(1, select_for_student(cfg, manifest, num_classes).total // cfg.student.unlabeled_batch_size)
 
 
 def run_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manifest: dict, data: LabeledData,
@@ -114,8 +114,8 @@ def _train_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manif
         result = _supervised_control(cfg, data, out_dir / "model")
         row.update(images_kept=len(data.train), pl_kept_unique=0, steps=steps)
     else:
-        result, stats = train_student(cfg, 1, teacher, manifest, out_dir / "model", data, None)
-        row.update(images_kept=len(data.train) + stats["pl_kept_total"], pl_kept_unique=stats["pl_kept_unique"], steps=steps)
+        result, selection = train_student(cfg, 1, teacher, manifest, out_dir / "model", data, None)
+        row.update(images_kept=len(data.train) + selection.total, pl_kept_unique=selection.kept_unique, steps=steps)
     metrics = evaluate_model(result.model_path, cfg, data, out_dir)
     row.update(test_top1=metrics.get("test_top1"), val_top1=metrics.get("val_top1"), test_ece=metrics.get("test_ece"),
                minutes=(time.time() - start) / 60, epochs=len(result.history))
@@ -139,24 +139,15 @@ def summarize(rows: list[dict]) -> list[dict]:
 def run_ablation(cfg: Config, teacher: str, labels_dir: Path, out_dir: Path, thresholds: list[float], seeds: tuple,
                  only: list[str] | None = None) -> list[dict]:
     """Every cell x seed from one teacher's shards; writes ablation.json + threshold.png, logs to MLflow."""
-    from .config import dump_config, flatten
-    from .io import write_bytes_atomic
-    from .label import load_manifest
-    from .loop import load_labeled_data
-    from .tracking import Tracker, git_commit
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_labeled_data(cfg)
+    data = load_labeled_data(cfg.data)
     manifest = load_manifest(labels_dir)
     steps = cfg.student.steps_per_epoch or budget_steps(cfg, manifest, len(data.class_names))
     cfg = cfg.with_overrides({"student.steps_per_epoch": steps})
-    write_bytes_atomic(out_dir / "config.yaml", dump_config(cfg).encode())
     cells = [c for c in default_cells(cfg, thresholds, seeds) if not only or c.name in only or c.group in only]
-    tracker = Tracker(cfg.tracking, out_dir)
     rows: list[dict] = []
-    with tracker.run(out_dir / "mlflow_parent_run_id", "ablation", {"role": "ablation", "git_commit": git_commit(),
-                                                                    "teacher_sha256": manifest["teacher"]["sha256"]}):
-        tracker.log_params({**flatten(to_dict(cfg)), "ablation.steps_per_epoch": steps, "ablation.seeds": list(seeds)})
+    params = {**flatten(to_dict(cfg)), "ablation.steps_per_epoch": steps, "ablation.seeds": list(seeds)}
+    with tracked_run(cfg, out_dir, "ablation", {"role": "ablation", "teacher_sha256": manifest["teacher"]["sha256"]},
+                     id_file="mlflow_parent_run_id", params=params) as tracker:
         for cell in cells:
             for seed in cell.seeds:
                 slug = "".join(ch if ch.isalnum() else "-" for ch in cell.name.lower()).strip("-")
@@ -167,19 +158,6 @@ def run_ablation(cfg: Config, teacher: str, labels_dir: Path, out_dir: Path, thr
                                                                  "unlabeled_ratio": cfg.student.unlabeled_ratio},
                                                       "teacher": manifest["teacher"], "rows": rows, "summary": summary})
         threshold_plot(summary, cfg.pseudo_label.threshold, out_dir / "threshold.png")
-        for name in ("ablation.json", "threshold.png", "config.yaml"):
+        for name in ("ablation.json", "threshold.png"):
             tracker.log_artifact(out_dir / name)
     return summary
-
-
-def print_ablation_table(summary: list[dict], budget: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"Student ablations (same teacher shards, {budget})")
-    for col in ("group", "cell", "pseudo-labels kept", "test top-1 %", "± std", "seeds"):
-        table.add_column(col, justify="left" if col in ("group", "cell") else "right")
-    for c in summary:
-        table.add_row(c["group"], c["cell"], f"{c['pl_kept_unique']:,}", f"{100 * c['mean']:.2f}",
-                      f"{100 * c['std']:.2f}" if c["n"] > 1 else "-", str(c["n"]))
-    Console(width=max(110, Console().width)).print(table)

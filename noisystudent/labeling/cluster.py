@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 from typing import Iterator
 
-from .config import ClusterConfig
+from ..config import ClusterConfig
 
 
 class ClusterError(RuntimeError):
@@ -102,7 +102,7 @@ def _kubernetes_cluster(cfg: ClusterConfig):
 class SharedCluster:
     """One cluster for several labeling stages: started by the first :func:`create_client`, closed
     by :func:`shared_cluster` on exit. Starting a LocalCluster and importing torch in each worker
-    costs ~10 s on 2 cores, every generation, and a slurm/kubernetes cluster has to queue again."""
+    costs seconds every generation, and a slurm/kubernetes cluster has to queue again."""
 
     def __init__(self, cfg: ClusterConfig, stack: contextlib.ExitStack):
         self.cfg, self.client, self._stack = cfg, None, stack

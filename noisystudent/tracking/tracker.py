@@ -8,13 +8,14 @@ directory so a resumed loop re-attaches to the same parent and generation runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import TrackingConfig
+from ..config import TrackingConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -27,8 +28,6 @@ class TrackingError(RuntimeError):
 
 def _lost_server(method):
     """Turn a tracking call that fails mid-run into one clear TrackingError (checkpoints stay on disk)."""
-    import functools
-
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         try:
@@ -211,117 +210,3 @@ class Tracker:
 def looks_like_run_id(text: str) -> bool:
     t = text[len("runs:/"):].split("/")[0] if text.startswith("runs:/") else text
     return len(t) == 32 and all(c in "0123456789abcdef" for c in t)
-
-
-def resolve_teacher(spec: str, tracker: Tracker, dst: str | Path) -> tuple[Path, str]:
-    """A teacher given as a model.pt path or an MLflow run id (``<id>`` or ``runs:/<id>``) -> (local path, run id)."""
-    if Path(spec).is_file():
-        return Path(spec), ""
-    if looks_like_run_id(spec):
-        run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
-        return tracker.download_model(run_id, dst), run_id
-    raise FileNotFoundError(f"teacher {spec!r} is neither a checkpoint file nor an MLflow run id; "
-                            "pass a model.pt path or the run id of a stage that logged one")
-
-
-# ---------------------------------------------------------------------- model registry
-
-def model_pip_requirements() -> list[str]:
-    """The logged model's environment, pinned to what is installed. Passed explicitly because
-    MLflow's default inference re-imports the model in a subprocess: ~15 s per logged model on
-    2 CPU cores, more than a smoke generation's training."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    for package in ("torch", "torchvision", "timm", "numpy", "cloudpickle"):
-        try:
-            pins.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:  # cloudpickle only matters to pickle-format models
-            continue
-    return pins
-
-
-def log_and_register_model(tracker: Tracker, checkpoint: str | Path, registered_name: str, generation: int) -> str | None:
-    """Log a checkpoint's model with ``mlflow.pytorch`` (signature + input example) into the active
-    run and register it as a new version of ``registered_name``; returns the version ("" if not
-    registered, None if tracking is off). The version gets the alias ``gen-<g>``."""
-    if not tracker.enabled:
-        return None
-    import numpy as np
-
-    from .models import load_model
-
-    mlflow = tracker.mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    model, spec = load_model(checkpoint)
-    # batch of 2 and a -1 batch dimension: the exported (pt2) graph then takes any batch size
-    example = np.zeros((2, spec.in_chans, spec.image_size, spec.image_size), dtype=np.float32)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.in_chans, spec.image_size, spec.image_size), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes), "logits")]))
-    info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
-                                    pip_requirements=model_pip_requirements(),
-                                    registered_model_name=registered_name or None,
-                                    metadata={"spec": spec.as_dict(), "generation": generation})
-    version = getattr(info, "registered_model_version", None)
-    if registered_name and version is not None:
-        client = mlflow.MlflowClient()
-        client.set_registered_model_alias(registered_name, f"gen-{generation}", str(version))
-        return str(version)
-    return ""
-
-
-def set_best_alias(tracker: Tracker, registered_name: str, rows: list[dict], metric: str = "val_top1") -> dict | None:
-    """Point ``@best`` at the generation with the highest validation top-1 (never chosen on test)."""
-    if not tracker.enabled or not registered_name:
-        return None
-    candidates = [r for r in rows if r.get("model_version") and r.get(metric) is not None]
-    if not candidates:
-        return None
-    best = max(candidates, key=lambda r: (r[metric], r["generation"]))
-    client = tracker.mlflow.MlflowClient()
-    client.set_registered_model_alias(registered_name, "best", str(best["model_version"]))
-    return best
-
-
-def resolve_model_run(uri: str, tracking_uri: str | None = None) -> str:
-    """The run id behind ``models:/name@alias``, ``models:/name/<version>``, ``runs:/<id>`` or a bare run id."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    if uri.startswith("models:/"):
-        rest = uri[len("models:/"):]
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            return client.get_model_version_by_alias(name, alias).run_id
-        name, version = rest.rsplit("/", 1)
-        return client.get_model_version(name, version).run_id
-    if looks_like_run_id(uri):
-        return uri[len("runs:/"):].split("/")[0] if uri.startswith("runs:/") else uri
-    raise TrackingError(f"not a model URI or run id: {uri!r} (use models:/<name>@<alias>, models:/<name>/<version> or a run id)")
-
-
-def load_tracked_model(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None):
-    """A ready eval-mode model and its spec (class names, normalisation) from a registry URI or run id.
-
-    Goes through the run's ``model.pt``, so the checkpoint's sha256 is verified on the way.
-    """
-    import tempfile
-
-    import mlflow
-
-    from .models import load_model
-
-    run_id = resolve_model_run(uri, tracking_uri)
-    dst = Path(dst or tempfile.mkdtemp(prefix="noisystudent-model-"))
-    # tracking_uri passed per call: no process-wide mlflow.set_tracking_uri side effect
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt", dst_path=str(dst),
-                                                tracking_uri=tracking_uri)
-    try:
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt.sha256", dst_path=str(dst),
-                                            tracking_uri=tracking_uri)
-    except Exception:  # noqa: BLE001 - older runs logged no sidecar; the checkpoint still loads weights_only
-        pass
-    return load_model(local)

@@ -74,6 +74,12 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
     return urls
 
 
+def input_identity(url: str) -> dict:
+    """What makes an input shard "the same" (label cache, hidden-field cache): where it is, its size and mtime."""
+    st = os.stat(url)
+    return {"path": os.path.realpath(url), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def split_member_name(name: str) -> tuple[str, str] | None:
     """``dir/abc.eval.json`` -> (``dir/abc``, ``eval.json``); None for unusable names."""
     if name.startswith("/") or ".." in Path(name).parts:
@@ -169,7 +175,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _decode_png_fast(data: bytes, channels: int) -> np.ndarray | None:
-    """OpenCV PNG decode (~5x faster than PIL on small images); None = let PIL handle it.
+    """OpenCV PNG decode (several times faster than PIL on small images); None = let PIL handle it.
 
     The pixel limit is checked on the IHDR header before anything is allocated.
     """

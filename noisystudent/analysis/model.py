@@ -14,18 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import OOD_SCORES, Config
+from ..config import Config
+from ..data.imagefolder import LabeledData
+from ..engine.device import resolve_device
 from ..io import read_json, write_json_atomic
 from ..models import load_model
-from ..noise import create_eval_transform, create_train_transform
+from ..noise import ImageTransform, create_eval_transform, create_train_transform
 from ..plots import reliability_png
-from ..train import resolve_device
 from .features import (
-    CorpusFeatures, corpus_images, extract_split, load_corpus_features, save_scores_beside_shards, view_consistency,
+    CorpusFeatures, SplitFeatures, corpus_images, extract_split, load_corpus_features, save_scores_beside_shards,
+    view_consistency,
 )
 from .figures import embedding_png, gallery_png, score_histograms_png
 from .probes import linear_probe_accuracy
-from .report import Section, write_report
+from .report import write_report
+from .sections import model_sections
 from .scores import KNNScorer, MahalanobisScorer, detection_metrics, energy_score, entropy_score, msp_score
 
 
@@ -59,8 +62,8 @@ def embeddings_2d(features: np.ndarray, tsne: bool, seed: int) -> dict[str, np.n
         from sklearn.manifold import TSNE
         from threadpoolctl import threadpool_limits
 
-        x50 = x @ vt[:50].T  # t-SNE on the top 50 principal components, as usual: same picture, 3x faster
-        # one thread: OpenMP spin-waiting next to busy Dask workers or torch threads made it 3x slower
+        x50 = x @ vt[:50].T  # t-SNE on the top 50 principal components, as usual: the same picture, faster
+        # one thread: OpenMP threads spin-waiting next to busy Dask workers or torch threads slow it down
         with threadpool_limits(1):
             out["t-SNE"] = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed,
                                 max_iter=500, n_jobs=1).fit_transform(x50.astype(np.float32))
@@ -71,8 +74,8 @@ def _short(name: str) -> str:
     return name.replace("_", " ")[:10]
 
 
-def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data, out_dir: str | Path, title: str,
-                  tracker=None) -> dict:
+def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data: LabeledData, out_dir: str | Path,
+                  title: str, tracker=None) -> dict:
     """Analyse one model; ``manifest`` is that model's labeling pass over the corpus (with features)."""
     out_dir = Path(out_dir)
     done = out_dir / "summary.json"
@@ -97,56 +100,26 @@ def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data, out
     tagged = corpus.is_ood is not None and corpus.is_ood.any() and (~corpus.is_ood).any()
     ood = detection_metrics(scores, corpus.is_ood) if tagged else {}
     best = max(ood, key=lambda k: ood[k]["auroc"]) if ood else "mahalanobis"
-
-    # ---- probes: class information in the features, and their stability under the student's noise
-    probe = {}
-    if heldout is not None:
-        probe["penultimate"] = linear_probe_accuracy(train.pooled, train.targets, heldout.pooled, heldout.targets)
-        for block in train.blocks:
-            probe[block] = linear_probe_accuracy(train.blocks[block], train.targets, heldout.blocks[block], heldout.targets)
+    probe = linear_probes(train, heldout)
     order = np.argsort(corpus.confidence, kind="stable")
-    n = min(a.consistency_samples, len(corpus) // 2)
-    groups = {"lowest confidence": order[:n], "highest confidence": order[len(order) - n:]}
-    if tagged:
-        groups["OOD (hidden tag)"] = rng.choice(np.flatnonzero(corpus.is_ood), min(n, int(corpus.is_ood.sum())), replace=False)
     noise = create_train_transform(own, cfg.student.augment, seed=cfg.seed)
-    wanted = np.unique(np.concatenate(list(groups.values()))) if n else np.zeros(0, int)
-    images = corpus_images(corpus, wanted, cfg.data.channels)
-    consistency = {}
-    for group, rows in groups.items():
-        rows = [r for r in rows.tolist() if r in images]
-        sims = view_consistency(model, [images[r] for r in rows], noise, device)
-        consistency[group] = {"mean_cosine": float(sims.mean()) if len(sims) else float("nan"),
-                              "std": float(sims.std()) if len(sims) else float("nan"), "n": int(len(sims)),
-                              "mean_confidence": float(corpus.confidence[rows].mean()) if rows else float("nan")}
+    consistency = noise_consistency(model, corpus, order, tagged, noise, a.consistency_samples, cfg.data.channels,
+                                    device, rng)
 
-    # ---- pictures
     score_histograms_png(scores, corpus.is_ood if tagged else None, out_dir / "score_histograms.png",
                          f"{title}: OOD scores (higher = more OOD)", ood)
     emb_rows = _embedding_rows(corpus, a.embedding_points, rng)
     emb = embeddings_2d(corpus.pooled[emb_rows], a.tsne, cfg.seed)
     embedding_png(emb, corpus.confidence[emb_rows], corpus.is_ood[emb_rows] if tagged else None,
                   out_dir / "embeddings.png", f"{title}: pooled features of {len(emb_rows):,} unlabeled images")
+    wrong = np.flatnonzero((corpus.true_class >= 0) & (corpus.label != corpus.true_class)
+                           & (corpus.confidence >= a.confident_wrong_threshold))
     galleries = {
         "lowest_confidence": order[: a.gallery_size],
         f"highest_{best}": np.argsort(-scores[best], kind="stable")[: a.gallery_size],
+        "confident_but_wrong": wrong[np.argsort(-corpus.confidence[wrong], kind="stable")][: a.gallery_size],
     }
-    wrong = np.flatnonzero((corpus.true_class >= 0) & (corpus.label != corpus.true_class)
-                           & (corpus.confidence >= a.confident_wrong_threshold))
-    galleries["confident_but_wrong"] = wrong[np.argsort(-corpus.confidence[wrong], kind="stable")][: a.gallery_size]
-    pics = corpus_images(corpus, np.unique(np.concatenate(list(galleries.values()))), cfg.data.channels)
-    for gname, rows in galleries.items():
-        rows = [r for r in rows.tolist() if r in pics]
-        caps = []
-        for r in rows:
-            cap = f"{_short(names[corpus.label[r]])} {corpus.confidence[r]:.2f}"
-            if corpus.true_class[r] >= 0 and corpus.true_class[r] != corpus.label[r]:
-                cap += f"\n(is {_short(names[corpus.true_class[r]])})"
-            elif tagged and corpus.is_ood[r]:
-                cap += "\n(OOD)"
-            caps.append(cap)
-        gallery_png([pics[r] for r in rows], caps, out_dir / f"gallery_{gname}.png",
-                    f"{title}: {gname.replace('_', ' ')} (label confidence)")
+    draw_galleries(corpus, galleries, names, tagged, cfg.data.channels, out_dir, title)
     if heldout is not None:
         acc = float((heldout.probs.argmax(1) == heldout.targets).mean())
         reliability_png(heldout.probs, heldout.targets, out_dir / "reliability.png", title=f"{held_name} reliability")
@@ -175,6 +148,55 @@ def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data, out
     return summary
 
 
+def linear_probes(train: SplitFeatures, heldout: SplitFeatures | None) -> dict[str, float]:
+    """Class information in the features: a linear probe per feature block, scored on held-out images."""
+    probe = {}
+    if heldout is not None:
+        probe["penultimate"] = linear_probe_accuracy(train.pooled, train.targets, heldout.pooled, heldout.targets)
+        for block in train.blocks:
+            probe[block] = linear_probe_accuracy(train.blocks[block], train.targets, heldout.blocks[block], heldout.targets)
+    return probe
+
+
+def noise_consistency(model, corpus: CorpusFeatures, order: np.ndarray, tagged: bool, noise: ImageTransform,
+                      samples: int, channels: int, device, rng: np.random.Generator) -> dict[str, dict]:
+    """Stability of the hidden states under the student's noise, for the least and most confident
+    images (and the tagged OOD ones)."""
+    n = min(samples, len(corpus) // 2)
+    groups = {"lowest confidence": order[:n], "highest confidence": order[len(order) - n:]}
+    if tagged:
+        groups["OOD (hidden tag)"] = rng.choice(np.flatnonzero(corpus.is_ood), min(n, int(corpus.is_ood.sum())), replace=False)
+    wanted = np.unique(np.concatenate(list(groups.values()))) if n else np.zeros(0, int)
+    images = corpus_images(corpus, wanted, channels)
+    consistency = {}
+    for group, rows in groups.items():
+        rows = [r for r in rows.tolist() if r in images]
+        sims = view_consistency(model, [images[r] for r in rows], noise, device)
+        consistency[group] = {"mean_cosine": float(sims.mean()) if len(sims) else float("nan"),
+                              "std": float(sims.std()) if len(sims) else float("nan"), "n": int(len(sims)),
+                              "mean_confidence": float(corpus.confidence[rows].mean()) if rows else float("nan")}
+    return consistency
+
+
+def draw_galleries(corpus: CorpusFeatures, galleries: dict[str, np.ndarray], names: list[str], tagged: bool,
+                   channels: int, out_dir: Path, title: str) -> None:
+    """One picture per gallery, each image captioned with its label and confidence (and the truth
+    where the hidden tags say otherwise)."""
+    pics = corpus_images(corpus, np.unique(np.concatenate(list(galleries.values()))), channels)
+    for gname, rows in galleries.items():
+        rows = [r for r in rows.tolist() if r in pics]
+        caps = []
+        for r in rows:
+            cap = f"{_short(names[corpus.label[r]])} {corpus.confidence[r]:.2f}"
+            if corpus.true_class[r] >= 0 and corpus.true_class[r] != corpus.label[r]:
+                cap += f"\n(is {_short(names[corpus.true_class[r]])})"
+            elif tagged and corpus.is_ood[r]:
+                cap += "\n(OOD)"
+            caps.append(cap)
+        gallery_png([pics[r] for r in rows], caps, out_dir / f"gallery_{gname}.png",
+                    f"{title}: {gname.replace('_', ' ')} (label confidence)")
+
+
 def analysis_metrics(summary: dict) -> dict[str, float]:
     """Flat MLflow metrics of one analysis."""
     out = {}
@@ -185,40 +207,3 @@ def analysis_metrics(summary: dict) -> dict[str, float]:
     for group, c in summary["consistency"].items():
         out[f"consistency_{group.split(' (')[0].replace(' ', '_')}"] = c["mean_cosine"]
     return {k: float(v) for k, v in out.items() if v is not None and v == v}
-
-
-def ood_table(summary: dict) -> Section:
-    sec = Section("ood", "OOD detection: ID vs OOD per score")
-    if not summary["ood"]:
-        return sec.text("The corpus carries no hidden OOD tags: scores are written, but cannot be scored here.")
-    rows = [[name, summary["ood"][name]["auroc"], summary["ood"][name]["fpr95"]] for name in OOD_SCORES if name in summary["ood"]]
-    best = {(i, 1) for i, r in enumerate(rows) if r[0] == summary["best_score"]}
-    sec.text(f"{summary['ood_tagged']:,} of {summary['samples']:,} unlabeled images are tagged OOD (evaluation-only "
-             "field). AUROC: 1 = perfect separation, 0.5 = chance. FPR95: share of OOD images accepted when 95% of "
-             "in-distribution images are; lower is better.")
-    return sec.table(["score", "AUROC", "FPR95"], rows, best)
-
-
-def model_sections(summary: dict, out_dir: Path) -> list[Section]:
-    probe = Section("probes", "Hidden-state probes")
-    probe.text(f"Linear probe (logistic regression on the labeled train features), scored on the {summary['heldout_split']} "
-               f"split; the model's own {summary['heldout_split']} top-1 is {summary['heldout_top1']:.4f}.")
-    probe.table(["features", "probe top-1"], [[k, v] for k, v in summary["probe"].items()])
-    probe.text("Consistency: cosine similarity of pooled hidden states between two independently noised views "
-               "(the student's RandAugment) of the same unlabeled image; the model runs clean.")
-    probe.table(["images", "n", "mean confidence", "mean cosine", "std"],
-                [[g, c["n"], c["mean_confidence"], c["mean_cosine"], c["std"]] for g, c in summary["consistency"].items()])
-    pictures = Section("pictures", "Score distributions and embeddings")
-    pictures.image(out_dir / "score_histograms.png", "score histograms").image(out_dir / "embeddings.png", "embeddings")
-    galleries = Section("galleries", "Galleries")
-    for png in sorted(out_dir.glob("gallery_*.png")):
-        galleries.image(png, png.stem)
-    calib = Section("calibration", "Calibration").image(out_dir / "reliability.png", "reliability diagram")
-    quality = Section("labels", "Pseudo-labels of this model")
-    quality.table(["quantity", "value"], [
-        ["pseudo-label accuracy on in-distribution images (hidden labels)", summary["pl_acc_id"]],
-        ["mean confidence, in-distribution", summary["mean_confidence_id"]],
-        ["mean confidence, OOD", summary["mean_confidence_ood"]],
-        ["confident (>= threshold) but wrong", summary["confident_but_wrong"]],
-    ])
-    return [ood_table(summary), probe, pictures, galleries, calib, quality]

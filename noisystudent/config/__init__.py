@@ -1,0 +1,20 @@
+"""The one typed configuration tree (layer 1: imports nothing else of the package).
+
+Loaded from YAML (``--config``) with dotted overrides (``--set student.drop_path_rate=0.2``);
+unknown keys and wrong types are errors naming the key. Every field's default and help text
+live in :mod:`.schema`; ``docs/config.md`` is generated from them.
+"""
+from .fields import ConfigError, flatten, to_dict
+from .loading import dump_config, load_config, parse_override, yaml_load
+from .reference import config_reference, config_reference_markdown
+from .schema import (
+    OOD_SCORES, AnalysisConfig, AugmentConfig, ClusterConfig, Config, DataConfig, KubernetesConfig, OODScore,
+    PseudoLabelConfig, SlurmConfig, StudentConfig, TrackingConfig, TrainConfig, validate,
+)
+
+__all__ = [
+    "OOD_SCORES", "AnalysisConfig", "AugmentConfig", "ClusterConfig", "Config", "ConfigError", "DataConfig",
+    "KubernetesConfig", "OODScore", "PseudoLabelConfig", "SlurmConfig", "StudentConfig", "TrackingConfig", "TrainConfig",
+    "config_reference", "config_reference_markdown", "dump_config", "flatten", "load_config", "parse_override",
+    "to_dict", "validate", "yaml_load",
+]

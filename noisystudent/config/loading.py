@@ -1,0 +1,73 @@
+"""Reading the config: defaults <- YAML file <- overlay YAMLs <- ``--set a.b=value`` overrides.
+
+Unknown keys and wrong types are errors naming the key (:mod:`.fields`); cross-field checks are
+:func:`.schema.validate`. ``dump_config`` writes the resolved tree every run directory keeps.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .fields import ConfigError, build, deep_merge, set_dotted, to_dict
+from .schema import Config, validate
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are booleans, so ``amp: off`` or
+    ``--set amp=off`` stays the string "off" instead of YAML 1.1's False."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key!r}: cannot parse value {raw!r}: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return loaded
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                overlays: list[str | Path] | None = None) -> Config:
+    """Defaults <- YAML file <- overlay YAMLs (e.g. configs/cluster/slurm.yaml) <- ``--set`` overrides."""
+    raw: dict = _read_yaml(path) if path else {}
+    for overlay in overlays or []:
+        raw = deep_merge(raw, _read_yaml(overlay))
+    for item in overrides or []:
+        raw = set_dotted(raw, *parse_override(item))
+    cfg = build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

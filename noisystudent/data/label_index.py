@@ -1,0 +1,108 @@
+"""Pseudo-labeled shards: the member schema and the per-shard index.
+
+Schema of one pseudo-labeled sample (one tar per input shard, same keys as the input):
+
+=============  ==============================================================================
+member         content
+=============  ==============================================================================
+``<img ext>``  the input image bytes, copied verbatim (shards are self-contained)
+``probs.npy``  float16 [num_classes] teacher softmax (soft label), ``np.load(allow_pickle=False)``
+``pl.json``    ``{"label", "confidence", "entropy", "teacher", "source_shard", "source_key"}``
+=============  ==============================================================================
+
+Next to each ``<name>.tar`` sits ``<name>.index.npz``: per sample its key, label, confidence,
+entropy, logsumexp of the logits (energy OOD score), soft label and the byte offset and size of
+its image member, so read-time selection never opens the tars and the student reads each image
+with one seek (no tar parsing). The index is written after the tar, so its presence marks the
+shard as complete.
+
+With ``pseudo_label.save_features`` the labeling pass also writes ``<name>.features.npy``: the
+teacher's pooled penultimate features (float16 [n, dim], index order), which the analysis stage
+reads instead of running the model over the corpus again. Analysis writes ``<name>.ood.npz``
+(OOD scores per key) beside them; a student can drop images by one of those scores.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_path
+
+PROBS_EXT = "probs.npy"
+META_EXT = "pl.json"
+#: Bumped when the index layout changes; shards with another version are relabeled.
+INDEX_VERSION = 3
+
+
+def index_path(shard_path: str | os.PathLike) -> Path:
+    return _sibling(shard_path, ".index.npz")
+
+
+def features_path(shard_path: str | os.PathLike) -> Path:
+    """``<name>.features.npy`` beside the shard: pooled penultimate features in index order."""
+    return _sibling(shard_path, ".features.npy")
+
+
+def ood_scores_path(shard_path: str | os.PathLike) -> Path:
+    """``<name>.ood.npz`` beside the shard: OOD scores per key, written by the analysis stage."""
+    return _sibling(shard_path, ".ood.npz")
+
+
+def _sibling(shard_path: str | os.PathLike, suffix: str) -> Path:
+    p = Path(shard_path)
+    return p.with_name((p.name[: -len(".tar")] if p.name.endswith(".tar") else p.name) + suffix)
+
+
+def write_index(shard_path: str | os.PathLike, keys: list[str], labels: list[int], confidence: list[float],
+                entropy: list[float], probs: np.ndarray | None = None,
+                image_members: list[tuple[str, int, int]] | None = None, logsumexp: list[float] | None = None) -> None:
+    """Write ``<name>.index.npz``. ``image_members`` holds (ext, byte offset, size) per sample."""
+    n = len(keys)
+    members = image_members if image_members is not None else [("", -1, 0)] * n
+    with atomic_path(index_path(shard_path)) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                version=np.int32(INDEX_VERSION),
+                keys=np.asarray(keys, dtype=np.str_),
+                labels=np.asarray(labels, dtype=np.int32),
+                confidence=np.asarray(confidence, dtype=np.float32),
+                entropy=np.asarray(entropy, dtype=np.float32),
+                logsumexp=np.asarray(logsumexp if logsumexp is not None else [np.nan] * n, dtype=np.float32),
+                probs=np.asarray(probs if probs is not None else np.zeros((n, 0)), dtype=np.float16),
+                image_ext=np.asarray([m[0] for m in members], dtype=np.str_),
+                image_offset=np.asarray([m[1] for m in members], dtype=np.int64),
+                image_size=np.asarray([m[2] for m in members], dtype=np.int64),
+            )
+
+
+@dataclass
+class ShardIndex:
+    """Everything about a pseudo-labeled shard except the pixels, one row per sample in tar order."""
+
+    shard: str
+    keys: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray
+    entropy: np.ndarray
+    probs: np.ndarray  # float16 [n, num_classes]; [n, 0] if not recorded
+    image_ext: np.ndarray
+    image_offset: np.ndarray  # byte offset of the image member's data in the tar (-1 = unknown)
+    image_size: np.ndarray
+    version: int
+    logsumexp: np.ndarray  # float32 [n]: logsumexp of the teacher's logits (NaN if not recorded)
+
+
+def index_version(shard_path: str | os.PathLike) -> int:
+    """The index format version, reading only that entry of the archive (cheap on big indexes)."""
+    with np.load(index_path(shard_path), allow_pickle=False) as z:
+        return int(z["version"])
+
+
+def read_index(shard_path: str | os.PathLike) -> ShardIndex:
+    with np.load(index_path(shard_path), allow_pickle=False) as z:
+        return ShardIndex(str(shard_path), z["keys"], z["labels"], z["confidence"], z["entropy"], z["probs"],
+                          z["image_ext"], z["image_offset"], z["image_size"], int(z["version"]), z["logsumexp"])

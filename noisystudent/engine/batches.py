@@ -1,0 +1,103 @@
+"""What each optimizer step trains on: a labeled batch and, for a student, a pseudo-labeled batch.
+
+The training loop asks for an epoch of :class:`Batch` es and never branches on teacher versus
+student: a teacher's batches simply carry no soft targets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import ConfigError, TrainConfig
+from ..data.imagefolder import LabeledImages
+from ..data.pseudo_stream import PseudoLabeledStream
+from ..data.sampler import EpochSampler
+from ..noise import reseed_augmentation, reseed_worker
+from .device import resolve_num_workers
+from .distributed import DistEnv
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # the labeled images, then the pseudo-labeled ones
+    labels: torch.Tensor  # class indices of the labeled part
+    soft_targets: torch.Tensor | None  # target distributions of the pseudo-labeled part (students only)
+
+    @property
+    def n_labeled(self) -> int:
+        return self.labels.shape[0]
+
+
+class BatchSource:
+    """Loaders and the step budget of one stage. Labeled batches come from an :class:`EpochSampler`
+    (shuffling, rank slices and augmentation seeds are functions of (seed, epoch), so its workers
+    persist); pseudo-labeled batches from the student's :class:`PseudoLabeledStream`, each rank
+    reading its own shards."""
+
+    def __init__(self, recipe: TrainConfig, labeled: LabeledImages, pseudo: PseudoLabeledStream | None, *, seed: int,
+                 num_workers: int, channels_last: bool, device: torch.device, env: DistEnv):
+        self.device, self.channels_last, self.pseudo = device, channels_last, pseudo
+        pin = device.type == "cuda"
+        workers = resolve_num_workers(num_workers, device)
+        if pseudo is not None:
+            pseudo.rank, pseudo.world_size = env.rank, env.world_size
+            unl_bs = recipe.unlabeled_batch_size
+            # workers are forked per pass (one per epoch) and inherit the freshly reseeded augmentation
+            self.pseudo_loader = DataLoader(pseudo, batch_size=unl_bs, drop_last=True,
+                                            num_workers=min(workers, max(1, len(pseudo.shards))), pin_memory=pin,
+                                            persistent_workers=False, worker_init_fn=reseed_worker)
+            if len(pseudo) < unl_bs:
+                raise ConfigError(f"only {len(pseudo)} pseudo-labeled samples selected per rank, fewer than one batch of "
+                                  f"{unl_bs}: lower pseudo_label.threshold or student.unlabeled_ratio / student.batch_size")
+        lab_bs = min(recipe.batch_size, len(labeled) // env.world_size)
+        one_pass = max(1, len(pseudo) // unl_bs) if pseudo is not None else len(labeled) // env.world_size // lab_bs
+        self.steps_per_epoch = recipe.steps_per_epoch or one_pass
+        # A pass over the pseudo-labels that runs out early (skipped samples) ends the epoch, unless the
+        # step budget is fixed or ranks hold different shard counts: then another pass starts.
+        self.restart_pseudo_pass = env.enabled or bool(recipe.steps_per_epoch)
+        self.sampler = EpochSampler(len(labeled), lab_bs, self.steps_per_epoch, seed, env.rank, env.world_size)
+        # its own generator: creating the (persistent) worker iterator draws a base seed, which must
+        # not come from the global torch RNG that dropout uses and checkpoints restore
+        self.labeled_loader = DataLoader(labeled, batch_size=lab_bs, sampler=self.sampler, drop_last=True,
+                                         num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+                                         generator=torch.Generator().manual_seed(seed))
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of one epoch, ``steps_per_epoch`` of them (fewer if the pseudo-labels run out)."""
+        self.sampler.set_epoch(epoch)
+        labeled = iter(self.labeled_loader)
+        pseudo = None
+        if self.pseudo is not None:
+            self.pseudo.set_epoch(epoch)
+            pseudo = self._start_pseudo_pass()
+        for _ in range(self.steps_per_epoch):
+            x, y = next(labeled)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            soft = None
+            if pseudo is not None:
+                try:
+                    xu, soft = next(pseudo)
+                except StopIteration:
+                    if not self.restart_pseudo_pass:
+                        return
+                    pseudo = self._start_pseudo_pass()
+                    xu, soft = next(pseudo)
+                x = torch.cat([x, xu.to(self.device, non_blocking=True)])
+                soft = soft.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield Batch(x, y, soft)
+
+    def _start_pseudo_pass(self) -> Iterator:
+        """A new pass over the pseudo-labeled stream with its augmentation reseeded from torch's RNG
+        (saved in checkpoints) first; its workers are forked per pass and inherit the seed."""
+        reseed_augmentation(self.pseudo_loader.dataset.transform, int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        return iter(self.pseudo_loader)
+
+    def first_pass_record(self, rank: int) -> dict:
+        """What this rank reads in the current epoch's first pass (for the record, and the DDP test)."""
+        return {"rank": rank, "labeled_indices": self.sampler.first_pass(),
+                "pseudo_shards": self.pseudo._my_shards() if self.pseudo is not None else []}

@@ -1,0 +1,33 @@
+"""Inference over a labeled split: softmax probabilities and targets, in eval mode."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .precision import autocast
+
+
+def eval_loader(dataset: Dataset, device: torch.device, batch_size: int = 512) -> DataLoader:
+    """The loader every evaluation uses: fixed order, whole batches of ``batch_size``."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, pin_memory=device.type == "cuda")
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: str = "off",
+            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and targets over a loader of ``(x, y)`` batches. ``amp`` applies on
+    CUDA; on CPU inference runs in fp32 (exact metrics)."""
+    was_training = model.training
+    model.eval()
+    probs, targets = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp, inference=True):
+            logits = model(x)
+        probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
+        targets.append(y.numpy())
+    model.train(was_training)
+    return np.concatenate(probs), np.concatenate(targets)

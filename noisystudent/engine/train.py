@@ -1,0 +1,202 @@
+"""One training loop for teacher and student alike.
+
+A teacher trains on labeled images only. A student trains on labeled images plus a stream of
+pseudo-labeled images (soft or hard targets), under input noise (RandAugment) and model noise
+(dropout, stochastic depth). Loss = CE(labeled) + unlabeled_weight * CE(pseudo-labeled, soft).
+Each epoch ends with a validation pass, an MLflow metrics row and an atomic checkpoint, so a
+killed run resumes at the next epoch. Under torchrun each rank trains on its slice of the data
+with DDP; rank 0 alone validates into the log, checkpoints and writes the result.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..config import Config, TrainConfig
+from ..data.imagefolder import LabeledImages
+from ..data.pseudo_stream import PseudoLabeledStream
+from ..io import read_json, remove_stale_temporaries, write_json_atomic
+from ..models import ModelSpec, create_model, load_checkpoint, save_model, unwrap
+from ..noise import create_eval_transform
+from . import distributed as ddp
+from .batches import Batch, BatchSource
+from .checkpoint import Checkpointer, Progress
+from .device import resolve_device, seed_everything
+from .evaluate import eval_loader, predict
+from .metrics import classification_report
+from .optim import Optimization
+from .precision import autocast
+
+
+@dataclass
+class TrainResult:
+    model_path: str
+    sha256: str
+    spec: dict
+    params: int
+    history: list = field(default_factory=list)
+    best_val_top1: float = 0.0
+    seconds: float = 0.0
+    world_size: int = 1
+    data_by_rank: list = field(default_factory=list)  # under torchrun: what each rank read in its first epoch
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "TrainResult":
+        return cls(**read_json(out_dir / "result.json"))
+
+
+def train_model(recipe: TrainConfig, cfg: Config, model_name: str, out_dir: str | Path, labeled: LabeledImages,
+                val: LabeledImages | None = None, pseudo: PseudoLabeledStream | None = None, tracker=None,
+                init_from: str | None = None, desc: str = "train") -> TrainResult:
+    """Train (or resume) one model in ``out_dir``; writes ``model.pt`` and ``DONE`` at the end."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "DONE").is_file():
+        return TrainResult.load(out_dir)
+    env, device = _start_process(cfg, out_dir)
+    start = time.time()
+    spec = ModelSpec(name=model_name, num_classes=len(labeled.class_names), in_chans=cfg.data.channels,
+                     image_size=cfg.data.image_size, class_names=list(labeled.class_names),
+                     mean=list(cfg.data.mean), std=list(cfg.data.std))
+    model, net = build_model(spec, recipe, cfg, device, env, init_from)
+    batches = BatchSource(recipe, labeled, pseudo, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                          channels_last=cfg.channels_last, device=device, env=env)
+    if val is not None:  # validate at this model's resolution (a ladder may change it per generation)
+        val = val.with_transform(create_eval_transform(cfg.data))
+    optimization = Optimization(model, recipe, batches.steps_per_epoch, cfg.amp, device)
+    checkpointer = Checkpointer(out_dir / "last.pt")
+    progress = checkpointer.resume(model, optimization)
+    if progress.epoch:
+        start -= progress.seconds
+        print(f"[{desc}] resuming after epoch {progress.epoch}/{recipe.epochs}")
+
+    first_epoch, data_by_rank = progress.epoch, []
+    for epoch in range(first_epoch, recipe.epochs):
+        row = train_epoch(net, model, batches, optimization, recipe, epoch, cfg.amp, desc, env.is_main)
+        if val is not None and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
+            row.update(validate(optimization.weights(model), val, device, cfg))
+        if progress.record(row) and recipe.early_stop_patience > 0 and env.is_main:
+            save_model(out_dir / "best.pt", optimization.weights(model), spec)
+        if epoch == first_epoch and env.enabled:
+            data_by_rank = ddp.gather_objects(batches.first_pass_record(env.rank))
+        stop = recipe.early_stop_patience > 0 and epoch + 1 - progress.best_epoch >= recipe.early_stop_patience
+        if env.is_main:  # every rank validated the same weights; rank 0 alone logs and checkpoints
+            print(f"[{desc}] epoch {epoch + 1}/{recipe.epochs} " + " ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
+            # checkpoint first: if the tracking server is gone, the epoch is still safe on disk
+            checkpointer.save(model, optimization, progress, time.time() - start)
+            if tracker is not None:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            if stop:
+                print(f"[{desc}] early stop: no val improvement for {recipe.early_stop_patience} epochs")
+        ddp.barrier()
+        if stop:
+            break
+    return finish(out_dir, optimization.weights(model), spec, recipe, progress, time.time() - start, env, data_by_rank,
+                  checkpointer)
+
+
+def _start_process(cfg: Config, out_dir: Path) -> tuple[ddp.DistEnv, torch.device]:
+    """Join torchrun's process group (if any), pick the device, clear stale temporaries, seed."""
+    env = ddp.init_distributed()
+    device = resolve_device(cfg.device)
+    if env.enabled and device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    if env.is_main:  # rank 0 alone writes here: a temp file left now is from a writer killed mid-write
+        remove_stale_temporaries(out_dir)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    return env, device
+
+
+def build_model(spec: ModelSpec, recipe: TrainConfig, cfg: Config, device: torch.device, env: ddp.DistEnv,
+                init_from: str | None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The timm model with this stage's model noise, and the module that runs forward/backward
+    (DDP averages gradients across ranks; ``compile`` wraps it)."""
+    model = create_model(spec, drop_rate=recipe.drop_rate, drop_path_rate=recipe.drop_path_rate)
+    if init_from:
+        missing = model.load_state_dict(load_checkpoint(init_from)["model"], strict=False)
+        if missing.missing_keys:
+            raise ValueError(f"student.init=teacher needs the same architecture; missing keys e.g. {missing.missing_keys[:3]}")
+    model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None) \
+        if env.enabled else model
+    if cfg.compile:
+        net = torch.compile(net)
+    return model, net
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def step_losses(logits: torch.Tensor, batch: Batch, recipe: TrainConfig) -> dict[str, torch.Tensor]:
+    """The step's loss (first entry, the one optimised) and its parts, by metric name."""
+    labeled = F.cross_entropy(logits[: batch.n_labeled], batch.labels, label_smoothing=recipe.label_smoothing)
+    if batch.soft_targets is None:
+        return {"train_loss": labeled, "train_labeled_loss": labeled}
+    pseudo = soft_cross_entropy(logits[batch.n_labeled:], batch.soft_targets)
+    return {"train_loss": labeled + recipe.unlabeled_weight * pseudo, "train_labeled_loss": labeled,
+            "train_pseudo_loss": pseudo}
+
+
+def train_epoch(net: torch.nn.Module, model: torch.nn.Module, batches: BatchSource, optimization: Optimization,
+                recipe: TrainConfig, epoch: int, amp: str, desc: str, show_progress: bool) -> dict:
+    """One epoch of steps; returns its metrics row (mean losses over every rank, throughput, LR)."""
+    model.train()
+    epoch_start = time.time()
+    sums: dict[str, float] = defaultdict(float)
+    steps = seen = 0
+    bar = tqdm(total=batches.steps_per_epoch, desc=f"[{desc}] epoch {epoch + 1}/{recipe.epochs}", leave=False,
+               dynamic_ncols=True, disable=not show_progress)
+    for batch in batches.epoch(epoch):
+        with autocast(batches.device, amp):
+            logits = net(batch.images).float()
+        losses = step_losses(logits, batch, recipe)
+        optimization.step(losses["train_loss"], model, step=epoch * batches.steps_per_epoch + steps)
+        steps, seen = steps + 1, seen + batch.images.shape[0]
+        for name, value in losses.items():
+            sums[name] += value.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses['train_loss'].item():.3f}", lr=f"{optimization.lr:.2e}")
+    bar.close()
+    total = ddp.reduce_sums({"steps": steps, "seen": seen, **sums})
+    per_step = max(1.0, total.pop("steps"))
+    seconds = ddp.reduce_max(time.time() - epoch_start)
+    return {"epoch": epoch + 1, **{name: total[name] / per_step for name in sums}, "lr": optimization.lr,
+            "images_per_sec": total.pop("seen") / max(1e-9, seconds)}
+
+
+def validate(model: torch.nn.Module, val: LabeledImages, device: torch.device, cfg: Config) -> dict:
+    report = classification_report(*predict(model, eval_loader(val, device), device, cfg.amp, cfg.channels_last),
+                                   len(val.class_names))
+    return {"val_top1": report.top1, "val_loss": report.nll, "val_ece": report.ece}
+
+
+def finish(out_dir: Path, model: torch.nn.Module, spec: ModelSpec, recipe: TrainConfig, progress: Progress,
+           seconds: float, env: ddp.DistEnv, data_by_rank: list, checkpointer: Checkpointer) -> TrainResult:
+    """Write ``model.pt`` (the best epoch's weights under early stopping), ``result.json`` and ``DONE``."""
+    if not env.is_main:
+        ddp.barrier()  # rank 0 writes model.pt and result.json
+        return TrainResult.load(out_dir)
+    if recipe.early_stop_patience > 0 and (out_dir / "best.pt").is_file():
+        unwrap(model).load_state_dict(load_checkpoint(out_dir / "best.pt")["model"])
+    sha = save_model(out_dir / "model.pt", model, spec, extra={"history": progress.history})
+    result = TrainResult(model_path=str(out_dir / "model.pt"), sha256=sha, spec=spec.as_dict(),
+                         params=sum(p.numel() for p in model.parameters()), history=progress.history,
+                         best_val_top1=progress.best_top1, seconds=seconds, world_size=env.world_size,
+                         data_by_rank=data_by_rank)
+    write_json_atomic(out_dir / "result.json", asdict(result))
+    (out_dir / "DONE").write_text("")
+    checkpointer.remove()
+    ddp.barrier()
+    return result

@@ -1,0 +1,2 @@
+"""Experiments that train extra students (layer 9): the ablation of the student recipe, and the
+with/without-low-confidence experiment."""

@@ -1,0 +1,1 @@
+"""Offline preparation, kept apart from training: the embedded default dataset and folder -> shards."""

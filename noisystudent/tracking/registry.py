@@ -1,0 +1,105 @@
+"""The model registry side of MLflow: log a checkpoint as a servable MLflow model, register it
+with aliases, and get models back from a run id or a ``models:/`` URI."""
+from __future__ import annotations
+
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from ..models import load_model
+from .tracker import Tracker, TrackingError, looks_like_run_id
+
+
+def resolve_teacher(spec: str, tracker: Tracker, dst: str | Path) -> tuple[Path, str]:
+    """A teacher given as a model.pt path or an MLflow run id (``<id>`` or ``runs:/<id>``) -> (local path, run id)."""
+    if Path(spec).is_file():
+        return Path(spec), ""
+    if looks_like_run_id(spec):
+        run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
+        return tracker.download_model(run_id, dst), run_id
+    raise FileNotFoundError(f"teacher {spec!r} is neither a checkpoint file nor an MLflow run id; "
+                            "pass a model.pt path or the run id of a stage that logged one")
+
+
+def model_pip_requirements() -> list[str]:
+    """The logged model's environment, pinned to what is installed. Passed explicitly because
+    MLflow's default inference re-imports the model in a subprocess, which costs more than a
+    small generation's training (docs/benchmarks.md)."""
+    pins = []
+    for package in ("torch", "torchvision", "timm", "numpy", "cloudpickle"):
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:  # cloudpickle only matters to pickle-format models
+            continue
+    return pins
+
+
+def log_and_register_model(tracker: Tracker, checkpoint: str | Path, registered_name: str, generation: int) -> str | None:
+    """Log a checkpoint's model with ``mlflow.pytorch`` (signature + input example) into the active
+    run and register it as a new version of ``registered_name``; returns the version ("" if not
+    registered, None if tracking is off). The version gets the alias ``gen-<g>``."""
+    if not tracker.enabled:
+        return None
+    mlflow = tracker.mlflow
+    from mlflow.models import ModelSignature  # mlflow is imported only when tracking is on
+    from mlflow.types import Schema, TensorSpec
+
+    model, spec = load_model(checkpoint)
+    # batch of 2 and a -1 batch dimension: the exported (pt2) graph then takes any batch size
+    example = np.zeros((2, spec.in_chans, spec.image_size, spec.image_size), dtype=np.float32)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.in_chans, spec.image_size, spec.image_size), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes), "logits")]))
+    info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
+                                    pip_requirements=model_pip_requirements(),
+                                    registered_model_name=registered_name or None,
+                                    metadata={"spec": spec.as_dict(), "generation": generation})
+    version = getattr(info, "registered_model_version", None)
+    if registered_name and version is not None:
+        set_alias(tracker, registered_name, f"gen-{generation}", str(version))
+        return str(version)
+    return ""
+
+
+def set_alias(tracker: Tracker, registered_name: str, alias: str, version: str) -> None:
+    """Point ``models:/<registered_name>@<alias>`` at ``version``."""
+    tracker.mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, version)
+
+
+def resolve_model_run(uri: str, tracking_uri: str | None = None) -> str:
+    """The run id behind ``models:/name@alias``, ``models:/name/<version>``, ``runs:/<id>`` or a bare run id."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/"):]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id
+        name, version = rest.rsplit("/", 1)
+        return client.get_model_version(name, version).run_id
+    if looks_like_run_id(uri):
+        return uri[len("runs:/"):].split("/")[0] if uri.startswith("runs:/") else uri
+    raise TrackingError(f"not a model URI or run id: {uri!r} (use models:/<name>@<alias>, models:/<name>/<version> or a run id)")
+
+
+def load_tracked_model(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None):
+    """A ready eval-mode model and its spec (class names, normalisation) from a registry URI or run id.
+
+    Goes through the run's ``model.pt``, so the checkpoint's sha256 is verified on the way.
+    """
+    import mlflow
+
+    run_id = resolve_model_run(uri, tracking_uri)
+    dst = Path(dst or tempfile.mkdtemp(prefix="noisystudent-model-"))
+    # tracking_uri passed per call: no process-wide mlflow.set_tracking_uri side effect
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt", dst_path=str(dst),
+                                                tracking_uri=tracking_uri)
+    try:
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt.sha256", dst_path=str(dst),
+                                            tracking_uri=tracking_uri)
+    except Exception:  # noqa: BLE001 - older runs logged no sidecar; the checkpoint still loads weights_only
+        pass
+    return load_model(local)

@@ -1,0 +1,159 @@
+"""The package's layers, checked from the source: every import (at the top of a module or inside a
+function) goes to the same or a lower layer, and there is no import cycle anywhere.
+
+    python tests/test_layers.py      # prints every module's layer and what it imports
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "noisystudent"
+
+#: Bottom to top. A module may import its own layer and those below it; within one layer only
+#: its own package (no sideways imports between, say, the loop and the experiments).
+LAYERS = [
+    ("base", ["noisystudent", "noisystudent.io", "noisystudent.plots"]),
+    ("config", ["noisystudent.config"]),
+    ("data", ["noisystudent.data"]),
+    ("models and noise", ["noisystudent.models", "noisystudent.noise", "noisystudent.prepare"]),
+    ("engine", ["noisystudent.engine"]),
+    ("labeling", ["noisystudent.labeling"]),
+    ("tracking", ["noisystudent.tracking"]),
+    ("stages", ["noisystudent.stages"]),
+    ("analysis", ["noisystudent.analysis"]),
+    ("loop and experiments", ["noisystudent.loop", "noisystudent.experiments"]),
+    ("console", ["noisystudent.console"]),
+    ("cli", ["noisystudent.cli"]),
+]
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = f.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Package modules ``name`` imports anywhere in its source (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # ``from . import console`` imports the module console; ``from .x import f`` imports module x
+            targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in known else module for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def layer_of(name: str) -> tuple[int, str]:
+    """(layer index, the layer entry it belongs to): the longest matching prefix."""
+    best = (-1, "")
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (name == p or name.startswith(p + ".")) and len(p) > len(best[1]):
+                best = (i, p)
+    return best
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports_of(name, path, known) for name, path in known.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def violations(edges: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for src, targets in sorted(edges.items()):
+        (src_layer, src_entry) = layer_of(src)
+        for dst in sorted(targets):
+            dst_layer, dst_entry = layer_of(dst)
+            if dst == "noisystudent" and src != "noisystudent":
+                bad.append(f"{src} imports the package root (import the module it needs)")
+            elif dst_layer > src_layer:
+                bad.append(f"{src} ({LAYERS[src_layer][0]}) imports {dst} from a higher layer ({LAYERS[dst_layer][0]})")
+            elif dst_layer == src_layer and src_entry != dst_entry:
+                bad.append(f"{src} imports {dst} sideways within the layer '{LAYERS[src_layer][0]}'")
+    return bad
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in modules() if layer_of(m)[0] < 0] == []
+
+
+def test_no_import_cycles_counting_imports_inside_functions():
+    assert cycles(graph()) == []
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    assert violations(graph()) == []
+
+
+def test_the_checker_sees_a_function_level_cycle(tmp_path, monkeypatch):
+    """The checks would fail on the kind of cycle this layout removed (hidden in a function)."""
+    pkg = tmp_path / "noisystudent"
+    (pkg / "stages").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stages" / "__init__.py").write_text("")
+    (pkg / "stages" / "student.py").write_text("def f():\n    from ..loop import iterate\n")
+    (pkg / "loop.py").write_text("from .stages.student import f\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    edges = graph()
+    assert cycles(edges) == [["noisystudent.loop", "noisystudent.stages.student"]]
+    assert violations(edges) == ["noisystudent.stages.student (stages) imports noisystudent.loop from a higher "
+                                 "layer (loop and experiments)"]
+
+
+if __name__ == "__main__":
+    edges = graph()
+    for name in sorted(edges, key=lambda m: (layer_of(m)[0], m)):
+        print(f"{LAYERS[layer_of(name)[0]][0]:>20}  {name}  <- {', '.join(sorted(edges[name])) or '-'}")
+    problems = [f"cycle: {' <-> '.join(c)}" for c in cycles(edges)] + violations(edges)
+    print("\n".join(problems) if problems else "no cycles, no layer violations")
+    sys.exit(1 if problems else 0)
