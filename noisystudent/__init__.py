@@ -1,7 +1,8 @@
 """noisystudent: Noisy Student self-training (Xie et al. 2020) as a staged, resumable pipeline.
 
-Stages live in :mod:`noisystudent.loop`; the typed config in :mod:`noisystudent.config`; the
-shard schema and read-time selection in :mod:`noisystudent.data.pseudo_labels`.
+The subpackages are layers, each importing only those below it (docs/architecture.md):
+``config`` -> ``data`` -> ``models``, ``noise``, ``prepare`` -> ``engine`` -> ``labeling`` ->
+``tracking`` -> ``stages`` -> ``analysis`` -> ``loop``, ``experiments`` -> ``console`` -> ``cli``.
 """
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,6 @@ class ModelSpec:
     def data_config(self, data):
         """``data`` (a DataConfig) at this model's own resolution and normalisation: a model is
         evaluated, and labels, the way it was trained, whatever another generation uses."""
-        from dataclasses import replace
-
         return replace(data, image_size=self.image_size, mean=list(self.mean), std=list(self.std))
 
 
@@ -106,8 +104,6 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
     data = path.read_bytes()
     side = path.with_name(path.name + ".sha256")
     if verify and side.is_file():
-        import hashlib
-
         want = side.read_text().strip()
         got = hashlib.sha256(data).hexdigest()
         if want != got:

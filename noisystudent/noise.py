@@ -15,6 +15,7 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import get_worker_info  # noqa: E402
 
 from .config import AugmentConfig, DataConfig  # noqa: E402
 
@@ -216,8 +217,6 @@ def reseed_augmentation(transform, seed: int) -> None:
 
 def reseed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: distinct, reproducible noise per worker."""
-    from torch.utils.data import get_worker_info
-
     dataset = get_worker_info().dataset
     transform = getattr(dataset, "transform", None)
     if transform is not None and getattr(transform, "seed", None) is not None:

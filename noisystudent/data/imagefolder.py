@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from ..config import DataConfig
 from ..io import sha256_json
@@ -57,8 +58,6 @@ class LabeledImages(Dataset):
     """
 
     def __init__(self, index: ImageFolderIndex, channels: int, transform: Callable | None = None, show_progress: bool = False):
-        from tqdm import tqdm
-
         self.class_names = index.class_names
         self.transform = transform
         self.skips = SkipCounter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import tarfile
 import warnings
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -184,8 +186,6 @@ def _decode_png_fast(data: bytes, channels: int) -> np.ndarray | None:
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     if width * height > MAX_IMAGE_PIXELS:
         raise ValueError(f"image too large ({width}x{height} > {MAX_IMAGE_PIXELS} pixels)")
-    import cv2
-
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
     if img is None:
         return None  # PIL gives the precise error
@@ -228,8 +228,6 @@ def _member_bytes(value: Any) -> bytes:
         buf = io.BytesIO()
         np.save(buf, value, allow_pickle=False)
         return buf.getvalue()
-    import json
-
     return json.dumps(value, sort_keys=True).encode()
 
 
