@@ -90,7 +90,7 @@ def run_generation(cfg: Config, g: int, layout: RunLayout, data: LabeledData, tr
     tags = {"generation": g, "role": role, "model": model_name, "git_commit": git_commit(),
             "config_hash": sha256_json(to_dict(cfg))[:16], "labeled_data_hash": data.fingerprint()[:16]}
     start = time.time()
-    with tracker.run(gdir / "mlflow_run_id", f"gen-{g}-{role}-{model_name}", tags, nested=True):
+    with tracker.run(layout.run_id_file(g), layout.run_name(g, role, model_name), tags, nested=True):
         recipe = cfg.teacher if g == 0 else cfg.student
         tracker.log_params({"generation": g, "role": role, "model": model_name, "params": params,
                             **{f"stage.{k}": v for k, v in flatten(to_dict(recipe)).items()}})
@@ -107,8 +107,7 @@ def run_generation(cfg: Config, g: int, layout: RunLayout, data: LabeledData, tr
         row.test_top1, row.test_ece, row.val_top1 = metrics.get("test_top1"), metrics.get("test_ece"), metrics.get("val_top1")
         row.model_path, row.sha256 = trained.model_path, trained.sha256
         row.minutes = _generation_minutes(start, trained)
-        run_id_file = gdir / "mlflow_run_id"
-        row.mlflow_run_id = run_id_file.read_text().strip() if run_id_file.is_file() else ""
+        row.mlflow_run_id = layout.run_id_file(g).read_text().strip() if layout.run_id_file(g).is_file() else ""
         tracker.log_metrics({"images_kept": row.images_kept, "minutes": row.minutes})
     layout.save_row(row)
     return row

@@ -38,7 +38,7 @@ def analyze_generation(cfg: Config, g: int, layout: RunLayout, data: LabeledData
         return {**read_json(out / "summary.json"), "generation": g, "test_top1": row.test_top1}
     manifest = model_labels(cfg.for_generation(g + 1), row.model_path, layout.labels(g + 1), row.mlflow_run_id)
     title = f"generation {g} {row.role} ({row.model})"
-    with tracker.run(layout.generation(g) / "mlflow_run_id", f"gen-{g}-{row.role}-{row.model}", nested=True):
+    with tracker.run(layout.run_id_file(g), layout.run_name(g, row.role, row.model), nested=True):
         summary = analyze_model(cfg.for_generation(g), row.model_path, manifest, data, out, title, tracker)
     return {**summary, "generation": g, "test_top1": row.test_top1}
 

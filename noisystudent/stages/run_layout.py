@@ -86,6 +86,14 @@ class RunLayout:
     def generation_analysis(self, g: int) -> Path:
         return self.generation(g) / "analysis"
 
+    def run_id_file(self, g: int) -> Path:
+        """Where generation ``g``'s nested MLflow run id is kept: training and analysis re-attach to it."""
+        return self.generation(g) / "mlflow_run_id"
+
+    @staticmethod
+    def run_name(g: int, role: str, model: str) -> str:
+        return f"gen-{g}-{role}-{model}"
+
     def summary(self, g: int) -> Path:
         return self.generation(g) / "summary.json"
 
