@@ -7,6 +7,9 @@
 
 Every config-driven subcommand takes ``--config``, ``--overlay`` and ``--set key=value``. Errors
 that are the user's to fix print as one ``error: ...`` line and exit 2.
+
+The training, labeling and analysis commands import their stage when they run, so ``--help``,
+``prepare`` and ``make-shards`` start without loading torch, timm or Dask (seconds per call).
 """
 from __future__ import annotations
 
@@ -18,25 +21,14 @@ from pathlib import Path
 from typing import Callable
 
 from . import console
-from .analysis.run import analyze_checkpoint, analyze_run
 from .config import Config, ConfigError, dump_config, load_config
-from .data.imagefolder import DataError
-from .data.selection import OODScoreError
-from .data.shard_io import ShardError
-from .experiments.ablation import run_ablation
-from .experiments.with_without import with_without
-from .labeling.cluster import ClusterError
-from .loop import iterate
-from .models import CheckpointError, LadderError
+from .errors import UserError
 from .prepare.fashion_mnist import DEFAULT_SOURCE_DIR, prepare_fashion_mnist
-from .prepare.folder_to_shards import PrepareError, folder_to_shards
-from .stages.runner import run_single_stage
+from .prepare.folder_to_shards import folder_to_shards
 from .tracking.compare import compare
-from .tracking.tracker import TrackingError
 
 #: Errors that are the user's to fix: printed as one line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, ShardError, CheckpointError, LadderError, TrackingError, ClusterError,
-               OODScoreError, PrepareError, FileNotFoundError)
+USER_ERRORS = (UserError, FileNotFoundError)
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 #: Run from a checkout, config-driven commands default to the shipped embedded-demo config.
 _CHECKOUT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -71,6 +63,8 @@ def _iterate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _iterate(args: argparse.Namespace) -> None:
+    from .loop import iterate
+
     extra = [f"generations={args.generations}"] if args.generations is not None else []
     extra += [f"run_dir={args.run_dir}"] if args.run_dir else []
     extra += [f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
@@ -86,6 +80,8 @@ def _teacher_args(p: argparse.ArgumentParser) -> None:
 
 
 def _teacher(args: argparse.Namespace) -> None:
+    from .stages.runner import run_single_stage
+
     _print_summary(run_single_stage(config_from_args(args), "teacher", Path(args.out)))
 
 
@@ -99,6 +95,8 @@ def _pseudo_label_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pseudo_label(args: argparse.Namespace) -> None:
+    from .stages.runner import run_single_stage
+
     extra = [f"data.unlabeled_shards={args.shards}"] if args.shards else []
     extra += ["cluster.kind=address", f"cluster.address={args.scheduler}"] if args.scheduler else []
     extra += [f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
@@ -113,6 +111,8 @@ def _student_args(p: argparse.ArgumentParser) -> None:
 
 
 def _student(args: argparse.Namespace) -> None:
+    from .stages.runner import run_single_stage
+
     _print_summary(run_single_stage(config_from_args(args), "student", Path(args.out), teacher=args.teacher,
                                     labels=args.labels, generation=args.generation))
 
@@ -136,6 +136,9 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> None:
+    from .analysis.run import analyze_checkpoint, analyze_run
+    from .experiments.with_without import with_without
+
     cfg = config_from_args(args)
     if args.model:
         if not args.out:
@@ -162,6 +165,8 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ablate(args: argparse.Namespace) -> None:
+    from .experiments.ablation import run_ablation
+
     cfg = config_from_args(args)
     summary = run_ablation(cfg, args.teacher, Path(args.labels), Path(args.out),
                            [float(t) for t in args.thresholds.split(",") if t],

@@ -9,8 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import OOD_SCORES
-from .stages.run_layout import GenerationRow
-from .stages.runner import StageSummary
+from .stages.run_layout import GenerationRow, StageSummary
 from .tracking.compare import COLUMNS
 
 

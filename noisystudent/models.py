@@ -15,15 +15,8 @@ from typing import Any
 import timm
 import torch
 
+from .errors import CheckpointError, LadderError
 from .io import atomic_path
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-class LadderError(ValueError):
-    pass
 
 
 @dataclass

@@ -22,14 +22,26 @@ from ..models import load_model
 from ..noise import ImageTransform, create_eval_transform, create_train_transform
 from ..plots import reliability_png
 from .features import (
-    CorpusFeatures, SplitFeatures, corpus_images, extract_split, load_corpus_features, save_scores_beside_shards,
+    CorpusFeatures,
+    SplitFeatures,
+    corpus_images,
+    extract_split,
+    load_corpus_features,
+    save_scores_beside_shards,
     view_consistency,
 )
 from .figures import embedding_png, gallery_png, score_histograms_png
 from .probes import linear_probe_accuracy
 from .report import write_report
+from .scores import (
+    KNNScorer,
+    MahalanobisScorer,
+    detection_metrics,
+    energy_score,
+    entropy_score,
+    msp_score,
+)
 from .sections import model_sections
-from .scores import KNNScorer, MahalanobisScorer, detection_metrics, energy_score, entropy_score, msp_score
 
 
 def ood_scores(corpus: CorpusFeatures, train_pooled: np.ndarray, train_targets: np.ndarray, num_classes: int,

@@ -8,8 +8,20 @@ from .fields import ConfigError, flatten, to_dict
 from .loading import dump_config, load_config, parse_override, yaml_load
 from .reference import config_reference, config_reference_markdown
 from .schema import (
-    OOD_SCORES, AnalysisConfig, AugmentConfig, ClusterConfig, Config, DataConfig, KubernetesConfig, OODScore,
-    PseudoLabelConfig, SlurmConfig, StudentConfig, TrackingConfig, TrainConfig, validate,
+    OOD_SCORES,
+    AnalysisConfig,
+    AugmentConfig,
+    ClusterConfig,
+    Config,
+    DataConfig,
+    KubernetesConfig,
+    OODScore,
+    PseudoLabelConfig,
+    SlurmConfig,
+    StudentConfig,
+    TrackingConfig,
+    TrainConfig,
+    validate,
 )
 
 __all__ = [

@@ -9,9 +9,7 @@ import types
 import typing
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key."""
+from ..errors import ConfigError
 
 
 def _one_of(choices: tuple) -> str:

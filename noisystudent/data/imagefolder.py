@@ -12,12 +12,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..config import DataConfig
+from ..errors import DataError
 from ..io import sha256_json
 from .shard_io import IMAGE_EXTS, SkipCounter, decode_image
-
-
-class DataError(ValueError):
-    """Labeled data is missing or malformed; the message names the path and the fix."""
 
 
 @dataclass

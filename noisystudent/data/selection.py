@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import OODScoreError
 from .label_index import ShardIndex, ood_scores_path, read_index
 
 
@@ -66,10 +67,6 @@ class Selection:
     @property
     def total(self) -> int:
         return int(sum(self.kept_per_class))
-
-
-class OODScoreError(ValueError):
-    """OOD-score selection asked for, but the analysis scores are missing or stale."""
 
 
 def read_ood_scores(ix: ShardIndex, score: str) -> np.ndarray:

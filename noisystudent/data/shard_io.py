@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..errors import ShardError
 from ..io import atomic_path
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm")
@@ -30,10 +31,6 @@ EVAL_EXT = "eval.json"
 #: Refuse to decode images with more pixels than this (decompression bombs).
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-
-
-class ShardError(RuntimeError):
-    """A shard cannot be read at all (missing, not a tar)."""
 
 
 @dataclass

@@ -18,10 +18,7 @@ import contextvars
 from typing import Iterator
 
 from ..config import ClusterConfig
-
-
-class ClusterError(RuntimeError):
-    pass
+from ..errors import ClusterError
 
 
 def task_resources(cfg: ClusterConfig) -> dict | None:

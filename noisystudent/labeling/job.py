@@ -22,7 +22,13 @@ from tqdm import tqdm
 from ..config import ClusterConfig, DataConfig
 from ..data.label_index import INDEX_VERSION, features_path, index_path, index_version
 from ..data.shard_io import SkipCounter, input_identity
-from ..io import read_json, remove_stale_temporaries, sha256_file, sha256_json, write_json_atomic
+from ..io import (
+    read_json,
+    remove_stale_temporaries,
+    sha256_file,
+    sha256_json,
+    write_json_atomic,
+)
 from .cluster import create_client, task_resources
 from .shard import cached_teacher, pseudo_label_shard, release_teachers
 

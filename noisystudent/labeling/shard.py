@@ -16,7 +16,14 @@ import torch
 
 from ..config import DataConfig
 from ..data.label_index import META_EXT, PROBS_EXT, features_path, write_index
-from ..data.shard_io import SkipCounter, decode_image, image_bytes, input_identity, iter_samples, write_shard
+from ..data.shard_io import (
+    SkipCounter,
+    decode_image,
+    image_bytes,
+    input_identity,
+    iter_samples,
+    write_shard,
+)
 from ..engine.precision import autocast
 from ..io import atomic_path, write_json_atomic
 from ..models import load_model, pooled_and_logits

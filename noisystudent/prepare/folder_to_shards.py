@@ -16,16 +16,13 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.shard_io import IMAGE_EXTS, SkipCounter, decode_image, write_shards
+from ..errors import PrepareError
 from ..io import write_json_atomic
 
 MANIFEST_NAME = "MANIFEST.json"
 #: Longest key (UTF-8 bytes) such that ``<key>.eval.json`` fits a USTAR member name (100 bytes).
 MAX_KEY_BYTES = 100 - len(".eval.json")
 _KEY_UNSAFE = re.compile(r"[.\s]")
-
-
-class PrepareError(ValueError):
-    """Preparation cannot proceed; the message says why and what to do."""
 
 
 def _key_for(rel: Path) -> str:

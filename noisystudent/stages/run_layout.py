@@ -12,8 +12,9 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..io import read_json, write_json_atomic
 
@@ -50,6 +51,14 @@ class GenerationRow:
     @classmethod
     def from_dict(cls, values: dict) -> "GenerationRow":
         return cls(**values)
+
+
+@dataclass
+class StageSummary:
+    """The one-screen summary a stage shows when it finishes."""
+
+    title: str
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 MLflow run, with the resolved config beside its outputs. Returns what the console summary shows."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from ..config import Config, ConfigError, flatten, to_dict
 from ..data.imagefolder import load_labeled_data
@@ -15,18 +15,11 @@ from ..tracking.stage_run import tracked_run
 from ..tracking.tracker import Tracker
 from .evaluate import evaluate_model, final_metrics
 from .pseudo_label import pseudo_label
+from .run_layout import StageSummary
 from .student import train_student
 from .teacher import train_teacher
 
 Stage = Literal["teacher", "pseudo_label", "student"]
-
-
-@dataclass
-class StageSummary:
-    """The one-screen summary a stage prints when it finishes."""
-
-    title: str
-    fields: dict[str, Any] = field(default_factory=dict)
 
 
 def run_single_stage(cfg: Config, stage: Stage, out_dir: Path, teacher: str | None = None, labels: str | None = None,

@@ -43,7 +43,9 @@ def log_and_register_model(tracker: Tracker, checkpoint: str | Path, registered_
     if not tracker.enabled:
         return None
     mlflow = tracker.mlflow
-    from mlflow.models import ModelSignature  # mlflow is imported only when tracking is on
+    from mlflow.models import (
+        ModelSignature,  # mlflow is imported only when tracking is on
+    )
     from mlflow.types import Schema, TensorSpec
 
     model, spec = load_model(checkpoint)

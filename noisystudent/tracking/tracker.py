@@ -16,14 +16,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import TrackingConfig
+from ..errors import TrackingError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-class TrackingError(RuntimeError):
-    pass
 
 
 def _lost_server(method):
