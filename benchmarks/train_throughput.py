@@ -105,7 +105,7 @@ def main() -> int:
     def pipeline_run() -> float:
         # the loop's per-epoch lines go to stderr: stdout is the JSON alone
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
-            result = train_model(bench_stage, cfg, model_name, Path(tmp), labeled, None, pseudo, None, desc="bench")
+            result = train_model(bench_stage, cfg, model_name, Path(tmp), labeled, pseudo=pseudo, desc="bench")
         return result.history[-1]["images_per_sec"]
 
     bare_runs, pipeline_runs = [bare_run()], []

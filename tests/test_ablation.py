@@ -73,4 +73,4 @@ def test_threshold_keeping_less_than_a_batch_is_a_clear_error(smoke_data, tmp_pa
     data = load_labeled_data(cfg.data)
     empty = PseudoLabeledStream(Selection({}, [0] * 10, 0, 0), 1, 10, create_eval_transform(cfg.data))
     with pytest.raises(ConfigError, match="pseudo_label.threshold"):
-        train_model(cfg.student, cfg, "test_resnet", tmp_path / "s", data.train, data.val, empty)
+        train_model(cfg.student, cfg, "test_resnet", tmp_path / "s", data.train, data.val, pseudo=empty)

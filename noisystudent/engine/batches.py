@@ -42,7 +42,10 @@ class BatchSource:
         self.device, self.channels_last, self.pseudo = device, channels_last, pseudo
         pin = device.type == "cuda"
         workers = resolve_num_workers(num_workers, device)
-        if pseudo is not None:
+        lab_bs = min(recipe.batch_size, len(labeled) // env.world_size)
+        if pseudo is None:  # a teacher's epoch: one pass over the labeled images (EpochSampler refuses < 1 batch)
+            one_pass = len(labeled) // env.world_size // max(1, lab_bs)
+        else:
             pseudo.rank, pseudo.world_size = env.rank, env.world_size
             unl_bs = recipe.unlabeled_batch_size
             # workers are forked per pass (one per epoch) and inherit the freshly reseeded augmentation
@@ -52,8 +55,7 @@ class BatchSource:
             if len(pseudo) < unl_bs:
                 raise ConfigError(f"only {len(pseudo)} pseudo-labeled samples selected per rank, fewer than one batch of "
                                   f"{unl_bs}: lower pseudo_label.threshold or student.unlabeled_ratio / student.batch_size")
-        lab_bs = min(recipe.batch_size, len(labeled) // env.world_size)
-        one_pass = max(1, len(pseudo) // unl_bs) if pseudo is not None else len(labeled) // env.world_size // lab_bs
+            one_pass = max(1, len(pseudo) // unl_bs)  # a student's epoch is one pass over its pseudo-labels
         self.steps_per_epoch = recipe.steps_per_epoch or one_pass
         # A pass over the pseudo-labels that runs out early (skipped samples) ends the epoch, unless the
         # step budget is fixed or ranks hold different shard counts: then another pass starts.

@@ -52,9 +52,12 @@ class TrainResult:
 
 
 def train_model(recipe: TrainConfig, cfg: Config, model_name: str, out_dir: str | Path, labeled: LabeledImages,
-                val: LabeledImages | None = None, pseudo: PseudoLabeledStream | None = None, tracker=None,
+                val: LabeledImages | None = None, *, pseudo: PseudoLabeledStream | None = None, tracker=None,
                 init_from: str | None = None, desc: str = "train") -> TrainResult:
-    """Train (or resume) one model in ``out_dir``; writes ``model.pt`` and ``DONE`` at the end."""
+    """Train (or resume) one model in ``out_dir``; writes ``model.pt`` and ``DONE`` at the end.
+
+    A student passes its ``pseudo``-labeled stream; ``init_from`` starts from another checkpoint's
+    weights; ``tracker`` receives one metrics row per epoch."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / "DONE").is_file():

@@ -71,8 +71,8 @@ def _supervised_control(cfg: Config, data: LabeledData, out_dir: Path):
     batch = min(len(data.train), int(round(s.batch_size * (1 + s.unlabeled_ratio))))
     recipe = replace(s, batch_size=batch, eval_every=max(1, s.epochs), early_stop_patience=0)
     noise = create_train_transform(cfg.data, s.augment, seed=cfg.seed)
-    return train_model(recipe, cfg, cfg.model_for_generation(1), out_dir, data.train.with_transform(noise), data.val, None,
-                       None, desc="control")
+    return train_model(recipe, cfg, cfg.model_for_generation(1), out_dir, data.train.with_transform(noise), data.val,
+                       desc="control")
 
 
 def budget_steps(cfg: Config, manifest: dict, num_classes: int) -> int:

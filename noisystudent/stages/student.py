@@ -41,7 +41,7 @@ def train_student(cfg: Config, generation: int, teacher_checkpoint: str | Path, 
     if tracker is not None:
         tracker.log_metrics(selection_metrics(selection))
     result = train_model(cfg.student, cfg, cfg.model_for_generation(generation), out_dir, data.train.with_transform(noise),
-                         data.val, stream, tracker, init_from=init_from, desc=f"gen {generation} student")
+                         data.val, pseudo=stream, tracker=tracker, init_from=init_from, desc=f"gen {generation} student")
     if cfg.student.finetune_epochs > 0:
         result = finetune_on_labeled(cfg, generation, result, out_dir / "finetune", data, noise)
     return result, selection
@@ -66,4 +66,4 @@ def finetune_on_labeled(cfg: Config, generation: int, trained: TrainResult, out_
     recipe = replace(s, epochs=s.finetune_epochs, lr=s.finetune_lr, warmup_epochs=0.0, drop_rate=0.0, drop_path_rate=0.0,
                      ema_decay=0.0)
     return train_model(recipe, cfg, cfg.model_for_generation(generation), out_dir, data.train.with_transform(noise),
-                       data.val, None, None, init_from=trained.model_path, desc=f"gen {generation} fine-tune")
+                       data.val, init_from=trained.model_path, desc=f"gen {generation} fine-tune")

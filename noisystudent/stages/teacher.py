@@ -11,5 +11,5 @@ from ..noise import create_train_transform
 
 def train_teacher(cfg: Config, out_dir: Path, data: LabeledData, tracker=None) -> TrainResult:
     labeled = data.train.with_transform(create_train_transform(cfg.data, cfg.teacher.augment, seed=cfg.seed))
-    return train_model(cfg.teacher, cfg, cfg.model_for_generation(0), out_dir, labeled, data.val, None, tracker,
+    return train_model(cfg.teacher, cfg, cfg.model_for_generation(0), out_dir, labeled, data.val, tracker=tracker,
                        desc="gen 0 teacher")
