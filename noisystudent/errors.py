@@ -23,6 +23,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, corrupt or cannot be loaded safely."""
 
 
+class NonFiniteTrainingError(UserError, RuntimeError):
+    """Training kept producing non-finite losses or gradients; the message names the epoch and step."""
+
+
 class LadderError(UserError, ValueError):
     """The model ladder breaks the equal-or-larger rule."""
 

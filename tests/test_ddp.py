@@ -1,11 +1,70 @@
-"""Student training under torchrun (2 processes, gloo): disjoint data per rank, one checkpoint, one MLflow run."""
+"""Training under torchrun (2 processes, gloo): disjoint data per rank, one checkpoint, one MLflow
+run; the logged loss is the mean over every rank's batches, ranks draw their own noise and stop
+together."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
+import torch
+import torch.nn.functional as F
+
 from conftest import REPO, run_script as _script, smoke_overrides
+
+
+def _torchrun_env() -> dict:
+    return {**os.environ, "NOISYSTUDENT_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def test_torchrun_logs_the_mean_loss_over_ranks_draws_noise_per_rank_and_stops_together(smoke_data, tmp_path):
+    """lr=0 and no noise: the weights never move, so every batch's loss can be recomputed here from
+    the saved model and the indices each rank read, independently of the training loop."""
+    out = tmp_path / "teacher"
+    overrides = smoke_overrides(smoke_data, tmp_path / "unused") + [
+        "tracking.enabled=false", "data.num_workers=0", "amp=off", "teacher.lr=0.0", "teacher.epochs=4",
+        "teacher.early_stop_patience=1", "teacher.drop_rate=0.0", "teacher.drop_path_rate=0.0",
+        "teacher.augment.num_ops=0", "teacher.augment.hflip=0.0", "teacher.augment.crop_pad=0.0",
+        "teacher.augment.cutout=0.0"]
+    _script("train_teacher.py", "--out", str(out), launcher=TORCHRUN, overrides=overrides, env=_torchrun_env(),
+            timeout=600)
+    result = json.loads((out / "result.json").read_text())
+
+    from noisystudent.config import load_config
+    from noisystudent.data.imagefolder import load_labeled_data
+    from noisystudent.models import load_model
+    from noisystudent.noise import create_eval_transform
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    images = load_labeled_data(cfg.data).train.with_transform(create_eval_transform(cfg.data))
+    model, _ = load_model(out / "model.pt")
+    model.train()  # BatchNorm on batch statistics, as in training (no dropout is configured)
+    batch = cfg.teacher.batch_size
+    steps = len(images) // 2 // batch
+    losses = []
+    with torch.no_grad():
+        for record in sorted(result["data_by_rank"], key=lambda d: d["rank"]):
+            order = record["labeled_indices"]
+            for step in range(steps):
+                xs, ys = zip(*(images[i] for i in order[step * batch:(step + 1) * batch]))
+                losses.append(F.cross_entropy(model(torch.stack(xs)), torch.as_tensor(ys)).item())
+    assert len(losses) == 2 * steps
+    logged = result["history"][0]["train_loss"]
+    assert math.isclose(logged, sum(losses) / len(losses), rel_tol=1e-4), (logged, losses)
+
+    # each rank's model noise comes from its own stream: its dropout masks differ from the other's
+    draws = [d["noise_draw"] for d in sorted(result["data_by_rank"], key=lambda d: d["rank"])]
+    assert len(draws) == 2 and all(len(d) == 4 for d in draws) and draws[0] != draws[1]
+
+    # the weights never change, so validation never improves after epoch 1: patience 1 stops both
+    # ranks after epoch 2 (a rank that went on alone would hang the other at its next collective)
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
+    assert result["epochs_by_rank"] == [2, 2]
+    assert result["history"][0]["val_top1"] == result["history"][1]["val_top1"]
 
 
 def test_torchrun_two_ranks_split_data_and_rank0_alone_writes(smoke_data, tmp_path):
@@ -17,10 +76,9 @@ def test_torchrun_two_ranks_split_data_and_rank0_alone_writes(smoke_data, tmp_pa
             overrides=base + ["tracking.enabled=false"])
 
     out = tmp_path / "student"
-    env = {**os.environ, "NOISYSTUDENT_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     r = _script("train_student.py", "--teacher", teacher, "--labels", str(tmp_path / "labels"), "--out", str(out),
-                launcher=torchrun, overrides=base + ["student.epochs=2", "pseudo_label.threshold=0.0"], env=env)
+                launcher=TORCHRUN, overrides=base + ["student.epochs=2", "pseudo_label.threshold=0.0"],
+                env=_torchrun_env())
     assert r.stdout.count("student finished") == 1  # only rank 0 reports
 
     result = json.loads((out / "result.json").read_text())

@@ -1,5 +1,6 @@
 """Optional training paths: EMA of the weights, labeled-only fine-tune, torch.compile, bf16 autocast
-on CPU. Each trains a real (tiny) timm model on in-memory images."""
+on CPU, and the guard against non-finite steps. Each trains a real (tiny) timm model on in-memory
+images."""
 from __future__ import annotations
 
 import os
@@ -9,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from noisystudent.config import AugmentConfig, Config, TrainConfig
+from noisystudent.config import AugmentConfig, Config, ConfigError, TrainConfig, load_config
 from noisystudent.data.imagefolder import LabeledImages
+from noisystudent.engine.precision import resolve_amp
+from noisystudent.engine.train import train_model
+from noisystudent.errors import NonFiniteTrainingError
 from noisystudent.models import load_checkpoint
 from noisystudent.noise import create_eval_transform, create_train_transform
-from noisystudent.engine.train import train_model
 
 STAGE = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=0.0, augment=AugmentConfig(num_ops=1, magnitude=4))
 
@@ -66,15 +69,80 @@ def test_compiled_training_writes_plain_checkpoints(tmp_path):
     assert np.isfinite(result.history[-1]["train_loss"])
 
 
-@pytest.mark.skipif(not __import__("noisystudent.engine.precision", fromlist=["x"]).cpu_has_native_bf16(),
-                    reason="CPU without native bf16")
-def test_bf16_autocast_on_cpu_learns(tmp_path):
+def _learns_in_bf16(tmp_path, stage: TrainConfig) -> None:
     cfg = _cfg(amp="bf16")
     train, val = _data(cfg)
-    result = train_model(replace(STAGE, epochs=4), cfg, "resnet10t", tmp_path / "b", train, val)
+    result = train_model(stage, cfg, "resnet10t", tmp_path, train, val)
+    assert [row["skipped_steps"] for row in result.history] == [0] * stage.epochs  # no step was non-finite
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.history[-1]["val_top1"] > 0.5  # 4 classes: chance is 0.25
-    assert all(v.dtype == torch.float32 for v in _weights(result.model_path).values() if v.is_floating_point())
+    weights = _weights(result.model_path)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+# bf16 autocast runs on every CPU (emulated where the CPU has no bf16 instructions, only slower)
+def test_bf16_autocast_on_cpu_learns_with_clipping_and_short_warmup_twice_in_one_process(tmp_path):
+    # the settings that went NaN every time on a CPU with AMX, twice: the failure depended on what
+    # the process had run before
+    stage = replace(STAGE, epochs=4, grad_clip=1.0, warmup_epochs=0.5)
+    _learns_in_bf16(tmp_path / "a", stage)
+    _learns_in_bf16(tmp_path / "b", replace(stage, grad_clip=0.0, warmup_epochs=0.0))
+
+
+class _Poisoned:
+    """The real transform, except that it returns NaN images for ``nan_index`` and, once
+    ``clean_calls`` images have been made, for every image: a non-finite loss without touching
+    the training code."""
+
+    def __init__(self, transform, nan_images: set[int], clean_calls: int | None = None):
+        self.transform, self.nan_images, self.clean_calls, self.calls = transform, nan_images, clean_calls, 0
+
+    def __call__(self, image):
+        x = self.transform(image)
+        self.calls += 1
+        poisoned = int(image[0, 0]) in self.nan_images or (self.clean_calls is not None and self.calls > self.clean_calls)
+        return torch.full_like(x, float("nan")) if poisoned else x
+
+
+def _marked(cfg: Config, n: int = 96) -> tuple[LabeledImages, LabeledImages]:
+    """``_data`` with each image's index in its top-left pixel (so a transform can recognise it)."""
+    train, val = _data(cfg, n)
+    for i, img in enumerate(train.images):
+        img[0, 0] = i
+    return train, val
+
+
+def test_a_nonfinite_loss_skips_its_step_and_is_counted(tmp_path):
+    cfg = _cfg(amp="off")
+    train, val = _marked(cfg)
+    train = train.with_transform(_Poisoned(create_eval_transform(cfg.data), nan_images={7}))
+    result = train_model(replace(STAGE, epochs=3), cfg, "resnet10t", tmp_path / "t", train, val)
+    # 96 images, 6 steps of 16 per epoch: the poisoned image is in exactly one step of each epoch
+    assert [row["skipped_steps"] for row in result.history] == [1, 1, 1]
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)  # the skipped step is not in the mean
+    weights = _weights(result.model_path)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())  # never updated with NaN
+    assert result.history[-1]["val_top1"] > 0.25
+
+
+def test_steps_that_stay_nonfinite_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    cfg = _cfg(amp="off", max_nonfinite_steps=3)
+    train, val = _marked(cfg)
+    train = train.with_transform(_Poisoned(create_eval_transform(cfg.data), nan_images=set(), clean_calls=96))
+    with pytest.raises(NonFiniteTrainingError, match=r"epoch 2 step 3: 3 step\(s\) in a row .*train_loss=nan"):
+        train_model(replace(STAGE, epochs=4), cfg, "resnet10t", tmp_path / "t", train, val)
+    last = load_checkpoint(tmp_path / "t" / "last.pt")
+    assert last["epoch"] == 1 and not (tmp_path / "t" / "DONE").exists()
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_fp16_on_cpu_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="config key 'amp'.*GPU"):
+        load_config(None, ["amp=fp16", "device=cpu"])
+    with pytest.raises(ConfigError, match="config key 'amp'"):  # device=auto that resolved to the CPU
+        resolve_amp("fp16", torch.device("cpu"))
+    assert resolve_amp("bf16", torch.device("cpu")) == "bf16"
 
 
 def test_num_workers_auto_leaves_the_cores_to_the_train_step_on_cpu():

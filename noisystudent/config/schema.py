@@ -18,16 +18,26 @@ OODScore = Literal["msp", "entropy", "energy", "mahalanobis", "knn"]
 OOD_SCORES: tuple[str, ...] = get_args(OODScore)
 
 
-def setting(default: Any, help: str) -> Any:
+def setting(default: Any, help: str, *, results: bool = True) -> Any:
     """A config field with its documentation. Mutable defaults (lists, dicts, sections) are
-    copied for every instance, so two configs never share one list."""
+    copied for every instance, so two configs never share one list.
+
+    ``results=False`` marks a knob that says where or how fast a run computes, not what it
+    computes (device, workers, tracking, ...): a resumed run may change it freely, while a change
+    to any other key is refused unless asked for (:mod:`.compare`). On a section it covers every
+    key inside."""
+    metadata = {"help": help, "results": results}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def help_of(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "")
+
+
+def changes_results(f: dataclasses.Field) -> bool:
+    return f.metadata.get("results", True)
 
 
 @dataclass
@@ -45,9 +55,10 @@ class DataConfig:
     channels: Literal[1, 3] = setting(1, "1 = grayscale, 3 = RGB. Images are converted on decode.")
     mean: list[float] = setting([0.286], "Per-channel normalisation (length 1 or `channels`).")
     std: list[float] = setting([0.353], "Per-channel normalisation std (length 1 or `channels`).")
-    num_workers: int = setting(-1, "DataLoader worker processes for training; 0 = augment in the main process, -1 = auto: "
-                                   "one per CPU core that torch's threads leave free (with a GPU: cores - 1, at most 8). "
-                                   "On a CPU machine a worker takes a core from the train step, so auto is 0 on 2 cores.")
+    num_workers: int = setting(-1, "DataLoader worker processes for training (and, on a GPU, for evaluation); 0 = augment "
+                                   "in the main process, -1 = auto: one per CPU core that torch's threads leave free (with "
+                                   "a GPU: cores - 1, at most 8). On a CPU machine a worker takes a core from the train "
+                                   "step, so auto is 0 on 2 cores.", results=False)
 
 
 @dataclass
@@ -112,8 +123,8 @@ class StudentConfig(TrainConfig):
 class PseudoLabelConfig:
     """How the teacher labels the corpus, and read-time selection of what the student sees."""
 
-    batch_size: int = setting(512, "Inference batch size.")
-    cache_dir: str = setting("", "Shared cache of labeled shards, keyed by teacher checkpoint sha256 + preprocessing, each "
+    batch_size: int = setting(512, "Inference batch size.", results=False)
+    cache_dir: str = setting("", results=False, help="Shared cache of labeled shards, keyed by teacher checkpoint sha256 + preprocessing, each "
                                  "shard checked against its input's path/size/mtime: any run or experiment with the same "
                                  "teacher reuses them. \"\" = no sharing (shards live in the stage's output directory).")
     tta_hflip: bool = setting(False, "Average the teacher's prediction with its prediction on the mirrored image (clean "
@@ -124,7 +135,8 @@ class PseudoLabelConfig:
     per_class: int = setting(0, "Images per class after balancing; 0 = mean kept count per class.")
     temperature: float = setting(1.0, "Sharpen soft labels: p ** (1/T) renormalised (1.0 = as is).")
     save_features: bool = setting(True, "Also write the teacher's pooled penultimate features beside each labeled shard "
-                                         "(`.features.npy`, float16): the analysis stage reads them instead of a second pass.")
+                                         "(`.features.npy`, float16): the analysis stage reads them instead of a second pass.",
+                                 results=False)
     ood_score: Literal["", OODScore] = setting("", "Drop images by an OOD score of the analysis stage before thresholding: "
                                                    "one of msp, entropy, energy, mahalanobis, knn (\"\" = keep all, the "
                                                    "paper's choice). Needs the teacher's analysis (`<shard>.ood.npz`, "
@@ -230,19 +242,30 @@ class TrackingConfig:
 class Config:
     """The whole run."""
 
-    run_dir: str = setting("runs/default", "Run directory; everything a run produces lives here and makes it resumable.")
-    generations: int = setting(3, "Number of student generations after the teacher.")
+    run_dir: str = setting("runs/default", "Run directory; everything a run produces lives here and makes it resumable.",
+                           results=False)
+    generations: int = setting(3, "Number of student generations after the teacher (a finished run can be extended by "
+                                  "rerunning it with more).", results=False)
     ladder: list[str] = setting(["resnet10t"], "timm model per generation; index 0 is the teacher, the last entry repeats.")
-    require_equal_or_larger: bool = setting(True, "Check every student has at least as many parameters as its teacher.")
-    device: str = setting("auto", "auto (cuda if visible, else cpu), cpu, cuda or cuda:N.")
+    require_equal_or_larger: bool = setting(True, "Check every student has at least as many parameters as its teacher.",
+                                            results=False)
+    device: str = setting("auto", "auto (cuda if visible, else cpu), cpu, cuda or cuda:N.", results=False)
     amp: Literal["auto", "off", "bf16", "fp16"] = setting(
         "auto", "Mixed precision for training: auto, off, bf16 or fp16 (fp16 with a GradScaler, CUDA only). auto = bf16 "
                 "on CUDA (fp16 if unsupported) and on CPUs with native bf16 (AVX512-BF16/AMX, where it trains faster "
-                "than fp32), else off. Inference on CPU always runs in fp32.")
+                "than fp32), else off. Inference on CPU always runs in fp32. fp16 with device=cpu is refused.", results=False)
     channels_last: bool = setting(True, "NHWC memory format for model and batches (faster convolutions on GPUs and "
-                                        "recent CPUs).")
-    threads: int = setting(0, "Torch intra-op threads in the training process (0 = torch default).")
-    compile: bool = setting(False, "torch.compile the training model (faster steps on GPUs after a compile warm-up).")
+                                        "recent CPUs).", results=False)
+    threads: int = setting(0, "Torch intra-op threads in the training process (0 = torch default).", results=False)
+    compile: bool = setting(False, "torch.compile the training model (faster steps on GPUs after a compile warm-up).",
+                            results=False)
+    log_every_steps: int = setting(50, "Steps between progress-bar refreshes. The step losses stay on the device and are "
+                                       "read back only then and at the end of the epoch: each read waits for the GPU.",
+                                   results=False)
+    max_nonfinite_steps: int = setting(20, "A step whose loss or gradient is not finite is skipped (no update) and counted "
+                                           "(the skipped_steps metric). After this many in a row training stops with an "
+                                           "error naming the epoch and step; the last epoch's checkpoint is kept. "
+                                           "1 = stop at the first.", results=False)
     seed: int = setting(0, "Seed for model init, data order and augmentation.")
     generation_overrides: dict = setting({}, "Per-generation changes, e.g. `{2: {\"student.init\": \"teacher\", "
                                              "\"student.lr\": 0.001}}`: generation number -> dotted keys applied on top "
@@ -257,9 +280,10 @@ class Config:
                       augment=AugmentConfig(num_ops=1, magnitude=4.0, cutout=0.25)),
         "Every student: labeled + pseudo-labeled data, noised.")
     pseudo_label: PseudoLabelConfig = setting(PseudoLabelConfig(), "Labeling and read-time selection.")
-    cluster: ClusterConfig = setting(ClusterConfig(), "The Dask cluster that labels the corpus.")
-    tracking: TrackingConfig = setting(TrackingConfig(), "MLflow tracking.")
-    analysis: AnalysisConfig = setting(AnalysisConfig(), "Hidden-state analysis.")
+    cluster: ClusterConfig = setting(ClusterConfig(), "The Dask cluster that labels the corpus.", results=False)
+    tracking: TrackingConfig = setting(TrackingConfig(), "MLflow tracking.", results=False)
+    analysis: AnalysisConfig = setting(AnalysisConfig(), "Hidden-state analysis (it reads the models; it never changes "
+                                                         "them).", results=False)
 
     def model_for_generation(self, generation: int) -> str:
         return self.ladder[min(generation, len(self.ladder) - 1)]
@@ -295,6 +319,10 @@ def validate(cfg: Config) -> None:
     need(cfg.generations >= 0, "generations", "must be >= 0")
     need(len(cfg.ladder) >= 1, "ladder", "must be a non-empty list of timm model names")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "device", "must be auto, cpu or cuda")
+    need(not (cfg.amp == "fp16" and cfg.device == "cpu"), "amp",
+         "is fp16, which needs a GPU (its GradScaler runs on CUDA); on CPU use amp=bf16 or amp=off")
+    need(cfg.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+    need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
     need(len(cfg.data.mean) in (1, cfg.data.channels), "data.mean", "must have 1 or data.channels entries")
     need(len(cfg.data.std) in (1, cfg.data.channels), "data.std", "must have 1 or data.channels entries")
     need(cfg.data.image_size >= 8, "data.image_size", "must be >= 8")

@@ -28,18 +28,42 @@ def resolve_num_workers(requested: int, device: torch.device) -> int:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (the CPU and every CUDA device)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one rank's model noise (dropout, stochastic depth) and pseudo-label augmentation
+    in one epoch. Every rank gets its own stream, so ranks do not draw the same dropout masks, and
+    every epoch restarts from (seed, rank, epoch), so a run resumed at an epoch boundary draws what
+    an uninterrupted one would have."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def rng_fingerprint(device: torch.device) -> list[float]:
+    """The first numbers the model noise would draw on ``device`` now (dropout masks come from this
+    stream), drawn from a copy of the generator: the run's own stream is untouched. For the record
+    that ranks draw different noise."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return [round(v, 6) for v in torch.rand(4, device=device).tolist()]
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # never start CUDA just to save its RNG
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

@@ -56,14 +56,34 @@ def barrier() -> None:
         dist.barrier()
 
 
-def reduce_sums(values: dict[str, float]) -> dict[str, float]:
-    """Sum each value over ranks (identity for one process)."""
-    if not current().enabled:
-        return dict(values)
+def reduce_sums(values: dict[str, float | torch.Tensor], device: torch.device | None = None) -> dict[str, float]:
+    """Sum each value over ranks; values may be numbers or one-element tensors on ``device``
+    (kept there, so the whole dict costs one all-reduce and one read back to the host)."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    device = device or torch.device("cpu")
+    t = torch.stack([torch.as_tensor(values[k], device=device).detach().reshape(()).to(torch.float64) for k in keys]) \
+        if keys else torch.zeros(0, dtype=torch.float64)
+    if current().enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
+
+
+def all_ranks_true(flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` (a boolean tensor) and-ed over ranks, still on its device (no host sync)."""
+    if not current().enabled:
+        return flag
+    t = flag.to(torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.bool()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without torchrun)."""
+    if not current().enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def reduce_max(value: float) -> float:

@@ -7,6 +7,8 @@ import torch
 from timm.utils import ModelEmaV3
 
 from ..config import TrainConfig
+from ..errors import NonFiniteTrainingError
+from . import distributed as ddp
 from .precision import resolve_amp
 
 
@@ -41,21 +43,34 @@ class Optimization:
         self.ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=True) if recipe.ema_decay > 0 else None
         self.scheduler = cosine_with_warmup(self.optimizer, int(recipe.warmup_epochs * steps_per_epoch),
                                             steps_per_epoch * recipe.epochs)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=resolve_amp(amp, device) == "fp16" and device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=resolve_amp(amp, device) == "fp16")
         self.grad_clip = recipe.grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def step(self, loss: torch.Tensor, model: torch.nn.Module, step: int) -> None:
-        """Backward, (clip), update, advance the schedule; ``step`` counts steps since the stage began."""
+    def step(self, loss: torch.Tensor, model: torch.nn.Module, step: int) -> bool:
+        """Backward, (clip), update, advance the schedule; ``step`` counts steps since the stage
+        began. Returns False, without touching the weights, when the loss or a gradient is not
+        finite: the one read back to the host per step (fp16's GradScaler makes the same one)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        if self.ema is not None:
+        self.scaler.unscale_(self.optimizer)  # true gradients for the norm (a no-op unless fp16)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        # gradients are already all-reduced here, but a loss can be inf with finite gradients on one
+        # rank alone: and-ing the flag over ranks keeps every rank's weights identical
+        finite = bool(ddp.all_ranks_true(torch.isfinite(loss.detach()) & torch.isfinite(norm)))
+        if finite:
+            if self.grad_clip > 0:  # clipped only when finite: a skipped step keeps its gradients to report
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm)
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # fp16: a non-finite step lowers the loss scale, as the scaler's own skip does
+        self.scheduler.step()  # the schedule follows the step count, skipped steps included (resume stays exact)
+        if finite and self.ema is not None:
             self.ema.update(model, step=step)
+        return finite
+
+    def nonfinite_parameters(self, names: dict[torch.nn.Parameter, str], limit: int = 3) -> list[str]:
+        """Names of the first parameters whose gradient is not finite (for the error message)."""
+        return [names.get(p, "?") for p in self.params if p.grad is not None and not torch.isfinite(p.grad).all()][:limit]
 
     @property
     def lr(self) -> float:
@@ -67,10 +82,44 @@ class Optimization:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),  # fp16's loss scale and its growth tracker ({} when off)
                 **({"ema": self.ema.module.state_dict()} if self.ema is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and "ema" in state:
             self.ema.module.load_state_dict(state["ema"])
+
+
+class NonFiniteGuard:
+    """Counts skipped (non-finite) steps; stops a run that keeps producing them, since skipping
+    then only hides a diverged model. A skipped step's forward pass has already updated the
+    BatchNorm running statistics with its non-finite activations, so the model's buffers are
+    copied before every forward and put back on a skip (one batched copy per step)."""
+
+    def __init__(self, limit: int, model: torch.nn.Module):
+        self.limit, self.in_a_row = limit, 0
+        self.buffers = [b for b in model.buffers()]
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    def before_forward(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def passed(self) -> None:
+        self.in_a_row = 0
+
+    def skipped(self, where: str, detail: str) -> None:
+        """``where``: "epoch E step S"; ``detail``: what was not finite."""
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.saved)
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteTrainingError(
+                f"training stopped at {where}: {self.in_a_row} step(s) in a row had a non-finite loss or gradient "
+                f"({detail}); the checkpoint of the last finished epoch is kept. Lower the learning rate, set "
+                f"grad_clip, or try amp=off (max_nonfinite_steps sets how many are skipped first)")

@@ -5,6 +5,8 @@ import functools
 
 import torch
 
+from ..config import ConfigError
+
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
@@ -20,7 +22,11 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_amp(amp: str, device: torch.device) -> str:
     """``off``, ``bf16`` or ``fp16`` for this device. ``auto``: bf16 on CUDA when supported (else
-    fp16), bf16 on CPUs with native bf16, otherwise off. fp16 on CPU is not offered (no speed-up)."""
+    fp16), bf16 on CPUs with native bf16, otherwise off. fp16 on CPU is refused: it would run without
+    a GradScaler (CUDA only), so small gradients would underflow to zero."""
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"config key 'amp' is fp16 but the run computes on {device.type}: fp16 needs a GPU; "
+                          f"use amp=bf16 or amp=off")
     if amp != "auto":
         return amp
     if device.type == "cuda":
@@ -31,6 +37,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 def autocast(device: torch.device, amp: str, inference: bool = False):
     """``torch.autocast`` for ``amp`` resolved on ``device``. ``inference=True`` keeps CPU inference
     in fp32: labels and metrics stay exact where low precision would buy little."""
+    if inference and device.type != "cuda":
+        return torch.autocast(device.type, enabled=False)
     mode = resolve_amp(amp, device)
-    enabled = mode != "off" and (device.type == "cuda" or not inference)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16, enabled=mode != "off")

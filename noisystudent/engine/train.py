@@ -10,7 +10,6 @@ with DDP; rank 0 alone validates into the log, checkpoints and writes the result
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,10 +26,10 @@ from ..noise import create_eval_transform
 from . import distributed as ddp
 from .batches import Batch, BatchSource
 from .checkpoint import Checkpointer, Progress
-from .device import resolve_device, seed_everything
+from .device import epoch_seed, resolve_device, rng_fingerprint, seed_everything
 from .evaluate import eval_loader, predict
 from .metrics import classification_report
-from .optim import Optimization
+from .optim import NonFiniteGuard, Optimization
 from .precision import autocast
 
 
@@ -45,6 +44,7 @@ class TrainResult:
     seconds: float = 0.0
     world_size: int = 1
     data_by_rank: list = field(default_factory=list)  # under torchrun: what each rank read in its first epoch
+    epochs_by_rank: list = field(default_factory=list)  # under torchrun: the epochs each rank trained (all equal)
 
     @classmethod
     def load(cls, out_dir: Path) -> "TrainResult":
@@ -79,17 +79,24 @@ def train_model(recipe: TrainConfig, cfg: Config, model_name: str, out_dir: str 
         start -= progress.seconds
         print(f"[{desc}] resuming after epoch {progress.epoch}/{recipe.epochs}")
 
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, model)
     first_epoch, data_by_rank = progress.epoch, []
     for epoch in range(first_epoch, recipe.epochs):
-        row = train_epoch(net, model, batches, optimization, recipe, epoch, cfg.amp, desc, env.is_main)
+        seed_everything(epoch_seed(cfg.seed, env.rank, epoch))  # this rank's model noise and pseudo-label augmentation
+        noise_draw = rng_fingerprint(device) if epoch == first_epoch and env.enabled else None
+        row = train_epoch(net, model, batches, optimization, guard, recipe, epoch, amp=cfg.amp,
+                          log_every=cfg.log_every_steps, desc=desc, show_progress=env.is_main)
         if val is not None and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
-            row.update(validate(optimization.weights(model), val, device, cfg))
+            # rank 0 validates its weights (ranks' BatchNorm statistics differ) and every rank records its metrics
+            row.update(ddp.broadcast_object(validate(optimization.weights(model), val, device, cfg) if env.is_main else None))
         if progress.record(row) and recipe.early_stop_patience > 0 and env.is_main:
             save_model(out_dir / "best.pt", optimization.weights(model), spec)
         if epoch == first_epoch and env.enabled:
-            data_by_rank = ddp.gather_objects(batches.first_pass_record(env.rank))
-        stop = recipe.early_stop_patience > 0 and epoch + 1 - progress.best_epoch >= recipe.early_stop_patience
-        if env.is_main:  # every rank validated the same weights; rank 0 alone logs and checkpoints
+            data_by_rank = ddp.gather_objects({**batches.first_pass_record(env.rank), "noise_draw": noise_draw})
+        # rank 0's decision on every rank: ranks that disagreed would hang at the next collective
+        stop = ddp.broadcast_object(recipe.early_stop_patience > 0
+                                    and epoch + 1 - progress.best_epoch >= recipe.early_stop_patience)
+        if env.is_main:
             print(f"[{desc}] epoch {epoch + 1}/{recipe.epochs} " + " ".join(
                 f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
             # checkpoint first: if the tracking server is gone, the epoch is still safe on disk
@@ -101,8 +108,8 @@ def train_model(recipe: TrainConfig, cfg: Config, model_name: str, out_dir: str 
         ddp.barrier()
         if stop:
             break
-    return finish(out_dir, optimization.weights(model), spec, recipe, progress, time.time() - start, env, data_by_rank,
-                  checkpointer)
+    return finish(out_dir, optimization.weights(model), spec, recipe, progress, time.time() - start, env,
+                  {"data_by_rank": data_by_rank, "epochs_by_rank": ddp.gather_objects(progress.epoch)}, checkpointer)
 
 
 def _start_process(cfg: Config, out_dir: Path) -> tuple[ddp.DistEnv, torch.device]:
@@ -153,30 +160,58 @@ def step_losses(logits: torch.Tensor, batch: Batch, recipe: TrainConfig) -> dict
 
 
 def train_epoch(net: torch.nn.Module, model: torch.nn.Module, batches: BatchSource, optimization: Optimization,
-                recipe: TrainConfig, epoch: int, amp: str, desc: str, show_progress: bool) -> dict:
-    """One epoch of steps; returns its metrics row (mean losses over every rank, throughput, LR)."""
+                guard: NonFiniteGuard, recipe: TrainConfig, epoch: int, *, amp: str, log_every: int, desc: str,
+                show_progress: bool) -> dict:
+    """One epoch of steps; returns its metrics row (mean losses over every rank's applied steps,
+    skipped steps, throughput, LR). The losses stay on the device and are read back every
+    ``log_every`` steps for the progress bar, and once at the end."""
     model.train()
     epoch_start = time.time()
-    sums: dict[str, float] = defaultdict(float)
-    steps = seen = 0
+    sums: dict[str, torch.Tensor] = {}
+    steps = skipped = seen = 0
     bar = tqdm(total=batches.steps_per_epoch, desc=f"[{desc}] epoch {epoch + 1}/{recipe.epochs}", leave=False,
                dynamic_ncols=True, disable=not show_progress)
     for batch in batches.epoch(epoch):
+        guard.before_forward()
         with autocast(batches.device, amp):
             logits = net(batch.images).float()
         losses = step_losses(logits, batch, recipe)
-        optimization.step(losses["train_loss"], model, step=epoch * batches.steps_per_epoch + steps)
+        finite = optimization.step(losses["train_loss"], model, step=epoch * batches.steps_per_epoch + steps)
         steps, seen = steps + 1, seen + batch.images.shape[0]
+        if not finite:
+            skipped += 1
+            detail = _nonfinite_detail(losses, optimization, model)
+            if show_progress:
+                tqdm.write(f"[{desc}] epoch {epoch + 1} step {steps}: step skipped, {detail}")
+            guard.skipped(f"epoch {epoch + 1} step {steps}", detail)
+            continue
+        guard.passed()
         for name, value in losses.items():
-            sums[name] += value.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses['train_loss'].item():.3f}", lr=f"{optimization.lr:.2e}")
+            sums[name] = sums.get(name, 0.0) + value.detach().double()  # exact sums, as Python floats were
+        if show_progress and steps % log_every == 0:
+            _refresh(bar, steps, sums, steps - skipped, optimization.lr)
+    if show_progress:
+        _refresh(bar, steps, sums, steps - skipped, optimization.lr)
     bar.close()
-    total = ddp.reduce_sums({"steps": steps, "seen": seen, **sums})
+    total = ddp.reduce_sums({"steps": steps - skipped, "seen": seen, **sums}, batches.device)
     per_step = max(1.0, total.pop("steps"))
     seconds = ddp.reduce_max(time.time() - epoch_start)
-    return {"epoch": epoch + 1, **{name: total[name] / per_step for name in sums}, "lr": optimization.lr,
-            "images_per_sec": total.pop("seen") / max(1e-9, seconds)}
+    return {"epoch": epoch + 1, **{name: total[name] / per_step for name in sums}, "skipped_steps": skipped,
+            "lr": optimization.lr, "images_per_sec": total.pop("seen") / max(1e-9, seconds)}
+
+
+def _refresh(bar: tqdm, steps: int, sums: dict[str, torch.Tensor], applied: int, lr: float) -> None:
+    """Move the bar to ``steps`` and show the mean loss so far (one read back from the device)."""
+    bar.update(steps - bar.n)
+    if "train_loss" in sums:
+        bar.set_postfix(loss=f"{sums['train_loss'].item() / max(1, applied):.3f}", lr=f"{lr:.2e}")
+
+
+def _nonfinite_detail(losses: dict[str, torch.Tensor], optimization: Optimization, model: torch.nn.Module) -> str:
+    names = {p: n for n, p in model.named_parameters()}
+    values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+    bad = optimization.nonfinite_parameters(names)
+    return f"{values}; non-finite gradients: {', '.join(bad) if bad else 'none'}"
 
 
 def validate(model: torch.nn.Module, val: LabeledImages, device: torch.device, cfg: Config) -> dict:
@@ -186,7 +221,7 @@ def validate(model: torch.nn.Module, val: LabeledImages, device: torch.device, c
 
 
 def finish(out_dir: Path, model: torch.nn.Module, spec: ModelSpec, recipe: TrainConfig, progress: Progress,
-           seconds: float, env: ddp.DistEnv, data_by_rank: list, checkpointer: Checkpointer) -> TrainResult:
+           seconds: float, env: ddp.DistEnv, by_rank: dict, checkpointer: Checkpointer) -> TrainResult:
     """Write ``model.pt`` (the best epoch's weights under early stopping), ``result.json`` and ``DONE``."""
     if not env.is_main:
         ddp.barrier()  # rank 0 writes model.pt and result.json
@@ -197,7 +232,8 @@ def finish(out_dir: Path, model: torch.nn.Module, spec: ModelSpec, recipe: Train
     result = TrainResult(model_path=str(out_dir / "model.pt"), sha256=sha, spec=spec.as_dict(),
                          params=sum(p.numel() for p in model.parameters()), history=progress.history,
                          best_val_top1=progress.best_top1, seconds=seconds, world_size=env.world_size,
-                         data_by_rank=data_by_rank)
+                         data_by_rank=by_rank["data_by_rank"],
+                         epochs_by_rank=by_rank["epochs_by_rank"] if env.enabled else [])
     write_json_atomic(out_dir / "result.json", asdict(result))
     (out_dir / "DONE").write_text("")
     checkpointer.remove()

@@ -23,7 +23,8 @@ def evaluate_model(model_path: str | Path, cfg: Config, data: LabeledData, out_d
     for name, split in (("val", data.val), ("test", data.test)):
         if split is None:
             continue
-        probs, targets = predict(model, eval_loader(split.with_transform(eval_t), device), device, cfg.amp)
+        probs, targets = predict(model, eval_loader(split.with_transform(eval_t), device, num_workers=cfg.data.num_workers),
+                                 device, cfg.amp, cfg.channels_last)
         report = classification_report(probs, targets, len(spec.class_names))
         out.update(report.metrics(name))
         out[f"{name}_per_class"] = dict(zip(spec.class_names, report.per_class))
