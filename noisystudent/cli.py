@@ -56,7 +56,14 @@ def config_from_args(args: argparse.Namespace, *extra: str) -> Config:
 
 # ------------------------------------------------------------------ the loop and the stages
 
+def _allow_config_change_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a directory whose stored config.yaml has a different recipe (refused by default: "
+                        "it would mix two recipes); the change is recorded in the run's MLflow tags")
+
+
 def _iterate_args(p: argparse.ArgumentParser) -> None:
+    _allow_config_change_arg(p)
     p.add_argument("--generations", type=int, default=None, help="student generations (overrides config 'generations')")
     p.add_argument("--run-dir", default=None, help="run directory (overrides config 'run_dir')")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides tracking.tracking_uri)")
@@ -68,7 +75,7 @@ def _iterate(args: argparse.Namespace) -> None:
     extra = [f"generations={args.generations}"] if args.generations is not None else []
     extra += [f"run_dir={args.run_dir}"] if args.run_dir else []
     extra += [f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
-    result = iterate(config_from_args(args, *extra))
+    result = iterate(config_from_args(args, *extra), allow_config_change=args.allow_config_change)
     console.print_generation_table(result.generations)
     if result.analysis:
         console.print_analysis_table(result.analysis)
@@ -76,13 +83,15 @@ def _iterate(args: argparse.Namespace) -> None:
 
 
 def _teacher_args(p: argparse.ArgumentParser) -> None:
+    _allow_config_change_arg(p)
     p.add_argument("--out", required=True, help="output directory (resumable: rerun to continue)")
 
 
 def _teacher(args: argparse.Namespace) -> None:
     from .stages.runner import run_single_stage
 
-    _print_summary(run_single_stage(config_from_args(args), "teacher", Path(args.out)))
+    _print_summary(run_single_stage(config_from_args(args), "teacher", Path(args.out),
+                                    allow_config_change=args.allow_config_change))
 
 
 def _pseudo_label_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +113,7 @@ def _pseudo_label(args: argparse.Namespace) -> None:
 
 
 def _student_args(p: argparse.ArgumentParser) -> None:
+    _allow_config_change_arg(p)
     p.add_argument("--teacher", required=True, help="the teacher model.pt that produced the labels")
     p.add_argument("--labels", required=True, help="pseudo-label directory (holds manifest.json)")
     p.add_argument("--generation", type=int, default=1, help="generation number (picks the ladder entry)")
@@ -114,7 +124,8 @@ def _student(args: argparse.Namespace) -> None:
     from .stages.runner import run_single_stage
 
     _print_summary(run_single_stage(config_from_args(args), "student", Path(args.out), teacher=args.teacher,
-                                    labels=args.labels, generation=args.generation))
+                                    labels=args.labels, generation=args.generation,
+                                    allow_config_change=args.allow_config_change))
 
 
 def _print_summary(summary) -> None:
@@ -156,6 +167,7 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _ablate_args(p: argparse.ArgumentParser) -> None:
+    _allow_config_change_arg(p)
     p.add_argument("--teacher", required=True, help="teacher model.pt the labels came from")
     p.add_argument("--labels", required=True, help="pseudo-label output dir (manifest.json) of that teacher")
     p.add_argument("--out", required=True, help="ablation output directory (resumable)")
@@ -170,7 +182,8 @@ def _ablate(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     summary = run_ablation(cfg, args.teacher, Path(args.labels), Path(args.out),
                            [float(t) for t in args.thresholds.split(",") if t],
-                           tuple(int(s) for s in args.seeds.split(",") if s), [o for o in args.only.split(",") if o])
+                           tuple(int(s) for s in args.seeds.split(",") if s), [o for o in args.only.split(",") if o],
+                           allow_config_change=args.allow_config_change)
     console.print_ablation_table(summary, f"{cfg.student.epochs} epoch(s) per cell")
 
 

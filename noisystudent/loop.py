@@ -40,8 +40,9 @@ class LoopResult:
     report: Path | None = None  # the run-level analysis report
 
 
-def iterate(cfg: Config) -> LoopResult:
-    """teacher -> (pseudo-label -> student) x cfg.generations, resuming whatever is on disk."""
+def iterate(cfg: Config, *, allow_config_change: bool = False) -> LoopResult:
+    """teacher -> (pseudo-label -> student) x cfg.generations, resuming whatever is on disk. A run
+    directory made with another recipe is refused unless ``allow_config_change``."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("iterate runs as one process (labeling uses Dask); use torchrun with the teacher / "
                           "student stages")
@@ -53,7 +54,8 @@ def iterate(cfg: Config) -> LoopResult:
         if cfg.require_equal_or_larger else [0] * (cfg.generations + 1)
     tags = {"config_hash": sha256_json(to_dict(cfg))[:16], "kind": "iterate"}
     result = LoopResult([])
-    with tracked_run(cfg, layout.root, f"iterate-{layout.root.name}", tags, id_file=layout.parent_run_id.name) as tracker, \
+    with tracked_run(cfg, layout.root, f"iterate-{layout.root.name}", tags, id_file=layout.parent_run_id.name,
+                     allow_config_change=allow_config_change) as tracker, \
             shared_cluster(cfg.cluster):
         save_augmentation_grid(cfg, data, layout.root / "augmentation_grid.png")
         for g in range(cfg.generations + 1):

@@ -169,3 +169,19 @@ def test_amp_auto_resolves_per_device():
     assert Config().amp == "auto"
     assert resolve_amp("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "off")
     assert resolve_amp("off", cpu) == "off" and resolve_amp("bf16", cpu) == "bf16"
+
+
+def test_keys_that_change_results_are_the_recipe_data_and_models_not_the_machinery():
+    from noisystudent.config.compare import key_changes_results, result_changes
+
+    for key in ("student.lr", "teacher.augment.magnitude", "data.image_size", "ladder", "seed",
+                "pseudo_label.threshold", "generation_overrides.2.student.lr", "a_key_from_an_older_version"):
+        assert key_changes_results(key), key
+    for key in ("device", "amp", "threads", "compile", "run_dir", "generations", "data.num_workers",
+                "pseudo_label.batch_size", "cluster.n_workers", "cluster.slurm.queue", "tracking.tracking_uri",
+                "analysis.knn_k", "log_every_steps", "max_nonfinite_steps"):
+        assert not key_changes_results(key), key
+    stored = to_dict(Config())
+    changed = Config()
+    changed.student.lr, changed.cluster.n_workers, changed.generations = 0.01, 8, 5
+    assert [(c.key, c.stored, c.requested) for c in result_changes(stored, changed)] == [("student.lr", 0.003, 0.01)]

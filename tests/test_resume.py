@@ -49,3 +49,49 @@ def test_kill_during_student_then_resume(smoke_data, tmp_path):
     assert "Noisy Student generations" in r.stdout  # the final table
     result = json.loads((run_dir / "gen-1" / "student" / "result.json").read_text())
     assert [h["epoch"] for h in result["history"]] == list(range(1, 9))  # every epoch exactly once
+
+
+def test_resume_with_a_changed_recipe_is_refused_with_a_diff_unless_allowed(smoke_config, tmp_path):
+    import mlflow
+
+    from noisystudent.config import yaml_load
+    from noisystudent.stages.runner import run_single_stage
+
+    out = tmp_path / "teacher"
+    cfg = smoke_config("teacher.epochs=1", "tracking.log_models=false")
+    run_single_stage(cfg, "teacher", out)
+    stored = (out / "config.yaml").read_text()
+
+    def script(*extra: str):
+        cmd = [sys.executable, "pipelines/train_teacher.py", "--config", "configs/smoke.yaml", "--out", str(out)]
+        for o in [*_overrides(cfg), *extra]:
+            cmd += ["--allow-config-change"] if o == "--allow-config-change" else ["--set", o]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    # a recipe key: refused, with the stored and the requested value, and nothing is touched
+    r = script("teacher.lr=0.0005", "teacher.drop_rate=0.3")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "teacher.lr: 0.002 -> 0.0005" in r.stderr and "teacher.drop_rate: 0.2 -> 0.3" in r.stderr
+    assert "--allow-config-change" in r.stderr
+    assert (out / "config.yaml").read_text() == stored
+
+    # a knob that does not change results (where and how fast it runs): accepted as it is
+    run_single_stage(cfg.with_overrides({"data.num_workers": 1, "tracking.log_models": False}), "teacher", out)
+
+    # the explicit flag continues, keeps the old config beside the new one and records both in MLflow
+    r = script("teacher.lr=0.0005", "--allow-config-change")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "teacher.lr: 0.002 -> 0.0005" in r.stdout
+    assert yaml_load((out / "config.yaml").read_text())["teacher"]["lr"] == 0.0005
+    replaced = list(out.glob("config.replaced-*.yaml"))
+    assert len(replaced) == 1 and yaml_load(replaced[0].read_text())["teacher"]["lr"] == 0.002
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    tags = client.get_run((out / "mlflow_run_id").read_text().strip()).data.tags
+    assert tags["config_check"] == "changed, continued (--allow-config-change)"
+    assert "teacher.lr: 0.002 -> 0.0005" in tags["config_changes"]
+
+
+def _overrides(cfg) -> list[str]:
+    """The smoke fixture's data paths as --set lines (the script must read the same data)."""
+    return [f"data.{k}={getattr(cfg.data, k)}" for k in ("labeled_dir", "val_dir", "test_dir", "unlabeled_shards")] \
+        + ["teacher.epochs=1", "tracking.log_models=false"]

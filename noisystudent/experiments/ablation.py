@@ -137,7 +137,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def run_ablation(cfg: Config, teacher: str, labels_dir: Path, out_dir: Path, thresholds: list[float], seeds: tuple,
-                 only: list[str] | None = None) -> list[dict]:
+                 only: list[str] | None = None, *, allow_config_change: bool = False) -> list[dict]:
     """Every cell x seed from one teacher's shards; writes ablation.json + threshold.png, logs to MLflow."""
     data = load_labeled_data(cfg.data)
     manifest = load_manifest(labels_dir)
@@ -147,7 +147,7 @@ def run_ablation(cfg: Config, teacher: str, labels_dir: Path, out_dir: Path, thr
     rows: list[dict] = []
     params = {**flatten(to_dict(cfg)), "ablation.steps_per_epoch": steps, "ablation.seeds": list(seeds)}
     with tracked_run(cfg, out_dir, "ablation", {"role": "ablation", "teacher_sha256": manifest["teacher"]["sha256"]},
-                     id_file="mlflow_parent_run_id", params=params) as tracker:
+                     id_file="mlflow_parent_run_id", params=params, allow_config_change=allow_config_change) as tracker:
         for cell in cells:
             for seed in cell.seeds:
                 slug = "".join(ch if ch.isalnum() else "-" for ch in cell.name.lower()).strip("-")

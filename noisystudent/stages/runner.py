@@ -23,7 +23,7 @@ Stage = Literal["teacher", "pseudo_label", "student"]
 
 
 def run_single_stage(cfg: Config, stage: Stage, out_dir: Path, teacher: str | None = None, labels: str | None = None,
-                     generation: int = 1) -> StageSummary | None:
+                     generation: int = 1, *, allow_config_change: bool = False) -> StageSummary | None:
     """Run ``stage`` into ``out_dir``; None on torchrun ranks other than 0 (they train their slice only)."""
     env = ddp.init_distributed()  # torchrun: every rank trains its data slice, rank 0 tracks and reports
     if stage == "pseudo_label":
@@ -35,7 +35,7 @@ def run_single_stage(cfg: Config, stage: Stage, out_dir: Path, teacher: str | No
     data = load_labeled_data(cfg.data)
     tracker = Tracker(cfg.tracking if env.is_main else replace(cfg.tracking, enabled=False), out_dir)
     with tracked_run(cfg, out_dir, f"{stage}-{out_dir.name}", {"role": stage, "world_size": env.world_size},
-                     tracker=tracker, write_config=env.is_main):
+                     tracker=tracker, write_config=env.is_main, allow_config_change=allow_config_change):
         if stage == "teacher":
             result = train_teacher(cfg, out_dir, data, tracker)
         else:
@@ -60,7 +60,7 @@ def _pseudo_label_stage(cfg: Config, teacher: str, out_dir: Path) -> StageSummar
     checkpoint, teacher_run_id = resolve_teacher(teacher, tracker, out_dir / "teacher")
     params = {k: v for k, v in flatten(to_dict(cfg)).items() if k.split(".")[0] in ("data", "pseudo_label", "cluster")}
     with tracked_run(cfg, out_dir, f"pseudo_label-{out_dir.name}", {"role": "pseudo_label", "teacher_run_id": teacher_run_id},
-                     tracker=tracker, params=params):
+                     tracker=tracker, params=params, check_config=False):
         manifest = pseudo_label(cfg, checkpoint, out_dir, teacher_run_id=teacher_run_id)
         tracker.set_tags({"teacher_sha256": manifest["teacher"]["sha256"]})
         tracker.log_metrics({"pl_samples": manifest["total_samples"], "pl_skipped": manifest["skipped"]["total"],
