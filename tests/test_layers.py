@@ -26,6 +26,7 @@ LAYERS = [
     ("loop and experiments", ["noisystudent.loop", "noisystudent.experiments"]),
     ("console", ["noisystudent.console"]),
     ("cli", ["noisystudent.cli"]),
+    ("python -m", ["noisystudent.__main__"]),
 ]
 
 
