@@ -40,19 +40,101 @@ class ModelSpec:
         return replace(data, image_size=self.image_size, mean=list(self.mean), std=list(self.std))
 
 
-def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
-    """A timm model by name, randomly initialised (no hub downloads), with model noise."""
+def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0, *, pretrained: bool = False,
+                 pretrained_file: str = "") -> torch.nn.Module:
+    """A timm model by name, with model noise. Randomly initialised unless ``pretrained`` (timm's
+    hub weights) or ``pretrained_file`` (local weights, which win); either way the classifier is
+    new when the class count differs and the stem is adapted to ``spec.in_chans``, as timm does."""
     kwargs: dict[str, Any] = dict(num_classes=spec.num_classes, in_chans=spec.in_chans, drop_rate=drop_rate)
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
+    hub = pretrained and not pretrained_file
     try:
-        return timm.create_model(spec.name, pretrained=False, **kwargs)
+        model = timm.create_model(spec.name, pretrained=hub, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ValueError(f"unknown timm model {spec.name!r} in config 'ladder' (see timm.list_models())") from exc
+        if hub:
+            raise _hub_error(spec.name, exc) from exc
         raise
     except TypeError as exc:
         raise ValueError(f"timm model {spec.name!r} does not accept {sorted(kwargs)}: {exc}") from exc
+    except OSError as exc:  # the hub is out of reach (no network, proxy, rate limit)
+        raise _hub_error(spec.name, exc) from exc
+    if pretrained_file:
+        load_pretrained_file(model, pretrained_file, spec)
+    return model
+
+
+def _hub_error(name: str, exc: Exception) -> CheckpointError:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return CheckpointError(f"pretrained=true: timm could not fetch the weights of {name} ({first_line}); on a machine "
+                           f"without access to the Hugging Face hub set pretrained_file=PATH to local weights")
+
+
+def load_pretrained_file(model: torch.nn.Module, path: str | Path, spec: ModelSpec) -> None:
+    """Load ``.safetensors``, ``.pth`` or ``.bin`` weights into ``model`` through timm's own loader
+    (``load_pretrained`` with the file as its source): a different class count gets a new head,
+    a different channel count an adapted stem. A file of another architecture is refused, naming
+    a few of the keys that do not fit, before anything is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"pretrained_file not found: {path}")
+    weights = _read_weights(path)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    heads = _names(cfg.get("classifier"))
+    stems = _names(cfg.get("first_conv"))
+    head_keys = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
+    stem_keys = {f"{s}.weight" for s in stems}
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights and k not in head_keys]
+    unexpected = [k for k in weights if k not in own]
+    wrong = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in weights and k not in head_keys | stem_keys and weights[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(keys[:3])}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("shape file vs model:", wrong)) if keys]
+        raise CheckpointError(f"pretrained_file {path} does not fit timm model {spec.name} ({'; '.join(parts)}); "
+                              f"use weights of the same architecture")
+    head = next((weights[f"{h}.weight"] for h in heads if f"{h}.weight" in weights), None)
+    stem = next((weights[k] for k in stem_keys if k in weights), None)
+    size = tuple(cfg.get("input_size") or (3, spec.image_size, spec.image_size))
+    overlay = {**cfg, "file": str(path), "num_classes": head.shape[0] if head is not None else spec.num_classes,
+               "input_size": (stem.shape[1] if stem is not None else spec.in_chans, *size[1:])}
+    timm.models.load_pretrained(model, pretrained_cfg=overlay, num_classes=spec.num_classes, in_chans=spec.in_chans)
+
+
+def _names(value) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors. ``.pth`` / ``.bin`` are read with ``weights_only`` first: timm's loader
+    unpickles them fully, which is safe only for a file that holds nothing but tensors."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"pretrained_file {path} cannot be read as weights ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); give a .safetensors, .pth or .bin state dict") from exc
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # nested checkpoints, in timm's order
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"pretrained_file {path} is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def count_params(model_or_name: torch.nn.Module | str, num_classes: int = 10, in_chans: int = 3) -> int:

@@ -99,6 +99,13 @@ class TrainConfig:
                                     "model is the one validated, checkpointed as the result and handed to the next stage.")
     eval_every: int = setting(1, "Validate every N epochs (and always after the last). Raise it when epochs are tiny "
                                  "(a teacher on a few thousand labels) and validation would cost more than training.")
+    pretrained: bool = setting(False, "Start from timm's pretrained weights of this model (fetched from the Hugging Face "
+                                      "hub, so the machine must reach it). As in timm, the classifier is new when the "
+                                      "class count differs and the stem is adapted to data.channels.")
+    pretrained_file: str = setting("", "Start from local weights instead: a .safetensors, .pth or .bin state dict of the "
+                                       "same architecture (a noisystudent model.pt works too), loaded through timm's "
+                                       "loader with the same adaptations. Wins over pretrained. A file of another "
+                                       "architecture is an error naming keys that do not fit.")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ..config import Config, TrainConfig
 from ..data.imagefolder import LabeledImages
 from ..data.pseudo_stream import PseudoLabeledStream
 from ..io import read_json, remove_stale_temporaries, write_json_atomic
-from ..models import ModelSpec, create_model, load_checkpoint, save_model, unwrap
+from ..models import ModelSpec, create_model, file_sha256, load_checkpoint, save_model, unwrap
 from ..noise import create_eval_transform
 from . import distributed as ddp
 from .batches import Batch, BatchSource
@@ -45,6 +45,7 @@ class TrainResult:
     world_size: int = 1
     data_by_rank: list = field(default_factory=list)  # under torchrun: what each rank read in its first epoch
     epochs_by_rank: list = field(default_factory=list)  # under torchrun: the epochs each rank trained (all equal)
+    weights_source: str = "random init"  # where the initial weights came from
 
     @classmethod
     def load(cls, out_dir: Path) -> "TrainResult":
@@ -68,6 +69,9 @@ def train_model(recipe: TrainConfig, cfg: Config, model_name: str, out_dir: str 
                      image_size=cfg.data.image_size, class_names=list(labeled.class_names),
                      mean=list(cfg.data.mean), std=list(cfg.data.std))
     model, net = build_model(spec, recipe, cfg, device, env, init_from)
+    source = weights_source(recipe, init_from)
+    if tracker is not None and env.is_main:
+        tracker.set_tags({"weights_source": source})
     batches = BatchSource(recipe, labeled, pseudo, seed=cfg.seed, num_workers=cfg.data.num_workers,
                           channels_last=cfg.channels_last, device=device, env=env)
     if val is not None:  # validate at this model's resolution (a ladder may change it per generation)
@@ -109,7 +113,8 @@ def train_model(recipe: TrainConfig, cfg: Config, model_name: str, out_dir: str 
         if stop:
             break
     return finish(out_dir, optimization.weights(model), spec, recipe, progress, time.time() - start, env,
-                  {"data_by_rank": data_by_rank, "epochs_by_rank": ddp.gather_objects(progress.epoch)}, checkpointer)
+                  {"data_by_rank": data_by_rank, "epochs_by_rank": ddp.gather_objects(progress.epoch),
+                   "weights_source": source}, checkpointer)
 
 
 def _start_process(cfg: Config, out_dir: Path) -> tuple[ddp.DistEnv, torch.device]:
@@ -130,7 +135,10 @@ def build_model(spec: ModelSpec, recipe: TrainConfig, cfg: Config, device: torch
                 init_from: str | None) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The timm model with this stage's model noise, and the module that runs forward/backward
     (DDP averages gradients across ranks; ``compile`` wraps it)."""
-    model = create_model(spec, drop_rate=recipe.drop_rate, drop_path_rate=recipe.drop_path_rate)
+    starts_from_weights = not init_from  # init_from replaces every weight: fetching pretrained ones would be wasted
+    model = create_model(spec, drop_rate=recipe.drop_rate, drop_path_rate=recipe.drop_path_rate,
+                         pretrained=recipe.pretrained and starts_from_weights,
+                         pretrained_file=recipe.pretrained_file if starts_from_weights else "")
     if init_from:
         missing = model.load_state_dict(load_checkpoint(init_from)["model"], strict=False)
         if missing.missing_keys:
@@ -143,6 +151,15 @@ def build_model(spec: ModelSpec, recipe: TrainConfig, cfg: Config, device: torch
     if cfg.compile:
         net = torch.compile(net)
     return model, net
+
+
+def weights_source(recipe: TrainConfig, init_from: str | None) -> str:
+    """Where a stage's initial weights come from, for result.json and the MLflow tag ``weights_source``."""
+    if init_from:
+        return f"checkpoint {init_from}"
+    if recipe.pretrained_file:
+        return f"file {recipe.pretrained_file} (sha256 {file_sha256(recipe.pretrained_file)[:16]})"
+    return "timm pretrained (hub)" if recipe.pretrained else "random init"
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -221,7 +238,7 @@ def validate(model: torch.nn.Module, val: LabeledImages, device: torch.device, c
 
 
 def finish(out_dir: Path, model: torch.nn.Module, spec: ModelSpec, recipe: TrainConfig, progress: Progress,
-           seconds: float, env: ddp.DistEnv, by_rank: dict, checkpointer: Checkpointer) -> TrainResult:
+           seconds: float, env: ddp.DistEnv, record: dict, checkpointer: Checkpointer) -> TrainResult:
     """Write ``model.pt`` (the best epoch's weights under early stopping), ``result.json`` and ``DONE``."""
     if not env.is_main:
         ddp.barrier()  # rank 0 writes model.pt and result.json
@@ -232,8 +249,9 @@ def finish(out_dir: Path, model: torch.nn.Module, spec: ModelSpec, recipe: Train
     result = TrainResult(model_path=str(out_dir / "model.pt"), sha256=sha, spec=spec.as_dict(),
                          params=sum(p.numel() for p in model.parameters()), history=progress.history,
                          best_val_top1=progress.best_top1, seconds=seconds, world_size=env.world_size,
-                         data_by_rank=by_rank["data_by_rank"],
-                         epochs_by_rank=by_rank["epochs_by_rank"] if env.enabled else [])
+                         data_by_rank=record["data_by_rank"],
+                         epochs_by_rank=record["epochs_by_rank"] if env.enabled else [],
+                         weights_source=record["weights_source"])
     write_json_atomic(out_dir / "result.json", asdict(result))
     (out_dir / "DONE").write_text("")
     checkpointer.remove()
