@@ -16,6 +16,10 @@ def test_shipped_configs_load_and_differ():
     assert smoke.ladder[0].startswith("test_")
     assert imagenet.data.channels == 3 and imagenet.amp in ("bf16", "fp16")
     assert imagenet.ladder[0] != imagenet.ladder[-1]
+    # the fine-tune overlay changes the teacher alone, over any base config
+    tuned = load_config(REPO / "configs" / "imagenet.yaml", overlays=[str(REPO / "configs" / "finetune.yaml")])
+    assert tuned.teacher.pretrained and tuned.teacher.lr < imagenet.teacher.lr and tuned.teacher.epochs < 50
+    assert tuned.student == imagenet.student and tuned.data == imagenet.data
 
 
 def test_overrides_reach_nested_fields_and_keep_stage_defaults():
