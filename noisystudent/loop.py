@@ -172,7 +172,7 @@ def mark_best(tracker: Tracker, registered_name: str, rows: list[GenerationRow])
 def save_augmentation_grid(cfg: Config, data: LabeledData, path: Path) -> None:
     """A few labeled images next to views under the student's noise: what the student sees."""
     t = create_train_transform(cfg.data, cfg.student.augment, seed=cfg.seed)
-    picks = [data.train.images[i] for i in range(0, len(data.train), max(1, len(data.train) // 6))][:6]
+    picks = [data.train.image(i) for i in range(0, len(data.train), max(1, len(data.train) // 6))][:6]
     augmentation_grid_png(augmentation_grid(picks, t), path)
 
 

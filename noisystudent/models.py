@@ -137,7 +137,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def count_params(model_or_name: torch.nn.Module | str, num_classes: int = 10, in_chans: int = 3) -> int:
+def count_params(model_or_name: torch.nn.Module | str, num_classes: int, in_chans: int = 3) -> int:
     if isinstance(model_or_name, str):
         model_or_name = timm.create_model(model_or_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     return sum(p.numel() for p in model_or_name.parameters())

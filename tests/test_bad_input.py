@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, smoke_overrides
@@ -67,10 +68,18 @@ def test_unreadable_labeled_image_is_skipped_and_counted(smoke_data, tmp_path):
     shutil.copytree(smoke_data / "labeled" / "train", root)
     n_before = sum(1 for _ in root.rglob("*.png"))
     (root / "Bag" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    ds = load_labeled(str(root), 1, None)
-    assert len(ds) == n_before
-    assert ds.skips.reasons["unreadable_image"] == 1
-    assert "broken.png" in ds.skips.examples[0]["where"]
+    cached = load_labeled(str(root), 1, None, cache_size=28)  # decoded at start: skipped there
+    assert len(cached) == n_before
+    assert cached.skips.reasons["unreadable_image"] == 1
+    assert "broken.png" in cached.skips.examples[0]["where"]
+
+    streamed = load_labeled(str(root), 1, None)  # decoded on access: the next image stands in, once counted
+    assert len(streamed) == n_before + 1
+    broken = streamed.paths.index(str(root / "Bag" / "broken.png"))
+    for _ in range(2):  # every epoch draws it again; it is reported and counted once
+        image, _ = streamed[broken]
+        assert np.array_equal(image, streamed.image((broken + 1) % len(streamed)))
+    assert streamed.skips.reasons["unreadable_image"] == 1 and "broken.png" in streamed.skips.examples[0]["where"]
 
 
 def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data, tmp_path):

@@ -14,7 +14,7 @@ def real_images(smoke_data):
     from noisystudent.data.imagefolder import load_labeled
 
     ds = load_labeled(str(smoke_data / "labeled" / "train"), 1, None)
-    return ds.images[:8]
+    return [ds.image(i) for i in range(8)]
 
 
 def test_every_paper_op_exists_and_changes_gray_and_rgb_images(real_images):
@@ -33,7 +33,7 @@ def test_every_paper_op_exists_and_changes_gray_and_rgb_images(real_images):
 
 
 def test_transform_never_modifies_its_input(real_images):
-    t = create_train_transform(DataConfig(image_size=28), AugmentConfig(num_ops=3, magnitude=10), seed=0)
+    t = create_train_transform(DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353]), AugmentConfig(num_ops=3, magnitude=10), seed=0)
     for img in real_images:
         low = (img * 0.5 + 40).astype(np.uint8)
         before = low.copy()
@@ -52,7 +52,7 @@ def test_larger_magnitude_means_larger_change(real_images):
     img = real_images[2]
 
     def mean_change(m):
-        t = create_train_transform(DataConfig(image_size=28), AugmentConfig(num_ops=2, magnitude=m, hflip=0, crop_pad=0, cutout=0), seed=0)
+        t = create_train_transform(DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353]), AugmentConfig(num_ops=2, magnitude=m, hflip=0, crop_pad=0, cutout=0), seed=0)
         return np.mean([np.abs(t.augment(img).astype(int) - img).mean() for _ in range(200)])
 
     assert mean_change(2) < mean_change(6) < mean_change(10)
@@ -60,8 +60,8 @@ def test_larger_magnitude_means_larger_change(real_images):
 
 def test_seeded_transform_is_deterministic_and_noisy(real_images):
     aug = AugmentConfig(num_ops=2, magnitude=9)
-    a = create_train_transform(DataConfig(image_size=28), aug, seed=123)
-    b = create_train_transform(DataConfig(image_size=28), aug, seed=123)
+    a = create_train_transform(DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353]), aug, seed=123)
+    b = create_train_transform(DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353]), aug, seed=123)
     outs_a = [a(img) for img in real_images]
     outs_b = [b(img) for img in real_images]
     assert all(torch.equal(x, y) for x, y in zip(outs_a, outs_b))
@@ -79,7 +79,7 @@ def test_tensor_output_normalised_and_eval_is_clean(real_images):
 
 
 def test_augmentation_grid_shape(real_images):
-    t = create_train_transform(DataConfig(image_size=28), AugmentConfig())
+    t = create_train_transform(DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353]), AugmentConfig())
     grid = augmentation_grid(real_images[:3], t, views=4)
     assert grid.shape == (3 * 30, 5 * 30) and grid.dtype == np.uint8
 

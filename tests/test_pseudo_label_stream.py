@@ -99,3 +99,22 @@ def test_write_shard_reports_member_offsets(tmp_path):
     for s in samples:
         off, size = offsets[s["__key__"]]["png"]
         assert raw[off: off + size] == s["png"]
+
+
+def test_the_shuffle_buffer_holds_encoded_bytes_and_noises_samples_as_they_leave(labeled_shard):
+    out, _ = labeled_shard
+    selection = select_pseudo_labels([str(out)], 10, threshold=0.0, balance=False)
+    calls = []
+
+    def counting(img):
+        calls.append(img.shape)
+        return _identity(img)
+
+    stream = PseudoLabeledStream(selection, 1, 10, counting, buffer_size=50)
+    samples = iter(stream)
+    first = next(samples)
+    # the buffer filled with 50 samples before the first left it, yet only that one was decoded
+    # and noised: the other 50 wait as bytes (decoded tensors would be ~600 KB each at 224 px RGB)
+    assert len(calls) == 1 and first[0].shape == (28, 28)
+    rest = list(samples)
+    assert len(calls) == 1 + len(rest) == len(stream)  # every selected sample exactly once, none lost in the buffer

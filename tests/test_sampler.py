@@ -57,7 +57,7 @@ def test_too_small_for_one_batch_is_a_clear_error():
 def _epoch_batches(workers: int, epochs: int = 2) -> list[torch.Tensor]:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(40)]
-    transform = create_train_transform(DataConfig(), AugmentConfig(num_ops=2, magnitude=9, cutout=0.5), seed=0)
+    transform = create_train_transform(DataConfig(image_size=32, channels=1, mean=[0.286], std=[0.353]), AugmentConfig(num_ops=2, magnitude=9, cutout=0.5), seed=0)
     data = LabeledImages.from_arrays(images, [i % 10 for i in range(40)], [str(c) for c in range(10)], transform)
     sampler = EpochSampler(len(data), 8, 7, seed=0)
     loader = DataLoader(data, batch_size=8, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,

@@ -34,7 +34,7 @@ def _data(cfg: Config, n: int = 96) -> tuple[LabeledImages, LabeledImages]:
 
 def _cfg(**changes) -> Config:
     cfg = Config()
-    cfg.data = replace(cfg.data, image_size=16, num_workers=0)
+    cfg.data = replace(cfg.data, image_size=16, num_workers=0, channels=1, mean=[0.286], std=[0.353])
     for k, v in changes.items():
         setattr(cfg, k, v)
     return cfg

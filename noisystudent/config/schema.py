@@ -51,10 +51,22 @@ class DataConfig:
                             "Held-out test images (ImageFolder); reported per generation, never pseudo-labeled. \"\" = none.")
     unlabeled_shards: str | list[str] = setting("data/default/unlabeled/shard-*.tar",
                                                 "Unlabeled webdataset shards: brace pattern, glob, or list.")
-    image_size: int = setting(32, "Square input resolution images are resized to.")
-    channels: Literal[1, 3] = setting(1, "1 = grayscale, 3 = RGB. Images are converted on decode.")
-    mean: list[float] = setting([0.286], "Per-channel normalisation (length 1 or `channels`).")
-    std: list[float] = setting([0.353], "Per-channel normalisation std (length 1 or `channels`).")
+    image_size: int = setting(224, "Square input resolution images are resized to (timm's usual 224; the embedded "
+                                   "demo sets 32).")
+    channels: Literal[1, 3] = setting(3, "3 = RGB (timm's models and pretrained weights), 1 = grayscale. Images are "
+                                         "converted on decode; a value that contradicts the labeled files is an error.")
+    mean: list[float] = setting([0.485, 0.456, 0.406], "Per-channel normalisation mean (length 1 or `channels`); "
+                                                       "ImageNet's, as in timm.")
+    std: list[float] = setting([0.229, 0.224, 0.225], "Per-channel normalisation std (length 1 or `channels`); "
+                                                      "ImageNet's, as in timm.")
+    cache: Literal["auto", "none", "memory"] = setting(
+        "auto", "Labeled images: none = decode each image when a loader worker draws it (start-up lists the files, "
+                "memory stays flat); memory = decode every split once at start into uint8 at data.image_size; auto = "
+                "memory when that takes at most data.cache_mb, else none.", results=False)
+    cache_mb: int = setting(1024, "The largest labeled cache auto chooses, in MB of uint8 pixels per process "
+                                  "(train + val + test each count alone; loader workers share it copy-on-write). "
+                                  "1024 MB holds 1M images at 32 px grayscale or 7,000 at 224 px RGB.",
+                            results=False)
     num_workers: int = setting(-1, "DataLoader worker processes for training (and, on a GPU, for evaluation); 0 = augment "
                                    "in the main process, -1 = auto: one per CPU core that torch's threads leave free (with "
                                    "a GPU: cores - 1, at most 8). On a CPU machine a worker takes a core from the train "
@@ -141,6 +153,10 @@ class PseudoLabelConfig:
     balance: bool = setting(True, "Per-class balancing: duplicate or drop images so each class has the same count.")
     per_class: int = setting(0, "Images per class after balancing; 0 = mean kept count per class.")
     temperature: float = setting(1.0, "Sharpen soft labels: p ** (1/T) renormalised (1.0 = as is).")
+    shuffle_buffer: int = setting(4096, "Samples in the student's shuffle buffer over the pseudo-labeled stream, per loader "
+                                        "worker. They are held as encoded bytes and decoded as they leave it: memory is "
+                                        "this x the encoded image size (about 1 KB for the embedded demo's PNGs, 450 MB "
+                                        "for ImageNet-size JPEGs at 4096).")
     save_features: bool = setting(True, "Also write the teacher's pooled penultimate features beside each labeled shard "
                                          "(`.features.npy`, float16): the analysis stage reads them instead of a second pass.",
                                  results=False)
@@ -334,6 +350,7 @@ def validate(cfg: Config) -> None:
     need(len(cfg.data.std) in (1, cfg.data.channels), "data.std", "must have 1 or data.channels entries")
     need(cfg.data.image_size >= 8, "data.image_size", "must be >= 8")
     need(cfg.data.num_workers >= -1, "data.num_workers", "must be >= 0, or -1 for auto")
+    need(cfg.data.cache_mb >= 0, "data.cache_mb", "must be >= 0")
     for stage in ("teacher", "student"):
         t: TrainConfig = getattr(cfg, stage)
         need(t.steps_per_epoch >= 0, f"{stage}.steps_per_epoch", "must be >= 0")
@@ -347,6 +364,7 @@ def validate(cfg: Config) -> None:
     need(cfg.student.finetune_epochs >= 0, "student.finetune_epochs", "must be >= 0")
     need(0.0 <= cfg.pseudo_label.threshold < 1.0, "pseudo_label.threshold", "must be in [0, 1)")
     need(cfg.pseudo_label.temperature > 0, "pseudo_label.temperature", "must be > 0")
+    need(cfg.pseudo_label.shuffle_buffer >= 1, "pseudo_label.shuffle_buffer", "must be >= 1")
     need(0.0 <= cfg.pseudo_label.ood_drop_fraction < 1.0, "pseudo_label.ood_drop_fraction", "must be in [0, 1)")
     need(cfg.pseudo_label.ood_drop_fraction == 0.0 or bool(cfg.pseudo_label.ood_score), "pseudo_label.ood_score",
          "must name a score when pseudo_label.ood_drop_fraction > 0")

@@ -1,13 +1,16 @@
 """Labeled data in ImageNet layout: ``root/<class>/<image>``, and the train/val/test splits of a run."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -15,6 +18,9 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..io import sha256_json
 from .shard_io import IMAGE_EXTS, SkipCounter, decode_image
+
+#: PIL modes without colour: a 3-channel config over files all in these modes is a mistake.
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 @dataclass
@@ -49,33 +55,60 @@ def scan_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
 
 
 class LabeledImages(Dataset):
-    """Decoded images of an ImageFolder held in memory (uint8), transformed on access.
+    """An ImageFolder split, decoded on access: in the loader workers, each rank only the samples
+    its sampler draws, so start-up costs the file listing alone and memory does not grow with the
+    set. ``cache_size`` > 0 instead decodes every image once, at start, into uint8 arrays resized
+    to that (the model's input) size: the fastest path for a set small enough to keep in memory
+    (``data.cache``, :func:`cache_plan`).
 
-    Unreadable images are skipped at load and counted in ``self.skips``.
+    Unreadable images are skipped: with a cache at load, else on access (the next image is used
+    in its place, with a warning naming the file); either way they are counted in ``self.skips``.
     """
 
-    def __init__(self, index: ImageFolderIndex, channels: int, transform: Callable | None = None, show_progress: bool = False):
+    def __init__(self, index: ImageFolderIndex, channels: int, transform: Callable | None = None,
+                 cache_size: int = 0, show_progress: bool = False):
         self.class_names = index.class_names
         self.transform = transform
+        self.channels = channels
         self.skips = SkipCounter()
-        self.images: list[np.ndarray] = []
-        self.targets: list[int] = []
-        self.paths: list[str] = []
-        for path, target in tqdm(index.files, desc=f"load {index.root.name}", disable=not show_progress, leave=False):
-            try:
-                with open(path, "rb") as fh:
-                    img = decode_image(fh.read(), channels)
-            except (OSError, ValueError) as exc:
-                self.skips.skip("unreadable_image", f"{path}: {exc}")
-                continue
-            self.images.append(img)
-            self.targets.append(target)
-            self.paths.append(path)
-        if not self.images:
+        self.paths: list[str] = [p for p, _ in index.files]
+        self.targets: list[int] = [t for _, t in index.files]
+        self.images: list[np.ndarray] | None = None  # the decoded cache, when there is one
+        if cache_size > 0:
+            self._fill_cache(cache_size, index.root.name, show_progress)
+        if not self.paths:
             raise DataError(f"no readable images under {index.root}")
 
+    def _fill_cache(self, size: int, name: str, show_progress: bool) -> None:
+        kept: list[tuple[str, int, np.ndarray]] = []
+        for path, target in tqdm(list(zip(self.paths, self.targets)), desc=f"cache {name}", disable=not show_progress,
+                                 leave=False):
+            try:
+                kept.append((path, target, resize_square(read_image(path, self.channels), size)))
+            except (OSError, ValueError) as exc:
+                self.skips.skip("unreadable_image", f"{path}: {exc}")
+        self.paths, self.targets = [p for p, _, _ in kept], [t for _, t, _ in kept]
+        self.images = [img for _, _, img in kept]
+
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.paths)
+
+    def image(self, i: int) -> np.ndarray:
+        """The uint8 image of sample ``i`` (from the cache, else decoded now). An unreadable file
+        is replaced by the next readable one, counted and reported once."""
+        if self.images is not None:
+            return self.images[i]
+        for step in range(len(self.paths)):
+            j = (i + step) % len(self.paths)
+            try:
+                return read_image(self.paths[j], self.channels)
+            except (OSError, ValueError) as exc:
+                reported = self.__dict__.setdefault("_reported", set())
+                if j not in reported:  # once per file and process, however many epochs draw it
+                    reported.add(j)
+                    print(f"warning: skipping unreadable labeled image {self.paths[j]} ({exc}); using the next one")
+                    self.skips.skip("unreadable_image", f"{self.paths[j]}: {exc}")
+        raise DataError(f"no readable image among the {len(self.paths)} files of this split")
 
     def __getitem__(self, item):
         """``item`` is an index, or ``(index, batch seed)`` from an :class:`EpochSampler`: the
@@ -88,7 +121,8 @@ class LabeledImages(Dataset):
                 self._batch_seed = seed
         else:
             i = item
-        x = self.images[i] if self.transform is None else self.transform(self.images[i])
+        image = self.image(i)
+        x = image if self.transform is None else self.transform(image)
         return x, torch.tensor(self.targets[i])
 
     @classmethod
@@ -98,10 +132,11 @@ class LabeledImages(Dataset):
         obj = object.__new__(cls)
         obj.class_names, obj.transform, obj.skips = list(class_names), transform, SkipCounter()
         obj.images, obj.targets, obj.paths = list(images), [int(t) for t in targets], [""] * len(images)
+        obj.channels = 1 if images and images[0].ndim == 2 else 3
         return obj
 
     def with_transform(self, transform: Callable | None) -> "LabeledImages":
-        """The same decoded images under another transform (no re-decoding)."""
+        """The same images (and cache) under another transform (no re-decoding)."""
         clone = object.__new__(LabeledImages)
         clone.__dict__.update(self.__dict__)
         clone.transform = transform
@@ -109,8 +144,31 @@ class LabeledImages(Dataset):
         return clone
 
 
-def load_labeled(root: str, channels: int, transform: Callable | None, class_names: list[str] | None = None) -> LabeledImages:
-    return LabeledImages(scan_image_folder(root, class_names), channels, transform)
+def read_image(path: str, channels: int) -> np.ndarray:
+    with open(path, "rb") as fh:
+        return decode_image(fh.read(), channels)
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """The square resize the transforms start with (so a cached image is what they would make)."""
+    if image.shape[0] != size or image.shape[1] != size:
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def cache_plan(data: DataConfig, files: int) -> int:
+    """The size to cache a split at (0 = decode on access) for ``data.cache``: ``memory`` always
+    caches, ``none`` never, ``auto`` when the uint8 images at ``data.image_size`` take at most
+    ``data.cache_mb``."""
+    if data.cache == "none":
+        return 0
+    estimate_mb = files * data.image_size ** 2 * data.channels / 2**20
+    return data.image_size if data.cache == "memory" or estimate_mb <= data.cache_mb else 0
+
+
+def load_labeled(root: str, channels: int, transform: Callable | None, class_names: list[str] | None = None,
+                 cache_size: int = 0) -> LabeledImages:
+    return LabeledImages(scan_image_folder(root, class_names), channels, transform, cache_size)
 
 
 @dataclass
@@ -136,11 +194,37 @@ class LabeledData:
 
 
 def load_labeled_data(data: DataConfig) -> LabeledData:
-    """``data.labeled_dir`` and the optional val/test splits, mapped onto the train split's classes."""
-    train = load_labeled(data.labeled_dir, data.channels, None)
-    val = load_labeled(data.val_dir, data.channels, None, train.class_names) if data.val_dir else None
-    test = load_labeled(data.test_dir, data.channels, None, train.class_names) if data.test_dir else None
-    for split in (train, val, test):
-        if split is not None and split.skips.total:
-            print(f"warning: skipped {split.skips.total} unreadable image(s) in labeled data: {split.skips.examples[:3]}")
+    """``data.labeled_dir`` and the optional val/test splits, mapped onto the train split's classes:
+    file lists, decoded on access or cached (``data.cache``)."""
+    def split(root: str, names: list[str] | None) -> LabeledImages:
+        index = scan_image_folder(root, names)
+        check_channels(index, data.channels)
+        return LabeledImages(index, data.channels, None, cache_plan(data, len(index.files)))
+
+    train = split(data.labeled_dir, None)
+    val = split(data.val_dir, train.class_names) if data.val_dir else None
+    test = split(data.test_dir, train.class_names) if data.test_dir else None
+    for s in (train, val, test):
+        if s is not None and s.skips.total:
+            print(f"warning: skipped {s.skips.total} unreadable image(s) in labeled data: {s.skips.examples[:3]}")
     return LabeledData(train, val, test)
+
+
+def check_channels(index: ImageFolderIndex, channels: int, samples: int = 16) -> None:
+    """Refuse a ``data.channels`` that contradicts the files: colour photos read as grayscale
+    (channels 1), or a grayscale set fed to 3-channel models (channels 3). Looks at a few files'
+    headers only."""
+    picks = index.files[:: max(1, len(index.files) // samples)][:samples]
+    modes = []
+    for path, _ in picks:
+        with contextlib.suppress(OSError, ValueError, Image.UnidentifiedImageError):
+            with Image.open(path) as img:
+                modes.append((path, img.mode))
+    colour = [(p, m) for p, m in modes if m not in GRAY_MODES]
+    if channels == 1 and modes and len(colour) * 2 > len(modes):
+        path, mode = colour[0]
+        raise DataError(f"config key 'data.channels' is 1 but the labeled images are colour ({mode}, e.g. {path}): "
+                        f"set data.channels=3 (and its 3-entry data.mean / data.std), or convert the images")
+    if channels == 3 and modes and not colour:
+        raise DataError(f"config key 'data.channels' is 3 but every sampled labeled image is grayscale "
+                        f"({modes[0][1]}, e.g. {modes[0][0]}): set data.channels=1 with a 1-entry data.mean / data.std")

@@ -22,10 +22,10 @@ def _decode_or_skip(data: bytes, channels: int, skips: SkipCounter, shard: str, 
         return None
 
 
-def images_by_offset(shard: str, index: ShardIndex, rows: list[int], channels: int,
-                     skips: SkipCounter) -> Iterator[tuple[int, np.ndarray]]:
-    """(row, decoded image) for the given index rows, one seek + read each: no tar parsing, no
-    per-sample .npy (far cheaper than streaming the tar). Damaged members are skipped and counted."""
+def members_by_offset(shard: str, index: ShardIndex, rows: list[int], skips: SkipCounter) -> Iterator[tuple[int, bytes]]:
+    """(row, encoded image bytes) for the given index rows, one seek + read each: no tar parsing,
+    no per-sample .npy (far cheaper than streaming the tar). Members cut off by a truncated file
+    are skipped and counted."""
     size = os.path.getsize(shard)
     with open(shard, "rb") as fh:
         for i in sorted(rows):
@@ -34,9 +34,16 @@ def images_by_offset(shard: str, index: ShardIndex, rows: list[int], channels: i
                 skips.skip("truncated_tar", f"{shard}:{index.keys[i]}: image member past end of file")
                 continue
             fh.seek(off)
-            img = _decode_or_skip(fh.read(n), channels, skips, shard, str(index.keys[i]))
-            if img is not None:
-                yield i, img
+            yield i, fh.read(n)
+
+
+def images_by_offset(shard: str, index: ShardIndex, rows: list[int], channels: int,
+                     skips: SkipCounter) -> Iterator[tuple[int, np.ndarray]]:
+    """(row, decoded image) for the given index rows; damaged members are skipped and counted."""
+    for i, data in members_by_offset(shard, index, rows, skips):
+        img = _decode_or_skip(data, channels, skips, shard, str(index.keys[i]))
+        if img is not None:
+            yield i, img
 
 
 def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -51,7 +58,9 @@ class PseudoLabeledStream(IterableDataset):
 
     Shards are split across DDP ranks and DataLoader workers, visited in a fresh random order
     each epoch, and mixed through a shuffle buffer; a sample with repeat count n is yielded n
-    times (class balancing by duplication). Memory stays bounded by the buffer size.
+    times (class balancing by duplication). The buffer holds ``buffer_size`` samples as their
+    encoded bytes (a few KB each; about 110 KB for an ImageNet JPEG), decoded and noised only as
+    they leave it, so its memory is ``buffer_size`` x the encoded size, per loader worker.
     """
 
     def __init__(self, selection: Selection, channels: int, num_classes: int, transform: Callable, *, soft: bool = True,
@@ -91,19 +100,31 @@ class PseudoLabeledStream(IterableDataset):
 
     def read_shard(self, shard: str, index: ShardIndex | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """(key, image, probs) of the selected samples of one shard, in tar order, one seek each."""
+        for key, data, probs in self._members(shard, index):
+            img = _decode_or_skip(data, self.channels, self.skips, shard, key)
+            if img is not None:
+                yield key, img, probs
+
+    def _members(self, shard: str, index: ShardIndex | None = None) -> Iterator[tuple[str, bytes, np.ndarray]]:
         wanted = self.repeats[shard]
         index = index if index is not None else read_index(shard)
         rows = [i for i, key in enumerate(index.keys.tolist()) if key in wanted]
-        for i, img in images_by_offset(shard, index, rows, self.channels, self.skips):
-            yield str(index.keys[i]), img, index.probs[i]
+        for i, data in members_by_offset(shard, index, rows, self.skips):
+            yield str(index.keys[i]), data, index.probs[i]
 
-    def _samples(self, shards: list[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _samples(self, shards: list[str]) -> Iterator[tuple[str, str, bytes, torch.Tensor]]:
         for shard in shards:
             wanted = self.repeats[shard]
-            for key, img, probs in self.read_shard(shard):
+            for key, data, probs in self._members(shard):
                 y = self.target(probs)
                 for _ in range(wanted[key]):
-                    yield self.transform(img), y
+                    yield shard, key, data, y
+
+    def _ready(self, item: tuple[str, str, bytes, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decode and noise a sample leaving the buffer (None, counted, if it cannot be decoded)."""
+        shard, key, data, y = item
+        img = _decode_or_skip(data, self.channels, self.skips, shard, key)
+        return None if img is None else (self.transform(img), y)
 
     def __iter__(self):
         info = get_worker_info()
@@ -115,6 +136,11 @@ class PseudoLabeledStream(IterableDataset):
                 continue
             j = rng.randrange(len(buffer))
             buffer[j], item = item, buffer[j]
-            yield item
+            ready = self._ready(item)
+            if ready is not None:
+                yield ready
         rng.shuffle(buffer)
-        yield from buffer
+        for item in buffer:
+            ready = self._ready(item)
+            if ready is not None:
+                yield ready

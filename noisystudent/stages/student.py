@@ -36,7 +36,7 @@ def train_student(cfg: Config, generation: int, teacher_checkpoint: str | Path, 
     selection = select_for_student(cfg, manifest, num_classes)
     noise = create_train_transform(cfg.data, cfg.student.augment, seed=cfg.seed + generation)
     stream = PseudoLabeledStream(selection, cfg.data.channels, num_classes, noise, soft=pl.soft,
-                                 temperature=pl.temperature, seed=cfg.seed + generation)
+                                 temperature=pl.temperature, buffer_size=pl.shuffle_buffer, seed=cfg.seed + generation)
     init_from = str(teacher_checkpoint) if cfg.student.init == "teacher" else None
     if tracker is not None:
         tracker.log_metrics(selection_metrics(selection))

@@ -1,0 +1,94 @@
+"""Labeled data decoded on access, or cached at the model's size: the same pixels either way, a
+start-up that only lists files, each rank decoding only its own slice, and data.channels checked
+against the files."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from noisystudent.config import AugmentConfig, Config, TrainConfig, load_config
+from noisystudent.data.imagefolder import LabeledImages, cache_plan, load_labeled_data, scan_image_folder
+from noisystudent.engine.batches import BatchSource
+from noisystudent.engine.distributed import DistEnv
+from noisystudent.errors import DataError
+from noisystudent.noise import create_eval_transform, create_train_transform
+
+from conftest import REPO, smoke_overrides
+
+
+def _data(smoke_data, tmp_path, *extra):
+    return load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, tmp_path) + list(extra)).data
+
+
+def test_streamed_and_cached_splits_give_the_same_tensors(smoke_data, tmp_path):
+    streamed_cfg = _data(smoke_data, tmp_path, "data.cache=none", "data.image_size=32")
+    cached_cfg = _data(smoke_data, tmp_path, "data.cache=memory", "data.image_size=32")
+    streamed, cached = load_labeled_data(streamed_cfg), load_labeled_data(cached_cfg)
+    assert streamed.train.images is None  # nothing decoded at start
+    assert cached.train.images is not None and cached.train.images[0].shape == (32, 32)  # at the model's size
+    assert streamed.fingerprint() == cached.fingerprint()
+    noise = AugmentConfig(num_ops=2, magnitude=9.0, cutout=0.5)
+    for make in (lambda: create_eval_transform(streamed_cfg), lambda: create_train_transform(streamed_cfg, noise, seed=3)):
+        a, b = streamed.train.with_transform(make()), cached.train.with_transform(make())
+        for i in (0, 7, len(a) - 1):
+            assert torch.equal(a[(i, 11)][0], b[(i, 11)][0])  # same image, same batch seed: same tensor
+
+
+def test_auto_caches_only_under_the_memory_budget(smoke_data, tmp_path):
+    data = _data(smoke_data, tmp_path)
+    assert data.cache == "auto"
+    assert cache_plan(data, 100) == data.image_size  # 100 images at 28 px: a few KB
+    assert cache_plan(dataclasses.replace(data, cache_mb=0), 100) == 0
+    big = dataclasses.replace(data, image_size=224, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+    assert cache_plan(big, 7000) == 224 and cache_plan(big, 8000) == 0  # 1024 MB holds ~7,100 at 224 px RGB
+    assert cache_plan(dataclasses.replace(big, cache="memory"), 10**6) == 224
+    assert cache_plan(dataclasses.replace(data, cache="none"), 1) == 0
+
+
+class _CountingImages(LabeledImages):
+    """The real dataset, recording which samples it decoded (the loader runs in this process)."""
+
+    def image(self, i):
+        self.decoded.append(i)
+        return super().image(i)
+
+
+def test_each_rank_decodes_only_its_own_slice(smoke_data, tmp_path):
+    data = _data(smoke_data, tmp_path, "data.cache=none")
+    recipe = TrainConfig(epochs=1, batch_size=10, augment=AugmentConfig(num_ops=0, cutout=0.0))
+    decoded = []
+    for rank in (0, 1):
+        images = _CountingImages(scan_image_folder(data.labeled_dir), 1, create_eval_transform(data))
+        images.decoded = []
+        batches = BatchSource(recipe, images, None, seed=0, num_workers=0, channels_last=False,
+                              device=torch.device("cpu"), env=DistEnv(rank, 2))
+        for _ in batches.epoch(0):
+            pass
+        assert set(images.decoded) <= set(batches.sampler.first_pass())
+        decoded.append(set(images.decoded))
+    assert decoded[0] and decoded[1] and not decoded[0] & decoded[1]  # disjoint: no rank decodes another's images
+
+
+def test_channels_that_contradict_the_files_are_refused_naming_the_key(smoke_data, tmp_path):
+    with pytest.raises(DataError, match=r"'data.channels' is 3 but every sampled labeled image is grayscale"):
+        load_labeled_data(_data(smoke_data, tmp_path, "data.channels=3", "data.mean=[0.5,0.5,0.5]",
+                                "data.std=[0.5,0.5,0.5]"))
+    rgb = tmp_path / "rgb"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (rgb / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(rgb / c / f"{i}.JPEG")
+    colour = dataclasses.replace(Config().data, labeled_dir=str(rgb), val_dir="", test_dir="", channels=1,
+                                 mean=[0.5], std=[0.5])
+    with pytest.raises(DataError, match=r"'data.channels' is 1 but the labeled images are colour \(RGB"):
+        load_labeled_data(colour)
+    ok = dataclasses.replace(colour, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+    streamed = load_labeled_data(dataclasses.replace(ok, cache="none")).train
+    assert len(streamed) == 6 and streamed.image(0).shape == (40, 60, 3)  # decoded on access, at its own size
+    cached = load_labeled_data(ok).train  # auto: 6 small images fit the budget
+    assert cached.image(0).shape == (ok.image_size, ok.image_size, 3)
