@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this tree's package, not whichever one is installed
 GPU_TARGET_IMG_S = 3000  # efficientnet_b0 training on one recent GPU (bf16), the figure the issue sets
 
 
@@ -43,8 +42,9 @@ def main() -> int:
     p.add_argument("--work-dir", default="", help="where the JPEG sets are written (kept for reuse)")
     p.add_argument("--child", nargs=3, metavar=("ROOT", "SIZE", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
+    if args.child:  # runs the package on PYTHONPATH: this tree's or the baseline's
         return child(Path(args.child[0]), int(args.child[1]), int(args.child[2]), args.batch)
+    sys.path.insert(0, str(REPO))  # the parent measures the input rate with this tree's package
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="scale-labeled-"))
     trees = {"current": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
