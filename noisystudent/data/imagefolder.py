@@ -173,8 +173,8 @@ def load_labeled(root: str, channels: int, transform: Callable | None, class_nam
 
 @dataclass
 class LabeledData:
-    """The labeled splits of a run, decoded once and shared by every stage. Each consumer picks its
-    own transform with ``with_transform`` (a generation's resolution, the student's noise)."""
+    """The labeled splits of a run, listed (or cached) once and shared by every stage. Each consumer
+    picks its own transform with ``with_transform`` (a generation's resolution, the student's noise)."""
 
     train: LabeledImages
     val: LabeledImages | None
