@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from torch.utils.data import get_worker_info  # noqa: E402
 
 from .config import AugmentConfig, DataConfig  # noqa: E402
+from .data.geometry import eval_geometry, is_small  # noqa: E402
 
 #: The paper's RandAugment op names, in a fixed order (cutout is applied separately).
 RANDAUGMENT_OPS = (
@@ -160,13 +161,18 @@ class ImageTransform:
         c = data.channels
         self.mean = np.asarray((data.mean * c)[:c] if len(data.mean) == 1 else data.mean, np.float32) * 255.0
         self.std = np.asarray((data.std * c)[:c] if len(data.std) == 1 else data.std, np.float32) * 255.0
+        self.crop_pct = data.crop_pct
+        self.small = is_small(self.size)
         self.pipeline = None
         self.seed = seed
         if augment is not None:
             steps: list = []
+            if not self.small:  # real photos: a random crop of the whole frame, as timm trains
+                steps.append(A.RandomResizedCrop(size=(self.size, self.size), scale=tuple(augment.rrc_scale),
+                                                 ratio=tuple(augment.rrc_ratio), interpolation=cv2.INTER_LINEAR))
             if augment.hflip > 0:
                 steps.append(A.HorizontalFlip(p=augment.hflip))
-            if augment.crop_pad > 0:
+            if augment.crop_pad > 0 and self.small:
                 steps.append(RandomShift(pad=max(1, int(round(self.size * augment.crop_pad)))))
             if augment.num_ops > 0:
                 ops = list(randaugment_ops(augment.magnitude).values())
@@ -185,13 +191,14 @@ class ImageTransform:
             self.pipeline.set_random_seed(self.seed)
 
     def resize(self, image: np.ndarray) -> np.ndarray:
-        if image.shape[0] != self.size or image.shape[1] != self.size:
-            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
-        return image
+        """The clean view: the square resize for small sizes, else short side then center crop."""
+        return eval_geometry(image, self.size, self.crop_pct)
 
     def augment(self, image: np.ndarray) -> np.ndarray:
-        """The noised uint8 image (resized first), without normalisation."""
-        image = self.resize(image)
+        """The noised uint8 image, without normalisation. Small images are resized first; larger
+        ones go whole into the pipeline, whose RandomResizedCrop makes the size."""
+        if self.pipeline is None or self.small:
+            image = self.resize(image)
         if self.pipeline is not None:
             # copy: some albumentations ops (AutoContrast on 2-D gray) write into their input,
             # which would corrupt cached images

@@ -44,7 +44,8 @@ def test_auto_caches_only_under_the_memory_budget(smoke_data, tmp_path):
     assert cache_plan(data, 100) == data.image_size  # 100 images at 28 px: a few KB
     assert cache_plan(dataclasses.replace(data, cache_mb=0), 100) == 0
     big = dataclasses.replace(data, image_size=224, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
-    assert cache_plan(big, 7000) == 224 and cache_plan(big, 8000) == 0  # 1024 MB holds ~7,100 at 224 px RGB
+    # above 64 px the cache keeps the frame at eval's short side (256 px for 224), estimated at 4:3
+    assert cache_plan(big, 4000) == 224 and cache_plan(big, 4200) == 0  # 1024 MB holds ~4,100 of those
     assert cache_plan(dataclasses.replace(big, cache="memory"), 10**6) == 224
     assert cache_plan(dataclasses.replace(data, cache="none"), 1) == 0
 
@@ -91,4 +92,76 @@ def test_channels_that_contradict_the_files_are_refused_naming_the_key(smoke_dat
     streamed = load_labeled_data(dataclasses.replace(ok, cache="none")).train
     assert len(streamed) == 6 and streamed.image(0).shape == (40, 60, 3)  # decoded on access, at its own size
     cached = load_labeled_data(ok).train  # auto: 6 small images fit the budget
-    assert cached.image(0).shape == (ok.image_size, ok.image_size, 3)
+    assert cached.image(0).shape == (256, 384, 3)  # short side as eval resizes it for 224 px, aspect kept
+
+
+def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+RGB = dict(channels=3, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+
+
+def test_real_resolution_eval_resizes_the_short_side_and_center_crops_by_crop_pct():
+    import cv2
+
+    from noisystudent.config import DataConfig
+
+    image = _photo(300, 400)
+    data = DataConfig(image_size=224, crop_pct=0.875, **RGB)
+    view = create_eval_transform(data).resize(image)
+    # timm's eval: short side to 224 / 0.875 = 256 (here 256 x 341), then the center 224 x 224
+    expected = cv2.resize(image, (341, 256), interpolation=cv2.INTER_AREA)[16:240, 58:282]
+    assert view.shape == (224, 224, 3) and np.array_equal(view, expected)
+    x = create_eval_transform(data)(image)
+    assert x.shape == (3, 224, 224)
+    # small sizes keep the square resize of the embedded demo
+    small = create_eval_transform(DataConfig(image_size=32, **RGB)).resize(image)
+    assert np.array_equal(small, cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA))
+
+
+def test_real_resolution_training_crops_randomly_within_the_configured_scale():
+    from noisystudent.config import DataConfig
+
+    image = _photo(300, 400)
+    data = DataConfig(image_size=96, **RGB)
+    plain = AugmentConfig(num_ops=0, hflip=0.0, crop_pad=0.0, cutout=0.0)
+    views = [create_train_transform(data, plain, seed=s).augment(image) for s in range(4)]
+    assert all(v.shape == (96, 96, 3) for v in views)
+    assert len({v.tobytes() for v in views}) == 4  # a different crop per seed
+    # scale (1, 1) with the image's own aspect ratio: the crop is the whole frame, only resized
+    whole = dataclasses.replace(plain, rrc_scale=[1.0, 1.0], rrc_ratio=[4 / 3, 4 / 3])
+    import cv2
+
+    view = create_train_transform(data, whole, seed=0).augment(image)
+    assert np.abs(view.astype(int) - cv2.resize(image, (96, 96), interpolation=cv2.INTER_LINEAR)).mean() < 1.0
+
+
+def test_exif_orientation_is_applied_when_decoding(tmp_path):
+    from noisystudent.data.shard_io import decode_image
+
+    image = _photo(60, 100)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": how cameras store portrait shots
+    path = tmp_path / "portrait.JPEG"
+    Image.fromarray(image).save(path, exif=exif.tobytes(), quality=95)
+    decoded = decode_image(path.read_bytes(), 3)
+    assert decoded.shape == (100, 60, 3)  # shown upright, as every viewer shows it
+
+
+def test_cached_real_resolution_splits_match_streamed_ones(tmp_path):
+    from noisystudent.config import DataConfig
+
+    root = tmp_path / "photos"
+    for c in ("n01", "n02"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(_photo(200 + 40 * i, 300 - 30 * i, seed=i)).save(root / c / f"{i}.JPEG", quality=92)
+    data = dataclasses.replace(DataConfig(image_size=96, **RGB), labeled_dir=str(root), val_dir="", test_dir="")
+    streamed = load_labeled_data(dataclasses.replace(data, cache="none")).train
+    cached = load_labeled_data(dataclasses.replace(data, cache="memory")).train
+    assert min(cached.image(0).shape[:2]) == round(96 / 0.875)  # the frame, short side as eval resizes it
+    ev = create_eval_transform(data)
+    for i in range(len(streamed)):
+        assert torch.equal(streamed.with_transform(ev)[i][0], cached.with_transform(ev)[i][0])

@@ -59,13 +59,17 @@ class DataConfig:
                                                        "ImageNet's, as in timm.")
     std: list[float] = setting([0.229, 0.224, 0.225], "Per-channel normalisation std (length 1 or `channels`); "
                                                       "ImageNet's, as in timm.")
+    crop_pct: float = setting(0.875, "Above 64 px, evaluation and labeling resize the short side to image_size / crop_pct "
+                                     "and take the center square (timm's crop_pct); at 64 px and below images are resized "
+                                     "to the square, as small images always were.")
     cache: Literal["auto", "none", "memory"] = setting(
         "auto", "Labeled images: none = decode each image when a loader worker draws it (start-up lists the files, "
                 "memory stays flat); memory = decode every split once at start into uint8 at data.image_size; auto = "
                 "memory when that takes at most data.cache_mb, else none.", results=False)
     cache_mb: int = setting(1024, "The largest labeled cache auto chooses, in MB of uint8 pixels per process "
                                   "(train + val + test each count alone; loader workers share it copy-on-write). "
-                                  "1024 MB holds 1M images at 32 px grayscale or 7,000 at 224 px RGB.",
+                                  "1024 MB holds 1M images at 32 px grayscale, or about 4,000 photos for 224 px RGB (cached "
+                                  "at their 256 px short side).",
                             results=False)
     num_workers: int = setting(-1, "DataLoader worker processes for training (and, on a GPU, for evaluation); 0 = augment "
                                    "in the main process, -1 = auto: one per CPU core that torch's threads leave free (with "
@@ -84,6 +88,10 @@ class AugmentConfig:
     crop_pad: float = setting(0.125, "Random translation by padding then cropping, as a fraction of image size.")
     cutout: float = setting(0.5, "Cutout probability (one square hole of `cutout_size` x image size).")
     cutout_size: float = setting(0.35, "Cutout hole side as a fraction of the image side.")
+    rrc_scale: list[float] = setting([0.08, 1.0], "Above 64 px: RandomResizedCrop's range of crop areas, as fractions of "
+                                                  "the image (timm's scale). Replaces crop_pad there.")
+    rrc_ratio: list[float] = setting([0.75, 4 / 3], "Above 64 px: RandomResizedCrop's range of crop aspect ratios (timm's "
+                                                    "ratio).")
 
 
 @dataclass
@@ -351,6 +359,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.image_size >= 8, "data.image_size", "must be >= 8")
     need(cfg.data.num_workers >= -1, "data.num_workers", "must be >= 0, or -1 for auto")
     need(cfg.data.cache_mb >= 0, "data.cache_mb", "must be >= 0")
+    need(0.0 < cfg.data.crop_pct <= 1.0, "data.crop_pct", "must be in (0, 1]")
     for stage in ("teacher", "student"):
         t: TrainConfig = getattr(cfg, stage)
         need(t.steps_per_epoch >= 0, f"{stage}.steps_per_epoch", "must be >= 0")
@@ -361,6 +370,10 @@ def validate(cfg: Config) -> None:
         need(0.0 <= t.drop_rate < 1.0, f"{stage}.drop_rate", "must be in [0, 1)")
         need(0.0 <= t.drop_path_rate < 1.0, f"{stage}.drop_path_rate", "must be in [0, 1)")
         need(0.0 <= t.augment.magnitude <= 10.0, f"{stage}.augment.magnitude", "must be in [0, 10]")
+        for key in ("rrc_scale", "rrc_ratio"):
+            pair = getattr(t.augment, key)
+            need(len(pair) == 2 and 0 < pair[0] <= pair[1], f"{stage}.augment.{key}", "must be [low, high] with 0 < low <= high")
+        need(t.augment.rrc_scale[1] <= 1.0, f"{stage}.augment.rrc_scale", "cannot exceed 1.0 (the whole image)")
     need(cfg.student.finetune_epochs >= 0, "student.finetune_epochs", "must be >= 0")
     need(0.0 <= cfg.pseudo_label.threshold < 1.0, "pseudo_label.threshold", "must be in [0, 1)")
     need(cfg.pseudo_label.temperature > 0, "pseudo_label.temperature", "must be > 0")

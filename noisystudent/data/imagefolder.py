@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from ..config import DataConfig
 from ..errors import DataError
 from ..io import sha256_json
+from .geometry import cache_geometry, eval_short_side, is_small
 from .shard_io import IMAGE_EXTS, SkipCounter, decode_image
 
 #: PIL modes without colour: a 3-channel config over files all in these modes is a mistake.
@@ -57,16 +57,16 @@ def scan_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
 class LabeledImages(Dataset):
     """An ImageFolder split, decoded on access: in the loader workers, each rank only the samples
     its sampler draws, so start-up costs the file listing alone and memory does not grow with the
-    set. ``cache_size`` > 0 instead decodes every image once, at start, into uint8 arrays resized
-    to that (the model's input) size: the fastest path for a set small enough to keep in memory
-    (``data.cache``, :func:`cache_plan`).
+    set. ``cache_size`` > 0 (the model's input size) instead decodes every image once, at start,
+    into uint8 arrays as the transforms would first resize them (:func:`.geometry.cache_geometry`):
+    the fastest path for a set small enough to keep in memory (``data.cache``, :func:`cache_plan`).
 
     Unreadable images are skipped: with a cache at load, else on access (the next image is used
     in its place, with a warning naming the file); either way they are counted in ``self.skips``.
     """
 
     def __init__(self, index: ImageFolderIndex, channels: int, transform: Callable | None = None,
-                 cache_size: int = 0, show_progress: bool = False):
+                 cache_size: int = 0, crop_pct: float = 0.875, show_progress: bool = False):
         self.class_names = index.class_names
         self.transform = transform
         self.channels = channels
@@ -75,16 +75,16 @@ class LabeledImages(Dataset):
         self.targets: list[int] = [t for _, t in index.files]
         self.images: list[np.ndarray] | None = None  # the decoded cache, when there is one
         if cache_size > 0:
-            self._fill_cache(cache_size, index.root.name, show_progress)
+            self._fill_cache(cache_size, crop_pct, index.root.name, show_progress)
         if not self.paths:
             raise DataError(f"no readable images under {index.root}")
 
-    def _fill_cache(self, size: int, name: str, show_progress: bool) -> None:
+    def _fill_cache(self, size: int, crop_pct: float, name: str, show_progress: bool) -> None:
         kept: list[tuple[str, int, np.ndarray]] = []
         for path, target in tqdm(list(zip(self.paths, self.targets)), desc=f"cache {name}", disable=not show_progress,
                                  leave=False):
             try:
-                kept.append((path, target, resize_square(read_image(path, self.channels), size)))
+                kept.append((path, target, cache_geometry(read_image(path, self.channels), size, crop_pct)))
             except (OSError, ValueError) as exc:
                 self.skips.skip("unreadable_image", f"{path}: {exc}")
         self.paths, self.targets = [p for p, _, _ in kept], [t for _, t, _ in kept]
@@ -149,26 +149,21 @@ def read_image(path: str, channels: int) -> np.ndarray:
         return decode_image(fh.read(), channels)
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """The square resize the transforms start with (so a cached image is what they would make)."""
-    if image.shape[0] != size or image.shape[1] != size:
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    return image
-
-
 def cache_plan(data: DataConfig, files: int) -> int:
-    """The size to cache a split at (0 = decode on access) for ``data.cache``: ``memory`` always
-    caches, ``none`` never, ``auto`` when the uint8 images at ``data.image_size`` take at most
-    ``data.cache_mb``."""
+    """The model size to cache a split for (0 = decode on access) under ``data.cache``: ``memory``
+    always caches, ``none`` never, ``auto`` when the uint8 images as cached (:func:`.geometry.cache_geometry`)
+    take at most ``data.cache_mb``."""
     if data.cache == "none":
         return 0
-    estimate_mb = files * data.image_size ** 2 * data.channels / 2**20
+    side = data.image_size if is_small(data.image_size) else eval_short_side(data.image_size, data.crop_pct)
+    aspect = 1.0 if is_small(data.image_size) else 4 / 3  # photos are wider than tall; estimate 4:3
+    estimate_mb = files * side ** 2 * aspect * data.channels / 2**20
     return data.image_size if data.cache == "memory" or estimate_mb <= data.cache_mb else 0
 
 
 def load_labeled(root: str, channels: int, transform: Callable | None, class_names: list[str] | None = None,
-                 cache_size: int = 0) -> LabeledImages:
-    return LabeledImages(scan_image_folder(root, class_names), channels, transform, cache_size)
+                 cache_size: int = 0, crop_pct: float = 0.875) -> LabeledImages:
+    return LabeledImages(scan_image_folder(root, class_names), channels, transform, cache_size, crop_pct)
 
 
 @dataclass
@@ -199,7 +194,7 @@ def load_labeled_data(data: DataConfig) -> LabeledData:
     def split(root: str, names: list[str] | None) -> LabeledImages:
         index = scan_image_folder(root, names)
         check_channels(index, data.channels)
-        return LabeledImages(index, data.channels, None, cache_plan(data, len(index.files)))
+        return LabeledImages(index, data.channels, None, cache_plan(data, len(index.files)), data.crop_pct)
 
     train = split(data.labeled_dir, None)
     val = split(data.val_dir, train.class_names) if data.val_dir else None

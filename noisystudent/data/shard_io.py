@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import ShardError
 from ..io import atomic_path
@@ -189,6 +189,10 @@ def _decode_png_fast(data: bytes, channels: int) -> np.ndarray | None:
     return img if channels == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+_EXIF_FORMATS = {"JPEG", "MPO", "TIFF", "WEBP"}
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
 def decode_image(data: bytes, channels: int) -> np.ndarray:
     """Decode image bytes to uint8 HxW (channels=1) or HxWx3 (channels=3). Raises ValueError."""
     fast = _decode_png_fast(data, channels)
@@ -202,6 +206,8 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
             # PIL only warns between 1x and 2x its limit; refuse before any pixel is decoded
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"{img.width}x{img.height}")
+            if img.format in _EXIF_FORMATS and img.getexif().get(_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)  # cameras store portrait shots rotated, with a tag
             img = img.convert("L" if channels == 1 else "RGB")
             return np.asarray(img, dtype=np.uint8).copy()
     except Image.DecompressionBombError as exc:

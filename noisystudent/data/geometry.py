@@ -1,0 +1,62 @@
+"""The resizes every image goes through before its noise: shared by the transforms and the
+labeled-image cache, so a cached image is exactly what a transform would have made first.
+
+Images of at most :data:`SMALL_IMAGE_MAX` px (the model's input size) are resized to a square,
+as the embedded demo's 28 px images always were. Larger ones keep their aspect ratio: evaluation
+and labeling resize the short side to ``size / crop_pct`` and take the center square, as timm
+does, and training crops with RandomResizedCrop.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+#: Model input sizes up to this use the square resize (and pad-and-crop shifts for noise).
+SMALL_IMAGE_MAX = 64
+
+
+def is_small(size: int) -> bool:
+    return size <= SMALL_IMAGE_MAX
+
+
+def _interpolation(old: int, new: int) -> int:
+    return cv2.INTER_AREA if new < old else cv2.INTER_LINEAR
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[0] != size or image.shape[1] != size:
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def eval_short_side(size: int, crop_pct: float) -> int:
+    return int(round(size / crop_pct))
+
+
+def resize_short_side(image: np.ndarray, short: int) -> np.ndarray:
+    """``image`` scaled so that its shorter side is ``short`` px, aspect ratio kept."""
+    h, w = image.shape[:2]
+    if min(h, w) == short:
+        return image
+    scale = short / min(h, w)
+    new_w, new_h = max(short, int(round(w * scale))), max(short, int(round(h * scale)))
+    return cv2.resize(image, (new_w, new_h), interpolation=_interpolation(min(h, w), short))
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return image[top: top + size, left: left + size]
+
+
+def eval_geometry(image: np.ndarray, size: int, crop_pct: float) -> np.ndarray:
+    """The clean view a model is evaluated, and labels, on."""
+    if is_small(size):
+        return resize_square(image, size)
+    return np.ascontiguousarray(center_crop(resize_short_side(image, eval_short_side(size, crop_pct)), size))
+
+
+def cache_geometry(image: np.ndarray, size: int, crop_pct: float) -> np.ndarray:
+    """What the labeled-image cache keeps: the square for small sizes, else the short-side resize
+    that evaluation starts from (the whole frame, so training can still crop anywhere in it)."""
+    return resize_square(image, size) if is_small(size) else resize_short_side(image, eval_short_side(size, crop_pct))
