@@ -74,7 +74,7 @@ def _hub_error(name: str, exc: Exception) -> CheckpointError:
 
 def load_pretrained_file(model: torch.nn.Module, path: str | Path, spec: ModelSpec) -> None:
     """Load ``.safetensors``, ``.pth`` or ``.bin`` weights into ``model`` through timm's own loader
-    (``load_pretrained`` with the file as its source): a different class count gets a new head,
+    (``load_pretrained`` with the file's tensors as its source): a different class count gets a new head,
     a different channel count an adapted stem. A file of another architecture is refused, naming
     a few of the keys that do not fit, before anything is loaded."""
     path = Path(path)
@@ -99,7 +99,9 @@ def load_pretrained_file(model: torch.nn.Module, path: str | Path, spec: ModelSp
     head = next((weights[f"{h}.weight"] for h in heads if f"{h}.weight" in weights), None)
     stem = next((weights[k] for k in stem_keys if k in weights), None)
     size = tuple(cfg.get("input_size") or (3, spec.image_size, spec.image_size))
-    overlay = {**cfg, "file": str(path), "num_classes": head.shape[0] if head is not None else spec.num_classes,
+    # the tensors already read and checked go to timm as its state_dict source: the file is read
+    # once, and a .pth is never unpickled beyond weights_only
+    overlay = {**cfg, "state_dict": weights, "num_classes": head.shape[0] if head is not None else spec.num_classes,
                "input_size": (stem.shape[1] if stem is not None else spec.in_chans, *size[1:])}
     timm.models.load_pretrained(model, pretrained_cfg=overlay, num_classes=spec.num_classes, in_chans=spec.in_chans)
 
@@ -109,8 +111,7 @@ def _names(value) -> tuple[str, ...]:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors. ``.pth`` / ``.bin`` are read with ``weights_only`` first: timm's loader
-    unpickles them fully, which is safe only for a file that holds nothing but tensors."""
+    """The file's tensors; ``.pth`` / ``.bin`` are read with ``weights_only`` (no pickled code runs)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -127,14 +128,6 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"pretrained_file {path} is not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def count_params(model_or_name: torch.nn.Module | str, num_classes: int, in_chans: int = 3) -> int:

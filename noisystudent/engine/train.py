@@ -20,8 +20,8 @@ from tqdm import tqdm
 from ..config import Config, TrainConfig
 from ..data.imagefolder import LabeledImages
 from ..data.pseudo_stream import PseudoLabeledStream
-from ..io import read_json, remove_stale_temporaries, write_json_atomic
-from ..models import ModelSpec, create_model, file_sha256, load_checkpoint, save_model, unwrap
+from ..io import read_json, remove_stale_temporaries, sha256_file, write_json_atomic
+from ..models import ModelSpec, create_model, load_checkpoint, save_model, unwrap
 from ..noise import create_eval_transform
 from . import distributed as ddp
 from .batches import Batch, BatchSource
@@ -158,7 +158,7 @@ def weights_source(recipe: TrainConfig, init_from: str | None) -> str:
     if init_from:
         return f"checkpoint {init_from}"
     if recipe.pretrained_file:
-        return f"file {recipe.pretrained_file} (sha256 {file_sha256(recipe.pretrained_file)[:16]})"
+        return f"file {recipe.pretrained_file} (sha256 {sha256_file(recipe.pretrained_file)[:16]})"
     return "timm pretrained (hub)" if recipe.pretrained else "random init"
 
 
