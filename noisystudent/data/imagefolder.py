@@ -74,6 +74,7 @@ class LabeledImages(Dataset):
         self.paths: list[str] = [p for p, _ in index.files]
         self.targets: list[int] = [t for _, t in index.files]
         self.images: list[np.ndarray] | None = None  # the decoded cache, when there is one
+        self._reported: set[int] = set()  # unreadable files already warned about (streaming)
         if cache_size > 0:
             self._fill_cache(cache_size, crop_pct, index.root.name, show_progress)
         if not self.paths:
@@ -103,9 +104,8 @@ class LabeledImages(Dataset):
             try:
                 return read_image(self.paths[j], self.channels)
             except (OSError, ValueError) as exc:
-                reported = self.__dict__.setdefault("_reported", set())
-                if j not in reported:  # once per file and process, however many epochs draw it
-                    reported.add(j)
+                if j not in self._reported:  # once per file and process, however many epochs draw it
+                    self._reported.add(j)
                     print(f"warning: skipping unreadable labeled image {self.paths[j]} ({exc}); using the next one")
                     self.skips.skip("unreadable_image", f"{self.paths[j]}: {exc}")
         raise DataError(f"no readable image among the {len(self.paths)} files of this split")
@@ -133,6 +133,7 @@ class LabeledImages(Dataset):
         obj.class_names, obj.transform, obj.skips = list(class_names), transform, SkipCounter()
         obj.images, obj.targets, obj.paths = list(images), [int(t) for t in targets], [""] * len(images)
         obj.channels = 1 if images and images[0].ndim == 2 else 3
+        obj._reported = set()
         return obj
 
     def with_transform(self, transform: Callable | None) -> "LabeledImages":
