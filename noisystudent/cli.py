@@ -25,6 +25,7 @@ from .config import Config, ConfigError, dump_config, load_config
 from .errors import UserError
 from .prepare.fashion_mnist import DEFAULT_SOURCE_DIR, prepare_fashion_mnist
 from .prepare.folder_to_shards import folder_to_shards
+from .prepare.imagenet_like import write_imagenet_like
 from .tracking.compare import compare
 
 #: Errors that are the user's to fix: printed as one line, exit code 2, no traceback.
@@ -245,6 +246,26 @@ def _make_shards(args: argparse.Namespace) -> None:
     console.print_shards_written(manifest, Path(args.out_dir))
 
 
+def _imagenet_like_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", metavar="OUT_DIR", nargs="?", default="data/imagenet-like",
+                   help="new directory for train/ val/ test/ unlabeled/ and MANIFEST.json (default: data/imagenet-like, where configs/rehearsal/imagenet-cpu.yaml looks)")
+    p.add_argument("--classes", type=int, default=4, help="wnid class folders (default: 4, at most 12)")
+    p.add_argument("--train-per-class", type=int, default=16, help="labeled training images per class (default: 16)")
+    p.add_argument("--unlabeled-per-class", type=int, default=24, help="unlabeled images per class (default: 24)")
+    p.add_argument("--ood", type=int, default=12, help="unlabeled images of no class (default: 12)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _imagenet_like(args: argparse.Namespace) -> None:
+    manifest = write_imagenet_like(args.out_dir, classes=args.classes, train_per_class=args.train_per_class,
+                                   unlabeled_per_class=args.unlabeled_per_class, ood=args.ood, seed=args.seed)
+    print(f"wrote an ImageNet-like tree to {args.out_dir}: {manifest['labeled']} labeled, "
+          f"{manifest['unlabeled']['total']} unlabeled in {manifest['unlabeled']['shards']} shards; formats "
+          f"{manifest['formats']}")
+    print(f"rehearse the real recipe: noisystudent iterate --config configs/imagenet.yaml "
+          f"--overlay configs/rehearsal/imagenet-cpu.yaml (its paths are data/imagenet-like/...)")
+
+
 #: name -> (one-line help, its arguments, what it runs, whether it reads the config)
 COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
     "iterate": ("Noisy Student loop: teacher -> (pseudo-label -> student) x N. Rerun to resume.", _iterate_args, _iterate, True),
@@ -264,6 +285,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
                 _prepare_args, _prepare, False),
     "make-shards": ("Turn a folder tree of images into webdataset shards (image bytes copied verbatim).",
                     _make_shards_args, _make_shards, False),
+    "imagenet-like": ("Write a small synthetic ImageNet-shaped tree (wnid folders, .JPEG, odd formats, shards) to "
+                      "rehearse configs/imagenet.yaml on a CPU.", _imagenet_like_args, _imagenet_like, False),
 }
 
 
