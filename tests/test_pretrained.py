@@ -93,3 +93,56 @@ def test_teacher_stage_records_where_its_weights_came_from(smoke_config, tmp_pat
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     tags = client.get_run((out / "mlflow_run_id").read_text().strip()).data.tags
     assert tags["weights_source"] == source
+
+
+_HUB_CHILD = """
+import sys, torch
+from noisystudent.models import ModelSpec, create_model
+spec = ModelSpec(name="resnet10t", num_classes=4, in_chans=3, image_size=224, class_names=list("abcd"),
+                 mean=[0.5] * 3, std=[0.5] * 3)
+model = create_model(spec, pretrained=True)
+torch.save(model.state_dict(), sys.argv[1])
+"""
+
+
+def _hub_run(tmp_path, cache):
+    """create_model(pretrained=True) in a child that reaches the hub only through its local cache
+    (HF_HUB_OFFLINE: the Hugging Face client reads the cache and never opens a socket)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf-home"))
+    out = tmp_path / "loaded.pt"
+    r = subprocess.run([sys.executable, "-c", _HUB_CHILD, str(out)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    return r, out
+
+
+def test_pretrained_true_loads_timms_hub_weights_with_a_new_head(tmp_path):
+    """The real hub path (timm -> huggingface_hub -> the cache layout it downloads into), with the
+    weights a hub download would have left: ``models--timm--<id>/snapshots/<rev>/model.safetensors``."""
+    torch.manual_seed(7)
+    hub_model = timm.create_model("resnet10t", pretrained=False)  # 1000 classes, RGB, as published
+    hub_id = hub_model.pretrained_cfg["hf_hub_id"]  # e.g. timm/resnet10t.c3_in1k
+    repo = tmp_path / "hub" / ("models--" + hub_id.replace("/", "--"))
+    revision = "0" * 40
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    state = {k: v.contiguous() for k, v in hub_model.state_dict().items()}
+    save_file(state, str(repo / "snapshots" / revision / "model.safetensors"))
+
+    r, out = _hub_run(tmp_path, tmp_path / "hub")
+    assert r.returncode == 0, r.stderr[-3000:]
+    loaded = torch.load(out, weights_only=True)
+    assert loaded["fc.weight"].shape == (4, state["fc.weight"].shape[1])  # a new head for 4 classes
+    body = [k for k in state if not k.startswith("fc.")]
+    assert all(torch.equal(loaded[k], state[k]) for k in body)
+
+
+def test_pretrained_true_out_of_the_hubs_reach_is_one_line_naming_the_way_out(tmp_path):
+    r, _ = _hub_run(tmp_path, tmp_path / "empty-cache")
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "pretrained=true: timm could not fetch the weights of resnet10t" in last and "pretrained_file=PATH" in last
