@@ -83,7 +83,10 @@ def test_unreadable_labeled_image_is_skipped_and_counted(smoke_data, tmp_path):
 
 
 def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data, tmp_path):
-    """Labeling skips a corrupt image and the cut-off tail of a truncated shard, counts both, labels the rest."""
+    """Labeling skips a corrupt image, the cut-off tail of a truncated shard and the one sample whose
+    tar header is damaged (reading resumes after it), counts each, and labels the rest."""
+    import tarfile
+
     from noisystudent.config import load_config
     from noisystudent.data.shard_io import iter_samples, write_shard
     from noisystudent.data.imagefolder import load_labeled_data
@@ -97,6 +100,11 @@ def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data,
     write_shard(corpus / "a.tar", good)
     whole = src[1].read_bytes()
     (corpus / "b.tar").write_bytes(whole[: len(whole) // 2])
+    with tarfile.open(src[1]) as tar:
+        tenth = tar.getmembers()[20].offset  # the first member of the 11th sample (png + eval.json each)
+    flipped = bytearray(whole)
+    flipped[tenth + 130] ^= 0x5A  # inside the size field: the header's checksum no longer holds
+    (corpus / "c.tar").write_bytes(bytes(flipped))
     cfg = load_config(REPO / "configs" / "smoke.yaml",
                       smoke_overrides(smoke_data, tmp_path / "run") + [f"data.unlabeled_shards={corpus}/*.tar",
                                                                         "teacher.epochs=1", "cluster.n_workers=1",
@@ -108,7 +116,11 @@ def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data,
     per = {s["input"].rsplit("/", 1)[-1]: s for s in manifest["shards"]}
     assert per["a.tar"]["samples"] == len(good) - 1
     readable_b = len(list(iter_samples(str(corpus / "b.tar"))))
-    assert 0 < per["b.tar"]["samples"] == readable_b < len(list(iter_samples(str(src[1]))))
+    whole_b = len(list(iter_samples(str(src[1]))))
+    assert 0 < per["b.tar"]["samples"] == readable_b < whole_b
+    assert per["c.tar"]["samples"] == whole_b - 1
+    assert per["c.tar"]["skipped_by_reason"] == {"damaged_tar_header": 1, "incomplete_sample": 1}
+    assert manifest["skipped"]["samples_lost"] == 1 + reasons["incomplete_sample"]
 
 
 def test_student_refuses_a_class_set_that_differs_from_its_teachers(smoke_run, smoke_data, tmp_path):

@@ -1,9 +1,10 @@
 """Webdataset tar shards: atomic writing and a strict, counting reader.
 
 Shards follow the webdataset convention: tar members ``<key>.<ext>`` grouped by key, where the
-key is the member's path up to the first dot of its basename. We read tars ourselves (streaming
-``tarfile``) instead of through ``webdataset.WebDataset`` so that every skipped member is
-counted with a reason, unsafe member names are refused, and nothing is ever unpickled.
+key is the member's path up to the first dot of its basename. We read tars ourselves (a streaming
+header parser, :mod:`.tar_reader`) instead of through ``tarfile`` or ``webdataset.WebDataset``
+so that a damaged header costs only the samples it touches, every skipped member is counted with
+a reason, unsafe member names are refused, and nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from PIL import Image, ImageOps
 
 from ..errors import ShardError
 from ..io import atomic_path
+from .tar_reader import Damage, Member, SampleAssembler, iter_members, open_shard
+
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm")
 #: Evaluation-only member (true class name, OOD tag, source). Training code never reads it.
@@ -33,6 +36,12 @@ MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
+#: Reasons that count samples (or an estimate of them); the others count events (a damaged header,
+#: a cut-off shard, a refused member) whose cost in samples, where known, is counted under these.
+SAMPLE_REASONS = frozenset({"incomplete_sample", "lost_in_damage", "unreadable_image", "undecodable_image",
+                            "no_image_member", "unreadable_file", "no_class_folder"})
+
+
 @dataclass
 class SkipCounter:
     """Counts samples or members skipped while reading, by reason. Never drop silently."""
@@ -40,8 +49,8 @@ class SkipCounter:
     reasons: Counter = field(default_factory=Counter)
     examples: list = field(default_factory=list)
 
-    def skip(self, reason: str, where: str) -> None:
-        self.reasons[reason] += 1
+    def skip(self, reason: str, where: str, n: int = 1) -> None:
+        self.reasons[reason] += n
         if len(self.examples) < 20:
             self.examples.append({"reason": reason, "where": where})
 
@@ -49,8 +58,15 @@ class SkipCounter:
     def total(self) -> int:
         return sum(self.reasons.values())
 
+    @property
+    def samples_lost(self) -> int:
+        """Samples skipped or lost to damage (``lost_in_damage`` is an estimate); a shard cut
+        short loses an unknown number more after the cut (one ``truncated_tar`` event)."""
+        return sum(n for r, n in self.reasons.items() if r in SAMPLE_REASONS)
+
     def as_dict(self) -> dict:
-        return {"total": self.total, "by_reason": dict(self.reasons), "examples": list(self.examples)}
+        return {"total": self.total, "samples_lost": self.samples_lost, "by_reason": dict(self.reasons),
+                "examples": list(self.examples)}
 
     def merge(self, other: "SkipCounter | dict") -> None:
         d = other.as_dict() if isinstance(other, SkipCounter) else other
@@ -79,23 +95,15 @@ def input_identity(url: str) -> dict:
     return {"path": os.path.realpath(url), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """``dir/abc.eval.json`` -> (``dir/abc``, ``eval.json``); None for unusable names."""
-    if name.startswith("/") or ".." in Path(name).parts:
-        return None
-    directory, base = os.path.split(name)
-    if "." not in base or base.startswith("."):
-        return None
-    stem, ext = base.split(".", 1)
-    return (os.path.join(directory, stem) if directory else stem), ext.lower()
-
-
 def iter_samples(url: str, skips: SkipCounter | None = None) -> Iterator[dict[str, Any]]:
     """Stream the samples of one tar shard as ``{"__key__", "__shard__", ext: bytes}`` dicts.
 
-    A truncated or corrupt tar yields everything before the damage and counts the rest as one
-    ``truncated_tar`` skip. Members with absolute or ``..`` paths, links and directories are
-    skipped and counted.
+    Damage costs only what it touches (:mod:`.tar_reader`): after a damaged header the reader
+    resumes at the next valid one, and counts the event (``damaged_tar_header``), samples that
+    lost members (``incomplete_sample``) and an estimate of samples with no readable member
+    (``lost_in_damage``). A shard cut short yields everything before the cut (``truncated_tar``).
+    Members with absolute or ``..`` paths, links and devices are skipped and counted. Gzip, bzip2
+    and xz shards are read through their decompressor.
     """
     skips = skips if skips is not None else SkipCounter()
     shard = os.path.basename(url)
@@ -104,62 +112,19 @@ def iter_samples(url: str, skips: SkipCounter | None = None) -> Iterator[dict[st
     if os.path.getsize(url) == 0:
         skips.skip("empty_tar", shard)
         return
-    # A complete tar ends with two zero blocks; without them the file was cut short, possibly
-    # exactly at a header boundary, which tarfile would otherwise read as a clean end.
-    with open(url, "rb") as fh:
-        fh.seek(max(0, os.path.getsize(url) - 1024))
-        ends_cleanly = fh.read(1024) == b"\0" * 1024
-    current: dict[str, Any] | None = None
-    try:
-        with tarfile.open(url, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    if not member.isdir():
-                        skips.skip("non_file_member", f"{shard}:{member.name}")
-                    continue
-                parsed = split_member_name(member.name)
-                if parsed is None:
-                    skips.skip("unsafe_or_unnamed_member", f"{shard}:{member.name}")
-                    continue
-                key, ext = parsed
-                fh = tar.extractfile(member)
-                data = fh.read() if fh is not None else b""
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__shard__": shard}
-                current[ext] = data
-            stopped_at = tar.offset
-    except (tarfile.TarError, EOFError, OSError, Exception) as exc:  # noqa: BLE001 - any damage counts
-        # The sample being assembled when the tar broke may be incomplete: count it as lost.
-        skips.skip("truncated_tar", f"{shard}: {type(exc).__name__}: {exc}")
-        if current is not None:
-            skips.skip("incomplete_sample", f"{shard}:{current['__key__']}")
-        return
-    if not ends_cleanly:
-        skips.skip("truncated_tar", f"{shard}: no end-of-archive marker")
-        if current is not None:  # the last sample may be missing members
-            skips.skip("incomplete_sample", f"{shard}:{current['__key__']}")
-        return
-    if not _only_zeros_after(url, stopped_at):
-        # tarfile reads a damaged header mid-archive as a clean end: the rest would be lost silently
-        skips.skip("corrupt_tar", f"{shard}: unreadable tar header at byte {stopped_at}; the rest of the shard is lost")
-        if current is not None:
-            skips.skip("incomplete_sample", f"{shard}:{current['__key__']}")
-        return
-    if current is not None:
-        yield current
-
-
-def _only_zeros_after(url: str, offset: int, chunk: int = 1 << 16) -> bool:
-    """True if the file holds nothing but zero bytes (end-of-archive blocks, padding) from ``offset``."""
-    with open(url, "rb") as fh:
-        fh.seek(offset)
-        while block := fh.read(chunk):
-            if block.count(0) != len(block):
-                return False
-    return True
+    samples = SampleAssembler(shard, skips)
+    end: int | None = None
+    with open_shard(url) as raw:
+        for item in iter_members(raw):
+            if isinstance(item, Member):
+                yield from samples.member(item)
+            elif isinstance(item, Damage):
+                samples.damage(item)
+                if item.at_end:
+                    end = item.start
+            else:
+                end = item.offset
+    yield from samples.finish(end)
 
 
 def image_bytes(sample: dict[str, Any]) -> tuple[str, bytes] | None:

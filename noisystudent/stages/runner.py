@@ -64,12 +64,14 @@ def _pseudo_label_stage(cfg: Config, teacher: str, out_dir: Path) -> StageSummar
         manifest = pseudo_label(cfg, checkpoint, out_dir, teacher_run_id=teacher_run_id)
         tracker.set_tags({"teacher_sha256": manifest["teacher"]["sha256"]})
         tracker.log_metrics({"pl_samples": manifest["total_samples"], "pl_skipped": manifest["skipped"]["total"],
+                             "pl_samples_lost": manifest["skipped"].get("samples_lost", 0),
                              "pl_shards_reused": manifest["shards_reused"], "pl_wall_seconds": manifest["wall_seconds"],
                              "pl_throughput_img_s": manifest["throughput_img_s"] or 0.0})
         tracker.log_artifact(out_dir / "manifest.json")
     return StageSummary("pseudo-labeling finished", {
         "samples": f"{manifest['total_samples']:,}", "shards": f"{len(manifest['shards'])} ({manifest['shards_reused']} reused)",
-        "skipped": f"{manifest['skipped']['total']} {manifest['skipped']['by_reason'] or ''}",
+        "skipped": f"{manifest['skipped'].get('samples_lost', 0)} sample(s) lost; counts by reason (samples and damage "
+                   f"events) {manifest['skipped']['by_reason'] or '{}'}",
         "throughput img/s": manifest["throughput_img_s"], "wall seconds": manifest["wall_seconds"],
         "shards in": manifest["shard_dir"], "manifest": str(out_dir / "manifest.json"),
     })
