@@ -71,6 +71,6 @@ def test_threshold_keeping_less_than_a_batch_is_a_clear_error(smoke_data, tmp_pa
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, tmp_path / "run"))
     data = load_labeled_data(cfg.data)
-    empty = PseudoLabeledStream(Selection({}, [0] * 10, 0, 0), 1, 10, create_eval_transform(cfg.data))
+    empty = PseudoLabeledStream(Selection.of_arrays({}, 0, num_classes=10), 1, 10, create_eval_transform(cfg.data))
     with pytest.raises(ConfigError, match="pseudo_label.threshold"):
         train_model(cfg.student, cfg, "test_resnet", tmp_path / "s", data.train, data.val, pseudo=empty)

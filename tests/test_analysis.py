@@ -95,7 +95,7 @@ def test_ood_scores_drive_selection(smoke_run, tmp_path):
     sel = select_pseudo_labels(shards, 10, 0.0, False, ood_score="knn", ood_drop_fraction=0.25)
     assert sel.dropped_ood == round(0.25 * n) and sel.kept_unique == n - sel.dropped_ood
     knn = np.concatenate([np.load(ood_scores_path(s))["knn"] for s in shards])
-    kept = np.concatenate([[k in sel.repeats.get(s, {}) for k in read_index(s).keys.tolist()] for s in shards])
+    kept = np.concatenate([sel.repeats_of(s) > 0 for s in shards])
     assert knn[kept].max() <= knn[~kept].min()  # exactly the most OOD-looking quarter went
     lonely = tmp_path / Path(shards[0]).name
     shutil.copy(shards[0], lonely)

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from .label_index import read_index
+from .label_index import index_path
 from .selection import Selection
 from .shard_io import EVAL_EXT, input_identity, iter_samples
 
@@ -41,45 +41,67 @@ def _hidden_fields_of(path: str, size: int, mtime_ns: int) -> dict[str, dict]:
 
 
 def audit_pseudo_labels(manifest: dict, class_names: list[str], selection: Selection | None = None) -> dict:
-    """Accuracy of all / kept pseudo-labels on in-distribution samples, and OOD share of kept."""
-    hidden = read_hidden_fields([s["input"] for s in manifest["shards"]])
-    if not hidden:
-        return {}
+    """Accuracy of all / kept pseudo-labels on in-distribution samples, and OOD share of kept.
+
+    Streams shard by shard: one shard's hidden tags and index fields at a time, and counters."""
     lookup = {n: i for i, n in enumerate(class_names)}
-    correct = total = kept_correct = kept_total = kept_ood = kept_weight = ood_total = 0
-    confidences: list[float] = []
-    hits: list[bool] = []
+    t = _Tally()
     for shard in manifest["shards"]:
-        ix = read_index(shard["output"])
-        repeats = selection.repeats.get(shard["output"], {}) if selection else {}
-        for key, label, conf in zip(ix.keys, ix.labels, ix.confidence):
+        ident = input_identity(shard["input"])
+        hidden = _hidden_fields_of(ident["path"], ident["size"], ident["mtime_ns"])
+        if not hidden:
+            continue
+        t.any_hidden = True
+        with np.load(index_path(shard["output"]), allow_pickle=False) as z:
+            keys, labels, conf = z["keys"].tolist(), z["labels"], z["confidence"].astype(np.float64)
+        repeats = selection.repeats_of(shard["output"]) if selection and shard["output"] in selection.shards \
+            else np.zeros(len(keys), np.int32)
+        truth = np.full(len(keys), -2, np.int64)  # -2: no tag, -1: OOD or a class not in the labeled set
+        for i, key in enumerate(keys):
             h = hidden.get(str(key))
-            if h is None:
-                continue
-            n = repeats.get(str(key), 0)
-            kept_weight += n
-            if h.get("ood"):
-                ood_total += 1
-                kept_ood += n
-                continue
-            truth = lookup.get(h.get("class"))
-            if truth is None:
-                continue
-            total += 1
-            correct += int(label == truth)
-            confidences.append(float(conf))
-            hits.append(bool(label == truth))
-            if n:
-                kept_total += n
-                kept_correct += n * int(label == truth)
-    out = {"pl_acc_all": correct / total if total else float("nan"), "pl_audited": total, "pl_ood_in_corpus": ood_total}
-    # Accuracy and coverage above a few confidence thresholds: what a threshold would buy.
-    conf_arr, hit_arr = np.asarray(confidences), np.asarray(hits)
-    for t in (0.5, 0.7, 0.9):
-        mask = conf_arr >= t
-        out[f"pl_coverage_conf{int(t * 100)}"] = float(mask.mean()) if len(mask) else 0.0
-        out[f"pl_acc_conf{int(t * 100)}"] = float(hit_arr[mask].mean()) if mask.any() else float("nan")
-    if selection is not None:
-        out["pl_acc_kept"] = kept_correct / kept_total if kept_total else float("nan")
-        out["pl_ood_share_kept"] = kept_ood / kept_weight if kept_weight else 0.0
-    return out
+            if h is not None:
+                truth[i] = -1 if h.get("ood") else lookup.get(h.get("class"), -3)
+        t.add(truth, labels, conf, repeats.astype(np.int64))
+    return t.result(selection is not None) if t.any_hidden else {}
+
+
+THRESHOLDS = (0.5, 0.7, 0.9)
+
+
+class _Tally:
+    """The audit's counters, added shard by shard."""
+
+    def __init__(self):
+        self.any_hidden = False
+        self.correct = self.total = self.kept_correct = self.kept_total = self.kept_ood = self.kept_weight = 0
+        self.ood_total = 0
+        self.covered = {t: 0 for t in THRESHOLDS}
+        self.covered_correct = {t: 0 for t in THRESHOLDS}
+
+    def add(self, truth: np.ndarray, labels: np.ndarray, conf: np.ndarray, repeats: np.ndarray) -> None:
+        tagged, ood = truth != -2, truth == -1
+        self.kept_weight += int(repeats[tagged].sum())
+        self.ood_total += int(ood.sum())
+        self.kept_ood += int(repeats[ood].sum())
+        known = truth >= 0  # tagged in-distribution samples of a labeled class
+        hit = known & (labels == truth)
+        self.total += int(known.sum())
+        self.correct += int(hit.sum())
+        self.kept_total += int(repeats[known].sum())
+        self.kept_correct += int(repeats[hit].sum())
+        for t in THRESHOLDS:
+            above = known & (conf >= t)
+            self.covered[t] += int(above.sum())
+            self.covered_correct[t] += int((above & hit).sum())
+
+    def result(self, with_selection: bool) -> dict:
+        out = {"pl_acc_all": self.correct / self.total if self.total else float("nan"), "pl_audited": self.total,
+               "pl_ood_in_corpus": self.ood_total}
+        # Accuracy and coverage above a few confidence thresholds: what a threshold would buy.
+        for t in THRESHOLDS:
+            out[f"pl_coverage_conf{int(t * 100)}"] = self.covered[t] / self.total if self.total else 0.0
+            out[f"pl_acc_conf{int(t * 100)}"] = self.covered_correct[t] / self.covered[t] if self.covered[t] else float("nan")
+        if with_selection:
+            out["pl_acc_kept"] = self.kept_correct / self.kept_total if self.kept_total else float("nan")
+            out["pl_ood_share_kept"] = self.kept_ood / self.kept_weight if self.kept_weight else 0.0
+        return out

@@ -103,7 +103,9 @@ def read_pseudo_labels(source: str | os.PathLike | Sequence[str], threshold: flo
                 yield PseudoLabel(shard, str(ix.keys[i]), int(ix.labels[i]), float(ix.confidence[i]),
                                   float(ix.entropy[i]), ix.probs[i] if ix.probs.shape[1] else np.zeros(0, np.float16))
             continue
-        selection = Selection({shard: {str(ix.keys[i]): 1 for i in keep}}, [], len(ix.keys), len(keep))
+        rows = np.zeros(len(ix.keys), np.uint8)
+        rows[keep] = 1
+        selection = Selection.of_arrays({shard: rows}, len(ix.keys))
         stream = PseudoLabeledStream(selection, channels, ix.probs.shape[1], transform=lambda im: im)
         stream.skips = skips
         row = {str(k): i for i, k in enumerate(ix.keys)}

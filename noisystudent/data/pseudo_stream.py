@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..errors import DataError
 from .label_index import ShardIndex, read_index
 from .selection import Selection
 from .shard_io import SkipCounter, decode_image
@@ -65,14 +66,14 @@ class PseudoLabeledStream(IterableDataset):
 
     def __init__(self, selection: Selection, channels: int, num_classes: int, transform: Callable, *, soft: bool = True,
                  temperature: float = 1.0, buffer_size: int = 4096, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.shards = sorted(s for s, keys in selection.repeats.items() if keys)
-        self.repeats = selection.repeats
+        self.shards = sorted(selection.kept_shards())
+        self.selection = selection  # small: each worker loads its own shards' repeat arrays
         self.channels, self.num_classes, self.transform = channels, num_classes, transform
         self.soft, self.temperature = soft, temperature
         self.buffer_size, self.seed, self.rank, self.world_size = buffer_size, seed, rank, world_size
         self.epoch = 0
         self.skips = SkipCounter()
-        self.length = sum(n for s in self.shards for n in self.repeats[s].values())
+        self.length = selection.total
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -100,24 +101,26 @@ class PseudoLabeledStream(IterableDataset):
 
     def read_shard(self, shard: str, index: ShardIndex | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """(key, image, probs) of the selected samples of one shard, in tar order, one seek each."""
-        for key, data, probs in self._members(shard, index):
+        for key, data, probs, _ in self._members(shard, index):
             img = _decode_or_skip(data, self.channels, self.skips, shard, key)
             if img is not None:
                 yield key, img, probs
 
-    def _members(self, shard: str, index: ShardIndex | None = None) -> Iterator[tuple[str, bytes, np.ndarray]]:
-        wanted = self.repeats[shard]
+    def _members(self, shard: str, index: ShardIndex | None = None) -> Iterator[tuple[str, bytes, np.ndarray, int]]:
+        """(key, image bytes, soft label, repeat count) of the shard's selected rows, in tar order."""
+        repeats = self.selection.repeats_of(shard)
         index = index if index is not None else read_index(shard)
-        rows = [i for i, key in enumerate(index.keys.tolist()) if key in wanted]
-        for i, data in members_by_offset(shard, index, rows, self.skips):
-            yield str(index.keys[i]), data, index.probs[i]
+        if len(repeats) != len(index.keys):
+            raise DataError(f"{shard}: the selection has {len(repeats)} rows but the index {len(index.keys)}; "
+                             f"the shard was relabeled after selection: select again")
+        for i, data in members_by_offset(shard, index, np.flatnonzero(repeats).tolist(), self.skips):
+            yield str(index.keys[i]), data, index.probs[i], int(repeats[i])
 
     def _samples(self, shards: list[str]) -> Iterator[tuple[str, str, bytes, torch.Tensor]]:
         for shard in shards:
-            wanted = self.repeats[shard]
-            for key, data, probs in self._members(shard):
+            for key, data, probs, repeats in self._members(shard):
                 y = self.target(probs)
-                for _ in range(wanted[key]):
+                for _ in range(repeats):
                     yield shard, key, data, y
 
     def _ready(self, item: tuple[str, str, bytes, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:

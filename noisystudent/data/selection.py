@@ -1,16 +1,22 @@
 """Read-time selection of pseudo-labels: confidence threshold, OOD-score drop, class balancing.
 
 Selection reads only the per-shard indexes, never the tars, so one labeling pass serves any
-number of student recipes (threshold, balancing, soft/hard targets are all chosen here).
+number of student recipes (threshold, balancing, soft/hard targets are all chosen here). It reads
+two fields per sample (label and confidence; no keys, no soft labels), about 6 bytes, and its
+result is one small repeat-count array per shard, stored on disk beside the run when it is big,
+so each loader worker loads only its own shards' arrays.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import OODScoreError
-from .label_index import ShardIndex, ood_scores_path, read_index
+from ..io import atomic_path, read_json, sha256_json, write_json_atomic
+from .label_index import index_path, ood_scores_path
 
 
 @dataclass
@@ -26,28 +32,30 @@ class ConfidenceFilter:
 @dataclass
 class ClassBalancer:
     """Equalise per-class counts as in the paper: keep the ``per_class`` most confident images of
-    a large class; duplicate images of a small class until it has ``per_class``."""
+    a large class (a per-class confidence cut); duplicate images of a small class until it has
+    ``per_class``. One sort by (class, confidence) serves every class."""
 
     per_class: int = 0  # 0 = mean count over classes that have any images
     seed: int = 0
 
     def __call__(self, labels: np.ndarray, confidence: np.ndarray, num_classes: int) -> np.ndarray:
         """Repeat count per sample (0 = dropped)."""
-        repeats = np.zeros(len(labels), dtype=np.int64)
+        repeats = np.zeros(len(labels), dtype=np.int32)
         counts = np.bincount(labels, minlength=num_classes)
         present = counts[counts > 0]
         if len(present) == 0:
             return repeats
         target = self.per_class or int(round(present.mean()))
         rng = np.random.default_rng(self.seed)
-        for c in range(num_classes):
-            idx = np.flatnonzero(labels == c)
-            if len(idx) == 0:
-                continue
-            if len(idx) >= target:
-                top = idx[np.argsort(-confidence[idx], kind="stable")[:target]]
-                repeats[top] = 1
+        # within a class: most confident first, ties in sample order (a stable sort, as before)
+        order = np.lexsort((-confidence, labels))
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for c in np.flatnonzero(counts):
+            members = order[starts[c]:starts[c + 1]]
+            if len(members) >= target:
+                repeats[members[:target]] = 1
             else:
+                idx = np.sort(members)  # the draw below picks from samples in their order
                 repeats[idx] = target // len(idx)
                 extra = rng.choice(idx, size=target % len(idx), replace=False)
                 repeats[extra] += 1
@@ -56,31 +64,61 @@ class ClassBalancer:
 
 @dataclass
 class Selection:
-    """Which pseudo-labeled samples a student reads, and how many times each."""
+    """Which pseudo-labeled samples a student reads, and how many times each: per shard, a repeat
+    count for every row of its index (0 = not read), held in ``arrays`` or stored in ``store``."""
 
-    repeats: dict[str, dict[str, int]]  # shard path -> key -> repeat count
+    shards: list[str]  # every candidate shard, in selection order
     kept_per_class: list[int]
     total_candidates: int
     kept_unique: int
     dropped_ood: int = 0  # removed by the OOD-score filter before thresholding
+    shard_totals: list[int] = field(default_factory=list)  # sum of repeats per shard
+    store: str = ""  # directory of repeats-<n>.npy, one per shard ("" = in ``arrays``)
+    arrays: dict[str, np.ndarray] | None = None
 
     @property
     def total(self) -> int:
         return int(sum(self.kept_per_class))
 
+    def kept_shards(self) -> list[str]:
+        return [s for s, n in zip(self.shards, self.shard_totals) if n > 0]
 
-def read_ood_scores(ix: ShardIndex, score: str) -> np.ndarray:
-    """One analysis score per sample of ``ix`` (index order), from ``<shard>.ood.npz``."""
-    path = ood_scores_path(ix.shard)
+    def repeats_of(self, shard: str) -> np.ndarray:
+        """The shard's repeat counts, one per index row (loaded from the store when stored)."""
+        if self.arrays is not None:
+            return self.arrays[shard]
+        return np.load(Path(self.store) / _repeats_name(self.shards.index(shard)), allow_pickle=False)
+
+    @classmethod
+    def of_arrays(cls, arrays: dict[str, np.ndarray], total_candidates: int, num_classes: int = 0) -> "Selection":
+        """An in-memory selection (one shard's rows for a reader, a test)."""
+        totals = [int(a.sum()) for a in arrays.values()]
+        return cls(list(arrays), [0] * num_classes, total_candidates, int(sum((a > 0).sum() for a in arrays.values())),
+                   shard_totals=totals, arrays=arrays)
+
+
+def _repeats_name(position: int) -> str:
+    return f"repeats-{position:06d}.npy"
+
+
+def read_selection_fields(shard: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, confidence) of one shard's index: only those two arrays are read from the file."""
+    with np.load(index_path(shard), allow_pickle=False) as z:
+        return z["labels"], z["confidence"]
+
+
+def read_ood_scores(shard: str, score: str) -> np.ndarray:
+    """One analysis score per sample of ``shard`` (index order, float32 as stored), from ``<shard>.ood.npz``."""
+    path = ood_scores_path(shard)
     if not path.is_file():
         raise OODScoreError(f"{path} is missing: pseudo_label.ood_score needs the teacher's analysis "
                             "(run pipelines/analyze.py on the teacher, or keep analysis.enabled=true)")
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(path, allow_pickle=False) as z, np.load(index_path(shard), allow_pickle=False) as ix:
         if score not in z.files:
             raise OODScoreError(f"{path} has no score {score!r} (has {sorted(set(z.files) - {'keys'})})")
-        if len(z["keys"]) != len(ix.keys) or not np.array_equal(z["keys"], ix.keys):
+        if len(z["keys"]) != len(ix["keys"]) or not np.array_equal(z["keys"], ix["keys"]):
             raise OODScoreError(f"{path} does not match its shard's keys: rerun the analysis for this teacher")
-        return z[score].astype(np.float64)
+        return z[score]
 
 
 @dataclass
@@ -92,33 +130,77 @@ class OODFilter:
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         keep = np.ones(len(scores), bool)
-        keep[np.argsort(-scores, kind="stable")[: int(round(self.fraction * len(scores)))]] = False
+        drop = int(round(self.fraction * len(scores)))
+        if drop == 0:
+            return keep
+        if np.isnan(scores).any():  # NaN sorts last in either direction: keep the general sort
+            keep[np.argsort(-scores, kind="stable")[:drop]] = False
+            return keep
+        # the drop-th highest score by selection (linear time), then the first ties by position
+        cut = np.partition(scores, len(scores) - drop)[len(scores) - drop]
+        above = scores > cut
+        keep[above] = False
+        ties = np.flatnonzero(scores == cut)[: drop - int(above.sum())]
+        keep[ties] = False
         return keep
 
 
 def select_pseudo_labels(
     shards: list[str], num_classes: int, threshold: float, balance: bool, per_class: int = 0, seed: int = 0,
-    ood_score: str = "", ood_drop_fraction: float = 0.0,
+    ood_score: str = "", ood_drop_fraction: float = 0.0, store_dir: str | os.PathLike | None = None,
 ) -> Selection:
-    indexes = [read_index(s) for s in shards]
-    labels = np.concatenate([ix.labels for ix in indexes]) if indexes else np.zeros(0, np.int32)
-    conf = np.concatenate([ix.confidence for ix in indexes]) if indexes else np.zeros(0, np.float32)
+    """Threshold, optional OOD drop and balancing over every shard's labels and confidences.
+
+    With ``store_dir`` the repeat counts go to ``store_dir/selection-<key>/`` (the key hashes the
+    parameters and the indexes' sizes and times), which a later call with the same inputs reuses;
+    without it they stay in memory.
+    """
+    params = {"shards": [[s, _index_stamp(s)] for s in shards], "num_classes": num_classes, "threshold": threshold,
+              "balance": balance, "per_class": per_class, "seed": seed, "ood_score": ood_score,
+              "ood_drop_fraction": ood_drop_fraction}
+    store = Path(store_dir) / f"selection-{sha256_json(params)[:16]}" if store_dir is not None else None
+    if store is not None and (store / "selection.json").is_file():
+        return Selection(**read_json(store / "selection.json"), store=str(store))
+    fields = [read_selection_fields(s) for s in shards]
+    sizes = [len(lab) for lab, _ in fields]
+    small = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+    labels = np.concatenate([lab.astype(small) for lab, _ in fields]) if fields else np.zeros(0, small)
+    conf = np.concatenate([c for _, c in fields]) if fields else np.zeros(0, np.float32)
+    del fields
     keep = ConfidenceFilter(threshold)(conf)
     dropped_ood = 0
-    if ood_score and ood_drop_fraction > 0 and indexes:
-        in_dist = OODFilter(ood_drop_fraction)(np.concatenate([read_ood_scores(ix, ood_score) for ix in indexes]))
+    if ood_score and ood_drop_fraction > 0 and shards:
+        in_dist = OODFilter(ood_drop_fraction)(np.concatenate([read_ood_scores(s, ood_score) for s in shards]))
         dropped_ood = int((~in_dist).sum())
         keep &= in_dist
-    repeats = keep.astype(np.int64)
     if balance:
         kept_idx = np.flatnonzero(keep)
-        repeats = np.zeros(len(labels), np.int64)
+        repeats = np.zeros(len(labels), np.int32)
         repeats[kept_idx] = ClassBalancer(per_class, seed)(labels[kept_idx], conf[kept_idx], num_classes)
-    out: dict[str, dict[str, int]] = {}
-    offset = 0
-    for ix in indexes:
-        r = repeats[offset: offset + len(ix.keys)]
-        out[ix.shard] = {str(k): int(n) for k, n in zip(ix.keys, r) if n > 0}
-        offset += len(ix.keys)
-    kept_per_class = np.bincount(labels, weights=repeats, minlength=num_classes).astype(int).tolist()
-    return Selection(out, kept_per_class, int(len(labels)), int((repeats > 0).sum()), dropped_ood)
+    else:
+        repeats = keep.astype(np.int32)
+    kept = repeats > 0
+    kept_per_class = np.bincount(labels[kept], weights=repeats[kept], minlength=num_classes).astype(int).tolist()
+    per_shard = np.split(repeats, np.cumsum(sizes)[:-1]) if shards else []
+    summary = {"shards": list(shards), "kept_per_class": kept_per_class, "total_candidates": int(len(labels)),
+               "kept_unique": int(kept.sum()), "dropped_ood": dropped_ood,
+               "shard_totals": [int(r.sum()) for r in per_shard]}
+    if store is None:
+        return Selection(**summary, arrays={s: _compact(r) for s, r in zip(shards, per_shard)})
+    for position, r in enumerate(per_shard):
+        with atomic_path(store / _repeats_name(position)) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, _compact(r), allow_pickle=False)
+    write_json_atomic(store / "selection.json", summary)  # written last: its presence marks the store complete
+    return Selection(**summary, store=str(store))
+
+
+def _compact(repeats: np.ndarray) -> np.ndarray:
+    """The smallest unsigned dtype that holds the counts (usually one byte per sample)."""
+    top = int(repeats.max()) if len(repeats) else 0
+    dtype = np.uint8 if top <= 0xFF else np.uint16 if top <= 0xFFFF else np.uint32
+    return repeats.astype(dtype)
+
+
+def _index_stamp(shard: str) -> list[int]:
+    st = os.stat(index_path(shard))
+    return [st.st_size, st.st_mtime_ns]

@@ -15,11 +15,13 @@ from ..models import load_checkpoint
 from ..noise import ImageTransform, create_train_transform
 
 
-def select_for_student(cfg: Config, manifest: dict, num_classes: int) -> Selection:
-    """The pseudo-labels a student of ``cfg`` reads from a labeling pass, and how often each."""
+def select_for_student(cfg: Config, manifest: dict, num_classes: int, store_dir: Path | None = None) -> Selection:
+    """The pseudo-labels a student of ``cfg`` reads from a labeling pass, and how often each
+    (repeat counts stored under ``store_dir`` when given)."""
     pl = cfg.pseudo_label
     return select_pseudo_labels(manifest_outputs(manifest), num_classes, pl.threshold, pl.balance, pl.per_class,
-                                cfg.seed, ood_score=pl.ood_score, ood_drop_fraction=pl.ood_drop_fraction)
+                                cfg.seed, ood_score=pl.ood_score, ood_drop_fraction=pl.ood_drop_fraction,
+                                store_dir=store_dir)
 
 
 def selection_metrics(selection: Selection) -> dict[str, int]:
@@ -33,7 +35,7 @@ def train_student(cfg: Config, generation: int, teacher_checkpoint: str | Path, 
     check_same_classes(teacher_checkpoint, data)
     pl = cfg.pseudo_label
     num_classes = len(data.class_names)
-    selection = select_for_student(cfg, manifest, num_classes)
+    selection = select_for_student(cfg, manifest, num_classes, store_dir=out_dir)
     noise = create_train_transform(cfg.data, cfg.student.augment, seed=cfg.seed + generation)
     stream = PseudoLabeledStream(selection, cfg.data.channels, num_classes, noise, soft=pl.soft,
                                  temperature=pl.temperature, buffer_size=pl.shuffle_buffer, seed=cfg.seed + generation)

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Memory and speed of the stages after labeling at corpus sizes M, 4M and 16M. Prints JSON.
+
+For each size, three fresh processes run the package on their ``PYTHONPATH`` (this checkout, or
+``--baseline DIR``, an older checkout measured in the same command):
+
+- ``analyze``: ``analyze_checkpoint`` over the corpus (the Dask labeling pass with features, then
+  the OOD scores, probes, embeddings and galleries), tracking off. Reports labeling img/s, analysis
+  img/s (corpus samples over the analysis' own seconds), the driver's peak RSS and the Dask
+  workers' (polled every 50 ms over the driver's child processes).
+- ``select``: read-time selection over those labels (threshold, class balancing): peak RSS, seconds.
+- ``stream``: the student's pseudo-labeled stream from that selection through a DataLoader with
+  one worker, 2,000 samples drawn: the loader worker's peak RSS (it receives the selection).
+
+The corpus is the embedded default's unlabeled shards (real Fashion-MNIST PNGs with hidden tags),
+repeated under new keys up to the size, in shards of 2,000; the model is an untrained
+``configs/default.yaml`` teacher (resnet10t, 10 classes, 32 px).
+
+    python benchmarks/scale_corpus.py [--m 8000] [--baseline /path/to/old/checkout] > scale_corpus.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD = 2000
+
+
+def _rss_mb(proc) -> float:
+    return proc.memory_info().rss / 2**20
+
+
+class ChildPeaks:
+    """Peak RSS of every descendant process (Dask nanny, workers, loader workers), polled."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self.me, self.interval, self.peak, self.stop = psutil.Process(), interval, {}, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self.stop.is_set():
+            for child in self.me.children(recursive=True):
+                try:
+                    name = " ".join(child.cmdline()[1:4])[:80]
+                    self.peak[child.pid] = (max(self.peak.get(child.pid, (0, ""))[0], _rss_mb(child)), name)
+                except Exception:  # noqa: BLE001 - a child that just exited
+                    continue
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def largest(self, contains: str = "") -> float:
+        values = [mb for mb, name in self.peak.values() if contains in name]
+        return round(max(values), 1) if values else 0.0
+
+
+def _self_peak_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _config(corpus: str):
+    from noisystudent.config import load_config
+
+    return load_config(REPO / "configs" / "default.yaml",
+                       [f"data.unlabeled_shards={corpus}", "tracking.enabled=false", "cluster.n_workers=2",
+                        "analysis.tsne=false", f"data.labeled_dir={REPO / 'data/default/labeled/train'}",
+                        f"data.val_dir={REPO / 'data/default/labeled/val'}",
+                        f"data.test_dir={REPO / 'data/default/labeled/test'}"])
+
+
+def child_analyze(corpus: str, model: str, out: str) -> dict:
+    from noisystudent.analysis.run import analyze_checkpoint
+
+    cfg = _config(corpus)
+    t0 = time.perf_counter()
+    with ChildPeaks() as peaks:
+        summary = analyze_checkpoint(cfg, model, Path(out))
+    wall = time.perf_counter() - t0
+    manifest = json.loads((Path(out) / "labels" / "manifest.json").read_text())
+    analysis_s = wall - manifest["wall_seconds"]
+    return {"samples": manifest["total_samples"], "labeling_img_s": manifest["throughput_img_s"],
+            "analysis_seconds": round(analysis_s, 1), "analysis_img_s": round(manifest["total_samples"] / analysis_s, 1),
+            "driver_peak_rss_mb": _self_peak_mb(), "worker_peak_rss_mb": peaks.largest("distributed"),
+            "best_auroc": summary.get("best_auroc")}
+
+
+def child_select(labels: str, store: str) -> dict:
+    import inspect
+
+    from noisystudent.data.selection import select_pseudo_labels
+
+    manifest = json.loads((Path(labels) / "manifest.json").read_text())
+    shards = [s["output"] for s in manifest["shards"]]
+    kwargs = {"store_dir": store} if "store_dir" in inspect.signature(select_pseudo_labels).parameters else {}
+    t0 = time.perf_counter()
+    sel = select_pseudo_labels(shards, 10, 0.3, True, 0, 0, **kwargs)
+    return {"selection_seconds": round(time.perf_counter() - t0, 2), "selection_peak_rss_mb": _self_peak_mb(),
+            "kept_total": sel.total, "kept_unique": sel.kept_unique}
+
+
+def child_stream(labels: str, store: str) -> dict:
+    import inspect
+
+    import torch
+
+    from noisystudent.data.pseudo_stream import PseudoLabeledStream
+    from noisystudent.data.selection import select_pseudo_labels
+
+    manifest = json.loads((Path(labels) / "manifest.json").read_text())
+    shards = [s["output"] for s in manifest["shards"]]
+    kwargs = {"store_dir": store} if "store_dir" in inspect.signature(select_pseudo_labels).parameters else {}
+    sel = select_pseudo_labels(shards, 10, 0.3, True, 0, 0, **kwargs)
+    stream = PseudoLabeledStream(sel, 1, 10, lambda img: torch.from_numpy(img.astype("float32")), buffer_size=512)
+    loader = torch.utils.data.DataLoader(stream, batch_size=100, num_workers=1)
+    drawn = 0
+    with ChildPeaks() as peaks:
+        for x, _ in loader:
+            drawn += len(x)
+            if drawn >= 2000:
+                break
+        del loader
+    return {"loader_worker_peak_rss_mb": peaks.largest(), "stream_samples_drawn": drawn}
+
+
+def _child(mode: str, tree: Path, *args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, __file__, "--child", mode, *args], capture_output=True, text=True, env=env,
+                       cwd=tree, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"{mode} child failed under {tree}:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _corpus(root: Path, n: int) -> str:
+    """``n`` samples from the default corpus, repeated under new keys, in shards of SHARD."""
+    from noisystudent.data.shard_io import expand_urls, iter_samples, write_shards
+
+    source = [s for url in expand_urls(str(REPO / "data/default/unlabeled/shard-*.tar")) for s in iter_samples(url)]
+
+    def samples():
+        for i in range(n):
+            s = source[i % len(source)]
+            yield {**{k: v for k, v in s.items() if not k.startswith("__")}, "__key__": f"c{i:09d}"}
+
+    root.mkdir(parents=True)
+    write_shards(samples(), root, maxcount=SHARD)
+    return str(root / "shard-*.tar")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", type=int, default=8000, help="the smallest corpus; the others are 4x and 16x")
+    p.add_argument("--baseline", default=None, help="an older checkout to measure beside this one")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps({"analyze": child_analyze, "select": child_select, "stream": child_stream}[args.child](*args.rest)))
+        return 0
+    trees = {"new": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        names = sorted(d.name for d in (REPO / "data/default/labeled/train").iterdir() if d.is_dir())
+        teacher = _teacher(tmp / "teacher.pt", names)
+        for n in (args.m, 4 * args.m, 16 * args.m):
+            corpus = _corpus(tmp / f"corpus-{n}", n)
+            for name, tree in trees.items():
+                work = tmp / f"{name}-{n}"
+                row = {"samples": n, "code": name, **_child("analyze", tree, corpus, teacher, str(work / "analysis"))}
+                labels = str(work / "analysis" / "labels")
+                row.update(_child("select", tree, labels, str(work / "student")))
+                row.update(_child("stream", tree, labels, str(work / "student")))
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    out = {"m": args.m, "shard_size": SHARD, "rows": rows, "growth_bytes_per_sample": _growth(rows)}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _teacher(path: Path, names: list[str]) -> str:
+    """An untrained default teacher for the labeled set's classes (the analysis fits its scorers on them)."""
+    from noisystudent.models import ModelSpec, create_model, save_model
+
+    cfg = _config("unused")
+    spec = ModelSpec(cfg.model_for_generation(0), len(names), cfg.data.channels, cfg.data.image_size, names,
+                     list(cfg.data.mean), list(cfg.data.std))
+    save_model(path, create_model(spec).eval(), spec)
+    return str(path)
+
+
+def _growth(rows: list[dict]) -> dict:
+    """(peak at 16M - peak at M) / 15M per measured process, in bytes per sample."""
+    out = {}
+    for code in dict.fromkeys(r["code"] for r in rows):
+        mine = sorted((r for r in rows if r["code"] == code), key=lambda r: r["samples"])
+        lo, hi = mine[0], mine[-1]
+        span = hi["samples"] - lo["samples"]
+        out[code] = {k: round((hi[k] - lo[k]) * 2**20 / span, 1) for k in lo if k.endswith("_rss_mb")}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
