@@ -7,8 +7,8 @@ For each size, three fresh processes run the package on their ``PYTHONPATH`` (th
 - ``analyze``: ``analyze_checkpoint`` over the corpus (the Dask labeling pass with features, then
   the OOD scores, probes, embeddings and galleries), tracking off. Reports labeling img/s, analysis
   img/s (corpus samples over the analysis' own seconds), the driver's peak RSS and the Dask
-  workers' (polled every 50 ms over the driver's child processes).
-- ``select``: read-time selection over those labels (threshold, class balancing): peak RSS, seconds.
+  workers' (the largest of the driver's descendant processes, polled every 50 ms).
+- ``select``: read-time selection over those labels (threshold 0, class balancing): peak RSS, seconds.
 - ``stream``: the student's pseudo-labeled stream from that selection through a DataLoader with
   one worker, 2,000 samples drawn: the loader worker's peak RSS (it receives the selection).
 
@@ -16,7 +16,11 @@ The corpus is the embedded default's unlabeled shards (real Fashion-MNIST PNGs w
 repeated under new keys up to the size, in shards of 2,000; the model is an untrained
 ``configs/default.yaml`` teacher (resnet10t, 10 classes, 32 px).
 
-    python benchmarks/scale_corpus.py [--m 8000] [--baseline /path/to/old/checkout] > scale_corpus.json
+A fourth part runs selection alone over synthetic label indexes (no tars; selection never opens them)
+of ``--index-m`` x 1, 4 and 16 samples with ``--index-classes``-wide soft labels, where the corpus part's
+sizes are too small for selection's memory to show beside an interpreter's.
+
+    python benchmarks/scale_corpus.py [--m 4000] [--baseline /path/to/old/checkout] > scale_corpus.json
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = 2000
+#: An untrained teacher's confidences sit near 1/10: threshold 0 keeps every sample, so selection and the
+#: stream handle the whole corpus (balanced to the mean class count).
+THRESHOLD = 0.0
 
 
 def _rss_mb(proc) -> float:
@@ -98,7 +105,7 @@ def child_analyze(corpus: str, model: str, out: str) -> dict:
     analysis_s = wall - manifest["wall_seconds"]
     return {"samples": manifest["total_samples"], "labeling_img_s": manifest["throughput_img_s"],
             "analysis_seconds": round(analysis_s, 1), "analysis_img_s": round(manifest["total_samples"] / analysis_s, 1),
-            "driver_peak_rss_mb": _self_peak_mb(), "worker_peak_rss_mb": peaks.largest("distributed"),
+            "driver_peak_rss_mb": _self_peak_mb(), "worker_peak_rss_mb": peaks.largest(),
             "best_auroc": summary.get("best_auroc")}
 
 
@@ -111,7 +118,7 @@ def child_select(labels: str, store: str) -> dict:
     shards = [s["output"] for s in manifest["shards"]]
     kwargs = {"store_dir": store} if "store_dir" in inspect.signature(select_pseudo_labels).parameters else {}
     t0 = time.perf_counter()
-    sel = select_pseudo_labels(shards, 10, 0.3, True, 0, 0, **kwargs)
+    sel = select_pseudo_labels(shards, 10, THRESHOLD, True, 0, 0, **kwargs)
     return {"selection_seconds": round(time.perf_counter() - t0, 2), "selection_peak_rss_mb": _self_peak_mb(),
             "kept_total": sel.total, "kept_unique": sel.kept_unique}
 
@@ -127,7 +134,7 @@ def child_stream(labels: str, store: str) -> dict:
     manifest = json.loads((Path(labels) / "manifest.json").read_text())
     shards = [s["output"] for s in manifest["shards"]]
     kwargs = {"store_dir": store} if "store_dir" in inspect.signature(select_pseudo_labels).parameters else {}
-    sel = select_pseudo_labels(shards, 10, 0.3, True, 0, 0, **kwargs)
+    sel = select_pseudo_labels(shards, 10, THRESHOLD, True, 0, 0, **kwargs)
     stream = PseudoLabeledStream(sel, 1, 10, lambda img: torch.from_numpy(img.astype("float32")), buffer_size=512)
     loader = torch.utils.data.DataLoader(stream, batch_size=100, num_workers=1)
     drawn = 0
@@ -138,6 +145,36 @@ def child_stream(labels: str, store: str) -> dict:
                 break
         del loader
     return {"loader_worker_peak_rss_mb": peaks.largest(), "stream_samples_drawn": drawn}
+
+
+def child_select_index(root: str, classes: str) -> dict:
+    """Selection alone over synthetic indexes (no tars): peak RSS and seconds."""
+    from noisystudent.data.selection import select_pseudo_labels
+
+    shards = sorted(str(p).replace(".index.npz", ".tar") for p in Path(root).glob("*.index.npz"))
+    t0 = time.perf_counter()
+    sel = select_pseudo_labels(shards, int(classes), 0.3, True, 0, 0)
+    return {"selection_seconds": round(time.perf_counter() - t0, 2), "selection_peak_rss_mb": _self_peak_mb(),
+            "kept_total": sel.total}
+
+
+def _synthetic_indexes(root: Path, n: int, classes: int, per_shard: int = 50_000) -> str:
+    """Label indexes as a labeling pass over ``n`` samples would leave them (keys, labels, confidences,
+    ``classes``-wide float16 soft labels), without the tars: selection never opens them."""
+    import numpy as np
+
+    from noisystudent.data.label_index import write_index
+
+    rng = np.random.default_rng(n)
+    root.mkdir(parents=True)
+    for s, start in enumerate(range(0, n, per_shard)):
+        m = min(per_shard, n - start)
+        logits = rng.normal(size=(m, classes)).astype(np.float32) * 2
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        write_index(root / f"shard-{s:06d}.tar", [f"k{start + i:010d}" for i in range(m)], probs.argmax(1).tolist(),
+                    probs.max(1).tolist(), [0.0] * m, probs=probs)
+    return str(root)
 
 
 def _child(mode: str, tree: Path, *args: str) -> dict:
@@ -162,26 +199,39 @@ def _corpus(root: Path, n: int) -> str:
 
     root.mkdir(parents=True)
     write_shards(samples(), root, maxcount=SHARD)
-    return str(root / "shard-*.tar")
+    return str(root)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--m", type=int, default=8000, help="the smallest corpus; the others are 4x and 16x")
+    p.add_argument("--m", type=int, default=4000, help="the smallest corpus; the others are 4x and 16x")
     p.add_argument("--baseline", default=None, help="an older checkout to measure beside this one")
+    p.add_argument("--index-m", type=int, default=250_000,
+                   help="selection alone over synthetic indexes of this many samples, 4x and 16x (0 = skip)")
+    p.add_argument("--index-classes", type=int, default=100, help="classes (soft-label width) of those indexes")
+    p.add_argument("--skip-corpus", action="store_true", help="only the synthetic-index selection part")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps({"analyze": child_analyze, "select": child_select, "stream": child_stream}[args.child](*args.rest)))
+        print(json.dumps({"analyze": child_analyze, "select": child_select, "stream": child_stream,
+                          "select_index": child_select_index}[args.child](*args.rest)))
         return 0
     trees = {"new": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
-    rows = []
+    rows, index_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        for n in (args.index_m, 4 * args.index_m, 16 * args.index_m) if args.index_m else ():
+            pattern = _synthetic_indexes(tmp / f"index-{n}", n, args.index_classes)
+            for name, tree in trees.items():
+                index_rows.append({"samples": n, "code": name, **_child("select_index", tree, pattern,
+                                                                        str(args.index_classes))})
+                print(json.dumps(index_rows[-1]), file=sys.stderr)
+        if args.skip_corpus:
+            trees = {}
         names = sorted(d.name for d in (REPO / "data/default/labeled/train").iterdir() if d.is_dir())
         teacher = _teacher(tmp / "teacher.pt", names)
-        for n in (args.m, 4 * args.m, 16 * args.m):
+        for n in (args.m, 4 * args.m, 16 * args.m) if trees else ():
             corpus = _corpus(tmp / f"corpus-{n}", n)
             for name, tree in trees.items():
                 work = tmp / f"{name}-{n}"
@@ -191,7 +241,9 @@ def main() -> int:
                 row.update(_child("stream", tree, labels, str(work / "student")))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
-    out = {"m": args.m, "shard_size": SHARD, "rows": rows, "growth_bytes_per_sample": _growth(rows)}
+    out = {"m": args.m, "shard_size": SHARD, "rows": rows, "growth_bytes_per_sample": _growth(rows) if rows else {},
+           "index_m": args.index_m, "index_classes": args.index_classes, "index_rows": index_rows,
+           "index_growth_bytes_per_sample": _growth(index_rows) if index_rows else {}}
     print(json.dumps(out, indent=2))
     return 0
 
