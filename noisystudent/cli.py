@@ -262,8 +262,8 @@ def _imagenet_like(args: argparse.Namespace) -> None:
     print(f"wrote an ImageNet-like tree to {args.out_dir}: {manifest['labeled']} labeled, "
           f"{manifest['unlabeled']['total']} unlabeled in {manifest['unlabeled']['shards']} shards; formats "
           f"{manifest['formats']}")
-    print(f"rehearse the real recipe: noisystudent iterate --config configs/imagenet.yaml "
-          f"--overlay configs/rehearsal/imagenet-cpu.yaml (its paths are data/imagenet-like/...)")
+    print("rehearse the real recipe: noisystudent iterate --config configs/imagenet.yaml "
+          "--overlay configs/rehearsal/imagenet-cpu.yaml (its paths are data/imagenet-like/...)")
 
 
 #: name -> (one-line help, its arguments, what it runs, whether it reads the config)

@@ -54,9 +54,9 @@ def audit_pseudo_labels(manifest: dict, class_names: list[str], selection: Selec
         t.any_hidden = True
         with np.load(index_path(shard["output"]), allow_pickle=False) as z:
             keys, labels, conf = z["keys"].tolist(), z["labels"], z["confidence"].astype(np.float64)
-        repeats = selection.repeats_of(shard["output"]) if selection and shard["output"] in selection.shards \
+        repeats = selection.repeats_of(shard["output"]) if selection and shard["output"] in selection.position \
             else np.zeros(len(keys), np.int32)
-        truth = np.full(len(keys), -2, np.int64)  # -2: no tag, -1: OOD or a class not in the labeled set
+        truth = np.full(len(keys), -2, np.int64)  # -2: no tag, -1: OOD, -3: a class not in the labeled set
         for i, key in enumerate(keys):
             h = hidden.get(str(key))
             if h is not None:

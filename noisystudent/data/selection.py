@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,16 @@ class Selection:
     def kept_shards(self) -> list[str]:
         return [s for s, n in zip(self.shards, self.shard_totals) if n > 0]
 
+    @cached_property
+    def position(self) -> dict[str, int]:
+        """shard -> its place in ``shards`` (which names its stored array); built once per process."""
+        return {s: i for i, s in enumerate(self.shards)}
+
     def repeats_of(self, shard: str) -> np.ndarray:
         """The shard's repeat counts, one per index row (loaded from the store when stored)."""
         if self.arrays is not None:
             return self.arrays[shard]
-        return np.load(Path(self.store) / _repeats_name(self.shards.index(shard)), allow_pickle=False)
+        return np.load(Path(self.store) / _repeats_name(self.position[shard]), allow_pickle=False)
 
     @classmethod
     def of_arrays(cls, arrays: dict[str, np.ndarray], total_candidates: int, num_classes: int = 0) -> "Selection":
@@ -155,12 +161,14 @@ def select_pseudo_labels(
     parameters and the indexes' sizes and times), which a later call with the same inputs reuses;
     without it they stay in memory.
     """
-    params = {"shards": [[s, _index_stamp(s)] for s in shards], "num_classes": num_classes, "threshold": threshold,
-              "balance": balance, "per_class": per_class, "seed": seed, "ood_score": ood_score,
-              "ood_drop_fraction": ood_drop_fraction}
-    store = Path(store_dir) / f"selection-{sha256_json(params)[:16]}" if store_dir is not None else None
-    if store is not None and (store / "selection.json").is_file():
-        return Selection(**read_json(store / "selection.json"), store=str(store))
+    store = None
+    if store_dir is not None:
+        params = {"shards": [[s, _index_stamp(s)] for s in shards], "num_classes": num_classes,
+                  "threshold": threshold, "balance": balance, "per_class": per_class, "seed": seed,
+                  "ood_score": ood_score, "ood_drop_fraction": ood_drop_fraction}
+        store = Path(store_dir) / f"selection-{sha256_json(params)[:16]}"
+        if (store / "selection.json").is_file():
+            return Selection(**read_json(store / "selection.json"), store=str(store))
     fields = [read_selection_fields(s) for s in shards]
     sizes = [len(lab) for lab, _ in fields]
     small = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
