@@ -4,10 +4,11 @@
 For each size, three fresh processes run the package on their ``PYTHONPATH`` (this checkout, or
 ``--baseline DIR``, an older checkout measured in the same command):
 
-- ``analyze``: ``analyze_checkpoint`` over the corpus (the Dask labeling pass with features, then
-  the OOD scores, probes, embeddings and galleries), tracking off. Reports labeling img/s, analysis
-  img/s (corpus samples over the analysis' own seconds), the driver's peak RSS and the Dask
-  workers' (the largest of the driver's descendant processes, polled every 50 ms).
+- ``label``: the analysed model's Dask labeling pass with features, alone: labeling img/s and the
+  labeling workers' peak RSS (the largest of the process' descendants, polled every 50 ms).
+- ``analyze``: ``analyze_checkpoint`` over those labels (reused, not relabeled), tracking off: the
+  OOD scores, probes, embeddings and galleries. Reports analysis img/s (corpus samples over its
+  seconds), the driver's peak RSS and its Dask workers' (none before issue 20: the driver did it all).
 - ``select``: read-time selection over those labels (threshold 0, class balancing): peak RSS, seconds.
 - ``stream``: the student's pseudo-labeled stream from that selection through a DataLoader with
   one worker, 2,000 samples drawn: the loader worker's peak RSS (it receives the selection).
@@ -83,30 +84,51 @@ def _self_peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _config(corpus: str):
+def _config(corpus: str, cache: str = ""):
     from noisystudent.config import load_config
 
     return load_config(REPO / "configs" / "default.yaml",
                        [f"data.unlabeled_shards={corpus}", "tracking.enabled=false", "cluster.n_workers=2",
                         "analysis.tsne=false", f"data.labeled_dir={REPO / 'data/default/labeled/train'}",
                         f"data.val_dir={REPO / 'data/default/labeled/val'}",
-                        f"data.test_dir={REPO / 'data/default/labeled/test'}"])
+                        f"data.test_dir={REPO / 'data/default/labeled/test'}",
+                        *([f"pseudo_label.cache_dir={cache}"] if cache else [])])
+
+
+def child_label(corpus: str, model: str, out: str) -> dict:
+    """The analysed model's labeling pass (with features), alone: the analysis then reuses it."""
+    from noisystudent.analysis.run import model_labels
+
+    with ChildPeaks() as peaks:
+        manifest = model_labels(_config(corpus, str(Path(out) / "cache")), model, Path(out) / "labels")
+    return {"samples": manifest["total_samples"], "labeling_img_s": manifest["throughput_img_s"],
+            "labeling_worker_peak_rss_mb": peaks.largest()}
 
 
 def child_analyze(corpus: str, model: str, out: str) -> dict:
+    """The analysis over those labels (reused from the cache): the driver's and its workers' peaks."""
     from noisystudent.analysis.run import analyze_checkpoint
 
-    cfg = _config(corpus)
+    cfg = _config(corpus, str(Path(out) / "cache"))
     t0 = time.perf_counter()
     with ChildPeaks() as peaks:
         summary = analyze_checkpoint(cfg, model, Path(out))
-    wall = time.perf_counter() - t0
+    analysis_s = time.perf_counter() - t0
     manifest = json.loads((Path(out) / "labels" / "manifest.json").read_text())
-    analysis_s = wall - manifest["wall_seconds"]
-    return {"samples": manifest["total_samples"], "labeling_img_s": manifest["throughput_img_s"],
-            "analysis_seconds": round(analysis_s, 1), "analysis_img_s": round(manifest["total_samples"] / analysis_s, 1),
-            "driver_peak_rss_mb": _self_peak_mb(), "worker_peak_rss_mb": peaks.largest(),
-            "best_auroc": summary.get("best_auroc")}
+    assert manifest["shards_labeled"] == 0, "the analysis relabeled the corpus: its seconds would include labeling"
+    return {"analysis_seconds": round(analysis_s, 1), "analysis_img_s": round(manifest["total_samples"] / analysis_s, 1),
+            "analysis_driver_peak_rss_mb": _self_peak_mb(), "analysis_worker_peak_rss_mb": peaks.largest(),
+            "best_auroc": summary.get("best_auroc"), "auroc": {k: v["auroc"] for k, v in summary["ood"].items()},
+            "gathered_bytes_per_sample": _gathered_bytes()}
+
+
+def _gathered_bytes() -> int | None:
+    """What the analysis driver keeps per corpus sample (None: a checkout that gathers everything)."""
+    try:
+        from noisystudent.analysis.corpus_scan import BYTES_PER_SAMPLE
+    except ImportError:
+        return None
+    return BYTES_PER_SAMPLE
 
 
 def child_select(labels: str, store: str) -> dict:
@@ -214,7 +236,7 @@ def main() -> int:
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps({"analyze": child_analyze, "select": child_select, "stream": child_stream,
+        print(json.dumps({"label": child_label, "analyze": child_analyze, "select": child_select, "stream": child_stream,
                           "select_index": child_select_index}[args.child](*args.rest)))
         return 0
     trees = {"new": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
@@ -235,7 +257,8 @@ def main() -> int:
             corpus = _corpus(tmp / f"corpus-{n}", n)
             for name, tree in trees.items():
                 work = tmp / f"{name}-{n}"
-                row = {"samples": n, "code": name, **_child("analyze", tree, corpus, teacher, str(work / "analysis"))}
+                row = {"code": name, **_child("label", tree, corpus, teacher, str(work / "analysis"))}
+                row.update(_child("analyze", tree, corpus, teacher, str(work / "analysis")))
                 labels = str(work / "analysis" / "labels")
                 row.update(_child("select", tree, labels, str(work / "student")))
                 row.update(_child("stream", tree, labels, str(work / "student")))

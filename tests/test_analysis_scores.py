@@ -98,3 +98,32 @@ def test_linear_probe_separable_vs_random_labels():
     assert linear_probe_accuracy(x[:300], y[:300], x[300:], y[300:]) == 1.0
     noise = rng.normal(size=(600, 16))
     assert linear_probe_accuracy(noise[:300], y[:300], noise[300:], y[300:]) < 0.6  # chance is 1/3
+
+
+def test_auroc_matches_sklearn_with_heavy_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.float64, np.float32):
+        scores = rng.integers(0, 12, 5000).astype(dtype) / 7  # a dozen distinct values: ties everywhere
+        is_ood = rng.random(5000) < 0.1 + 0.05 * (scores > 1)
+        assert auroc(scores, is_ood) == pytest.approx(roc_auc_score(is_ood, scores), abs=1e-12)
+    cont = rng.normal(size=3000)
+    y = rng.random(3000) < 0.3
+    assert auroc(cont + y, y) == pytest.approx(roc_auc_score(y, cont + y), abs=1e-12)
+
+
+def test_knn_bank_is_capped_by_a_seeded_subsample():
+    from noisystudent.analysis.scores import OODScorers
+
+    rng = np.random.default_rng(0)
+    feats, labels = rng.normal(size=(500, 8)).astype(np.float32), rng.integers(0, 4, 500)
+    capped = OODScorers.fit(feats, labels, 4, knn_k=5, bank_size=100, seed=7)
+    again = OODScorers.fit(feats, labels, 4, knn_k=5, bank_size=100, seed=7)
+    whole = OODScorers.fit(feats, labels, 4, knn_k=5, bank_size=500, seed=7)
+    assert capped.knn.bank.shape == (100, 8) and torch.equal(capped.knn.bank, again.knn.bank)
+    assert whole.knn.bank.shape == (500, 8)
+    # every banked row is one of the labeled features; the Mahalanobis fit still sees all of them
+    normed = torch.nn.functional.normalize(torch.as_tensor(feats), dim=1)
+    assert ((capped.knn.bank @ normed.T).max(dim=1).values > 1 - 1e-6).all()
+    assert np.array_equal(capped.mahalanobis.means, whole.mahalanobis.means)

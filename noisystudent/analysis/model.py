@@ -21,49 +21,29 @@ from ..io import read_json, write_json_atomic
 from ..models import load_model
 from ..noise import ImageTransform, create_eval_transform, create_train_transform
 from ..plots import reliability_png
-from .features import (
-    CorpusFeatures,
-    SplitFeatures,
-    corpus_images,
-    extract_split,
-    load_corpus_features,
-    save_scores_beside_shards,
-    view_consistency,
-)
+from .corpus_scan import CorpusScan, rows_of_ranks, scan_corpus
+from .features import SplitFeatures, extract_split, view_consistency
 from .figures import embedding_png, gallery_png, score_histograms_png
 from .probes import linear_probe_accuracy
 from .report import write_report
-from .scores import (
-    KNNScorer,
-    MahalanobisScorer,
-    detection_metrics,
-    energy_score,
-    entropy_score,
-    msp_score,
-)
+from .scores import OODScorers, detection_metrics
 from .sections import model_sections
 
 
-def ood_scores(corpus: CorpusFeatures, train_pooled: np.ndarray, train_targets: np.ndarray, num_classes: int,
-               knn_k: int) -> dict[str, np.ndarray]:
-    """All five scores for every corpus row (higher = more OOD); feature scores fit on labeled train."""
-    return {
-        "msp": msp_score(corpus.probs),
-        "entropy": entropy_score(corpus.probs),
-        "energy": energy_score(logsumexp=corpus.logsumexp),
-        "mahalanobis": MahalanobisScorer.fit(train_pooled, train_targets, num_classes)(corpus.pooled),
-        "knn": KNNScorer.fit(train_pooled, knn_k)(corpus.pooled),
-    }
+def _embedding_rows(corpus: CorpusScan, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random subsample; OOD rows (if tagged) are up to a quarter of it so they are visible.
 
-
-def _embedding_rows(corpus: CorpusFeatures, n: int, rng: np.random.Generator) -> np.ndarray:
-    """A random subsample; OOD rows (if tagged) are up to a quarter of it so they are visible."""
-    if corpus.is_ood is None or not corpus.is_ood.any():
+    Draws ranks among the OOD and the in-distribution rows (``rng.choice(rows)`` is
+    ``rows[rng.choice(len(rows))]``, draw for draw) and maps them to corpus rows in chunks."""
+    is_ood = corpus.is_ood
+    if is_ood is None or not is_ood.any():
         return np.sort(rng.choice(len(corpus), size=min(n, len(corpus)), replace=False))
-    ood, idd = np.flatnonzero(corpus.is_ood), np.flatnonzero(~corpus.is_ood)
-    n_ood = min(len(ood), n // 4)
-    return np.sort(np.concatenate([rng.choice(ood, n_ood, replace=False),
-                                   rng.choice(idd, min(len(idd), n - n_ood), replace=False)]))
+    n_ood_all = int(is_ood.sum())
+    n_id_all = len(corpus) - n_ood_all
+    n_ood = min(n_ood_all, n // 4)
+    ood = rows_of_ranks(is_ood, rng.choice(n_ood_all, n_ood, replace=False))
+    idd = rows_of_ranks(~is_ood, rng.choice(n_id_all, min(n_id_all, n - n_ood), replace=False))
+    return np.sort(np.concatenate([ood, idd]))
 
 
 def embeddings_2d(features: np.ndarray, tsne: bool, seed: int) -> dict[str, np.ndarray]:
@@ -106,31 +86,26 @@ def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data: Lab
     held_name, held = ("test", data.test) if data.test is not None else ("val", data.val)
     heldout = extract_split(model, held.with_transform(eval_t), device, a.probe_blocks) if held is not None else None
 
-    corpus = load_corpus_features(manifest, names)
-    scores = ood_scores(corpus, train.pooled, train.targets, len(names), a.knn_k)
-    save_scores_beside_shards(corpus, scores)
-    tagged = corpus.is_ood is not None and corpus.is_ood.any() and (~corpus.is_ood).any()
-    ood = detection_metrics(scores, corpus.is_ood) if tagged else {}
+    scorers = OODScorers.fit(train.pooled, train.targets, len(names), a.knn_k, a.knn_bank_size, cfg.seed)
+    corpus = scan_corpus(manifest, scorers, names, a, cfg.cluster, show_progress=True)
+    scores, is_ood = corpus.scores, corpus.is_ood
+    tagged = is_ood is not None and is_ood.any() and (~is_ood).any()
+    ood = detection_metrics(scores, is_ood) if tagged else {}
     best = max(ood, key=lambda k: ood[k]["auroc"]) if ood else "mahalanobis"
     probe = linear_probes(train, heldout)
-    order = np.argsort(corpus.confidence, kind="stable")
     noise = create_train_transform(own, cfg.student.augment, seed=cfg.seed)
-    consistency = noise_consistency(model, corpus, order, tagged, noise, a.consistency_samples, cfg.data.channels,
-                                    device, rng)
+    consistency = noise_consistency(model, corpus, tagged, noise, a.consistency_samples, cfg.data.channels, device, rng)
 
-    score_histograms_png(scores, corpus.is_ood if tagged else None, out_dir / "score_histograms.png",
+    score_histograms_png(scores, is_ood if tagged else None, out_dir / "score_histograms.png",
                          f"{title}: OOD scores (higher = more OOD)", ood)
     emb_rows = _embedding_rows(corpus, a.embedding_points, rng)
-    emb = embeddings_2d(corpus.pooled[emb_rows], a.tsne, cfg.seed)
-    embedding_png(emb, corpus.confidence[emb_rows], corpus.is_ood[emb_rows] if tagged else None,
+    emb = embeddings_2d(corpus.features(emb_rows), a.tsne, cfg.seed)
+    embedding_png(emb, corpus.confidence[emb_rows], is_ood[emb_rows] if tagged else None,
                   out_dir / "embeddings.png", f"{title}: pooled features of {len(emb_rows):,} unlabeled images")
-    wrong = np.flatnonzero((corpus.true_class >= 0) & (corpus.label != corpus.true_class)
-                           & (corpus.confidence >= a.confident_wrong_threshold))
-    galleries = {
-        "lowest_confidence": order[: a.gallery_size],
-        f"highest_{best}": np.argsort(-scores[best], kind="stable")[: a.gallery_size],
-        "confident_but_wrong": wrong[np.argsort(-corpus.confidence[wrong], kind="stable")][: a.gallery_size],
-    }
+    true_class = corpus.true_class
+    wrong = int(((true_class >= 0) & (corpus.label != true_class) & (corpus.confidence >= a.confident_wrong_threshold)).sum())
+    galleries = {name: corpus.ranked[name].rows[: a.gallery_size]
+                 for name in ("lowest_confidence", f"highest_{best}", "confident_but_wrong")}
     draw_galleries(corpus, galleries, names, tagged, cfg.data.channels, out_dir, title)
     if heldout is not None:
         acc = float((heldout.probs.argmax(1) == heldout.targets).mean())
@@ -138,17 +113,17 @@ def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data: Lab
     else:
         acc = float("nan")
 
-    id_rows = ~corpus.is_ood if tagged else np.ones(len(corpus), bool)
-    known = corpus.true_class >= 0
+    id_rows = ~is_ood if tagged else np.ones(len(corpus), bool)
+    known = true_class >= 0
     summary = {
         "title": title, "model_path": str(model_path), "model": spec.name, "samples": len(corpus),
-        "ood_tagged": int(corpus.is_ood.sum()) if tagged else 0, "ood": ood, "best_score": best,
+        "ood_tagged": int(is_ood.sum()) if tagged else 0, "ood": ood, "best_score": best,
         "best_auroc": ood[best]["auroc"] if ood else None,
         "probe": probe, "heldout_split": held_name, "heldout_top1": acc, "consistency": consistency,
-        "pl_acc_id": float((corpus.label[known] == corpus.true_class[known]).mean()) if known.any() else None,
+        "pl_acc_id": float((corpus.label[known] == true_class[known]).mean()) if known.any() else None,
         "mean_confidence_id": float(corpus.confidence[id_rows].mean()) if id_rows.any() else None,
-        "mean_confidence_ood": float(corpus.confidence[corpus.is_ood].mean()) if tagged else None,
-        "confident_but_wrong": int(len(wrong)), "scores_written_beside": manifest.get("shard_dir", ""),
+        "mean_confidence_ood": float(corpus.confidence[is_ood].mean()) if tagged else None,
+        "confident_but_wrong": wrong, "scores_written_beside": manifest.get("shard_dir", ""),
         "seconds": round(time.time() - start, 1), "report": str(out_dir / "report.html"),
     }
     write_report(out_dir / "report.html", f"Analysis: {title}", model_sections(summary, out_dir),
@@ -170,16 +145,20 @@ def linear_probes(train: SplitFeatures, heldout: SplitFeatures | None) -> dict[s
     return probe
 
 
-def noise_consistency(model, corpus: CorpusFeatures, order: np.ndarray, tagged: bool, noise: ImageTransform,
-                      samples: int, channels: int, device, rng: np.random.Generator) -> dict[str, dict]:
+def noise_consistency(model, corpus: CorpusScan, tagged: bool, noise: ImageTransform, samples: int, channels: int,
+                      device, rng: np.random.Generator) -> dict[str, dict]:
     """Stability of the hidden states under the student's noise, for the least and most confident
     images (and the tagged OOD ones)."""
     n = min(samples, len(corpus) // 2)
-    groups = {"lowest confidence": order[:n], "highest confidence": order[len(order) - n:]}
+    groups = {"lowest confidence": corpus.ranked["lowest_confidence"].rows[:n],
+              # the top n in ascending order: the tail of a stable ascending sort
+              "highest confidence": corpus.ranked["highest_confidence"].rows[:n][::-1]}
     if tagged:
-        groups["OOD (hidden tag)"] = rng.choice(np.flatnonzero(corpus.is_ood), min(n, int(corpus.is_ood.sum())), replace=False)
+        is_ood = corpus.is_ood
+        n_ood = int(is_ood.sum())
+        groups["OOD (hidden tag)"] = rows_of_ranks(is_ood, rng.choice(n_ood, min(n, n_ood), replace=False))
     wanted = np.unique(np.concatenate(list(groups.values()))) if n else np.zeros(0, int)
-    images = corpus_images(corpus, wanted, channels)
+    images = corpus.images(wanted, channels)
     consistency = {}
     for group, rows in groups.items():
         rows = [r for r in rows.tolist() if r in images]
@@ -190,19 +169,20 @@ def noise_consistency(model, corpus: CorpusFeatures, order: np.ndarray, tagged: 
     return consistency
 
 
-def draw_galleries(corpus: CorpusFeatures, galleries: dict[str, np.ndarray], names: list[str], tagged: bool,
+def draw_galleries(corpus: CorpusScan, galleries: dict[str, np.ndarray], names: list[str], tagged: bool,
                    channels: int, out_dir: Path, title: str) -> None:
     """One picture per gallery, each image captioned with its label and confidence (and the truth
     where the hidden tags say otherwise)."""
-    pics = corpus_images(corpus, np.unique(np.concatenate(list(galleries.values()))), channels)
+    pics = corpus.images(np.unique(np.concatenate(list(galleries.values()))), channels)
+    true_class, is_ood = corpus.true_class, corpus.is_ood
     for gname, rows in galleries.items():
         rows = [r for r in rows.tolist() if r in pics]
         caps = []
         for r in rows:
             cap = f"{_short(names[corpus.label[r]])} {corpus.confidence[r]:.2f}"
-            if corpus.true_class[r] >= 0 and corpus.true_class[r] != corpus.label[r]:
-                cap += f"\n(is {_short(names[corpus.true_class[r]])})"
-            elif tagged and corpus.is_ood[r]:
+            if true_class[r] >= 0 and true_class[r] != corpus.label[r]:
+                cap += f"\n(is {_short(names[true_class[r]])})"
+            elif tagged and is_ood[r]:
                 cap += "\n(OOD)"
             caps.append(cap)
         gallery_png([pics[r] for r in rows], caps, out_dir / f"gallery_{gname}.png",

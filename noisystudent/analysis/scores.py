@@ -23,8 +23,8 @@ import torch
 
 from ..config import OOD_SCORES
 
-__all__ = ["OOD_SCORES", "msp_score", "entropy_score", "energy_score", "MahalanobisScorer", "KNNScorer", "auroc",
-           "fpr_at_tpr", "detection_metrics"]
+__all__ = ["OOD_SCORES", "msp_score", "entropy_score", "energy_score", "MahalanobisScorer", "KNNScorer", "OODScorers",
+           "auroc", "fpr_at_tpr", "detection_metrics"]
 
 
 def msp_score(probs: np.ndarray) -> np.ndarray:
@@ -99,23 +99,54 @@ class KNNScorer:
         return out
 
 
+@dataclass
+class OODScorers:
+    """All five scores, fit once on the labeled features and sent to every worker: the
+    Mahalanobis means and whitener ([C, D] + [D, D] float64) and the kNN bank (at most
+    ``bank_size`` rows, float32)."""
+
+    mahalanobis: MahalanobisScorer
+    knn: KNNScorer
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, knn_k: int, bank_size: int,
+            seed: int) -> "OODScorers":
+        bank = features
+        if len(features) > bank_size:
+            # a seeded subsample, in the labeled set's order: the same bank on every rerun
+            rows = np.sort(np.random.default_rng(seed).choice(len(features), bank_size, replace=False))
+            bank = features[rows]
+        return cls(MahalanobisScorer.fit(features, labels, num_classes), KNNScorer.fit(bank, knn_k))
+
+    def __call__(self, probs: np.ndarray, logsumexp: np.ndarray, pooled: np.ndarray) -> dict[str, np.ndarray]:
+        """{score name: float64 [n]} in ``OOD_SCORES`` order, higher = more OOD."""
+        scores = {"msp": msp_score(probs), "entropy": entropy_score(probs), "energy": energy_score(logsumexp=logsumexp),
+                  "mahalanobis": self.mahalanobis(pooled), "knn": self.knn(pooled)}
+        return {name: scores[name] for name in OOD_SCORES}
+
+
 def auroc(scores: np.ndarray, is_ood: np.ndarray) -> float:
     """Area under the ROC curve for "OOD scores higher": P(score_ood > score_id) + 0.5 P(tie)
-    (the Mann-Whitney statistic, ties averaged). NaN without both kinds of sample."""
-    from scipy.stats import rankdata
+    (the Mann-Whitney statistic, ties averaged). NaN without both kinds of sample.
 
-    s, y = np.asarray(scores, np.float64), np.asarray(is_ood, bool)
-    n_ood, n_id = int(y.sum()), int((~y).sum())
+    Sorts only the in-distribution scores (a copy in the scores' own dtype) and looks every OOD
+    score up in them: exact, and no rank or argsort array the size of the corpus."""
+    s, y = np.asarray(scores), np.asarray(is_ood, bool)
+    n_ood = int(y.sum())
+    n_id = len(y) - n_ood
     if n_ood == 0 or n_id == 0:
         return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n_ood * (n_ood + 1) / 2) / (n_ood * n_id))
+    id_sorted = np.sort(s[~y])
+    ood = s[y]
+    below = np.searchsorted(id_sorted, ood, side="left").astype(np.float64)  # ID scores < each OOD score
+    ties = np.searchsorted(id_sorted, ood, side="right") - below  # ID scores == it
+    return float((below.sum() + 0.5 * ties.sum()) / (n_ood * n_id))
 
 
 def fpr_at_tpr(scores: np.ndarray, is_ood: np.ndarray, tpr: float = 0.95) -> float:
     """FPR95: the share of OOD samples accepted as in-distribution when the threshold keeps
     ``tpr`` of the in-distribution samples (ID is the positive class, as in the OOD literature)."""
-    s, y = np.asarray(scores, np.float64), np.asarray(is_ood, bool)
+    s, y = np.asarray(scores), np.asarray(is_ood, bool)
     if y.all() or not y.any():
         return float("nan")
     id_sorted = np.sort(s[~y])

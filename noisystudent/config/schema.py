@@ -182,6 +182,9 @@ class AnalysisConfig:
 
     enabled: bool = setting(True, "Run the analysis after every generation of iterate (`noisystudent analyze` runs it alone).")
     knn_k: int = setting(5, "Neighbours for the kNN score (distance to the k-th nearest labeled feature, cosine).")
+    knn_bank_size: int = setting(20000, "Most labeled features in the kNN score's bank (a seeded random subsample of the "
+                                        "labeled train split above it; Sun et al. 2022 use 1% of ImageNet). The bank "
+                                        "goes to every Dask worker: rows x feature width x 4 bytes (40 MB at 512-d).")
     embedding_points: int = setting(1500, "Points in the PCA / t-SNE embedding plots (a stratified random subsample of "
                                           "the corpus).")
     tsne: bool = setting(True, "Also compute a t-SNE embedding (PCA is always drawn); seconds for a few thousand points.")
@@ -382,6 +385,7 @@ def validate(cfg: Config) -> None:
     need(cfg.pseudo_label.ood_drop_fraction == 0.0 or bool(cfg.pseudo_label.ood_score), "pseudo_label.ood_score",
          "must name a score when pseudo_label.ood_drop_fraction > 0")
     need(cfg.analysis.knn_k >= 1, "analysis.knn_k", "must be >= 1")
+    need(cfg.analysis.knn_bank_size >= cfg.analysis.knn_k, "analysis.knn_bank_size", "must be >= analysis.knn_k")
     need(0.0 < cfg.analysis.high_threshold < 1.0, "analysis.high_threshold", "must be in (0, 1)")
     need(cfg.cluster.n_workers >= 1, "cluster.n_workers", "must be >= 1")
     need(cfg.cluster.threads_per_worker >= 1, "cluster.threads_per_worker", "must be >= 1")

@@ -5,33 +5,26 @@ reads it; this audit joins it with the teacher's labels by key, after the fact.
 """
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
 
 from .label_index import index_path
 from .selection import Selection
-from .shard_io import EVAL_EXT, input_identity, iter_samples
+from .shard_io import EVAL_EXT, iter_samples
 
 
-def read_hidden_fields(input_urls: list[str]) -> dict[str, dict]:
-    """key -> eval.json content, for every input sample that carries one.
-
-    Each shard is parsed once per process and identity (path, size, mtime): the audit and the
-    analysis of every generation ask for the same corpus.
-    """
-    hidden: dict[str, dict] = {}
-    for url in input_urls:
-        ident = input_identity(url)
-        hidden.update(_hidden_fields_of(ident["path"], ident["size"], ident["mtime_ns"]))
-    return hidden
+#: codes of :func:`hidden_truth` besides a class index
+UNTAGGED, OOD, UNKNOWN_CLASS = -2, -1, -3
 
 
-@functools.lru_cache(maxsize=1024)
-def _hidden_fields_of(path: str, size: int, mtime_ns: int) -> dict[str, dict]:
+def hidden_fields_of(input_url: str) -> dict[str, dict]:
+    """key -> eval.json content, for the samples of one input shard that carry one.
+
+    One shard at a time, never cached across shards: callers stream the corpus shard by shard,
+    so memory holds one shard's tags whatever the corpus size."""
     found: dict[str, dict] = {}
-    for sample in iter_samples(path):
+    for sample in iter_samples(input_url):
         if EVAL_EXT in sample:
             try:
                 found[sample["__key__"]] = json.loads(sample[EVAL_EXT])
@@ -40,28 +33,45 @@ def _hidden_fields_of(path: str, size: int, mtime_ns: int) -> dict[str, dict]:
     return found
 
 
+def may_have_hidden_tags(shard: dict) -> bool:
+    """False when the labeling pass counted no eval.json in this shard's input (the corpus is then
+    not re-read for tags); True when it counted some or the manifest predates the count."""
+    return shard.get("hidden_tags") != 0
+
+
+def hidden_truth(input_url: str, keys, class_names: list[str]) -> np.ndarray | None:
+    """Per key (label index order) the hidden truth of one shard as int32 codes: the class index,
+    ``OOD``, ``UNKNOWN_CLASS`` (a class not in the labeled set) or ``UNTAGGED``; None if no sample
+    of the shard carries a tag."""
+    hidden = hidden_fields_of(input_url)
+    if not hidden:
+        return None
+    lookup = {n: i for i, n in enumerate(class_names)}
+    truth = np.full(len(keys), UNTAGGED, np.int32)
+    for i, key in enumerate(np.asarray(keys).tolist()):
+        h = hidden.get(str(key))
+        if h is not None:
+            truth[i] = OOD if h.get("ood") else lookup.get(h.get("class"), UNKNOWN_CLASS)
+    return truth
+
+
 def audit_pseudo_labels(manifest: dict, class_names: list[str], selection: Selection | None = None) -> dict:
     """Accuracy of all / kept pseudo-labels on in-distribution samples, and OOD share of kept.
 
     Streams shard by shard: one shard's hidden tags and index fields at a time, and counters."""
-    lookup = {n: i for i, n in enumerate(class_names)}
     t = _Tally()
     for shard in manifest["shards"]:
-        ident = input_identity(shard["input"])
-        hidden = _hidden_fields_of(ident["path"], ident["size"], ident["mtime_ns"])
-        if not hidden:
+        if not may_have_hidden_tags(shard):
+            continue
+        with np.load(index_path(shard["output"]), allow_pickle=False) as z:
+            keys, labels, conf = z["keys"], z["labels"], z["confidence"].astype(np.float64)
+        truth = hidden_truth(shard["input"], keys, class_names)
+        if truth is None:
             continue
         t.any_hidden = True
-        with np.load(index_path(shard["output"]), allow_pickle=False) as z:
-            keys, labels, conf = z["keys"].tolist(), z["labels"], z["confidence"].astype(np.float64)
         repeats = selection.repeats_of(shard["output"]) if selection and shard["output"] in selection.position \
             else np.zeros(len(keys), np.int32)
-        truth = np.full(len(keys), -2, np.int64)  # -2: no tag, -1: OOD, -3: a class not in the labeled set
-        for i, key in enumerate(keys):
-            h = hidden.get(str(key))
-            if h is not None:
-                truth[i] = -1 if h.get("ood") else lookup.get(h.get("class"), -3)
-        t.add(truth, labels, conf, repeats.astype(np.int64))
+        t.add(truth.astype(np.int64), labels, conf, repeats.astype(np.int64))
     return t.result(selection is not None) if t.any_hidden else {}
 
 
@@ -79,7 +89,7 @@ class _Tally:
         self.covered_correct = {t: 0 for t in THRESHOLDS}
 
     def add(self, truth: np.ndarray, labels: np.ndarray, conf: np.ndarray, repeats: np.ndarray) -> None:
-        tagged, ood = truth != -2, truth == -1
+        tagged, ood = truth != UNTAGGED, truth == OOD
         self.kept_weight += int(repeats[tagged].sum())
         self.ood_total += int(ood.sum())
         self.kept_ood += int(repeats[ood].sum())

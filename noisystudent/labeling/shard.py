@@ -17,6 +17,7 @@ import torch
 from ..config import DataConfig
 from ..data.label_index import META_EXT, PROBS_EXT, features_path, write_index
 from ..data.shard_io import (
+    EVAL_EXT,
     SkipCounter,
     decode_image,
     image_bytes,
@@ -61,6 +62,7 @@ class ShardLabelSummary:
     seconds: float = 0.0
     worker: str = ""
     input_identity: dict = field(default_factory=dict)
+    hidden_tags: int = 0  # samples with an eval.json: 0 lets the audit and analysis skip re-reading the input
 
 
 def _batches(samples: Iterator[dict], data: DataConfig, transform, batch_size: int, skips: SkipCounter, shard: str):
@@ -103,9 +105,16 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
     image_ext: list[str] = []
     dev = torch.device(device)
     pin = dev.type == "cuda"
+    hidden_tags = 0
+
+    def counted(samples):
+        nonlocal hidden_tags
+        for sample in samples:
+            hidden_tags += EVAL_EXT in sample
+            yield sample
 
     def labeled_samples():
-        for batch in _batches(iter_samples(input_url, skips), data, transform, batch_size, skips, shard_name):
+        for batch in _batches(counted(iter_samples(input_url, skips)), data, transform, batch_size, skips, shard_name):
             x = torch.stack([b[3] for b in batch])
             if pin:  # page-locked host memory makes the copy asynchronous
                 x = x.pin_memory()
@@ -149,7 +158,7 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
         input=input_url, output=str(output_path), samples=n, skipped=skips.as_dict(), input_identity=identity,
         class_counts=np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist(),
         confidence_hist=np.histogram(np.asarray(confs), bins=10, range=(0.0, 1.0))[0].tolist(),
-        seconds=time.time() - start,
+        seconds=time.time() - start, hidden_tags=hidden_tags,
     )
     write_json_atomic(Path(output_path).with_suffix(".summary.json"), asdict(summary))
     return summary
