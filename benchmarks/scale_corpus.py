@@ -17,11 +17,15 @@ The corpus is the embedded default's unlabeled shards (real Fashion-MNIST PNGs w
 repeated under new keys up to the size, in shards of 2,000; the model is an untrained
 ``configs/default.yaml`` teacher (resnet10t, 10 classes, 32 px).
 
+A fifth part (``--scan-m``) runs the analysis' corpus pass alone (scores, files beside the shards) over
+synthetic labels and ``--scan-dim``-wide features of ``--scan-m`` x 1, 4 and 16 samples, large enough for
+the driver's per-sample bytes to show.
+
 A fourth part runs selection alone over synthetic label indexes (no tars; selection never opens them)
 of ``--index-m`` x 1, 4 and 16 samples with ``--index-classes``-wide soft labels, where the corpus part's
 sizes are too small for selection's memory to show beside an interpreter's.
 
-    python benchmarks/scale_corpus.py [--m 4000] [--baseline /path/to/old/checkout] > scale_corpus.json
+    python benchmarks/scale_corpus.py [--m 4000] [--scan-m 100000] [--baseline /path/to/old/checkout] > scale_corpus.json
 """
 from __future__ import annotations
 
@@ -180,6 +184,67 @@ def child_select_index(root: str, classes: str) -> dict:
             "kept_total": sel.total}
 
 
+def child_scan(manifest_path: str, dim: str, classes: str) -> dict:
+    """The analysis' corpus pass alone over synthetic labels and features: all five scores, the
+    files beside the shards, the AUROC inputs. This checkout's streaming scan if it has one, else
+    the old in-driver path (gather every shard, score in the driver)."""
+    import numpy as np
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    dim, classes = int(dim), int(classes)
+    names = [f"c{i}" for i in range(classes)]
+    rng = np.random.default_rng(0)
+    train, targets = rng.normal(size=(2000, dim)).astype(np.float32), rng.integers(0, classes, 2000)
+    cfg = _config("unused")
+    t0 = time.perf_counter()
+    with ChildPeaks() as peaks:
+        try:
+            from noisystudent.analysis.corpus_scan import scan_corpus
+            from noisystudent.analysis.scores import OODScorers
+        except ImportError:
+            from noisystudent.analysis.features import load_corpus_features, save_scores_beside_shards
+            from noisystudent.analysis.model import ood_scores
+
+            corpus = load_corpus_features(manifest, names)
+            save_scores_beside_shards(corpus, ood_scores(corpus, train, targets, classes, cfg.analysis.knn_k))
+            code = "in-driver"
+        else:
+            scorers = OODScorers.fit(train, targets, classes, cfg.analysis.knn_k, cfg.analysis.knn_bank_size, cfg.seed)
+            scan_corpus(manifest, scorers, names, cfg.analysis, cfg.cluster, show_progress=False)
+            code = "streaming"
+    seconds = time.perf_counter() - t0
+    total = sum(s["samples"] for s in manifest["shards"])
+    return {"scan": code, "scan_seconds": round(seconds, 1), "scan_img_s": round(total / seconds, 1),
+            "scan_driver_peak_rss_mb": _self_peak_mb(), "scan_worker_peak_rss_mb": peaks.largest()}
+
+
+def _synthetic_labels(root: Path, n: int, classes: int, dim: int, per_shard: int = 50_000) -> str:
+    """A labeling pass' outputs over ``n`` samples (index with soft labels and logsumexp, float16
+    features) and its manifest, without images; every input is an empty tar, counted as untagged."""
+    import numpy as np
+
+    from noisystudent.data.label_index import features_path, write_index
+
+    rng = np.random.default_rng(n)
+    root.mkdir(parents=True)
+    shards = []
+    for s, start in enumerate(range(0, n, per_shard)):
+        m = min(per_shard, n - start)
+        logits = rng.normal(size=(m, classes)).astype(np.float32) * 2
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        lse = np.log(probs.sum(1)) + logits.max(1)
+        probs /= probs.sum(1, keepdims=True)
+        out = root / f"shard-{s:06d}.tar"
+        write_index(out, [f"k{start + i:010d}" for i in range(m)], probs.argmax(1).tolist(), probs.max(1).tolist(),
+                    [0.0] * m, probs=probs, logsumexp=lse.tolist())
+        np.save(features_path(out), rng.normal(size=(m, dim)).astype(np.float16))
+        empty = root / f"input-{s:06d}.tar"
+        empty.write_bytes(bytes(1024))  # a valid, empty tar: the old path stats and reads it for tags
+        shards.append({"input": str(empty), "output": str(out), "samples": m, "hidden_tags": 0})
+    (root / "manifest.json").write_text(json.dumps({"shards": shards}))
+    return str(root / "manifest.json")
+
+
 def _synthetic_indexes(root: Path, n: int, classes: int, per_shard: int = 50_000) -> str:
     """Label indexes as a labeling pass over ``n`` samples would leave them (keys, labels, confidences,
     ``classes``-wide float16 soft labels), without the tars: selection never opens them."""
@@ -221,7 +286,7 @@ def _corpus(root: Path, n: int) -> str:
 
     root.mkdir(parents=True)
     write_shards(samples(), root, maxcount=SHARD)
-    return str(root)
+    return str(root / "*.tar")
 
 
 def main() -> int:
@@ -231,16 +296,20 @@ def main() -> int:
     p.add_argument("--index-m", type=int, default=250_000,
                    help="selection alone over synthetic indexes of this many samples, 4x and 16x (0 = skip)")
     p.add_argument("--index-classes", type=int, default=100, help="classes (soft-label width) of those indexes")
+    p.add_argument("--scan-m", type=int, default=0,
+                   help="the analysis' corpus pass alone over synthetic labels and features of this many samples, "
+                        "4x and 16x (0 = skip)")
+    p.add_argument("--scan-dim", type=int, default=64, help="feature width of those synthetic features")
     p.add_argument("--skip-corpus", action="store_true", help="only the synthetic-index selection part")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps({"label": child_label, "analyze": child_analyze, "select": child_select, "stream": child_stream,
+        print(json.dumps({"label": child_label, "analyze": child_analyze, "scan": child_scan, "select": child_select, "stream": child_stream,
                           "select_index": child_select_index}[args.child](*args.rest)))
         return 0
     trees = {"new": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
-    rows, index_rows = [], []
+    rows, index_rows, scan_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for n in (args.index_m, 4 * args.index_m, 16 * args.index_m) if args.index_m else ():
@@ -249,6 +318,11 @@ def main() -> int:
                 index_rows.append({"samples": n, "code": name, **_child("select_index", tree, pattern,
                                                                         str(args.index_classes))})
                 print(json.dumps(index_rows[-1]), file=sys.stderr)
+        for n in (args.scan_m, 4 * args.scan_m, 16 * args.scan_m) if args.scan_m else ():
+            manifest = _synthetic_labels(tmp / f"scan-{n}", n, 10, args.scan_dim)
+            for name, tree in trees.items():
+                scan_rows.append({"samples": n, "code": name, **_child("scan", tree, manifest, str(args.scan_dim), "10")})
+                print(json.dumps(scan_rows[-1]), file=sys.stderr)
         if args.skip_corpus:
             trees = {}
         names = sorted(d.name for d in (REPO / "data/default/labeled/train").iterdir() if d.is_dir())
@@ -266,7 +340,9 @@ def main() -> int:
                 print(json.dumps(row), file=sys.stderr)
     out = {"m": args.m, "shard_size": SHARD, "rows": rows, "growth_bytes_per_sample": _growth(rows) if rows else {},
            "index_m": args.index_m, "index_classes": args.index_classes, "index_rows": index_rows,
-           "index_growth_bytes_per_sample": _growth(index_rows) if index_rows else {}}
+           "index_growth_bytes_per_sample": _growth(index_rows) if index_rows else {},
+           "scan_m": args.scan_m, "scan_dim": args.scan_dim, "scan_rows": scan_rows,
+           "scan_growth_bytes_per_sample": _growth(scan_rows) if scan_rows else {}}
     print(json.dumps(out, indent=2))
     return 0
 
