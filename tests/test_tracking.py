@@ -53,3 +53,13 @@ def test_logged_params_never_hold_secrets(tmp_path, monkeypatch):
     assert logged["tracking.backend"] == f"postgresql://ml:{REDACTED}@db:5432/mlflow"
     assert logged["student.lr"] == str(cfg.student.lr)  # ordinary params untouched
     assert not any(s in v for v in logged.values() for s in ("abc123xyz", "hunter22", "tok-9f8e7d6c5b"))
+
+
+def test_a_local_store_failure_blames_the_file_not_a_server():
+    from noisystudent.tracking.tracker import _lost_error
+
+    local = str(_lost_error("sqlite:////tmp/run/mlflow.db", OSError(36, "File name too long")))
+    assert "local store sqlite:////tmp/run/mlflow.db" in local and "File name too long" in local
+    assert "reachable" not in local and "fix the file problem" in local
+    remote = str(_lost_error("http://127.0.0.1:5000", ConnectionError("refused")))
+    assert "once it is reachable" in remote

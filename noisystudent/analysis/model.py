@@ -130,7 +130,11 @@ def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data: Lab
                  f"{spec.name}, {len(corpus):,} unlabeled images, model {model_path}")
     if tracker is not None:
         tracker.log_metrics(analysis_metrics(summary))
-        tracker.log_artifacts(out_dir, "analysis")
+        # the analysis' own files only: its directory may also hold the MLflow store, the labels and
+        # the model (analyze --model --out), and logging the store into itself recurses without end
+        for path in sorted(out_dir.iterdir()):
+            if path.is_file() and not path.name.startswith(("mlflow.db", ".")):
+                tracker.log_artifact(path, "analysis")
     write_json_atomic(done, summary)
     return summary
 

@@ -39,6 +39,10 @@ def _lost_server(method):
 
 def _lost_error(uri: str, exc: BaseException) -> TrackingError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri:
+        # a local store has no server to wait for: the cause is a file (path, permissions, space)
+        return TrackingError(f"MLflow's local store {uri} could not be written ({type(exc).__name__}: {first}); "
+                             "checkpoints on disk are kept: fix the file problem and rerun the same command to resume")
     return TrackingError(f"MLflow tracking at {uri} failed during the run ({first}); checkpoints on disk are kept: "
                          "rerun the same command once it is reachable to resume and re-attach to the same runs")
 
