@@ -138,6 +138,8 @@ def test_run_report_compares_generations_and_mlflow_has_it(smoke_run):
         run_id = (run_dir / f"gen-{g}" / "mlflow_run_id").read_text().strip()
         metrics = client.get_run(run_id).data.metrics
         assert {f"ood_auroc_{s}" for s in OOD_SCORES} | {"probe_top1_penultimate"} <= set(metrics)
+        summary = json.loads((run_dir / f"gen-{g}" / "analysis" / "summary.json").read_text())
+        assert metrics["ood_auroc_best"] == pytest.approx(summary["best_auroc"])
         files = {a.path for a in client.list_artifacts(run_id, "analysis")}
         assert "analysis/report.html" in files and "analysis/embeddings.png" in files
 

@@ -63,3 +63,23 @@ def test_a_local_store_failure_blames_the_file_not_a_server():
     assert "reachable" not in local and "fix the file problem" in local
     remote = str(_lost_error("http://127.0.0.1:5000", ConnectionError("refused")))
     assert "once it is reachable" in remote
+
+
+def test_the_experiment_is_marked_as_model_training_so_the_ui_opens_on_its_runs(tmp_path):
+    """MLflow 3's UI opens an experiment of unknown kind on an empty GenAI overview; the kind tag
+    sends it to the training runs. New experiments get it, and so do existing ones without it."""
+    from mlflow.tracking import MlflowClient
+
+    from noisystudent.config import TrackingConfig
+    from noisystudent.tracking.tracker import EXPERIMENT_KIND, TRAINING_KIND, Tracker
+
+    tracker = Tracker(TrackingConfig(), tmp_path / "a")
+    client = MlflowClient(tracker.uri)
+    assert client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND] == "custom_model_development" == TRAINING_KIND
+    uri = f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    (tmp_path / "b").mkdir()
+    other = MlflowClient(uri)
+    made_before = other.create_experiment("noisystudent")  # an older run's experiment, without the tag
+    assert EXPERIMENT_KIND not in other.get_experiment(made_before).tags
+    again = Tracker(TrackingConfig(tracking_uri=uri), tmp_path / "b")
+    assert again.experiment_id == made_before and other.get_experiment(made_before).tags[EXPERIMENT_KIND] == TRAINING_KIND

@@ -198,6 +198,8 @@ def analysis_metrics(summary: dict) -> dict[str, float]:
     out = {}
     for name, m in summary["ood"].items():
         out[f"ood_auroc_{name}"], out[f"ood_fpr95_{name}"] = m["auroc"], m["fpr95"]
+    if summary["ood"]:  # one number per generation to chart side by side, whichever score is best
+        out["ood_auroc_best"] = summary["best_auroc"]
     for name, acc in summary["probe"].items():
         out[f"probe_top1_{name}"] = acc
     for group, c in summary["consistency"].items():

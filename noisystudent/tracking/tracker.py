@@ -23,6 +23,11 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+#: The MLflow 3 UI opens an experiment of unknown kind on its GenAI overview page; this tag makes it
+#: open on the training runs (the UI's "custom model development" kind).
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def _lost_server(method):
     """Turn a tracking call that fails mid-run into one clear TrackingError (checkpoints stay on disk)."""
     @functools.wraps(method)
@@ -119,9 +124,12 @@ class Tracker:
                 artifacts = None
                 if local_store:  # keep artifacts beside the store, inside the run directory
                     artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri()
-                self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts)
+                self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts,
+                                                              tags={EXPERIMENT_KIND: TRAINING_KIND})
             else:
                 self.experiment_id = exp.experiment_id
+                if EXPERIMENT_KIND not in exp.tags:  # an experiment made before, or by someone else
+                    mlflow.MlflowClient().set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
         except Exception as exc:  # noqa: BLE001 - connection errors come in many types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrackingError(
