@@ -104,7 +104,8 @@ def run_generation(cfg: Config, g: int, layout: RunLayout, data: LabeledData, tr
         metrics = evaluate_model(trained.model_path, cfg, data, gdir)
         tracker.log_metrics(final_metrics(metrics))
         log_generation_artifacts(tracker, layout, g, trained, role, model_name)
-        row.model_version = log_and_register_model(tracker, trained.model_path, cfg.tracking.registered_model, g) \
+        row.model_version = log_and_register_model(tracker, trained.model_path, cfg.tracking.registered_model, g,
+                                                   cfg.data) \
             if cfg.tracking.log_models else None
         row.test_top1, row.test_ece, row.val_top1 = metrics.get("test_top1"), metrics.get("test_ece"), metrics.get("val_top1")
         row.model_path, row.sha256 = trained.model_path, trained.sha256

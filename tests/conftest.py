@@ -167,3 +167,19 @@ def dask_processes(tmp_path: Path, worker_names: tuple[str, ...], env: dict, nan
             p.kill()
         for p in procs:
             p.wait(timeout=30)
+
+
+def wait_for_http(url: str, proc, timeout: float = 120.0) -> bool:
+    """Poll ``url`` until it answers; False if ``proc`` exits or ``timeout`` passes first."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                return False
+            time.sleep(0.5)

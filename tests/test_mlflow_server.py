@@ -8,13 +8,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, smoke_overrides
+from conftest import REPO, smoke_overrides, wait_for_http
 
 
 def _free_port() -> int:
@@ -38,16 +37,9 @@ def _start_server(root, port):
                              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                _stop(proc)
-                pytest.fail("mlflow server did not come up")
-            time.sleep(0.5)
+    if not wait_for_http(f"{uri}/health", proc):
+        _stop(proc)
+        pytest.fail("mlflow server did not come up")
     return proc, uri
 
 
@@ -143,15 +135,16 @@ def test_registered_versions_aliases_and_loading(tracked_run, smoke_data, tmp_pa
     # (fetched with an explicit tracking_uri: no process-wide tracking state leaks into later tests)
     source = client.get_model_version_download_uri("smoke-student", best.version)
     local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, dst_path=str(tmp_path / "registered"))
-    pyfunc = mlflow.pytorch.load_model(local)
+    served = mlflow.pyfunc.load_model(local)  # the servable pyfunc model (noisystudent.tracking.serving)
     # the environment it declares is the installed one, pinned
     from importlib.metadata import version
 
     requirements = (Path(local) / "requirements.txt").read_text().split()
     for package in ("torch", "timm", "mlflow"):
         assert f"{package}=={version(package)}" in requirements, (package, requirements)
-    with torch.inference_mode():
-        theirs = pyfunc(x).softmax(1).numpy()
+    mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
+    pixels = (x * std + mean).numpy()  # what a client has: [0, 1] pixels at the model's size
+    theirs = np.stack(served.predict(pixels)["probabilities"])
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 

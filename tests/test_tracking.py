@@ -5,8 +5,11 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from conftest import REPO, smoke_overrides
+import pytest
+
+from conftest import REPO, smoke_overrides, wait_for_http
 
 
 def _free_port() -> int:
@@ -83,3 +86,136 @@ def test_the_experiment_is_marked_as_model_training_so_the_ui_opens_on_its_runs(
     assert EXPERIMENT_KIND not in other.get_experiment(made_before).tags
     again = Tracker(TrackingConfig(tracking_uri=uri), tmp_path / "b")
     assert again.experiment_id == made_before and other.get_experiment(made_before).tags[EXPERIMENT_KIND] == TRAINING_KIND
+
+
+def test_a_registered_generation_serves_encoded_images_and_float_arrays(tmp_path, caplog):
+    """The logged pyfunc model, loaded by MLflow's own loader, predicts from PNG bytes, base64 strings
+    and a [0, 1] float array, with the model's preprocessing inside; logging it warns nothing."""
+    import io
+    import logging
+    import warnings
+
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from noisystudent.config import DataConfig, TrackingConfig, load_config
+    from noisystudent.models import ModelSpec, create_model, save_model
+    from noisystudent.noise import create_eval_transform
+    from noisystudent.tracking.registry import log_and_register_model
+    from noisystudent.tracking.tracker import Tracker
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    names = [f"class-{i}" for i in range(5)]
+    spec = ModelSpec(cfg.model_for_generation(0), len(names), 3, 32, names, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3])
+    model = create_model(spec).eval()
+    checkpoint = tmp_path / "model.pt"
+    save_model(checkpoint, model, spec)
+    data = DataConfig(image_size=32, channels=3)
+    tracker = Tracker(TrackingConfig(registered_model="served"), tmp_path)
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught, tracker.run(tmp_path / "run_id", "serving"):
+        warnings.simplefilter("always")
+        version = log_and_register_model(tracker, checkpoint, "served", 0, data)
+    assert version == "1"
+    noisy = [r.getMessage()[:120] for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not noisy and not caught, (noisy, [f"{w.filename}:{w.lineno} {str(w.message)[:300]}" for w in caught])
+
+    client = MlflowClient(tracker.uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri("served", "1"),
+                                               tracking_uri=tracker.uri, dst_path=str(tmp_path / "dl"))
+    served = mlflow.pyfunc.load_model(local)
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 255, (40 + 3 * i, 36, 3), np.uint8) for i in range(4)]  # not the model's size
+    encoded = []
+    for p in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(p).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    transform = create_eval_transform(spec.data_config(data))
+    with torch.inference_mode():
+        expected = model(torch.stack([transform(p) for p in pixels])).softmax(1).numpy()
+    import base64
+
+    import pandas as pd
+
+    for batch in (pd.DataFrame({"image": encoded}), {"image": [base64.b64encode(e).decode() for e in encoded]}):
+        out = served.predict(batch)
+        assert list(out.columns) == ["label", "confidence", "probabilities"]
+        np.testing.assert_allclose(np.stack(out["probabilities"]), expected, atol=1e-5)
+        assert out["label"].tolist() == [names[i] for i in expected.argmax(1)]
+        np.testing.assert_allclose(out["confidence"], expected.max(1), atol=1e-5)
+    floats = rng.random((3, 3, 32, 32), dtype=np.float32)
+    mean, std = np.array(spec.mean, np.float32)[:, None, None], np.array(spec.std, np.float32)[:, None, None]
+    with torch.inference_mode():
+        want = model(torch.from_numpy((floats - mean) / std)).softmax(1).numpy()
+    np.testing.assert_allclose(np.stack(served.predict(floats)["probabilities"]), want, atol=1e-5)
+    with pytest.raises(Exception, match=r"shaped \[N, 3, 32, 32\]"):
+        served.predict(np.zeros((2, 3, 28, 28), np.float32))
+
+
+def test_mlflow_models_serve_answers_like_the_in_process_model(tmp_path):
+    """`mlflow models serve` on 127.0.0.1 answers JSON requests (base64 images, float arrays) with
+    the predictions of the same model loaded in-process."""
+    import base64
+    import io
+    import json
+    import os
+    import urllib.request
+
+    import mlflow
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from noisystudent.config import DataConfig, TrackingConfig, load_config
+    from noisystudent.models import ModelSpec, create_model, save_model
+    from noisystudent.tracking.registry import log_and_register_model
+    from noisystudent.tracking.tracker import Tracker
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    names = ["cat", "dog", "ship"]
+    spec = ModelSpec(cfg.model_for_generation(0), len(names), 1, 28, names, [0.3], [0.3])
+    save_model(tmp_path / "model.pt", create_model(spec).eval(), spec)
+    tracker = Tracker(TrackingConfig(registered_model="served"), tmp_path)
+    with tracker.run(tmp_path / "run_id", "serving"):
+        log_and_register_model(tracker, tmp_path / "model.pt", "served", 0, DataConfig(image_size=28, channels=1))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=MlflowClient(tracker.uri).get_model_version_download_uri("served", "1"), tracking_uri=tracker.uri,
+        dst_path=str(tmp_path / "dl"))
+    served = mlflow.pyfunc.load_model(local)
+    rng = np.random.default_rng(1)
+    encoded = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (28 + 4 * i, 30), np.uint8)).save(buf, format="PNG")
+        encoded.append(base64.b64encode(buf.getvalue()).decode())
+    floats = rng.random((2, 1, 28, 28)).astype(np.float32)
+
+    port = _free_port()
+    # the server execs uvicorn from PATH: this interpreter's environment first, as when it is activated
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", local, "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        if not wait_for_http(f"http://127.0.0.1:{port}/ping", proc):
+            proc.terminate()
+            pytest.fail(f"mlflow models serve did not come up: {proc.stdout.read().decode()[-3000:]}")
+
+        def ask(payload: dict) -> list:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
+
+        over_http = ask({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}})
+        in_process = served.predict({"image": encoded})
+        assert [r["label"] for r in over_http] == in_process["label"].tolist()
+        np.testing.assert_allclose([r["probabilities"] for r in over_http], np.stack(in_process["probabilities"]), atol=1e-6)
+        arrays = ask({"inputs": floats.tolist()})
+        np.testing.assert_allclose([r["confidence"] for r in arrays], served.predict(floats)["confidence"], atol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

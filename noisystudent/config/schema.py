@@ -266,7 +266,7 @@ class TrackingConfig:
                                     "MLFLOW_TRACKING_URI wins over \"\".")
     experiment: str = setting("noisystudent", "MLflow experiment name.")
     enabled: bool = setting(True, "false disables MLflow entirely.")
-    log_models: bool = setting(True, "Log every generation's model with mlflow.pytorch (signature + input example).")
+    log_models: bool = setting(True, "Log and register every generation's model as a servable MLflow pyfunc model.")
     registered_model: str = setting("noisystudent", "Register logged models under this name (a new version per "
                                                     "generation, aliases gen-<g>, best = highest validation top-1); "
                                                     "\"\" = log without registering.")

@@ -6,8 +6,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-
+from ..config import DataConfig
 from ..models import load_model
 from .tracker import Tracker, TrackingError, looks_like_run_id
 
@@ -28,7 +27,9 @@ def model_pip_requirements() -> list[str]:
     MLflow's default inference re-imports the model in a subprocess, which costs more than a
     small generation's training (docs/benchmarks.md)."""
     pins = []
-    for package in ("torch", "torchvision", "timm", "numpy", "cloudpickle"):
+    # what noisystudent's own code (shipped with the model) imports, for a fresh serving environment
+    for package in ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "albumentations", "pyyaml",
+                    "safetensors", "cloudpickle"):
         try:
             pins.append(f"{package}=={metadata.version(package)}")
         except metadata.PackageNotFoundError:  # cloudpickle only matters to pickle-format models
@@ -36,28 +37,21 @@ def model_pip_requirements() -> list[str]:
     return pins
 
 
-def log_and_register_model(tracker: Tracker, checkpoint: str | Path, registered_name: str, generation: int) -> str | None:
-    """Log a checkpoint's model with ``mlflow.pytorch`` (signature + input example) into the active
-    run and register it as a new version of ``registered_name``; returns the version ("" if not
-    registered, None if tracking is off). The version gets the alias ``gen-<g>``."""
+def log_and_register_model(tracker: Tracker, checkpoint: str | Path, registered_name: str, generation: int,
+                           data: DataConfig) -> str | None:
+    """Log a checkpoint as a servable pyfunc model (:mod:`.serving`: encoded images or float arrays
+    in, class names and probabilities out, with ``data``'s evaluation preprocessing inside) into the
+    active run, and register it as a new version of ``registered_name``; returns the version (""
+    if not registered, None if tracking is off). The version gets the alias ``gen-<g>``."""
     if not tracker.enabled:
         return None
-    mlflow = tracker.mlflow
-    from mlflow.models import (
-        ModelSignature,  # mlflow is imported only when tracking is on
-    )
-    from mlflow.types import Schema, TensorSpec
+    from .serving import log_servable_model  # imports mlflow: only when tracking is on
 
-    model, spec = load_model(checkpoint)
-    # batch of 2 and a -1 batch dimension: the exported (pt2) graph then takes any batch size
-    example = np.zeros((2, spec.in_chans, spec.image_size, spec.image_size), dtype=np.float32)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.in_chans, spec.image_size, spec.image_size), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes), "logits")]))
-    info = mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
-                                    pip_requirements=model_pip_requirements(),
-                                    registered_model_name=registered_name or None,
-                                    metadata={"spec": spec.as_dict(), "generation": generation})
+    _, spec = load_model(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="noisystudent-serving-") as work:
+        info = log_servable_model(checkpoint, spec, data, Path(work), pip_requirements=model_pip_requirements(),
+                                  registered_model_name=registered_name or None,
+                                  metadata={"spec": spec.as_dict(), "generation": generation})
     version = getattr(info, "registered_model_version", None)
     if registered_name and version is not None:
         set_alias(tracker, registered_name, f"gen-{generation}", str(version))
