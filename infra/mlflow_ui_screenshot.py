@@ -81,7 +81,8 @@ def main() -> int:
         runs = json.dumps([r["run_id"] for r in rows])
         compare = f"{server}/#/compare-runs?runs={urllib.parse.quote(runs)}&experiments={urllib.parse.quote(json.dumps([exp_id]))}"
         shots = {"compare_generations.png": compare,
-                 "experiment_runs.png": f"{server}/#/experiments/{exp_id}",
+                 # MLflow 3.17's UI opens in its GenAI mode unless told (or remembered in the browser)
+                 "experiment_runs.png": f"{server}/#/experiments/{exp_id}/runs?workflowType=machine_learning",
                  "parent_run.png": f"{server}/#/experiments/{exp_id}/runs/{parent}"}
         for name, url in shots.items():
             screenshot(args.chromium, url, out / name, size="1700,2200" if name.startswith("compare") else "1700,1100")
