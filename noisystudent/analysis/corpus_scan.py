@@ -133,7 +133,6 @@ class CorpusScan:
     merged top-k lists; rows are positions in that order."""
 
     shards: list[str]  # labeled shard paths
-    inputs: list[str]  # their input shards
     offsets: np.ndarray  # int64 [S + 1]: shard i holds rows offsets[i]:offsets[i + 1]
     label: np.ndarray
     confidence: np.ndarray
@@ -247,5 +246,4 @@ def scan_corpus(manifest: dict, scorers: OODScorers, class_names: list[str], a: 
                 for name, r in part.ranked.items():
                     lists[name].add(r.values, r.rows + lo)
                 bar.update(1)
-    return CorpusScan([s["output"] for s in shards], [s["input"] for s in shards], offsets, label, confidence, truth,
-                      scores, lists)
+    return CorpusScan([s["output"] for s in shards], offsets, label, confidence, truth, scores, lists)

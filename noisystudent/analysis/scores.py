@@ -125,35 +125,47 @@ class OODScorers:
         return {name: scores[name] for name in OOD_SCORES}
 
 
+def _split_sorted(scores: np.ndarray, is_ood: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(sorted in-distribution scores, OOD scores), in the scores' own dtype; None without both kinds."""
+    s, y = np.asarray(scores), np.asarray(is_ood, bool)
+    if y.all() or not y.any():
+        return None
+    return np.sort(s[~y]), s[y]
+
+
+def _auroc(id_sorted: np.ndarray, ood: np.ndarray) -> float:
+    below = np.searchsorted(id_sorted, ood, side="left").astype(np.float64)  # ID scores < each OOD score
+    ties = np.searchsorted(id_sorted, ood, side="right") - below  # ID scores == it
+    return float((below.sum() + 0.5 * ties.sum()) / (len(ood) * len(id_sorted)))
+
+
+def _fpr(id_sorted: np.ndarray, ood: np.ndarray, tpr: float) -> float:
+    threshold = id_sorted[int(np.ceil(tpr * len(id_sorted))) - 1]  # smallest t keeping >= tpr of ID
+    return float((ood <= threshold).mean())
+
+
 def auroc(scores: np.ndarray, is_ood: np.ndarray) -> float:
     """Area under the ROC curve for "OOD scores higher": P(score_ood > score_id) + 0.5 P(tie)
     (the Mann-Whitney statistic, ties averaged). NaN without both kinds of sample.
 
     Sorts only the in-distribution scores (a copy in the scores' own dtype) and looks every OOD
     score up in them: exact, and no rank or argsort array the size of the corpus."""
-    s, y = np.asarray(scores), np.asarray(is_ood, bool)
-    n_ood = int(y.sum())
-    n_id = len(y) - n_ood
-    if n_ood == 0 or n_id == 0:
-        return float("nan")
-    id_sorted = np.sort(s[~y])
-    ood = s[y]
-    below = np.searchsorted(id_sorted, ood, side="left").astype(np.float64)  # ID scores < each OOD score
-    ties = np.searchsorted(id_sorted, ood, side="right") - below  # ID scores == it
-    return float((below.sum() + 0.5 * ties.sum()) / (n_ood * n_id))
+    split = _split_sorted(scores, is_ood)
+    return _auroc(*split) if split else float("nan")
 
 
 def fpr_at_tpr(scores: np.ndarray, is_ood: np.ndarray, tpr: float = 0.95) -> float:
     """FPR95: the share of OOD samples accepted as in-distribution when the threshold keeps
     ``tpr`` of the in-distribution samples (ID is the positive class, as in the OOD literature)."""
-    s, y = np.asarray(scores), np.asarray(is_ood, bool)
-    if y.all() or not y.any():
-        return float("nan")
-    id_sorted = np.sort(s[~y])
-    threshold = id_sorted[int(np.ceil(tpr * len(id_sorted))) - 1]  # smallest t keeping >= tpr of ID
-    return float((s[y] <= threshold).mean())
+    split = _split_sorted(scores, is_ood)
+    return _fpr(*split, tpr) if split else float("nan")
 
 
 def detection_metrics(scores: dict[str, np.ndarray], is_ood: np.ndarray) -> dict[str, dict[str, float]]:
-    """{score name: {"auroc", "fpr95"}} for each score."""
-    return {name: {"auroc": auroc(v, is_ood), "fpr95": fpr_at_tpr(v, is_ood)} for name, v in scores.items()}
+    """{score name: {"auroc", "fpr95"}} for each score (one sort of the ID scores serves both)."""
+    out = {}
+    for name, v in scores.items():
+        split = _split_sorted(v, is_ood)
+        out[name] = {"auroc": _auroc(*split), "fpr95": _fpr(*split, 0.95)} if split else \
+            {"auroc": float("nan"), "fpr95": float("nan")}
+    return out

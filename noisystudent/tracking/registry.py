@@ -7,7 +7,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..config import DataConfig
-from ..models import load_model
+from ..models import ModelSpec, load_checkpoint, load_model
 from .tracker import Tracker, TrackingError, looks_like_run_id
 
 
@@ -47,7 +47,7 @@ def log_and_register_model(tracker: Tracker, checkpoint: str | Path, registered_
         return None
     from .serving import log_servable_model  # imports mlflow: only when tracking is on
 
-    _, spec = load_model(checkpoint)
+    spec = ModelSpec(**load_checkpoint(checkpoint)["spec"])  # the spec only: no model is built here
     with tempfile.TemporaryDirectory(prefix="noisystudent-serving-") as work:
         info = log_servable_model(checkpoint, spec, data, Path(work), pip_requirements=model_pip_requirements(),
                                   registered_model_name=registered_name or None,
