@@ -19,6 +19,11 @@ class ShardError(UserError, RuntimeError):
     """A shard cannot be read at all (missing, not a tar)."""
 
 
+class StorageError(UserError, RuntimeError):
+    """An object store or URL cannot be read or written (missing object, access denied, server
+    unreachable, read-only scheme); the message names the URL."""
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, corrupt or cannot be loaded safely."""
 

@@ -59,8 +59,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The JSON every output file uses: indented, sorted keys, newline-terminated."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    write_bytes_atomic(path, json_bytes(obj))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "noisystudent"
 #: its own package (no sideways imports between, say, the loop and the experiments).
 LAYERS = [
     ("base", ["noisystudent", "noisystudent.errors", "noisystudent.io", "noisystudent.plots"]),
+    ("storage", ["noisystudent.storage"]),  # local paths and URLs (fsspec): every file the data layer opens
     ("config", ["noisystudent.config"]),
     ("data", ["noisystudent.data"]),
     ("models and noise", ["noisystudent.models", "noisystudent.noise", "noisystudent.prepare"]),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ def test_truncated_pseudo_label_shard_is_counted_not_lost_silently(labeled_shard
     cut = tmp_path / out.name
     raw = out.read_bytes()
     cut.write_bytes(raw[: len(raw) // 2])
-    index_path(cut).write_bytes(index_path(out).read_bytes())
+    Path(index_path(cut)).write_bytes(Path(index_path(out)).read_bytes())
     selection = select_pseudo_labels([str(cut)], 10, threshold=0.0, balance=False)
     stream = PseudoLabeledStream(selection, 1, 10, _identity)
     got = list(stream.read_shard(str(cut)))

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from ..config import OOD_SCORES, AnalysisConfig, ClusterConfig
 from ..data.audit import OOD, UNTAGGED, hidden_truth, may_have_hidden_tags
-from ..data.label_index import features_path, ood_scores_path, read_index
+from .. import storage
+from ..data.label_index import features_path, ood_scores_path, read_feature_rows, read_features, read_index
 from ..data.pseudo_stream import images_by_offset
 from ..data.shard_io import SkipCounter
-from ..io import atomic_path
 from ..labeling.cluster import create_client
 from .scores import OODScorers
 
@@ -102,14 +102,14 @@ def score_shard(shard: dict, scorers: OODScorers, class_names: list[str], lists:
     output = shard["output"]
     ix = read_index(output)
     fpath = features_path(output)
-    if not fpath.is_file():
+    if not storage.exists(fpath):
         raise FileNotFoundError(f"{fpath} is missing: analysis reads the labeling pass' features; "
                                 "relabel with pseudo_label.save_features=true")
-    pooled = np.load(fpath, allow_pickle=False).astype(np.float32)
+    pooled = read_features(output).astype(np.float32)
     if len(pooled) != len(ix.keys):
         raise ValueError(f"{fpath} has {len(pooled)} rows for {len(ix.keys)} samples: relabel this shard")
     scores = scorers(ix.probs.astype(np.float32), ix.logsumexp.astype(np.float32), pooled)
-    with atomic_path(ood_scores_path(output)) as tmp, open(tmp, "wb") as fh:
+    with storage.atomic_output(ood_scores_path(output)) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, keys=ix.keys, **{name: v.astype(np.float32) for name, v in scores.items()})
     truth = hidden_truth(shard["input"], ix.keys, class_names) if may_have_hidden_tags(shard) else None
     dtype = class_dtype(len(class_names))
@@ -165,16 +165,15 @@ class CorpusScan:
 
     def features(self, rows: np.ndarray) -> np.ndarray:
         """Pooled features (float32) of the given corpus rows, in their order, read back from the
-        labeled shards' feature files (memory-mapped: only those rows are read)."""
+        labeled shards' feature files (only those rows are read)."""
         rows = np.asarray(rows, np.int64)
         out: np.ndarray | None = None
         at = {r: i for i, r in enumerate(rows.tolist())}
         for s, pairs in self.by_shard(rows).items():
-            feats = np.load(features_path(self.shards[s]), mmap_mode="r", allow_pickle=False)
+            feats = read_feature_rows(self.shards[s], [p[0] for p in pairs])
             if out is None:
                 out = np.empty((len(rows), feats.shape[1]), np.float32)
-            local = [p[0] for p in pairs]
-            out[[at[p[1]] for p in pairs]] = np.asarray(feats[local], np.float32)
+            out[[at[p[1]] for p in pairs]] = feats
         return out if out is not None else np.zeros((0, 0), np.float32)
 
     def images(self, rows: np.ndarray, channels: int) -> dict[int, np.ndarray]:

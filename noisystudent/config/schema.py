@@ -45,12 +45,11 @@ class DataConfig:
     """Where the labeled and unlabeled data live, and how images are decoded."""
 
     labeled_dir: str = setting("data/default/labeled/train", "Labeled training images, ImageFolder layout `root/<class>/<image>`.")
-    val_dir: str = setting("data/default/labeled/val",
-                           "Labeled validation images (ImageFolder); used for per-epoch metrics and early stopping.")
+    val_dir: str = setting("data/default/labeled/val", "Labeled validation images (ImageFolder): per-epoch metrics, early stopping.")
     test_dir: str = setting("data/default/labeled/test",
                             "Held-out test images (ImageFolder); reported per generation, never pseudo-labeled. \"\" = none.")
-    unlabeled_shards: str | list[str] = setting("data/default/unlabeled/shard-*.tar",
-                                                "Unlabeled webdataset shards: brace pattern, glob, or list.")
+    unlabeled_shards: str | list[str] = setting("data/default/unlabeled/shard-*.tar", "Unlabeled webdataset shards: "
+                                                "brace pattern, glob, or list; paths or s3://, gs://, http(s):// URLs.")
     image_size: int = setting(224, "Square input resolution images are resized to (timm's usual 224; the embedded "
                                    "demo sets 32).")
     channels: Literal[1, 3] = setting(3, "3 = RGB (timm's models and pretrained weights), 1 = grayscale. Images are "
@@ -69,8 +68,7 @@ class DataConfig:
     cache_mb: int = setting(1024, "The largest labeled cache auto chooses, in MB of uint8 pixels per process "
                                   "(train + val + test each count alone; loader workers share it copy-on-write). "
                                   "1024 MB holds 1M images at 32 px grayscale, or about 4,000 photos for 224 px RGB (cached "
-                                  "at their 256 px short side).",
-                            results=False)
+                                  "at their 256 px short side).", results=False)
     num_workers: int = setting(-1, "DataLoader worker processes for training (and, on a GPU, for evaluation); 0 = augment "
                                    "in the main process, -1 = auto: one per CPU core that torch's threads leave free (with "
                                    "a GPU: cores - 1, at most 8). On a CPU machine a worker takes a core from the train "
@@ -151,9 +149,9 @@ class PseudoLabelConfig:
     """How the teacher labels the corpus, and read-time selection of what the student sees."""
 
     batch_size: int = setting(512, "Inference batch size.", results=False)
-    cache_dir: str = setting("", results=False, help="Shared cache of labeled shards, keyed by teacher checkpoint sha256 + preprocessing, each "
-                                 "shard checked against its input's path/size/mtime: any run or experiment with the same "
-                                 "teacher reuses them. \"\" = no sharing (shards live in the stage's output directory).")
+    cache_dir: str = setting("", results=False, help="Shared cache of labeled shards (a directory, or an s3:// or gs:// prefix), "
+                                 "keyed by teacher sha256 + preprocessing; each shard is checked against its input's "
+                                 "identity. \"\" = no sharing (shards live in the stage's output directory).")
     tta_hflip: bool = setting(False, "Average the teacher's prediction with its prediction on the mirrored image (clean "
                                      "views only; the teacher is still never noised). Doubles labeling compute.")
     soft: bool = setting(True, "Soft targets (teacher probabilities, paper default) or hard argmax labels.")
@@ -166,8 +164,7 @@ class PseudoLabelConfig:
                                         "this x the encoded image size (about 1 KB for the embedded demo's PNGs, 450 MB "
                                         "for ImageNet-size JPEGs at 4096).")
     save_features: bool = setting(True, "Also write the teacher's pooled penultimate features beside each labeled shard "
-                                         "(`.features.npy`, float16): the analysis stage reads them instead of a second pass.",
-                                 results=False)
+                                         "(`.features.npy`, float16): the analysis stage reads them instead of a second pass.", results=False)
     ood_score: Literal["", OODScore] = setting("", "Drop images by an OOD score of the analysis stage before thresholding: "
                                                    "one of msp, entropy, energy, mahalanobis, knn (\"\" = keep all, the "
                                                    "paper's choice). Needs the teacher's analysis (`<shard>.ood.npz`, "
@@ -265,6 +262,9 @@ class TrackingConfig:
     tracking_uri: str = setting("", "MLflow tracking URI; \"\" = sqlite store inside the run directory. "
                                     "MLFLOW_TRACKING_URI wins over \"\".")
     experiment: str = setting("noisystudent", "MLflow experiment name.")
+    artifact_location: str = setting("", "Where a new experiment keeps its artifacts, e.g. `s3://bucket/mlflow` (credentials, "
+                                         "AWS_ENDPOINT_URL from the environment); \"\" = `mlartifacts/` in the run directory "
+                                         "for the default local store, else the server's choice.")
     enabled: bool = setting(True, "false disables MLflow entirely.")
     log_models: bool = setting(True, "Log and register every generation's model as a servable MLflow pyfunc model.")
     registered_model: str = setting("noisystudent", "Register logged models under this name (a new version per "

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from .label_index import index_path
+from .label_index import open_index
 from .selection import Selection
 from .shard_io import EVAL_EXT, iter_samples
 
@@ -63,7 +63,7 @@ def audit_pseudo_labels(manifest: dict, class_names: list[str], selection: Selec
     for shard in manifest["shards"]:
         if not may_have_hidden_tags(shard):
             continue
-        with np.load(index_path(shard["output"]), allow_pickle=False) as z:
+        with open_index(shard["output"]) as z:
             keys, labels, conf = z["keys"], z["labels"], z["confidence"].astype(np.float64)
         truth = hidden_truth(shard["input"], keys, class_names)
         if truth is None:

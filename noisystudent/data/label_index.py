@@ -23,13 +23,14 @@ reads instead of running the model over the corpus again. Analysis writes ``<nam
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from ..io import atomic_path
+from .. import storage
 
 PROBS_EXT = "probs.npy"
 META_EXT = "pl.json"
@@ -37,23 +38,41 @@ META_EXT = "pl.json"
 INDEX_VERSION = 3
 
 
-def index_path(shard_path: str | os.PathLike) -> Path:
+def index_path(shard_path: str | os.PathLike) -> str:
     return _sibling(shard_path, ".index.npz")
 
 
-def features_path(shard_path: str | os.PathLike) -> Path:
+def summary_path(shard_path: str | os.PathLike) -> str:
+    """``<name>.summary.json`` beside the shard: the labeling summary, written last (it marks the shard done)."""
+    return _sibling(shard_path, ".summary.json")
+
+
+def features_path(shard_path: str | os.PathLike) -> str:
     """``<name>.features.npy`` beside the shard: pooled penultimate features in index order."""
     return _sibling(shard_path, ".features.npy")
 
 
-def ood_scores_path(shard_path: str | os.PathLike) -> Path:
+def ood_scores_path(shard_path: str | os.PathLike) -> str:
     """``<name>.ood.npz`` beside the shard: OOD scores per key, written by the analysis stage."""
     return _sibling(shard_path, ".ood.npz")
 
 
-def _sibling(shard_path: str | os.PathLike, suffix: str) -> Path:
-    p = Path(shard_path)
-    return p.with_name((p.name[: -len(".tar")] if p.name.endswith(".tar") else p.name) + suffix)
+def _sibling(shard_path: str | os.PathLike, suffix: str) -> str:
+    """A file beside the shard (a local path or a URL, like the shard)."""
+    name = storage.basename(shard_path)
+    return storage.join(storage.parent(shard_path), (name[: -len(".tar")] if name.endswith(".tar") else name) + suffix)
+
+
+@contextlib.contextmanager
+def open_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
+    """An ``.npz`` beside a shard, local or remote; an entry is read only when accessed."""
+    with storage.open_read(path) as fh, np.load(fh, allow_pickle=False) as z:
+        yield z
+
+
+def open_index(shard_path: str | os.PathLike):
+    """The shard's ``.index.npz`` (a context manager); read only the entries you need."""
+    return open_npz(index_path(shard_path))
 
 
 def write_index(shard_path: str | os.PathLike, keys: list[str], labels: list[int], confidence: list[float],
@@ -62,7 +81,7 @@ def write_index(shard_path: str | os.PathLike, keys: list[str], labels: list[int
     """Write ``<name>.index.npz``. ``image_members`` holds (ext, byte offset, size) per sample."""
     n = len(keys)
     members = image_members if image_members is not None else [("", -1, 0)] * n
-    with atomic_path(index_path(shard_path)) as tmp:
+    with storage.atomic_output(index_path(shard_path)) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(
                 fh,
@@ -96,13 +115,39 @@ class ShardIndex:
     logsumexp: np.ndarray  # float32 [n]: logsumexp of the teacher's logits (NaN if not recorded)
 
 
+def read_features(shard_path: str | os.PathLike) -> np.ndarray:
+    """The shard's whole ``.features.npy`` (float16 [n, dim])."""
+    with storage.open_read(features_path(shard_path)) as fh:
+        return np.load(fh, allow_pickle=False)
+
+
+def read_feature_rows(shard_path: str | os.PathLike, rows: list[int]) -> np.ndarray:
+    """Rows of the shard's ``.features.npy`` as float32, reading only those rows: memory-mapped
+    locally, one ranged read per row (in file order) from an object store."""
+    path = features_path(shard_path)
+    if not storage.is_url(path):
+        return np.asarray(np.load(path, mmap_mode="r", allow_pickle=False)[rows], np.float32)
+    with storage.open_read(path) as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path}: expected a C-order [n, dim] array, got shape {shape}")
+        start, row_bytes = fh.tell(), shape[1] * dtype.itemsize
+        out = np.empty((len(rows), shape[1]), np.float32)
+        for at in np.argsort(rows, kind="stable").tolist():
+            fh.seek(start + int(rows[at]) * row_bytes)
+            out[at] = np.frombuffer(fh.read(row_bytes), dtype)
+        return out
+
+
 def index_version(shard_path: str | os.PathLike) -> int:
     """The index format version, reading only that entry of the archive (cheap on big indexes)."""
-    with np.load(index_path(shard_path), allow_pickle=False) as z:
+    with open_index(shard_path) as z:
         return int(z["version"])
 
 
 def read_index(shard_path: str | os.PathLike) -> ShardIndex:
-    with np.load(index_path(shard_path), allow_pickle=False) as z:
+    with open_index(shard_path) as z:
         return ShardIndex(str(shard_path), z["keys"], z["labels"], z["confidence"], z["entropy"], z["probs"],
                           z["image_ext"], z["image_offset"], z["image_size"], int(z["version"]), z["logsumexp"])

@@ -1,7 +1,6 @@
 """The student's stream of pseudo-labeled images, and reading images by their index offsets."""
 from __future__ import annotations
 
-import os
 import random
 from typing import Callable, Iterator
 
@@ -9,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .. import storage
 from ..errors import DataError
 from .label_index import ShardIndex, read_index
 from .selection import Selection
@@ -26,9 +26,10 @@ def _decode_or_skip(data: bytes, channels: int, skips: SkipCounter, shard: str, 
 def members_by_offset(shard: str, index: ShardIndex, rows: list[int], skips: SkipCounter) -> Iterator[tuple[int, bytes]]:
     """(row, encoded image bytes) for the given index rows, one seek + read each: no tar parsing,
     no per-sample .npy (far cheaper than streaming the tar). Members cut off by a truncated file
-    are skipped and counted."""
-    size = os.path.getsize(shard)
-    with open(shard, "rb") as fh:
+    are skipped and counted. A remote shard is read in ranged blocks, rows in file order, so
+    nearby members come in one request."""
+    size = storage.info(shard)["size"]
+    with storage.open_read(shard) as fh:
         for i in sorted(rows):
             off, n = int(index.image_offset[i]), int(index.image_size[i])
             if off < 0 or off + n > size:

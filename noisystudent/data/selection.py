@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..errors import OODScoreError
 from ..io import atomic_path, read_json, sha256_json, write_json_atomic
-from .label_index import index_path, ood_scores_path
+from .label_index import index_path, ood_scores_path, open_index, open_npz
 
 
 @dataclass
@@ -109,17 +110,17 @@ def _repeats_name(position: int) -> str:
 
 def read_selection_fields(shard: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels, confidence) of one shard's index: only those two arrays are read from the file."""
-    with np.load(index_path(shard), allow_pickle=False) as z:
+    with open_index(shard) as z:
         return z["labels"], z["confidence"]
 
 
 def read_ood_scores(shard: str, score: str) -> np.ndarray:
     """One analysis score per sample of ``shard`` (index order, float32 as stored), from ``<shard>.ood.npz``."""
     path = ood_scores_path(shard)
-    if not path.is_file():
+    if not storage.exists(path):
         raise OODScoreError(f"{path} is missing: pseudo_label.ood_score needs the teacher's analysis "
                             "(run pipelines/analyze.py on the teacher, or keep analysis.enabled=true)")
-    with np.load(path, allow_pickle=False) as z, np.load(index_path(shard), allow_pickle=False) as ix:
+    with open_npz(path) as z, open_index(shard) as ix:
         if score not in z.files:
             raise OODScoreError(f"{path} has no score {score!r} (has {sorted(set(z.files) - {'keys'})})")
         if len(z["keys"]) != len(ix["keys"]) or not np.array_equal(z["keys"], ix["keys"]):
@@ -209,6 +210,7 @@ def _compact(repeats: np.ndarray) -> np.ndarray:
     return repeats.astype(dtype)
 
 
-def _index_stamp(shard: str) -> list[int]:
-    st = os.stat(index_path(shard))
-    return [st.st_size, st.st_mtime_ns]
+def _index_stamp(shard: str) -> list:
+    """The index's size and version: [size, mtime_ns] locally, the object's ETag etc. remotely."""
+    found = storage.info(index_path(shard))
+    return [found["size"], found["mtime_ns"]] if "mtime_ns" in found else sorted(found.items())

@@ -8,7 +8,6 @@ a reason, unsafe member names are refused, and nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -23,8 +22,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from .. import storage
 from ..errors import ShardError
-from ..io import atomic_path
 from .tar_reader import Damage, Member, SampleAssembler, iter_members, open_shard
 
 
@@ -75,14 +74,15 @@ class SkipCounter:
 
 
 def expand_urls(spec: str | Iterable[str]) -> list[str]:
-    """Expand a shard spec: brace pattern (``shard-{000000..000011}.tar``), glob, or a list."""
+    """Expand a shard spec: brace pattern (``shard-{000000..000011}.tar``), glob, or a list; local
+    paths or ``s3://``/``gs://``/``http(s)://`` URLs (globs need a listing: not on plain HTTP)."""
     from braceexpand import braceexpand  # a webdataset dependency
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for s in specs:
         for part in braceexpand(str(s)):
-            matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+            matches = storage.glob(part) if any(c in part for c in "*?[") else [part]
             urls.extend(matches)
     if not urls:
         raise ShardError(f"no shards match {spec!r}: check data.unlabeled_shards (brace pattern or glob)")
@@ -90,9 +90,12 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
 
 
 def input_identity(url: str) -> dict:
-    """What makes an input shard "the same" (label cache, hidden-field cache): where it is, its size and mtime."""
-    st = os.stat(url)
-    return {"path": os.path.realpath(url), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """What makes an input shard "the same" (label cache, hidden-field cache): where it is, its
+    size and version (mtime locally; ETag / Last-Modified / generation on object stores)."""
+    try:
+        return storage.identity(url)
+    except FileNotFoundError as exc:
+        raise ShardError(f"shard not found: {url}") from exc
 
 
 def iter_samples(url: str, skips: SkipCounter | None = None) -> Iterator[dict[str, Any]]:
@@ -106,16 +109,16 @@ def iter_samples(url: str, skips: SkipCounter | None = None) -> Iterator[dict[st
     and xz shards are read through their decompressor.
     """
     skips = skips if skips is not None else SkipCounter()
-    shard = os.path.basename(url)
-    if not os.path.exists(url):
+    shard = storage.basename(url)
+    if not storage.is_url(url) and not os.path.exists(url):
         raise ShardError(f"shard not found: {url}")
-    if os.path.getsize(url) == 0:
-        skips.skip("empty_tar", shard)
-        return
     samples = SampleAssembler(shard, skips)
     end: int | None = None
-    with open_shard(url) as raw:
-        for item in iter_members(raw):
+    with storage.open_read(url, sequential=True) as raw, open_shard(raw) as stream:
+        if not raw.peek(1):
+            skips.skip("empty_tar", shard)
+            return
+        for item in iter_members(stream):
             if isinstance(item, Member):
                 yield from samples.member(item)
             elif isinstance(item, Damage):
@@ -209,7 +212,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]],
     can later read a member with one seek instead of parsing the tar.
     """
     count = 0
-    with atomic_path(path) as tmp:
+    with storage.atomic_output(path) as tmp:
         with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for sample in samples:
                 key = sample["__key__"]

@@ -53,17 +53,18 @@ class End:
     offset: int  # where the end-of-archive marker starts
 
 
-def open_shard(path: str) -> BinaryIO:
-    """The shard's tar stream, decompressed when its first bytes say gzip, bzip2 or xz."""
-    with open(path, "rb") as fh:
-        head = fh.read(6)
+def open_shard(raw: BinaryIO) -> BinaryIO:
+    """The shard's tar stream from ``raw`` (a buffered binary file: local, or a remote stream),
+    decompressed when its first bytes say gzip, bzip2 or xz. Sniffing peeks, so a stream that
+    cannot seek (plain HTTP) is read once, from the start."""
+    head = raw.peek(6)[:6]
     if head.startswith(b"\x1f\x8b"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if head.startswith(b"BZh"):
-        return bz2.open(path, "rb")
+        return bz2.BZ2File(raw, "rb")
     if head.startswith(b"\xfd7zXZ\x00"):
-        return lzma.open(path, "rb")
-    return open(path, "rb")
+        return lzma.LZMAFile(raw, "rb")
+    return raw
 
 
 def _number(field: bytes) -> int | None:

@@ -19,11 +19,11 @@ from distributed import as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm import tqdm
 
+from .. import storage
 from ..config import ClusterConfig, DataConfig
-from ..data.label_index import INDEX_VERSION, features_path, index_path, index_version
+from ..data.label_index import INDEX_VERSION, features_path, index_path, index_version, summary_path
 from ..data.shard_io import SkipCounter, input_identity
 from ..io import (
-    read_json,
     remove_stale_temporaries,
     sha256_file,
     sha256_json,
@@ -35,9 +35,10 @@ from .shard import cached_teacher, pseudo_label_shard, release_teachers
 
 def output_name(input_url: str) -> str:
     """``<stem>-<hash of the input's directory>.tar``: readable, and distinct across corpora in one cache."""
-    base = os.path.basename(input_url)
+    base = storage.basename(input_url)
     stem = base[: -len(".tar")] if base.endswith(".tar") else base
-    where = sha256_json(os.path.realpath(os.path.dirname(input_url) or "."))[:8]
+    where = sha256_json(storage.parent(input_url) if storage.is_url(input_url)
+                        else os.path.realpath(os.path.dirname(input_url) or "."))[:8]
     return f"{stem}-{where}.tar"
 
 
@@ -48,23 +49,25 @@ def preprocessing_key(data: DataConfig, tta_hflip: bool, save_features: bool = F
 
 
 def label_cache_dir(cache_root: str | Path, teacher_sha256: str, data: DataConfig, tta_hflip: bool,
-                    save_features: bool = False) -> Path:
+                    save_features: bool = False) -> str:
+    """``<cache_root>/teacher-<sha>-pre-<key>``: a local directory or an object-store prefix."""
     key = sha256_json(preprocessing_key(data, tta_hflip, save_features))[:8]
-    return Path(cache_root) / f"teacher-{teacher_sha256[:16]}-pre-{key}"
+    return storage.join(storage.resolve(cache_root), f"teacher-{teacher_sha256[:16]}-pre-{key}")
 
 
-def shard_done(output_path: Path, identity: dict | None = None, features: bool = False) -> bool:
-    """Complete (the summary is written last), in the current index format, with features if
+def shard_done(output_path: str, identity: dict | None = None, features: bool = False) -> bool:
+    """Complete (the summary is published last), in the current index format, with features if
     asked, and - if ``identity`` is given - labeled from exactly that input file."""
-    summary_path = output_path.with_suffix(".summary.json")
-    if not (summary_path.is_file() and index_path(output_path).is_file() and output_path.is_file()):
+    summary = summary_path(output_path)
+    if not storage.exists(summary):
         return False
-    if features and not features_path(output_path).is_file():
+    needed = [index_path(output_path), output_path] + ([features_path(output_path)] if features else [])
+    if not all(storage.exists(p) for p in needed):
         return False
     try:
         if index_version(output_path) != INDEX_VERSION:
             return False
-        return identity is None or read_json(summary_path).get("input_identity") == identity
+        return identity is None or storage.read_json(summary).get("input_identity") == identity
     except Exception:  # noqa: BLE001 - unreadable index or summary: relabel the shard
         return False
 
@@ -107,24 +110,25 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
                  save_features: bool = False, channels_last: bool = False) -> dict:
     """Label every input shard through Dask, reusing cached shards; write and return the manifest.
 
-    Shards go to the label cache (``cache_dir``) or, without one, to ``out_dir``; the manifest
-    (``out_dir/manifest.json``) lists where every output is.
+    Shards go to the label cache (``cache_dir``: a local directory or an ``s3://``/``gs://``
+    prefix) or, without one, to ``out_dir``; the manifest (``out_dir/manifest.json``) lists where
+    every output is.
     """
     out_dir = Path(out_dir).resolve()  # the manifest lists absolute paths: usable from any directory
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = str(Path(checkpoint).resolve())
     sha = sha256_file(checkpoint)
-    shard_dir = label_cache_dir(Path(cache_dir).resolve(), sha, data, tta_hflip, save_features) if cache_dir else out_dir
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir = label_cache_dir(cache_dir, sha, data, tta_hflip, save_features) if cache_dir else str(out_dir)
+    storage.make_dirs(shard_dir)
     names = [output_name(u) for u in input_urls]
     if len(set(names)) != len(names):
         raise ValueError("input shards must have distinct file names (outputs are named after them)")
-    outputs = [shard_dir / n for n in names]
+    outputs = [storage.join(shard_dir, n) for n in names]
     identities = [input_identity(u) for u in input_urls]
     done = [shard_done(o, ident, save_features) for o, ident in zip(outputs, identities)]
     todo = [(u, o) for u, o, d in zip(input_urls, outputs, done) if not d]
     start = time.time()
-    summaries: dict[str, dict] = {str(o): read_json(o.with_suffix(".summary.json")) for o, d in zip(outputs, done) if d}
+    summaries: dict[str, dict] = {o: storage.read_json(summary_path(o)) for o, d in zip(outputs, done) if d}
     reused = len(summaries)
     dashboard = ""
     if todo:
@@ -136,7 +140,7 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
                 print(f"Dask dashboard: {dashboard}")
             client.register_plugin(TeacherPlugin(checkpoint, sha, data_dict, threads, channels_last), name=TeacherPlugin.name)
             futures = client.map(
-                _label_task, [u for u, _ in todo], [str(o) for _, o in todo],
+                _label_task, [u for u, _ in todo], [o for _, o in todo],
                 checkpoint=checkpoint, sha256=sha, data=data_dict, infer_batch_size=batch_size, device=device, amp=amp,
                 threads=threads, tta_hflip=tta_hflip, save_features=save_features, channels_last=channels_last, pure=False, retries=cluster.task_retries,
                 resources=task_resources(cluster),
@@ -147,8 +151,8 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
                     summaries[s["output"]] = s
                     bar.update(1)
     wall = time.time() - start
-    stale = remove_stale_temporaries(shard_dir, [o.stem for o in outputs])  # every output is complete: any temp left is stale
-    manifest = build_manifest([summaries[str(o)] for o in outputs], {str(o) for _, o in todo}, reused, wall, stale,
+    stale = remove_stale_outputs(shard_dir, names)
+    manifest = build_manifest([summaries[o] for o in outputs], {o for _, o in todo}, reused, wall, stale,
                               teacher={"checkpoint": checkpoint, "sha256": sha, "mlflow_run_id": teacher_run_id},
                               preprocessing=preprocessing_key(data, tta_hflip, save_features), shard_dir=shard_dir,
                               dashboard=dashboard, cluster=cluster)
@@ -156,8 +160,19 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
     return manifest
 
 
+def remove_stale_outputs(shard_dir: str, names: list[str]) -> int:
+    """Once every output is complete, what killed writers left of them is stale: temporaries in a
+    local shard directory, or staging files and unfinished (invisible) multipart uploads of a
+    remote one. Returns how many were removed."""
+    stems = [n[: -len(".tar")] if n.endswith(".tar") else n for n in names]
+    if not storage.is_url(shard_dir):
+        return remove_stale_temporaries(shard_dir, stems)
+    return remove_stale_temporaries(storage.staging_dir_for(shard_dir), stems) + \
+        storage.abort_unfinished_uploads(shard_dir, stems)
+
+
 def build_manifest(ordered: list[dict], labeled_now: set[str], reused: int, wall: float, stale: int, *, teacher: dict,
-                   preprocessing: dict, shard_dir: Path, dashboard: str, cluster: ClusterConfig) -> dict:
+                   preprocessing: dict, shard_dir: str, dashboard: str, cluster: ClusterConfig) -> dict:
     """The job's manifest: every shard's summary in input order, totals, skips and throughput."""
     skipped = SkipCounter()
     for s in ordered:

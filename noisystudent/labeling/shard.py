@@ -5,17 +5,16 @@ The model is loaded once per worker process (cached by checkpoint sha256) and re
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from .. import storage
 from ..config import DataConfig
-from ..data.label_index import META_EXT, PROBS_EXT, features_path, write_index
+from ..data.label_index import META_EXT, PROBS_EXT, features_path, summary_path, write_index
 from ..data.shard_io import (
     EVAL_EXT,
     SkipCounter,
@@ -26,7 +25,6 @@ from ..data.shard_io import (
     write_shard,
 )
 from ..engine.precision import autocast
-from ..io import atomic_path, write_json_atomic
 from ..models import load_model, pooled_and_logits
 from ..noise import create_eval_transform
 
@@ -90,10 +88,13 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
                        teacher_id: str, batch_size: int = 512, device: str = "cpu", amp: str = "off",
                        tta_hflip: bool = False, save_features: bool = False) -> ShardLabelSummary:
     """Label one input shard into one output shard (+ index, + pooled features if asked),
-    streaming with bounded memory (features are float16 rows: 1 KB per 512-d image)."""
+    streaming with bounded memory (features are float16 rows: 1 KB per 512-d image).
+
+    Outputs are published in order - tar, features, index, summary - each atomically (renamed
+    locally, uploaded whole to an object store), so the summary's presence means the rest is there."""
     start = time.time()
     skips = SkipCounter()
-    shard_name = os.path.basename(input_url)
+    shard_name = storage.basename(input_url)
     identity = input_identity(input_url)  # before reading: a concurrent rewrite then shows up as a mismatch
     keys: list[str] = []
     labels: list[int] = []
@@ -150,7 +151,7 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
     probs = np.stack(probs_rows) if probs_rows else np.zeros((0, num_out), np.float16)
     if save_features:  # before the index: the index marks the shard complete
         dim = int(getattr(model, "num_features", 0) or 0)
-        with atomic_path(features_path(output_path)) as tmp, open(tmp, "wb") as fh:
+        with storage.atomic_output(features_path(output_path)) as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.concatenate(feature_rows) if feature_rows else np.zeros((0, dim), np.float16))
     write_index(output_path, keys, labels, confs, ents, probs, members, logsumexp=lse)
     num_classes = int(getattr(model, "num_classes", 0) or (max(labels) + 1 if labels else 0))
@@ -160,5 +161,5 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
         confidence_hist=np.histogram(np.asarray(confs), bins=10, range=(0.0, 1.0))[0].tolist(),
         seconds=time.time() - start, hidden_tags=hidden_tags,
     )
-    write_json_atomic(Path(output_path).with_suffix(".summary.json"), asdict(summary))
+    storage.write_json(summary_path(output_path), asdict(summary))
     return summary

@@ -121,8 +121,8 @@ class Tracker:
         try:
             exp = mlflow.get_experiment_by_name(self.experiment)
             if exp is None:
-                artifacts = None
-                if local_store:  # keep artifacts beside the store, inside the run directory
+                artifacts = cfg.artifact_location or None
+                if local_store and not artifacts:  # keep artifacts beside the store, inside the run directory
                     artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri()
                 self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts,
                                                               tags={EXPERIMENT_KIND: TRAINING_KIND})
