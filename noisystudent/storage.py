@@ -30,8 +30,13 @@ from .io import atomic_path, json_bytes
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _READ_ONLY = {"http", "https"}
-#: Multipart part size for uploads: S3's minimum is 5 MiB; bigger parts mean fewer requests.
-UPLOAD_PART_BYTES = 16 * 2**20
+#: Uploads send at most UPLOAD_CONCURRENCY parts of UPLOAD_PART_BYTES at once (S3's minimum part
+#: is 5 MiB), and reads fetch READ_BLOCK_BYTES per request: what a process holds for storage stays
+#: near 32 MiB per open file whatever the shard size (s3fs' defaults, 10 x 50 MiB parts and 50 MiB
+#: read blocks, made peak memory grow with the shard: benchmarks/object_storage.py).
+UPLOAD_PART_BYTES = 8 * 2**20
+UPLOAD_CONCURRENCY = 4
+READ_BLOCK_BYTES = 8 * 2**20
 _EXTRAS = {"s3": "s3fs (pip install 'noisystudent[s3]')", "gs": "gcsfs (pip install 'noisystudent[gcs]')",
            "gcs": "gcsfs (pip install 'noisystudent[gcs]')"}
 
@@ -152,7 +157,7 @@ def open_read(location: str | os.PathLike, *, sequential: bool = False) -> Itera
         return
     url = str(location)
     fs, path = filesystem(url)
-    kwargs = {"block_size": 0} if sequential and scheme(url) in _READ_ONLY else {}
+    kwargs = {"block_size": 0} if sequential and scheme(url) in _READ_ONLY else {"block_size": READ_BLOCK_BYTES}
     try:
         fh = fs.open(path, "rb", **kwargs)
     except Exception as exc:  # noqa: BLE001
@@ -217,7 +222,7 @@ def atomic_output(location: str | os.PathLike) -> Iterator[Path]:
 def publish(local_file: str | os.PathLike, url: str) -> None:
     """Upload a complete local file to ``url``; the object appears only when the upload succeeds."""
     fs, path = filesystem(url)
-    kwargs = {"chunksize": UPLOAD_PART_BYTES} if scheme(url) == "s3" else {}
+    kwargs = {"chunksize": UPLOAD_PART_BYTES, "max_concurrency": UPLOAD_CONCURRENCY} if scheme(url) == "s3" else {}
     try:
         fs.put_file(str(local_file), path, **kwargs)
         fs.invalidate_cache(path)
