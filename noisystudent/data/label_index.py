@@ -57,10 +57,14 @@ def ood_scores_path(shard_path: str | os.PathLike) -> str:
     return _sibling(shard_path, ".ood.npz")
 
 
+def shard_stem(name: str) -> str:
+    """A shard's file name without ``.tar``: what its sidecars and temporaries are named after."""
+    return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
 def _sibling(shard_path: str | os.PathLike, suffix: str) -> str:
     """A file beside the shard (a local path or a URL, like the shard)."""
-    name = storage.basename(shard_path)
-    return storage.join(storage.parent(shard_path), (name[: -len(".tar")] if name.endswith(".tar") else name) + suffix)
+    return storage.join(storage.parent(shard_path), shard_stem(storage.basename(shard_path)) + suffix)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The student's stream of pseudo-labeled images, and reading images by their index offsets."""
 from __future__ import annotations
 
+import io
 import random
 from typing import Callable, Iterator
 
@@ -28,8 +29,8 @@ def members_by_offset(shard: str, index: ShardIndex, rows: list[int], skips: Ski
     no per-sample .npy (far cheaper than streaming the tar). Members cut off by a truncated file
     are skipped and counted. A remote shard is read in ranged blocks, rows in file order, so
     nearby members come in one request."""
-    size = storage.info(shard)["size"]
     with storage.open_read(shard) as fh:
+        size = fh.seek(0, io.SEEK_END)  # the open file knows it: no extra request for a remote shard
         for i in sorted(rows):
             off, n = int(index.image_offset[i]), int(index.image_size[i])
             if off < 0 or off + n > size:

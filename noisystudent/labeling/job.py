@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .. import storage
 from ..config import ClusterConfig, DataConfig
-from ..data.label_index import INDEX_VERSION, features_path, index_path, index_version, summary_path
+from ..data.label_index import INDEX_VERSION, features_path, index_path, index_version, shard_stem, summary_path
 from ..data.shard_io import SkipCounter, input_identity
 from ..io import (
     remove_stale_temporaries,
@@ -35,8 +35,7 @@ from .shard import cached_teacher, pseudo_label_shard, release_teachers
 
 def output_name(input_url: str) -> str:
     """``<stem>-<hash of the input's directory>.tar``: readable, and distinct across corpora in one cache."""
-    base = storage.basename(input_url)
-    stem = base[: -len(".tar")] if base.endswith(".tar") else base
+    stem = shard_stem(storage.basename(input_url))
     where = sha256_json(storage.parent(input_url) if storage.is_url(input_url)
                         else os.path.realpath(os.path.dirname(input_url) or "."))[:8]
     return f"{stem}-{where}.tar"
@@ -55,21 +54,27 @@ def label_cache_dir(cache_root: str | Path, teacher_sha256: str, data: DataConfi
     return storage.join(storage.resolve(cache_root), f"teacher-{teacher_sha256[:16]}-pre-{key}")
 
 
-def shard_done(output_path: str, identity: dict | None = None, features: bool = False) -> bool:
-    """Complete (the summary is published last), in the current index format, with features if
-    asked, and - if ``identity`` is given - labeled from exactly that input file."""
+def finished_summary(output_path: str, identity: dict | None = None, features: bool = False) -> dict | None:
+    """The shard's labeling summary if it is complete (the summary is published last), in the
+    current index format, with features if asked, and - if ``identity`` is given - labeled from
+    exactly that input file; else None."""
     summary = summary_path(output_path)
     if not storage.exists(summary):
-        return False
+        return None
     needed = [index_path(output_path), output_path] + ([features_path(output_path)] if features else [])
     if not all(storage.exists(p) for p in needed):
-        return False
+        return None
     try:
         if index_version(output_path) != INDEX_VERSION:
-            return False
-        return identity is None or storage.read_json(summary).get("input_identity") == identity
+            return None
+        found = storage.read_json(summary)
+        return found if identity is None or found.get("input_identity") == identity else None
     except Exception:  # noqa: BLE001 - unreadable index or summary: relabel the shard
-        return False
+        return None
+
+
+def shard_done(output_path: str, identity: dict | None = None, features: bool = False) -> bool:
+    return finished_summary(output_path, identity, features) is not None
 
 
 def _label_task(input_url: str, output_path: str, checkpoint: str, sha256: str, data: dict, infer_batch_size: int,
@@ -125,10 +130,10 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
         raise ValueError("input shards must have distinct file names (outputs are named after them)")
     outputs = [storage.join(shard_dir, n) for n in names]
     identities = [input_identity(u) for u in input_urls]
-    done = [shard_done(o, ident, save_features) for o, ident in zip(outputs, identities)]
-    todo = [(u, o) for u, o, d in zip(input_urls, outputs, done) if not d]
+    finished = [finished_summary(o, ident, save_features) for o, ident in zip(outputs, identities)]
+    todo = [(u, o) for u, o, f in zip(input_urls, outputs, finished) if f is None]
     start = time.time()
-    summaries: dict[str, dict] = {o: storage.read_json(summary_path(o)) for o, d in zip(outputs, done) if d}
+    summaries: dict[str, dict] = {o: f for o, f in zip(outputs, finished) if f is not None}  # read once, above
     reused = len(summaries)
     dashboard = ""
     if todo:
@@ -164,7 +169,7 @@ def remove_stale_outputs(shard_dir: str, names: list[str]) -> int:
     """Once every output is complete, what killed writers left of them is stale: temporaries in a
     local shard directory, or staging files and unfinished (invisible) multipart uploads of a
     remote one. Returns how many were removed."""
-    stems = [n[: -len(".tar")] if n.endswith(".tar") else n for n in names]
+    stems = [shard_stem(n) for n in names]
     if not storage.is_url(shard_dir):
         return remove_stale_temporaries(shard_dir, stems)
     return remove_stale_temporaries(storage.staging_dir_for(shard_dir), stems) + \
