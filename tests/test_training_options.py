@@ -4,6 +4,7 @@ images."""
 from __future__ import annotations
 
 import os
+from copy import deepcopy
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from noisystudent.config import AugmentConfig, Config, ConfigError, TrainConfig, load_config
 from noisystudent.data.imagefolder import LabeledImages
-from noisystudent.engine.precision import resolve_amp
+from noisystudent.engine.precision import keep_fp32_where_cpu_bf16_fails, resolve_amp
 from noisystudent.engine.train import train_model
 from noisystudent.errors import NonFiniteTrainingError
 from noisystudent.models import load_checkpoint
@@ -88,8 +89,36 @@ BF16_NAN_SETTINGS = replace(STAGE, epochs=4, grad_clip=1.0, warmup_epochs=0.5)
 
 
 def test_bf16_autocast_on_cpu_learns_with_clipping_and_short_warmup(tmp_path):
-    skipped = _learns_in_bf16(tmp_path, BF16_NAN_SETTINGS)
-    print("bf16 skipped steps per epoch:", skipped)  # kept in the log: > 0 means the guard caught a NaN
+    # at 16 px resnet10t's layer4.0.conv1 (stride 2) sees a 1x1 map: its bf16 weight gradient was
+    # garbage on AVX512-BF16 CPUs, so steps were skipped (or clipped to nothing) and val_top1 fell below 0.5
+    assert _learns_in_bf16(tmp_path, BF16_NAN_SETTINGS) == [0] * 4
+
+
+def _strided_conv_on_one_pixel() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.Flatten(), torch.nn.Linear(64, 4))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_stride_wider_than_its_input_gets_true_weight_gradients_under_cpu_bf16(channels_last):
+    fp32, bf16 = _strided_conv_on_one_pixel(), _strided_conv_on_one_pixel()
+    assert keep_fp32_where_cpu_bf16_fails(bf16) == 1  # the strided conv only
+    ema_copy = deepcopy(bf16)  # the EMA's copy must run its own weights, not the original's
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for model in (fp32, bf16, ema_copy):
+        model.to(memory_format=memory_format)
+    for call in range(8):  # the kernel's garbage came on most calls, not all
+        x = torch.randn(16, 32, 1, 1).contiguous(memory_format=memory_format)
+        grads = []
+        for model, amp in ((fp32, False), (bf16, True), (ema_copy, True)):
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                model(x).float().square().sum().backward()
+            grads.append(model[0].weight.grad)
+        for g in grads[1:]:  # bf16 rounding elsewhere: well under 5% of the largest entry (garbage was 1e13 and up)
+            assert ((g - grads[0]).abs().max() / grads[0].abs().max()).item() < 0.05, f"call {call}"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a map as wide as the stride keeps bf16
+        assert bf16[0](torch.randn(2, 32, 2, 2)).dtype == torch.bfloat16
 
 
 @pytest.mark.slow

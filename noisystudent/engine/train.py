@@ -30,7 +30,7 @@ from .device import epoch_seed, resolve_device, rng_fingerprint, seed_everything
 from .evaluate import eval_loader, predict
 from .metrics import classification_report
 from .optim import NonFiniteGuard, Optimization
-from .precision import autocast
+from .precision import autocast, keep_fp32_where_cpu_bf16_fails, resolve_amp
 
 
 @dataclass
@@ -144,6 +144,8 @@ def build_model(spec: ModelSpec, recipe: TrainConfig, cfg: Config, device: torch
         if missing.missing_keys:
             raise ValueError(f"student.init=teacher needs the same architecture; missing keys e.g. {missing.missing_keys[:3]}")
     model.to(device)
+    if device.type == "cpu" and resolve_amp(cfg.amp, device) == "bf16":
+        keep_fp32_where_cpu_bf16_fails(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None) \
