@@ -87,7 +87,8 @@ def _image_bytes(value, row: int) -> bytes:
 
 
 def log_servable_model(checkpoint: str | Path, spec: ModelSpec, data: DataConfig, workdir: Path, **log_kwargs):
-    """Log ``checkpoint`` as an :class:`ImageClassifier` pyfunc model named ``model`` in the active run."""
+    """Log ``checkpoint`` as an :class:`ImageClassifier` pyfunc model named ``model`` in the active run
+    (built from code by ``pyfunc_model.py``, not pickled)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
@@ -100,7 +101,7 @@ def log_servable_model(checkpoint: str | Path, spec: ModelSpec, data: DataConfig
     # one float image at the model's size (a DataFrame example trips a pandas 3 deprecation inside
     # MLflow 3.17); MLflow serves it back through predict while logging: an end-to-end check
     example = np.full((1, spec.in_chans, spec.image_size, spec.image_size), 0.5, np.float32)
-    return mlflow.pyfunc.log_model(name="model", python_model=ImageClassifier(),
+    return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                                    artifacts={"checkpoint": str(checkpoint), "data": str(data_file)},
                                    code_paths=[str(Path(__file__).resolve().parents[1])], signature=signature,
                                    input_example=example, **log_kwargs)
