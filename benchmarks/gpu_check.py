@@ -24,6 +24,7 @@ Without CUDA every CUDA part prints why it is skipped and only ``loader_224`` ru
 The smoke data is prepared from the Fashion-MNIST files when the machine has them, else from a
 synthetic stand-in with the same layout (then accuracies mean nothing; the run still must work).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,7 +85,7 @@ def run_part(name: str, needs_cuda: bool, cuda: bool, run, start: float, budget_
     print(f"[gpu_check] {name} ...", file=sys.stderr)
     try:
         result = {"status": "ok", **run()}
-    except Exception as exc:  # noqa: BLE001 - one broken part must not hide the others' figures
+    except Exception as exc:
         traceback.print_exc()
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[-2000:]}
     result["seconds"] = round(time.time() - t0, 1)
@@ -100,15 +101,24 @@ def write_report(report: dict, path: Path, start: float) -> None:
 
 
 def environment(torch) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-           "cuda": torch.cuda.is_available()}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
     if env["cuda"]:
-        env.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), cuda_version=torch.version.cuda,
-                   bf16_supported=torch.cuda.is_bf16_supported())
+        env.update(
+            gpu=torch.cuda.get_device_name(0),
+            gpus=torch.cuda.device_count(),
+            cuda_version=torch.version.cuda,
+            bf16_supported=torch.cuda.is_bf16_supported(),
+        )
     return env
 
 
 # ------------------------------------------------------------------ the smoke loop on CUDA
+
 
 def smoke_data(out: Path) -> Path:
     """The tests' smoke dataset (prepared once per work dir)."""
@@ -116,8 +126,16 @@ def smoke_data(out: Path) -> Path:
 
     if not (out / "data" / "labeled").is_dir():
         source = FMNIST if (FMNIST / "train-images-idx3-ubyte.gz").is_file() else synthetic_idx(out / "src")
-        prepare_fashion_mnist(out / "data", source_dir=source, labels_per_class=10, val_per_class=5, shard_size=125,
-                              ood_fraction=0.06, seed=0, show_progress=False)
+        prepare_fashion_mnist(
+            out / "data",
+            source_dir=source,
+            labels_per_class=10,
+            val_per_class=5,
+            shard_size=125,
+            ood_fraction=0.06,
+            seed=0,
+            show_progress=False,
+        )
     return out / "data"
 
 
@@ -133,7 +151,7 @@ def synthetic_idx(out: Path) -> Path:
     def images(labels: np.ndarray) -> np.ndarray:
         x = rng.integers(0, 90, (len(labels), 28, 28), dtype=np.uint8)
         for i, c in enumerate(labels):
-            x[i, 2 * c + 4: 2 * c + 7, 3:25] = 230
+            x[i, 2 * c + 4 : 2 * c + 7, 3:25] = 230
         return x
 
     def write(path: Path, array: np.ndarray) -> None:
@@ -152,8 +170,12 @@ def synthetic_idx(out: Path) -> Path:
 
 
 def data_overrides(data: Path) -> list[str]:
-    return [f"data.labeled_dir={data / 'labeled' / 'train'}", f"data.val_dir={data / 'labeled' / 'val'}",
-            f"data.test_dir={data / 'labeled' / 'test'}", f"data.unlabeled_shards={data / 'unlabeled' / 'shard-*.tar'}"]
+    return [
+        f"data.labeled_dir={data / 'labeled' / 'train'}",
+        f"data.val_dir={data / 'labeled' / 'val'}",
+        f"data.test_dir={data / 'labeled' / 'test'}",
+        f"data.unlabeled_shards={data / 'unlabeled' / 'shard-*.tar'}",
+    ]
 
 
 def noisystudent(*args: str, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -167,26 +189,46 @@ def noisystudent(*args: str, overrides: list[str], timeout: int = 300) -> subpro
 
 
 def smoke_loop(data: Path, run_dir: Path, amp: str, analysis: bool) -> dict:
-    overrides = [f"run_dir={run_dir}", "device=cuda", f"amp={amp}", f"analysis.enabled={str(analysis).lower()}",
-                 "tracking.log_models=false", *data_overrides(data)]
+    overrides = [
+        f"run_dir={run_dir}",
+        "device=cuda",
+        f"amp={amp}",
+        f"analysis.enabled={str(analysis).lower()}",
+        "tracking.log_models=false",
+        *data_overrides(data),
+    ]
     t0 = time.time()
     noisystudent("iterate", *([] if analysis else ["--generations", "1"]), overrides=overrides, timeout=300)
     rows = json.loads((run_dir / "results.json").read_text())
     keep = ("generation", "model", "images_kept", "pl_acc", "pl_acc_kept", "test_top1", "test_ece", "val_top1")
     histories = [json.loads(p.read_text())["history"] for p in sorted(run_dir.glob("gen-*/*/result.json"))]
-    return {"wall_s": round(time.time() - t0, 1), "results": [{k: r.get(k) for k in keep} for r in rows],
-            "skipped_steps": sum(h.get("skipped_steps", 0) for hist in histories for h in hist),
-            "train_img_s_last_epoch": [hist[-1]["images_per_sec"] for hist in histories if hist]}
+    return {
+        "wall_s": round(time.time() - t0, 1),
+        "results": [{k: r.get(k) for k in keep} for r in rows],
+        "skipped_steps": sum(h.get("skipped_steps", 0) for hist in histories for h in hist),
+        "train_img_s_last_epoch": [hist[-1]["images_per_sec"] for hist in histories if hist],
+    }
 
 
 def compile_teacher(data: Path, out: Path) -> dict:
-    overrides = ["device=cuda", "amp=bf16", "compile=true", "channels_last=true", "tracking.enabled=false",
-                 "teacher.epochs=3", *data_overrides(data)]
+    overrides = [
+        "device=cuda",
+        "amp=bf16",
+        "compile=true",
+        "channels_last=true",
+        "tracking.enabled=false",
+        "teacher.epochs=3",
+        *data_overrides(data),
+    ]
     t0 = time.time()
     noisystudent("teacher", "--out", str(out), overrides=overrides, timeout=300)
     history = json.loads((out / "result.json").read_text())["history"]
-    return {"wall_s": round(time.time() - t0, 1), "img_s_by_epoch": [h["images_per_sec"] for h in history],
-            "val_top1": history[-1].get("val_top1"), "train_loss": history[-1]["train_loss"]}
+    return {
+        "wall_s": round(time.time() - t0, 1),
+        "img_s_by_epoch": [h["images_per_sec"] for h in history],
+        "val_top1": history[-1].get("val_top1"),
+        "train_loss": history[-1]["train_loss"],
+    }
 
 
 def dask_local_gpu(data: Path, bf16_run: Path, out: Path) -> dict:
@@ -195,15 +237,29 @@ def dask_local_gpu(data: Path, bf16_run: Path, out: Path) -> dict:
         raise RuntimeError(f"{teacher} is missing: the smoke_bf16 part did not finish")
     cmd_overrides = ["tracking.enabled=false", *data_overrides(data)]
     overlay = str(REPO / "configs" / "cluster" / "local-gpu.yaml")
-    noisystudent("pseudo-label", "--teacher", str(teacher), "--out", str(out), "--overlay", overlay,
-                 overrides=cmd_overrides, timeout=300)
+    noisystudent(
+        "pseudo-label",
+        "--teacher",
+        str(teacher),
+        "--out",
+        str(out),
+        "--overlay",
+        overlay,
+        overrides=cmd_overrides,
+        timeout=300,
+    )
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"samples": manifest["total_samples"], "skipped": manifest["skipped"]["total"],
-            "throughput_img_s": manifest["throughput_img_s"], "wall_s": manifest["wall_seconds"],
-            "cluster": manifest.get("cluster")}
+    return {
+        "samples": manifest["total_samples"],
+        "skipped": manifest["skipped"]["total"],
+        "throughput_img_s": manifest["throughput_img_s"],
+        "wall_s": manifest["wall_seconds"],
+        "cluster": manifest.get("cluster"),
+    }
 
 
 # ------------------------------------------------------------------ 224 px throughput
+
 
 class TensorBatches:
     """Pre-made tensors on the GPU in the shape of :class:`engine.batches.BatchSource`: the
@@ -236,7 +292,7 @@ def throughput_224(torch, batch: int = 128, steps: int = 30) -> dict:
         model = timm.create_model(name, num_classes=1000).to(device).to(memory_format=torch.channels_last).train()
         opt = create_optimizer(model, recipe)
 
-        def bare(n: int) -> float:
+        def bare(n: int, model=model, opt=opt) -> float:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(n):
@@ -253,13 +309,38 @@ def throughput_224(torch, batch: int = 128, steps: int = 30) -> dict:
         optimization = Optimization(model, recipe, steps, "bf16", device)
         batches = TensorBatches(x, y, steps)
         guard = NonFiniteGuard(20, model)
-        train_epoch(model, model, TensorBatches(x, y, 5), optimization, guard, recipe, 0, amp="bf16", log_every=50,
-                    desc="warm-up", show_progress=False)
-        row = train_epoch(model, model, batches, optimization, guard, recipe, 0, amp="bf16", log_every=50,
-                          desc="bench", show_progress=False)
-        out[name] = {"bare_img_s": round(bare_img_s, 1), "pipeline_img_s": round(row["images_per_sec"], 1),
-                     "pipeline_over_bare": round(row["images_per_sec"] / bare_img_s, 3),
-                     "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        train_epoch(
+            model,
+            model,
+            TensorBatches(x, y, 5),
+            optimization,
+            guard,
+            recipe,
+            0,
+            amp="bf16",
+            log_every=50,
+            desc="warm-up",
+            show_progress=False,
+        )
+        row = train_epoch(
+            model,
+            model,
+            batches,
+            optimization,
+            guard,
+            recipe,
+            0,
+            amp="bf16",
+            log_every=50,
+            desc="bench",
+            show_progress=False,
+        )
+        out[name] = {
+            "bare_img_s": round(bare_img_s, 1),
+            "pipeline_img_s": round(row["images_per_sec"], 1),
+            "pipeline_over_bare": round(row["images_per_sec"] / bare_img_s, 3),
+            "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        }
         del model, opt, optimization
         torch.cuda.empty_cache()
     return out
@@ -291,8 +372,9 @@ def loader_224(torch, jpeg_dir: Path, parts: dict, images: int = 768, batch: int
     labeled = load_labeled(str(jpeg_dir), 3, create_train_transform(data, cfg.student.augment, seed=0))
     workers = resolve_num_workers(-1, device)
     recipe = type(cfg.student)(**{**cfg.student.__dict__, "batch_size": batch, "steps_per_epoch": 0})
-    batches = BatchSource(recipe, labeled, None, seed=0, num_workers=workers, channels_last=True, device=device,
-                          env=DistEnv())
+    batches = BatchSource(
+        recipe, labeled, None, seed=0, num_workers=workers, channels_last=True, device=device, env=DistEnv()
+    )
     for epoch in range(2):  # epoch 0 starts the workers; epoch 1 is timed
         t0 = time.perf_counter()
         seen = 0
@@ -301,8 +383,13 @@ def loader_224(torch, jpeg_dir: Path, parts: dict, images: int = 768, batch: int
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    out = {"device": device.type, "workers": workers, "image_size": data.image_size, "batch": batch,
-           "loader_img_s": round(seen / seconds, 1)}
+    out = {
+        "device": device.type,
+        "workers": workers,
+        "image_size": data.image_size,
+        "batch": batch,
+        "loader_img_s": round(seen / seconds, 1),
+    }
     step = parts.get("throughput_224", {}).get("resnet50", {}).get("pipeline_img_s")
     if step:
         out["gpu_step_img_s_resnet50"] = step

@@ -8,9 +8,10 @@ Prints JSON. In one command, on the same teacher, corpus and thread budget:
     ``threads_per_worker``), writing shards + indexes + manifest;
 (c) worker peak RSS while labeling a small shard and a shard 10x larger: streaming keeps it flat.
 
-    python benchmarks/label_throughput.py [--config configs/default.yaml] [--shards 'data/default/unlabeled/shard-*.tar']
-        [--teacher runs/default/gen-0/teacher/model.pt] [--max-shards 4]
+    python benchmarks/label_throughput.py [--config configs/default.yaml]
+        [--shards 'data/default/unlabeled/shard-*.tar'] [--teacher runs/default/gen-0/teacher/model.pt] [--max-shards 4]
 """
+
 import argparse
 import json
 import tempfile
@@ -33,20 +34,27 @@ def _label_one_in_fresh_worker(checkpoint: str, shard: str, out: str, data: dict
 
     rss_before = _peak_rss_mb()
     summary = _label_task(shard, out, checkpoint, sha256_file(checkpoint), data, 256, "cpu", "off", threads)
-    return {"samples": summary["samples"], "peak_rss_mb": round(_peak_rss_mb(), 1), "rss_before_mb": round(rss_before, 1)}
+    return {
+        "samples": summary["samples"],
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "rss_before_mb": round(rss_before, 1),
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_config_args(p)
-    p.add_argument("--teacher", default=None, help="teacher model.pt (default: a random-weight model of the gen-0 architecture)")
+    p.add_argument(
+        "--teacher", default=None, help="teacher model.pt (default: a random-weight model of the gen-0 architecture)"
+    )
     p.add_argument("--shards", default=None, help="input shard pattern (default: data.unlabeled_shards)")
     p.add_argument("--max-shards", type=int, default=4, help="shards used for the throughput runs")
     args = p.parse_args()
     cfg = cli.config_from_args(args)
 
-    import torch
     from dataclasses import asdict
+
+    import torch
     from distributed import Client, LocalCluster
 
     from noisystudent.data.shard_io import decode_image, expand_urls, image_bytes, iter_samples, write_shard
@@ -60,8 +68,15 @@ def main() -> int:
         tmp = Path(tmp)
         checkpoint = args.teacher
         if checkpoint is None:
-            spec = ModelSpec(cfg.model_for_generation(0), 10, cfg.data.channels, cfg.data.image_size,
-                             [str(i) for i in range(10)], list(cfg.data.mean), list(cfg.data.std))
+            spec = ModelSpec(
+                cfg.model_for_generation(0),
+                10,
+                cfg.data.channels,
+                cfg.data.image_size,
+                [str(i) for i in range(10)],
+                list(cfg.data.mean),
+                list(cfg.data.std),
+            )
             checkpoint = str(tmp / "teacher.pt")
             save_model(checkpoint, create_model(spec).eval(), spec)
 
@@ -84,8 +99,16 @@ def main() -> int:
         bare = n / (time.perf_counter() - t0)
 
         # (b) the real stage through a LocalCluster
-        manifest = label_corpus(checkpoint, urls, tmp / "labels", cfg.data, cfg.cluster, cfg.pseudo_label.batch_size,
-                                show_progress=False, channels_last=cfg.channels_last)
+        manifest = label_corpus(
+            checkpoint,
+            urls,
+            tmp / "labels",
+            cfg.data,
+            cfg.cluster,
+            cfg.pseudo_label.batch_size,
+            show_progress=False,
+            channels_last=cfg.channels_last,
+        )
         dask_img_s = manifest["throughput_img_s"]
         assert manifest["total_samples"] == n, "the stage labeled a different number of samples than the bare loop"
 
@@ -96,19 +119,43 @@ def main() -> int:
         write_shard(big, ({**s, "__key__": f"{s['__key__']}r{r}"} for r in range(10) for s in samples))
         memory = {}
         for name, shard in (("shard_500", small), ("shard_5000", big)):
-            with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                              dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-                memory[name] = client.submit(_label_one_in_fresh_worker, checkpoint, str(shard), str(tmp / f"out-{name}.tar"),
-                                             asdict(cfg.data), 1, pure=False).result()
+            with (
+                LocalCluster(
+                    n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+                ) as cluster,
+                Client(cluster) as client,
+            ):
+                memory[name] = client.submit(
+                    _label_one_in_fresh_worker,
+                    checkpoint,
+                    str(shard),
+                    str(tmp / f"out-{name}.tar"),
+                    asdict(cfg.data),
+                    1,
+                    pure=False,
+                ).result()
 
-    print(json.dumps({
-        "model": cfg.model_for_generation(0), "image_size": cfg.data.image_size, "shards": len(urls), "samples": n,
-        "workers": cfg.cluster.n_workers, "threads_per_worker": cfg.cluster.threads_per_worker,
-        "bare_img_s": round(bare, 1), "dask_stage_img_s": dask_img_s,
-        "dask_over_bare": round(dask_img_s / bare, 3) if dask_img_s else None,
-        "dask_wall_seconds": manifest["wall_seconds"], "worker_memory": memory,
-        "peak_rss_growth_10x_shard_mb": round(memory["shard_5000"]["peak_rss_mb"] - memory["shard_500"]["peak_rss_mb"], 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": cfg.model_for_generation(0),
+                "image_size": cfg.data.image_size,
+                "shards": len(urls),
+                "samples": n,
+                "workers": cfg.cluster.n_workers,
+                "threads_per_worker": cfg.cluster.threads_per_worker,
+                "bare_img_s": round(bare, 1),
+                "dask_stage_img_s": dask_img_s,
+                "dask_over_bare": round(dask_img_s / bare, 3) if dask_img_s else None,
+                "dask_wall_seconds": manifest["wall_seconds"],
+                "worker_memory": memory,
+                "peak_rss_growth_10x_shard_mb": round(
+                    memory["shard_5000"]["peak_rss_mb"] - memory["shard_500"]["peak_rss_mb"], 1
+                ),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ local path (the baseline) and once on an ``s3://`` URL, and reports seconds and 
 
     python benchmarks/object_storage.py [--sizes-mb 16 64 256] [--member-kb 110]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,8 @@ else:
                        offsets[:, 0], offsets[:, 1], 3, np.zeros(n))
     moved = sum(len(b) for _, b in members_by_offset(target, index, rows.tolist(), SkipCounter()))
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": round(seconds, 3), "client_setup_s": round(setup, 3), "mb": round(moved / 2**20, 1), "mb_per_s": round(moved / 2**20 / seconds, 1),
+print(json.dumps({"seconds": round(seconds, 3), "client_setup_s": round(setup, 3), "mb": round(moved / 2**20, 1),
+                  "mb_per_s": round(moved / 2**20 / seconds, 1),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   "rss_before_mb": round(rss0, 1)}))
 """
@@ -81,8 +83,13 @@ def _shard(path: Path, size_mb: int, member_kb: int) -> Path:
 
 
 def _run(op: str, local: Path, target: str, env: dict) -> dict:
-    r = subprocess.run([sys.executable, "-c", _CHILD, op, str(local), target, str(local.with_suffix(".offsets.npy"))],
-                       env=env, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD, op, str(local), target, str(local.with_suffix(".offsets.npy"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if r.returncode != 0:
         raise SystemExit(f"{op} {target} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -96,21 +103,35 @@ def main() -> int:
 
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
     try:
         import boto3
 
         deadline = time.time() + 60
         while True:
             try:
-                client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench",
-                                      aws_secret_access_key="bench", region_name="us-east-1")
+                client = boto3.client(
+                    "s3",
+                    endpoint_url=endpoint,
+                    aws_access_key_id="bench",
+                    aws_secret_access_key="bench",
+                    region_name="us-east-1",
+                )
                 client.create_bucket(Bucket="bench")
                 break
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.3)
@@ -120,16 +141,24 @@ def main() -> int:
                 local = _shard(Path(tmp) / f"shard-{size}.tar", size, args.member_kb)
                 row: dict = {"shard_mb": round(local.stat().st_size / 2**20, 1)}
                 url = f"s3://bench/in/shard-{size}.tar"
-                row["publish"] = {"local": _run("publish", local, str(Path(tmp) / f"out-{size}.tar"), env),
-                                  "s3": _run("publish", local, url, env)}
+                row["publish"] = {
+                    "local": _run("publish", local, str(Path(tmp) / f"out-{size}.tar"), env),
+                    "s3": _run("publish", local, url, env),
+                }
                 for op in ("stream", "ranged"):
                     row[op] = {"local": _run(op, local, str(local), env), "s3": _run(op, local, url, env)}
                 for op in ("publish", "stream", "ranged"):
-                    row[op]["s3_over_local_seconds"] = round(row[op]["s3"]["seconds"] / max(1e-6, row[op]["local"]["seconds"]), 2)
+                    row[op]["s3_over_local_seconds"] = round(
+                        row[op]["s3"]["seconds"] / max(1e-6, row[op]["local"]["seconds"]), 2
+                    )
                 rows.append(row)
                 client.delete_object(Bucket="bench", Key=f"in/shard-{size}.tar")
                 local.unlink()
-        print(json.dumps({"endpoint": "moto (in-memory) on 127.0.0.1", "member_kb": args.member_kb, "sizes": rows}, indent=2))
+        print(
+            json.dumps(
+                {"endpoint": "moto (in-memory) on 127.0.0.1", "member_kb": args.member_kb, "sizes": rows}, indent=2
+            )
+        )
     finally:
         server.kill()
         server.wait(timeout=30)

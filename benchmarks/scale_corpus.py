@@ -25,8 +25,10 @@ A fourth part runs selection alone over synthetic label indexes (no tars; select
 of ``--index-m`` x 1, 4 and 16 samples with ``--index-classes``-wide soft labels, where the corpus part's
 sizes are too small for selection's memory to show beside an interpreter's.
 
-    python benchmarks/scale_corpus.py [--m 4000] [--scan-m 100000] [--baseline /path/to/old/checkout] > scale_corpus.json
+    python benchmarks/scale_corpus.py [--m 4000] [--scan-m 100000] [--baseline /path/to/old/checkout] \
+        > scale_corpus.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +67,7 @@ class ChildPeaks:
                 try:
                     name = " ".join(child.cmdline()[1:4])[:80]
                     self.peak[child.pid] = (max(self.peak.get(child.pid, (0, ""))[0], _rss_mb(child)), name)
-                except Exception:  # noqa: BLE001 - a child that just exited
+                except Exception:
                     continue
             time.sleep(self.interval)
 
@@ -91,12 +93,19 @@ def _self_peak_mb() -> float:
 def _config(corpus: str, cache: str = ""):
     from noisystudent.config import load_config
 
-    return load_config(REPO / "configs" / "default.yaml",
-                       [f"data.unlabeled_shards={corpus}", "tracking.enabled=false", "cluster.n_workers=2",
-                        "analysis.tsne=false", f"data.labeled_dir={REPO / 'data/default/labeled/train'}",
-                        f"data.val_dir={REPO / 'data/default/labeled/val'}",
-                        f"data.test_dir={REPO / 'data/default/labeled/test'}",
-                        *([f"pseudo_label.cache_dir={cache}"] if cache else [])])
+    return load_config(
+        REPO / "configs" / "default.yaml",
+        [
+            f"data.unlabeled_shards={corpus}",
+            "tracking.enabled=false",
+            "cluster.n_workers=2",
+            "analysis.tsne=false",
+            f"data.labeled_dir={REPO / 'data/default/labeled/train'}",
+            f"data.val_dir={REPO / 'data/default/labeled/val'}",
+            f"data.test_dir={REPO / 'data/default/labeled/test'}",
+            *([f"pseudo_label.cache_dir={cache}"] if cache else []),
+        ],
+    )
 
 
 def child_label(corpus: str, model: str, out: str) -> dict:
@@ -105,8 +114,11 @@ def child_label(corpus: str, model: str, out: str) -> dict:
 
     with ChildPeaks() as peaks:
         manifest = model_labels(_config(corpus, str(Path(out) / "cache")), model, Path(out) / "labels")
-    return {"samples": manifest["total_samples"], "labeling_img_s": manifest["throughput_img_s"],
-            "labeling_worker_peak_rss_mb": peaks.largest()}
+    return {
+        "samples": manifest["total_samples"],
+        "labeling_img_s": manifest["throughput_img_s"],
+        "labeling_worker_peak_rss_mb": peaks.largest(),
+    }
 
 
 def child_analyze(corpus: str, model: str, out: str) -> dict:
@@ -120,10 +132,15 @@ def child_analyze(corpus: str, model: str, out: str) -> dict:
     analysis_s = time.perf_counter() - t0
     manifest = json.loads((Path(out) / "labels" / "manifest.json").read_text())
     assert manifest["shards_labeled"] == 0, "the analysis relabeled the corpus: its seconds would include labeling"
-    return {"analysis_seconds": round(analysis_s, 1), "analysis_img_s": round(manifest["total_samples"] / analysis_s, 1),
-            "analysis_driver_peak_rss_mb": _self_peak_mb(), "analysis_worker_peak_rss_mb": peaks.largest(),
-            "best_auroc": summary.get("best_auroc"), "auroc": {k: v["auroc"] for k, v in summary["ood"].items()},
-            "gathered_bytes_per_sample": _gathered_bytes()}
+    return {
+        "analysis_seconds": round(analysis_s, 1),
+        "analysis_img_s": round(manifest["total_samples"] / analysis_s, 1),
+        "analysis_driver_peak_rss_mb": _self_peak_mb(),
+        "analysis_worker_peak_rss_mb": peaks.largest(),
+        "best_auroc": summary.get("best_auroc"),
+        "auroc": {k: v["auroc"] for k, v in summary["ood"].items()},
+        "gathered_bytes_per_sample": _gathered_bytes(),
+    }
 
 
 def _gathered_bytes() -> int | None:
@@ -145,8 +162,12 @@ def child_select(labels: str, store: str) -> dict:
     kwargs = {"store_dir": store} if "store_dir" in inspect.signature(select_pseudo_labels).parameters else {}
     t0 = time.perf_counter()
     sel = select_pseudo_labels(shards, 10, THRESHOLD, True, 0, 0, **kwargs)
-    return {"selection_seconds": round(time.perf_counter() - t0, 2), "selection_peak_rss_mb": _self_peak_mb(),
-            "kept_total": sel.total, "kept_unique": sel.kept_unique}
+    return {
+        "selection_seconds": round(time.perf_counter() - t0, 2),
+        "selection_peak_rss_mb": _self_peak_mb(),
+        "kept_total": sel.total,
+        "kept_unique": sel.kept_unique,
+    }
 
 
 def child_stream(labels: str, store: str) -> dict:
@@ -180,8 +201,11 @@ def child_select_index(root: str, classes: str) -> dict:
     shards = sorted(str(p).replace(".index.npz", ".tar") for p in Path(root).glob("*.index.npz"))
     t0 = time.perf_counter()
     sel = select_pseudo_labels(shards, int(classes), 0.3, True, 0, 0)
-    return {"selection_seconds": round(time.perf_counter() - t0, 2), "selection_peak_rss_mb": _self_peak_mb(),
-            "kept_total": sel.total}
+    return {
+        "selection_seconds": round(time.perf_counter() - t0, 2),
+        "selection_peak_rss_mb": _self_peak_mb(),
+        "kept_total": sel.total,
+    }
 
 
 def child_scan(manifest_path: str, dim: str, classes: str) -> dict:
@@ -214,8 +238,13 @@ def child_scan(manifest_path: str, dim: str, classes: str) -> dict:
             code = "streaming"
     seconds = time.perf_counter() - t0
     total = sum(s["samples"] for s in manifest["shards"])
-    return {"scan": code, "scan_seconds": round(seconds, 1), "scan_img_s": round(total / seconds, 1),
-            "scan_driver_peak_rss_mb": _self_peak_mb(), "scan_worker_peak_rss_mb": peaks.largest()}
+    return {
+        "scan": code,
+        "scan_seconds": round(seconds, 1),
+        "scan_img_s": round(total / seconds, 1),
+        "scan_driver_peak_rss_mb": _self_peak_mb(),
+        "scan_worker_peak_rss_mb": peaks.largest(),
+    }
 
 
 def _synthetic_labels(root: Path, n: int, classes: int, dim: int, per_shard: int = 50_000) -> str:
@@ -235,8 +264,15 @@ def _synthetic_labels(root: Path, n: int, classes: int, dim: int, per_shard: int
         lse = np.log(probs.sum(1)) + logits.max(1)
         probs /= probs.sum(1, keepdims=True)
         out = root / f"shard-{s:06d}.tar"
-        write_index(out, [f"k{start + i:010d}" for i in range(m)], probs.argmax(1).tolist(), probs.max(1).tolist(),
-                    [0.0] * m, probs=probs, logsumexp=lse.tolist())
+        write_index(
+            out,
+            [f"k{start + i:010d}" for i in range(m)],
+            probs.argmax(1).tolist(),
+            probs.max(1).tolist(),
+            [0.0] * m,
+            probs=probs,
+            logsumexp=lse.tolist(),
+        )
         np.save(features_path(out), rng.normal(size=(m, dim)).astype(np.float16))
         empty = root / f"input-{s:06d}.tar"
         empty.write_bytes(bytes(1024))  # a valid, empty tar: the old path stats and reads it for tags
@@ -259,15 +295,27 @@ def _synthetic_indexes(root: Path, n: int, classes: int, per_shard: int = 50_000
         logits = rng.normal(size=(m, classes)).astype(np.float32) * 2
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
-        write_index(root / f"shard-{s:06d}.tar", [f"k{start + i:010d}" for i in range(m)], probs.argmax(1).tolist(),
-                    probs.max(1).tolist(), [0.0] * m, probs=probs)
+        write_index(
+            root / f"shard-{s:06d}.tar",
+            [f"k{start + i:010d}" for i in range(m)],
+            probs.argmax(1).tolist(),
+            probs.max(1).tolist(),
+            [0.0] * m,
+            probs=probs,
+        )
     return str(root)
 
 
 def _child(mode: str, tree: Path, *args: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, __file__, "--child", mode, *args], capture_output=True, text=True, env=env,
-                       cwd=tree, timeout=3600)
+    r = subprocess.run(
+        [sys.executable, __file__, "--child", mode, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tree,
+        timeout=3600,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"{mode} child failed under {tree}:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -293,20 +341,38 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", type=int, default=4000, help="the smallest corpus; the others are 4x and 16x")
     p.add_argument("--baseline", default=None, help="an older checkout to measure beside this one")
-    p.add_argument("--index-m", type=int, default=250_000,
-                   help="selection alone over synthetic indexes of this many samples, 4x and 16x (0 = skip)")
+    p.add_argument(
+        "--index-m",
+        type=int,
+        default=250_000,
+        help="selection alone over synthetic indexes of this many samples, 4x and 16x (0 = skip)",
+    )
     p.add_argument("--index-classes", type=int, default=100, help="classes (soft-label width) of those indexes")
-    p.add_argument("--scan-m", type=int, default=0,
-                   help="the analysis' corpus pass alone over synthetic labels and features of this many samples, "
-                        "4x and 16x (0 = skip)")
+    p.add_argument(
+        "--scan-m",
+        type=int,
+        default=0,
+        help="the analysis' corpus pass alone over synthetic labels and features of this many samples, "
+        "4x and 16x (0 = skip)",
+    )
     p.add_argument("--scan-dim", type=int, default=64, help="feature width of those synthetic features")
     p.add_argument("--skip-corpus", action="store_true", help="only the synthetic-index selection part")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps({"label": child_label, "analyze": child_analyze, "scan": child_scan, "select": child_select, "stream": child_stream,
-                          "select_index": child_select_index}[args.child](*args.rest)))
+        print(
+            json.dumps(
+                {
+                    "label": child_label,
+                    "analyze": child_analyze,
+                    "scan": child_scan,
+                    "select": child_select,
+                    "stream": child_stream,
+                    "select_index": child_select_index,
+                }[args.child](*args.rest)
+            )
+        )
         return 0
     trees = {"new": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
     rows, index_rows, scan_rows = [], [], []
@@ -315,13 +381,16 @@ def main() -> int:
         for n in (args.index_m, 4 * args.index_m, 16 * args.index_m) if args.index_m else ():
             pattern = _synthetic_indexes(tmp / f"index-{n}", n, args.index_classes)
             for name, tree in trees.items():
-                index_rows.append({"samples": n, "code": name, **_child("select_index", tree, pattern,
-                                                                        str(args.index_classes))})
+                index_rows.append(
+                    {"samples": n, "code": name, **_child("select_index", tree, pattern, str(args.index_classes))}
+                )
                 print(json.dumps(index_rows[-1]), file=sys.stderr)
         for n in (args.scan_m, 4 * args.scan_m, 16 * args.scan_m) if args.scan_m else ():
             manifest = _synthetic_labels(tmp / f"scan-{n}", n, 10, args.scan_dim)
             for name, tree in trees.items():
-                scan_rows.append({"samples": n, "code": name, **_child("scan", tree, manifest, str(args.scan_dim), "10")})
+                scan_rows.append(
+                    {"samples": n, "code": name, **_child("scan", tree, manifest, str(args.scan_dim), "10")}
+                )
                 print(json.dumps(scan_rows[-1]), file=sys.stderr)
         if args.skip_corpus:
             trees = {}
@@ -338,11 +407,20 @@ def main() -> int:
                 row.update(_child("stream", tree, labels, str(work / "student")))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
-    out = {"m": args.m, "shard_size": SHARD, "rows": rows, "growth_bytes_per_sample": _growth(rows) if rows else {},
-           "index_m": args.index_m, "index_classes": args.index_classes, "index_rows": index_rows,
-           "index_growth_bytes_per_sample": _growth(index_rows) if index_rows else {},
-           "scan_m": args.scan_m, "scan_dim": args.scan_dim, "scan_rows": scan_rows,
-           "scan_growth_bytes_per_sample": _growth(scan_rows) if scan_rows else {}}
+    out = {
+        "m": args.m,
+        "shard_size": SHARD,
+        "rows": rows,
+        "growth_bytes_per_sample": _growth(rows) if rows else {},
+        "index_m": args.index_m,
+        "index_classes": args.index_classes,
+        "index_rows": index_rows,
+        "index_growth_bytes_per_sample": _growth(index_rows) if index_rows else {},
+        "scan_m": args.scan_m,
+        "scan_dim": args.scan_dim,
+        "scan_rows": scan_rows,
+        "scan_growth_bytes_per_sample": _growth(scan_rows) if scan_rows else {},
+    }
     print(json.dumps(out, indent=2))
     return 0
 
@@ -352,8 +430,15 @@ def _teacher(path: Path, names: list[str]) -> str:
     from noisystudent.models import ModelSpec, create_model, save_model
 
     cfg = _config("unused")
-    spec = ModelSpec(cfg.model_for_generation(0), len(names), cfg.data.channels, cfg.data.image_size, names,
-                     list(cfg.data.mean), list(cfg.data.std))
+    spec = ModelSpec(
+        cfg.model_for_generation(0),
+        len(names),
+        cfg.data.channels,
+        cfg.data.image_size,
+        names,
+        list(cfg.data.mean),
+        list(cfg.data.std),
+    )
     save_model(path, create_model(spec).eval(), spec)
     return str(path)
 

@@ -17,6 +17,7 @@ efficientnet_b0 at 3,000 img/s. ``--baseline DIR`` runs the same children with t
 
     python benchmarks/scale_labeled.py --n 250 [--baseline /tmp/old-checkout] > scale_labeled.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,23 @@ def write_jpegs(root: Path, count: int) -> Path:
 
 def run_child(tree: Path, root: Path, size: int, steps: int, batch: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(root), str(size), str(steps),
-                        "--batch", str(batch)], capture_output=True, text=True, env=env, cwd=tree, timeout=1800)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            str(root),
+            str(size),
+            str(steps),
+            "--batch",
+            str(batch),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tree,
+        timeout=1800,
+    )
     if r.returncode != 0:
         return {"error": r.stderr[-1500:]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -108,8 +124,16 @@ def child(root: Path, size: int, steps: int, batch: int) -> int:
 
     import_s = time.perf_counter() - t0
     cfg = Config()
-    data = {"labeled_dir": str(root), "val_dir": "", "test_dir": "", "image_size": size, "channels": 3,
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "num_workers": 1}
+    data = {
+        "labeled_dir": str(root),
+        "val_dir": "",
+        "test_dir": "",
+        "image_size": size,
+        "channels": 3,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "num_workers": 1,
+    }
     if any(f.name == "cache" for f in dataclasses.fields(cfg.data)):
         data["cache"] = "none"  # the streaming path (auto would cache the smaller sets)
     cfg.data = dataclasses.replace(cfg.data, **data)
@@ -122,7 +146,9 @@ def child(root: Path, size: int, steps: int, batch: int) -> int:
     spec = ModelSpec("resnet10t", len(labeled.class_names), 3, size, labeled.class_names, cfg.data.mean, cfg.data.std)
     model = create_model(spec).to(memory_format=torch.channels_last).train()
     device = torch.device("cpu")
-    batches = BatchSource(recipe, labeled, None, seed=0, num_workers=1, channels_last=True, device=device, env=DistEnv())
+    batches = BatchSource(
+        recipe, labeled, None, seed=0, num_workers=1, channels_last=True, device=device, env=DistEnv()
+    )
     optimization = Optimization(model, recipe, steps, "off", device)
     first_step_s, t_rest = None, None
     for i, b in enumerate(batches.epoch(0)):
@@ -136,11 +162,18 @@ def child(root: Path, size: int, steps: int, batch: int) -> int:
 
     gc.collect()
     time.sleep(0.5)
-    print(json.dumps({
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-        "load_s": round(loaded_s, 2), "first_step_s": round(first_step_s, 2), "import_s": round(import_s, 2),
-        "train_img_s": round(train_img_s, 1)}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+                "load_s": round(loaded_s, 2),
+                "first_step_s": round(first_step_s, 2),
+                "import_s": round(import_s, 2),
+                "train_img_s": round(train_img_s, 1),
+            }
+        )
+    )
     return 0
 
 
@@ -167,10 +200,16 @@ def bytes_per_image(cases: list[dict]) -> dict:
     out = {}
     for code in {c["code"] for c in cases}:
         for size in (224, 64):
-            rows = sorted((c for c in cases if c["code"] == code and c["image_size"] == size and "peak_rss_mb" in c),
-                          key=lambda c: c["images"])
+            rows = sorted(
+                (c for c in cases if c["code"] == code and c["image_size"] == size and "peak_rss_mb" in c),
+                key=lambda c: c["images"],
+            )
             if len(rows) >= 2:
-                grow = (rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]) * 2**20 / (rows[-1]["images"] - rows[0]["images"])
+                grow = (
+                    (rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"])
+                    * 2**20
+                    / (rows[-1]["images"] - rows[0]["images"])
+                )
                 out[f"{code}@{size}"] = round(grow)
     return out
 

@@ -7,6 +7,7 @@ slice through the real prepare step); the run uses ``configs/smoke.yaml``.
 
     python benchmarks/smoke_fingerprint.py WORK_DIR > fingerprint.json
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 #: fields that measure time or name places, not behaviour
-NOT_BEHAVIOUR = {"minutes", "seconds", "images_per_sec", "model_path", "mlflow_run_id", "sha256", "model_version",
-                 "report", "scores_written_beside", "title"}
+NOT_BEHAVIOUR = {
+    "minutes",
+    "seconds",
+    "images_per_sec",
+    "model_path",
+    "mlflow_run_id",
+    "sha256",
+    "model_version",
+    "report",
+    "scores_written_beside",
+    "title",
+}
 
 
 def _clean(x):
@@ -34,7 +45,9 @@ def fingerprint(run: Path) -> dict:
     for g in sorted(run.glob("gen-*")):
         for stage in ("teacher", "student"):
             if (g / stage / "result.json").is_file():
-                out[f"{g.name}/{stage}/history"] = _clean(json.loads((g / stage / "result.json").read_text())["history"])
+                out[f"{g.name}/{stage}/history"] = _clean(
+                    json.loads((g / stage / "result.json").read_text())["history"]
+                )
         for name, path in (("eval", g / "eval.json"), ("analysis", g / "analysis" / "summary.json")):
             if path.is_file():
                 out[f"{g.name}/{name}"] = _clean(json.loads(path.read_text()))
@@ -52,8 +65,16 @@ def main() -> int:
         from noisystudent.prepare.fashion_mnist import prepare_fashion_mnist
 
         src = helpers["make_fmnist_slice"](work / "src", train_per_class=60, n_test=200)
-        prepare_fashion_mnist(data, source_dir=src, labels_per_class=10, val_per_class=5, shard_size=125,
-                              ood_fraction=0.06, seed=0, show_progress=False)
+        prepare_fashion_mnist(
+            data,
+            source_dir=src,
+            labels_per_class=10,
+            val_per_class=5,
+            shard_size=125,
+            ood_fraction=0.06,
+            seed=0,
+            show_progress=False,
+        )
     run = work / "run"
     cmd = [sys.executable, str(REPO / "pipelines" / "iterate.py"), "--config", str(REPO / "configs" / "smoke.yaml")]
     for override in helpers["smoke_overrides"](data, run):

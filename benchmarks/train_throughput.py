@@ -17,8 +17,9 @@ and the median of those ratios is reported, with every round's numbers.
 
     python benchmarks/train_throughput.py [--config configs/default.yaml] [--set data.num_workers=1] [--images 6000]
 """
-import contextlib
+
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -43,11 +44,11 @@ def main() -> int:
     import torch.nn.functional as F
 
     from noisystudent.data.imagefolder import LabeledImages
-    from noisystudent.noise import create_train_transform
-    from noisystudent.engine.precision import resolve_amp
     from noisystudent.engine.device import resolve_num_workers
     from noisystudent.engine.optim import create_optimizer
+    from noisystudent.engine.precision import resolve_amp
     from noisystudent.engine.train import train_model
+    from noisystudent.noise import create_train_transform
 
     stage = getattr(cfg, args.stage)
     gen = 0 if args.stage == "teacher" else 1
@@ -63,8 +64,9 @@ def main() -> int:
         torch.set_num_threads(cfg.threads)
 
     # (a) bare timm loop on pre-made tensors
-    model = timm.create_model(model_name, num_classes=10, in_chans=ch, drop_rate=stage.drop_rate,
-                              drop_path_rate=stage.drop_path_rate)
+    model = timm.create_model(
+        model_name, num_classes=10, in_chans=ch, drop_rate=stage.drop_rate, drop_path_rate=stage.drop_path_rate
+    )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = create_optimizer(model, stage)  # the same optimizer implementation as the pipeline's
@@ -115,15 +117,31 @@ def main() -> int:
     ratios = [p_ / ((bare_runs[i] + bare_runs[i + 1]) / 2) for i, p_ in enumerate(pipeline_runs)]
     bare, pipeline = float(np.median(bare_runs)), float(np.median(pipeline_runs))
 
-    print(json.dumps({
-        "model": model_name, "image_size": size, "channels": ch, "batch_size": bs, "stage": args.stage,
-        "num_workers": resolve_num_workers(cfg.data.num_workers, torch.device("cpu")), "torch_threads": torch.get_num_threads(),
-        "bare_img_s": round(bare, 1), "pipeline_img_s": round(pipeline, 1), "augment_only_img_s": round(augment_only, 1),
-        "amp": amp, "channels_last": cfg.channels_last, "rounds": args.rounds,
-        "bare_runs_img_s": [round(v, 1) for v in bare_runs], "pipeline_runs_img_s": [round(v, 1) for v in pipeline_runs],
-        "pipeline_over_bare_runs": [round(r, 3) for r in ratios],
-        "pipeline_over_bare": round(float(np.median(ratios)), 3), "augment_over_bare": round(augment_only / bare, 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": model_name,
+                "image_size": size,
+                "channels": ch,
+                "batch_size": bs,
+                "stage": args.stage,
+                "num_workers": resolve_num_workers(cfg.data.num_workers, torch.device("cpu")),
+                "torch_threads": torch.get_num_threads(),
+                "bare_img_s": round(bare, 1),
+                "pipeline_img_s": round(pipeline, 1),
+                "augment_only_img_s": round(augment_only, 1),
+                "amp": amp,
+                "channels_last": cfg.channels_last,
+                "rounds": args.rounds,
+                "bare_runs_img_s": [round(v, 1) for v in bare_runs],
+                "pipeline_runs_img_s": [round(v, 1) for v in pipeline_runs],
+                "pipeline_over_bare_runs": [round(r, 3) for r in ratios],
+                "pipeline_over_bare": round(float(np.median(ratios)), 3),
+                "augment_over_bare": round(augment_only / bare, 3),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -141,8 +159,15 @@ def pseudo_stream(cfg, images, model_name: str, out_dir: Path, transform):
 
     source, labeled_shard = out_dir / "unlabeled.tar", out_dir / "labeled.tar"
     write_shard(source, ({"__key__": f"img{i:06d}", "png": encode_png(img)} for i, img in enumerate(images)))
-    spec = ModelSpec(name=model_name, num_classes=10, in_chans=cfg.data.channels, image_size=cfg.data.image_size,
-                     class_names=[str(c) for c in range(10)], mean=list(cfg.data.mean), std=list(cfg.data.std))
+    spec = ModelSpec(
+        name=model_name,
+        num_classes=10,
+        in_chans=cfg.data.channels,
+        image_size=cfg.data.image_size,
+        class_names=[str(c) for c in range(10)],
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+    )
     teacher = create_model(spec).eval()
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         pseudo_label_shard(str(source), str(labeled_shard), teacher, create_eval_transform(cfg.data), cfg.data, "bench")

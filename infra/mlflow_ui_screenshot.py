@@ -17,6 +17,7 @@ script sets them in its own throw-away browser profile: the store is only read. 
     python infra/mlflow_ui_screenshot.py --tracking-uri sqlite:///runs/default/mlflow.db \\
         --out infra/screenshots --views training_runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,10 +71,25 @@ class Browser:
             os.dup2(w, 4)
 
         self.proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--remote-debugging-pipe", f"--user-data-dir={self._profile.name}", "about:blank"],
-            close_fds=False, preexec_fn=onto_fds_3_and_4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--hide-scrollbars",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={self._profile.name}",
+                "about:blank",
+            ],
+            close_fds=False,
+            preexec_fn=onto_fds_3_and_4,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_browser)
         os.close(from_browser)
         self._buf, self._id, self._session = b"", 0, None
@@ -108,8 +124,13 @@ class Browser:
     def open(self, url: str, until: str, height: int, timeout: float = 90, settle: float = 3) -> None:
         """Load url in a width x height viewport, wait until the JS expression `until` is true and fold the
         MLflow sidebar to its icons (more room for the page, not remembered across loads)."""
-        self.send("Emulation.setDeviceMetricsOverride", width=self.width, height=height, deviceScaleFactor=self.scale,
-                  mobile=False)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=self.width,
+            height=height,
+            deviceScaleFactor=self.scale,
+            mobile=False,
+        )
         self.send("Page.navigate", url="about:blank")  # a full load, even when only the #fragment changes
         self.send("Page.navigate", url=url)
         end = time.time() + timeout
@@ -140,10 +161,12 @@ class Browser:
 def set_experiment_ui_state(browser: Browser, exp_id: str, patch: dict) -> None:
     """Merge `patch` into the experiment page's persisted UI state (what the Columns menu, the row expanders
     and the charts' settings write) and close the MLflow Assistant panel. The page must have been opened once."""
+    suffix = json.dumps(f'-ExperimentPage-["{exp_id}"]-ReactComponentState')
     browser.js(f"""(() => {{
-        const key = Object.keys(localStorage).find(k => k.endsWith({json.dumps(f'-ExperimentPage-["{exp_id}"]-ReactComponentState')}));
+        const key = Object.keys(localStorage).find(k => k.endsWith({suffix}));
         if (!key) throw new Error('no persisted experiment page state in localStorage (MLflow UI changed?)');
-        localStorage.setItem(key, JSON.stringify(Object.assign(JSON.parse(localStorage.getItem(key)), {json.dumps(patch)})));
+        const state = JSON.parse(localStorage.getItem(key));
+        localStorage.setItem(key, JSON.stringify(Object.assign(state, {json.dumps(patch)})));
         localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
     }})()""")
 
@@ -170,8 +193,22 @@ def main() -> int:
     server, proc = args.server.rstrip("/"), None
     if not server:
         port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri,
-                                 "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "ui",
+                "--backend-store-uri",
+                args.tracking_uri,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         server = f"http://127.0.0.1:{port}"
     browser = None
     try:
@@ -189,37 +226,71 @@ def main() -> int:
 
         # MLflow 3.17's UI opens in its GenAI mode unless told (or remembered in the browser);
         # oldest run first, so the generations read 0, 1, 2, ... downwards.
-        runs_page = (f"{server}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
-                     "&orderByKey=attributes.start_time&orderByAsc=true&compareRunsMode=")
+        runs_page = (
+            f"{server}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+            "&orderByKey=attributes.start_time&orderByAsc=true&compareRunsMode="
+        )
         table_rows = len(gen_ids) + 1
         if {"training_runs", "training_charts"} & set(args.views):
             browser.open(runs_page + "TABLE", f"document.body.innerText.includes({json.dumps(parent_name)})", 600)
             columns = [f"metrics.`{m}`" for m in METRICS]
-            set_experiment_ui_state(browser, exp_id, {
-                "selectedColumns": columns,
-                "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", *columns, "duration"],
-                "columnWidths": {"attributes.`Run Name`": 240, **{c: w for c, w in zip(columns, (110, 170, 110, 170))}},
-                "runsExpanded": {parent: True},
-                # the chart view: one bar chart per metric over the generation runs (the parent hidden)
-                "runsVisibilityMap": {parent: False},
-                "compareRunSections": [{"uuid": "generations", "name": "Generations", "display": True,
-                                        "isReordered": False, "columns": 2, "cardHeight": 380}],
-                "compareRunCharts": [{"uuid": f"bar-{m}", "type": "BAR", "metricKey": m, "metricSectionId": "generations",
-                                      "runsCountToCompare": 20, "deleted": False, "isGenerated": False}
-                                     for m in METRICS],
-                "isAccordionReordered": True,
-                "chartsSearchFilter": "",
-            })
+            set_experiment_ui_state(
+                browser,
+                exp_id,
+                {
+                    "selectedColumns": columns,
+                    "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", *columns, "duration"],
+                    "columnWidths": {
+                        "attributes.`Run Name`": 240,
+                        **dict(zip(columns, (110, 170, 110, 170))),
+                    },
+                    "runsExpanded": {parent: True},
+                    # the chart view: one bar chart per metric over the generation runs (the parent hidden)
+                    "runsVisibilityMap": {parent: False},
+                    "compareRunSections": [
+                        {
+                            "uuid": "generations",
+                            "name": "Generations",
+                            "display": True,
+                            "isReordered": False,
+                            "columns": 2,
+                            "cardHeight": 380,
+                        }
+                    ],
+                    "compareRunCharts": [
+                        {
+                            "uuid": f"bar-{m}",
+                            "type": "BAR",
+                            "metricKey": m,
+                            "metricSectionId": "generations",
+                            "runsCountToCompare": 20,
+                            "deleted": False,
+                            "isGenerated": False,
+                        }
+                        for m in METRICS
+                    ],
+                    "isAccordionReordered": True,
+                    "chartsSearchFilter": "",
+                },
+            )
         shots = {
-            "training_runs": (runs_page + "TABLE", f"document.body.innerText.includes({last_gen})",
-                              330 + 33 * table_rows),
-            "training_charts": (runs_page + "CHART", "document.querySelectorAll('.js-plotly-plot').length >= 4",
-                                1100),
-            "compare_generations": (f"{server}/#/compare-runs?runs={urllib.parse.quote(json.dumps(gen_ids))}"
-                                    f"&experiments={urllib.parse.quote(json.dumps([exp_id]))}",
-                                    f"document.body.innerText.includes({last_gen})", 2200),
-            "parent_run": (f"{server}/#/experiments/{exp_id}/runs/{parent}",
-                           f"document.body.innerText.includes({json.dumps(parent_name)})", 1100),
+            "training_runs": (
+                runs_page + "TABLE",
+                f"document.body.innerText.includes({last_gen})",
+                330 + 33 * table_rows,
+            ),
+            "training_charts": (runs_page + "CHART", "document.querySelectorAll('.js-plotly-plot').length >= 4", 1100),
+            "compare_generations": (
+                f"{server}/#/compare-runs?runs={urllib.parse.quote(json.dumps(gen_ids))}"
+                f"&experiments={urllib.parse.quote(json.dumps([exp_id]))}",
+                f"document.body.innerText.includes({last_gen})",
+                2200,
+            ),
+            "parent_run": (
+                f"{server}/#/experiments/{exp_id}/runs/{parent}",
+                f"document.body.innerText.includes({json.dumps(parent_name)})",
+                1100,
+            ),
         }
         for name in args.views:
             url, until, height = shots[name]

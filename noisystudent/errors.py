@@ -1,5 +1,6 @@
 """The errors a user fixes (layer 0). Each names the file, key or server and what to do; the CLI
 prints any :class:`UserError` as one ``error: ...`` line and exits 2, without a traceback."""
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ Each generation is resumable: a finished one (its ``summary.json``) is read back
 unfinished one resumes inside its stages. Every generation is a nested MLflow run of the loop's
 parent run; the run directory's layout is :mod:`.stages.run_layout`.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,19 +45,31 @@ def iterate(cfg: Config, *, allow_config_change: bool = False) -> LoopResult:
     """teacher -> (pseudo-label -> student) x cfg.generations, resuming whatever is on disk. A run
     directory made with another recipe is refused unless ``allow_config_change``."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("iterate runs as one process (labeling uses Dask); use torchrun with the teacher / "
-                          "student stages")
+        raise ConfigError(
+            "iterate runs as one process (labeling uses Dask); use torchrun with the teacher / student stages"
+        )
     layout = RunLayout(Path(cfg.run_dir))
     # Fail fast, before any training: data, shards, ladder, tracking server.
     data = load_labeled_data(cfg.data)
     expand_urls(cfg.data.unlabeled_shards)
-    params = check_ladder(cfg.ladder, cfg.generations, len(data.class_names), cfg.data.channels) \
-        if cfg.require_equal_or_larger else [0] * (cfg.generations + 1)
+    params = (
+        check_ladder(cfg.ladder, cfg.generations, len(data.class_names), cfg.data.channels)
+        if cfg.require_equal_or_larger
+        else [0] * (cfg.generations + 1)
+    )
     tags = {"config_hash": sha256_json(to_dict(cfg))[:16], "kind": "iterate"}
     result = LoopResult([])
-    with tracked_run(cfg, layout.root, f"iterate-{layout.root.name}", tags, id_file=layout.parent_run_id.name,
-                     allow_config_change=allow_config_change) as tracker, \
-            shared_cluster(cfg.cluster):
+    with (
+        tracked_run(
+            cfg,
+            layout.root,
+            f"iterate-{layout.root.name}",
+            tags,
+            id_file=layout.parent_run_id.name,
+            allow_config_change=allow_config_change,
+        ) as tracker,
+        shared_cluster(cfg.cluster),
+    ):
         save_augmentation_grid(cfg, data, layout.root / "augmentation_grid.png")
         for g in range(cfg.generations + 1):
             if layout.finished(g):
@@ -65,8 +78,10 @@ def iterate(cfg: Config, *, allow_config_change: bool = False) -> LoopResult:
             else:
                 row = run_generation(cfg, g, layout, data, tracker, params[g])
             result.generations.append(row)
-            tracker.log_metrics({"test_top1": row.test_top1 or 0.0, "test_ece": row.test_ece or 0.0,
-                                 "images_kept": row.images_kept}, step=g)
+            tracker.log_metrics(
+                {"test_top1": row.test_top1 or 0.0, "test_ece": row.test_ece or 0.0, "images_kept": row.images_kept},
+                step=g,
+            )
             if cfg.analysis.enabled:  # this model's corpus pass is also the next generation's labeling
                 result.analysis.append(analyze_generation(cfg, g, layout, data, tracker))
         mark_best(tracker, cfg.tracking.registered_model, result.generations)
@@ -82,20 +97,35 @@ def iterate(cfg: Config, *, allow_config_change: bool = False) -> LoopResult:
     return result
 
 
-def run_generation(cfg: Config, g: int, layout: RunLayout, data: LabeledData, tracker: Tracker, params: int) -> GenerationRow:
+def run_generation(
+    cfg: Config, g: int, layout: RunLayout, data: LabeledData, tracker: Tracker, params: int
+) -> GenerationRow:
     """Train (or finish) generation ``g`` inside its nested MLflow run; writes its summary.json."""
     cfg = cfg.for_generation(g)
     gdir = layout.generation(g)
     gdir.mkdir(parents=True, exist_ok=True)
     role = "teacher" if g == 0 else "student"
     model_name = cfg.model_for_generation(g)
-    tags = {"generation": g, "role": role, "model": model_name, "git_commit": git_commit(),
-            "config_hash": sha256_json(to_dict(cfg))[:16], "labeled_data_hash": data.fingerprint()[:16]}
+    tags = {
+        "generation": g,
+        "role": role,
+        "model": model_name,
+        "git_commit": git_commit(),
+        "config_hash": sha256_json(to_dict(cfg))[:16],
+        "labeled_data_hash": data.fingerprint()[:16],
+    }
     start = time.time()
     with tracker.run(layout.run_id_file(g), layout.run_name(g, role, model_name), tags, nested=True):
         recipe = cfg.teacher if g == 0 else cfg.student
-        tracker.log_params({"generation": g, "role": role, "model": model_name, "params": params,
-                            **{f"stage.{k}": v for k, v in flatten(to_dict(recipe)).items()}})
+        tracker.log_params(
+            {
+                "generation": g,
+                "role": role,
+                "model": model_name,
+                "params": params,
+                **{f"stage.{k}": v for k, v in flatten(to_dict(recipe)).items()},
+            }
+        )
         row = GenerationRow(generation=g, role=role, model=model_name, params=params, images_kept=len(data.train))
         if g == 0:
             trained = train_teacher(cfg, layout.model_dir(0), data, tracker)
@@ -104,10 +134,16 @@ def run_generation(cfg: Config, g: int, layout: RunLayout, data: LabeledData, tr
         metrics = evaluate_model(trained.model_path, cfg, data, gdir)
         tracker.log_metrics(final_metrics(metrics))
         log_generation_artifacts(tracker, layout, g, trained, role, model_name)
-        row.model_version = log_and_register_model(tracker, trained.model_path, cfg.tracking.registered_model, g,
-                                                   cfg.data) \
-            if cfg.tracking.log_models else None
-        row.test_top1, row.test_ece, row.val_top1 = metrics.get("test_top1"), metrics.get("test_ece"), metrics.get("val_top1")
+        row.model_version = (
+            log_and_register_model(tracker, trained.model_path, cfg.tracking.registered_model, g, cfg.data)
+            if cfg.tracking.log_models
+            else None
+        )
+        row.test_top1, row.test_ece, row.val_top1 = (
+            metrics.get("test_top1"),
+            metrics.get("test_ece"),
+            metrics.get("val_top1"),
+        )
         row.model_path, row.sha256 = trained.model_path, trained.sha256
         row.minutes = _generation_minutes(start, trained)
         row.mlflow_run_id = layout.run_id_file(g).read_text().strip() if layout.run_id_file(g).is_file() else ""
@@ -116,23 +152,33 @@ def run_generation(cfg: Config, g: int, layout: RunLayout, data: LabeledData, tr
     return row
 
 
-def student_generation(cfg: Config, g: int, layout: RunLayout, data: LabeledData, tracker: Tracker,
-                       row: GenerationRow) -> TrainResult:
+def student_generation(
+    cfg: Config, g: int, layout: RunLayout, data: LabeledData, tracker: Tracker, row: GenerationRow
+) -> TrainResult:
     """Label the corpus with the previous generation's model, then train this generation's student;
     fills the row's pseudo-label columns."""
     teacher = layout.row(g - 1)
     tracker.set_tags({"teacher_run_id": teacher.mlflow_run_id, "teacher_sha256": teacher.sha256})
     manifest = pseudo_label(cfg, teacher.model_path, layout.labels(g), teacher_run_id=teacher.mlflow_run_id)
-    tracker.set_tags({"shard_manifest_hash": sha256_json([s["input_identity"] for s in manifest["shards"]])[:16],
-                      "pseudo_label_teacher_sha256": manifest["teacher"]["sha256"]})
+    tracker.set_tags(
+        {
+            "shard_manifest_hash": sha256_json([s["input_identity"] for s in manifest["shards"]])[:16],
+            "pseudo_label_teacher_sha256": manifest["teacher"]["sha256"],
+        }
+    )
     tracker.log_artifact(layout.labels(g) / "manifest.json")
     for b, n in enumerate(manifest["confidence_hist"]):  # one point per confidence bin
         tracker.log_metrics({"pl_confidence_hist": n}, step=b)
     if g >= 2:  # how much the labels moved since the previous teacher
         row.pl_agreement_prev_gen = label_agreement(layout.labels(g - 1), layout.labels(g))
         tracker.log_metrics({"pl_agreement_prev_gen": row.pl_agreement_prev_gen})
-    tracker.log_metrics({"pl_throughput_img_s": manifest["throughput_img_s"] or 0.0,
-                         "pl_skipped": manifest["skipped"]["total"], "pl_samples": manifest["total_samples"]})
+    tracker.log_metrics(
+        {
+            "pl_throughput_img_s": manifest["throughput_img_s"] or 0.0,
+            "pl_skipped": manifest["skipped"]["total"],
+            "pl_samples": manifest["total_samples"],
+        }
+    )
     trained, selection = train_student(cfg, g, teacher.model_path, manifest, layout.model_dir(g), data, tracker)
     audit = audit_pseudo_labels(manifest, data.class_names, selection)
     tracker.log_metrics({k: v for k, v in audit.items() if isinstance(v, (int, float))})
@@ -144,14 +190,22 @@ def student_generation(cfg: Config, g: int, layout: RunLayout, data: LabeledData
     return trained
 
 
-def log_generation_artifacts(tracker: Tracker, layout: RunLayout, g: int, trained: TrainResult, role: str,
-                             model_name: str) -> None:
+def log_generation_artifacts(
+    tracker: Tracker, layout: RunLayout, g: int, trained: TrainResult, role: str, model_name: str
+) -> None:
     gdir = layout.generation(g)
     learning_curves_png(trained.history, gdir / "learning_curves.png", f"generation {g} {role} ({model_name})")
     model_path = Path(trained.model_path)
-    for artifact in (layout.config, model_path.parent / "result.json", gdir / "eval.json", gdir / "confusion_test.png",
-                     gdir / "reliability_test.png", gdir / "learning_curves.png", model_path,
-                     model_path.with_name("model.pt.sha256")):
+    for artifact in (
+        layout.config,
+        model_path.parent / "result.json",
+        gdir / "eval.json",
+        gdir / "confusion_test.png",
+        gdir / "reliability_test.png",
+        gdir / "learning_curves.png",
+        model_path,
+        model_path.with_name("model.pt.sha256"),
+    ):
         tracker.log_artifact(artifact)
     if g == 1:
         tracker.log_artifact(layout.root / "augmentation_grid.png")

@@ -4,6 +4,7 @@ Checkpoints are plain dicts of tensors and primitives, saved atomically, loaded 
 ``torch.load(weights_only=True)`` (no pickle code execution) and verified against the sha256
 recorded next to them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,12 +41,18 @@ class ModelSpec:
         return replace(data, image_size=self.image_size, mean=list(self.mean), std=list(self.std))
 
 
-def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0, *, pretrained: bool = False,
-                 pretrained_file: str = "") -> torch.nn.Module:
+def create_model(
+    spec: ModelSpec,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    *,
+    pretrained: bool = False,
+    pretrained_file: str = "",
+) -> torch.nn.Module:
     """A timm model by name, with model noise. Randomly initialised unless ``pretrained`` (timm's
     hub weights) or ``pretrained_file`` (local weights, which win); either way the classifier is
     new when the class count differs and the stem is adapted to ``spec.in_chans``, as timm does."""
-    kwargs: dict[str, Any] = dict(num_classes=spec.num_classes, in_chans=spec.in_chans, drop_rate=drop_rate)
+    kwargs: dict[str, Any] = {"num_classes": spec.num_classes, "in_chans": spec.in_chans, "drop_rate": drop_rate}
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
     hub = pretrained and not pretrained_file
@@ -68,8 +75,10 @@ def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float 
 
 def _hub_error(name: str, exc: Exception) -> CheckpointError:
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return CheckpointError(f"pretrained=true: timm could not fetch the weights of {name} ({first_line}); on a machine "
-                           f"without access to the Hugging Face hub set pretrained_file=PATH to local weights")
+    return CheckpointError(
+        f"pretrained=true: timm could not fetch the weights of {name} ({first_line}); on a machine "
+        f"without access to the Hugging Face hub set pretrained_file=PATH to local weights"
+    )
 
 
 def load_pretrained_file(model: torch.nn.Module, path: str | Path, spec: ModelSpec) -> None:
@@ -89,20 +98,32 @@ def load_pretrained_file(model: torch.nn.Module, path: str | Path, spec: ModelSp
     own = model.state_dict()
     missing = [k for k in own if k not in weights and k not in head_keys]
     unexpected = [k for k in weights if k not in own]
-    wrong = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in weights and k not in head_keys | stem_keys and weights[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in weights and k not in head_keys | stem_keys and weights[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
-        parts = [f"{label} {', '.join(keys[:3])}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape file vs model:", wrong)) if keys]
-        raise CheckpointError(f"pretrained_file {path} does not fit timm model {spec.name} ({'; '.join(parts)}); "
-                              f"use weights of the same architecture")
+        parts = [
+            f"{label} {', '.join(keys[:3])}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape file vs model:", wrong))
+            if keys
+        ]
+        raise CheckpointError(
+            f"pretrained_file {path} does not fit timm model {spec.name} ({'; '.join(parts)}); "
+            f"use weights of the same architecture"
+        )
     head = next((weights[f"{h}.weight"] for h in heads if f"{h}.weight" in weights), None)
     stem = next((weights[k] for k in stem_keys if k in weights), None)
     size = tuple(cfg.get("input_size") or (3, spec.image_size, spec.image_size))
     # the tensors already read and checked go to timm as its state_dict source: the file is read
     # once, and a .pth is never unpickled beyond weights_only
-    overlay = {**cfg, "state_dict": weights, "num_classes": head.shape[0] if head is not None else spec.num_classes,
-               "input_size": (stem.shape[1] if stem is not None else spec.in_chans, *size[1:])}
+    overlay = {
+        **cfg,
+        "state_dict": weights,
+        "num_classes": head.shape[0] if head is not None else spec.num_classes,
+        "input_size": (stem.shape[1] if stem is not None else spec.in_chans, *size[1:]),
+    }
     timm.models.load_pretrained(model, pretrained_cfg=overlay, num_classes=spec.num_classes, in_chans=spec.in_chans)
 
 
@@ -118,9 +139,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"pretrained_file {path} cannot be read as weights ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); give a .safetensors, .pth or .bin state dict") from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"pretrained_file {path} cannot be read as weights ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); give a .safetensors, .pth or .bin state dict"
+        ) from exc
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # nested checkpoints, in timm's order
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -175,10 +198,13 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
         want = side.read_text().strip()
         got = hashlib.sha256(data).hexdigest()
         if want != got:
-            raise CheckpointError(f"checkpoint {path} does not match its recorded sha256 ({got[:12]} != {want[:12]}): file is corrupt or was modified; delete it to retrain")
+            raise CheckpointError(
+                f"checkpoint {path} does not match its recorded sha256 ({got[:12]} != {want[:12]}): "
+                "file is corrupt or was modified; delete it to retrain"
+            )
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {exc}") from exc
 
 
@@ -187,8 +213,9 @@ def save_model(path: str | Path, model: torch.nn.Module, spec: ModelSpec, extra:
     return save_checkpoint(path, {"model": state, "spec": spec.as_dict(), "extra": extra or {}})
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               channels_last: bool = False) -> tuple[torch.nn.Module, ModelSpec]:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", channels_last: bool = False
+) -> tuple[torch.nn.Module, ModelSpec]:
     """A ready-to-use eval-mode model (no dropout / stochastic depth) and its spec.
 
     ``channels_last`` converts the weights to NHWC; NCHW inputs then run NHWC too (the first

@@ -5,25 +5,37 @@ albumentations ships no RandAugment, so we compose one from ``A.SomeOf`` over th
 arrays and ends in a normalised float tensor CxHxW. The teacher labels with
 :func:`create_eval_transform` only: it is never noised.
 """
+
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import otherwise polls PyPI
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import get_worker_info  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
 
-from .config import AugmentConfig, DataConfig  # noqa: E402
-from .data.geometry import eval_geometry, is_small  # noqa: E402
+from .config import AugmentConfig, DataConfig
+from .data.geometry import eval_geometry, is_small
 
 #: The paper's RandAugment op names, in a fixed order (cutout is applied separately).
 RANDAUGMENT_OPS = (
-    "autocontrast", "equalize", "rotate", "solarize", "color", "posterize", "contrast",
-    "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
+    "autocontrast",
+    "equalize",
+    "rotate",
+    "solarize",
+    "color",
+    "posterize",
+    "contrast",
+    "brightness",
+    "sharpness",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
 )
 
 
@@ -38,16 +50,26 @@ class RandomAffine(A.ImageOnlyTransform):
     seeded generator, so a seeded ``A.Compose`` stays reproducible.
     """
 
-    def __init__(self, rotate=(0.0, 0.0), shear_x=(0.0, 0.0), shear_y=(0.0, 0.0), translate_x=(0.0, 0.0),
-                 translate_y=(0.0, 0.0), p: float = 1.0):
+    def __init__(
+        self,
+        rotate=(0.0, 0.0),
+        shear_x=(0.0, 0.0),
+        shear_y=(0.0, 0.0),
+        translate_x=(0.0, 0.0),
+        translate_y=(0.0, 0.0),
+        p: float = 1.0,
+    ):
         super().__init__(p=p)
         self.rotate, self.shear_x, self.shear_y = tuple(rotate), tuple(shear_x), tuple(shear_y)
         self.translate_x, self.translate_y = tuple(translate_x), tuple(translate_y)
 
     def get_params(self) -> dict:
         u = self.py_random.uniform
-        return {"angle": u(*self.rotate), "shear": (u(*self.shear_x), u(*self.shear_y)),
-                "shift": (u(*self.translate_x), u(*self.translate_y))}
+        return {
+            "angle": u(*self.rotate),
+            "shear": (u(*self.shear_x), u(*self.shear_y)),
+            "shift": (u(*self.translate_x), u(*self.translate_y)),
+        }
 
     def apply(self, img: np.ndarray, angle: float = 0.0, shear=(0.0, 0.0), shift=(0.0, 0.0), **params) -> np.ndarray:
         if angle == 0.0 and shear == (0.0, 0.0) and shift == (0.0, 0.0):
@@ -81,12 +103,15 @@ class Cutout(A.ImageOnlyTransform):
     def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
         h, w = params["shape"][:2]
         hole_h, hole_w = int(h * self.size), int(w * self.size)
-        return {"top": self.py_random.randint(0, h - hole_h), "left": self.py_random.randint(0, w - hole_w),
-                "hole": (hole_h, hole_w)}
+        return {
+            "top": self.py_random.randint(0, h - hole_h),
+            "left": self.py_random.randint(0, w - hole_w),
+            "hole": (hole_h, hole_w),
+        }
 
     def apply(self, img: np.ndarray, top: int = 0, left: int = 0, hole=(0, 0), **params) -> np.ndarray:
         out = img.copy()
-        out[top: top + hole[0], left: left + hole[1]] = 0
+        out[top : top + hole[0], left : left + hole[1]] = 0
         return out
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
@@ -111,8 +136,9 @@ class RandomShift(A.ImageOnlyTransform):
         h, w = img.shape[:2]
         out = np.zeros_like(img)
         if abs(dy) < h and abs(dx) < w:
-            out[max(dy, 0): h + min(dy, 0), max(dx, 0): w + min(dx, 0)] = \
-                img[max(-dy, 0): h + min(-dy, 0), max(-dx, 0): w + min(-dx, 0)]
+            out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = img[
+                max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+            ]
         return out
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
@@ -168,8 +194,14 @@ class ImageTransform:
         if augment is not None:
             steps: list = []
             if not self.small:  # real photos: a random crop of the whole frame, as timm trains
-                steps.append(A.RandomResizedCrop(size=(self.size, self.size), scale=tuple(augment.rrc_scale),
-                                                 ratio=tuple(augment.rrc_ratio), interpolation=cv2.INTER_LINEAR))
+                steps.append(
+                    A.RandomResizedCrop(
+                        size=(self.size, self.size),
+                        scale=tuple(augment.rrc_scale),
+                        ratio=tuple(augment.rrc_ratio),
+                        interpolation=cv2.INTER_LINEAR,
+                    )
+                )
             if augment.hflip > 0:
                 steps.append(A.HorizontalFlip(p=augment.hflip))
             if augment.crop_pad > 0 and self.small:

@@ -1,5 +1,6 @@
 """PNG figures a person would rather look at than read: calibration, confusion, learning curves,
 generations, thresholds, augmentation grids. Layer 0: numpy and matplotlib only."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -95,7 +96,9 @@ def generations_png(rows: list[dict], path: str | Path, title: str = "Noisy Stud
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     axes[0].plot(gens, [100 * (r.get("test_top1") or np.nan) for r in rows], "o-", label="test top-1")
     if any(r.get("pl_acc") for r in rows):
-        axes[0].plot(gens, [100 * r["pl_acc"] if r.get("pl_acc") else np.nan for r in rows], "s--", label="pseudo-label acc")
+        axes[0].plot(
+            gens, [100 * r["pl_acc"] if r.get("pl_acc") else np.nan for r in rows], "s--", label="pseudo-label acc"
+        )
     axes[0].set_title("accuracy %")
     axes[0].legend()
     axes[1].bar(gens, [r.get("images_kept") or 0 for r in rows])

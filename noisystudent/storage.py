@@ -12,6 +12,7 @@ and uploaded only when complete: S3 and GCS make an object visible only when its
 (a single PUT, or a multipart upload that is completed), so a writer killed mid-upload leaves no
 object, never a partial one. ``http(s)://`` is read-only.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,9 @@ import os
 import posixpath
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from .errors import StorageError
 from .io import atomic_path, json_bytes
@@ -37,8 +39,11 @@ _READ_ONLY = {"http", "https"}
 UPLOAD_PART_BYTES = 8 * 2**20
 UPLOAD_CONCURRENCY = 4
 READ_BLOCK_BYTES = 8 * 2**20
-_EXTRAS = {"s3": "s3fs (pip install 'noisystudent[s3]')", "gs": "gcsfs (pip install 'noisystudent[gcs]')",
-           "gcs": "gcsfs (pip install 'noisystudent[gcs]')"}
+_EXTRAS = {
+    "s3": "s3fs (pip install 'noisystudent[s3]')",
+    "gs": "gcsfs (pip install 'noisystudent[gcs]')",
+    "gcs": "gcsfs (pip install 'noisystudent[gcs]')",
+}
 
 
 def scheme(location: str | os.PathLike) -> str:
@@ -54,7 +59,7 @@ def is_url(location: str | os.PathLike) -> bool:
 def local_path(location: str | os.PathLike) -> str:
     """A local location without its ``file://`` prefix."""
     text = str(location)
-    return text[len("file://"):] if text.startswith("file://") else text
+    return text[len("file://") :] if text.startswith("file://") else text
 
 
 def filesystem(url: str):
@@ -73,10 +78,14 @@ def _remote_error(url: str, exc: Exception) -> StorageError:
     if isinstance(exc, FileNotFoundError):
         return StorageError(f"{url}: no such object (check the URL and that the upload finished)")
     if isinstance(exc, PermissionError):
-        return StorageError(f"{url}: access denied: check the credentials in the environment "
-                         "(AWS_ACCESS_KEY_ID/AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS)")
-    return StorageError(f"{url}: {type(exc).__name__}: {exc} (is the storage server reachable? "
-                     "AWS_ENDPOINT_URL names an S3-compatible one)")
+        return StorageError(
+            f"{url}: access denied: check the credentials in the environment "
+            "(AWS_ACCESS_KEY_ID/AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS)"
+        )
+    return StorageError(
+        f"{url}: {type(exc).__name__}: {exc} (is the storage server reachable? "
+        "AWS_ENDPOINT_URL names an S3-compatible one)"
+    )
 
 
 def join(base: str | os.PathLike, *names: str) -> str:
@@ -105,7 +114,7 @@ def exists(location: str | os.PathLike) -> bool:
         return fs.isfile(path)
     except (FileNotFoundError, PermissionError):
         return False
-    except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+    except Exception as exc:
         raise _remote_error(str(location), exc) from exc
 
 
@@ -118,10 +127,13 @@ def info(location: str | os.PathLike) -> dict:
     try:
         fs.invalidate_cache(path)
         found = fs.info(path)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _remote_error(str(location), exc) from exc
-    version = {k: str(found[k]) for k in ("ETag", "LastModified", "Last-Modified", "generation", "md5Hash",
-                                          "mtime", "VersionId") if found.get(k)}
+    version = {
+        k: str(found[k])
+        for k in ("ETag", "LastModified", "Last-Modified", "generation", "md5Hash", "mtime", "VersionId")
+        if found.get(k)
+    }
     return {"size": int(found.get("size") or 0), **version}
 
 
@@ -143,7 +155,7 @@ def glob(pattern: str) -> list[str]:
         return sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
     except FileNotFoundError:  # no such bucket: no matches (the caller names the pattern)
         return []
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _remote_error(pattern, exc) from exc
 
 
@@ -160,7 +172,7 @@ def open_read(location: str | os.PathLike, *, sequential: bool = False) -> Itera
     kwargs = {"block_size": 0} if sequential and scheme(url) in _READ_ONLY else {"block_size": READ_BLOCK_BYTES}
     try:
         fh = fs.open(path, "rb", **kwargs)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _remote_error(url, exc) from exc
     with fh:
         yield fh if not sequential else io.BufferedReader(_Readable(fh), 1 << 20)
@@ -226,7 +238,7 @@ def publish(local_file: str | os.PathLike, url: str) -> None:
     try:
         fs.put_file(str(local_file), path, **kwargs)
         fs.invalidate_cache(path)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _remote_error(url, exc) from exc
 
 
@@ -248,12 +260,12 @@ def abort_unfinished_uploads(prefix: str, stems: list[str]) -> int:
         uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key_prefix).get("Uploads", [])
         aborted = 0
         for up in uploads:
-            name = up["Key"][len(key_prefix):]
+            name = up["Key"][len(key_prefix) :]
             if "/" not in name and any(name.startswith(stem + ".") for stem in stems):
                 fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
                 aborted += 1
         return aborted
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _remote_error(prefix, exc) from exc
 
 

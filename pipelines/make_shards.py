@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """`noisystudent make-shards`: run `python pipelines/make_shards.py --help` for its arguments."""
+
 from noisystudent.cli import pipeline_script
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ The data is real (a slice of the Debian ``dataset-fashion-mnist`` files, which `
 installs) and goes through the real prepare step, so every test reads the same formats a user
 feeds the pipeline: ImageFolder splits and webdataset shards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,7 +78,9 @@ def make_fmnist_slice(dst: Path, train_per_class: int, n_test: int) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     write_idx(dst / "train-images-idx3-ubyte.gz", tx[idx])
     write_idx(dst / "train-labels-idx1-ubyte.gz", ty[idx])
-    write_idx(dst / "t10k-images-idx3-ubyte.gz", read_real("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)[:n_test])
+    write_idx(
+        dst / "t10k-images-idx3-ubyte.gz", read_real("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)[:n_test]
+    )
     write_idx(dst / "t10k-labels-idx1-ubyte.gz", read_real("t10k-labels-idx1-ubyte.gz", 8)[:n_test])
     return dst
 
@@ -89,8 +92,16 @@ def smoke_data(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("smoke")
     src = make_fmnist_slice(root / "src", train_per_class=60, n_test=200)
-    prepare_fashion_mnist(root / "data", source_dir=src, labels_per_class=10, val_per_class=5, shard_size=125,
-                          ood_fraction=0.06, seed=0, show_progress=False)
+    prepare_fashion_mnist(
+        root / "data",
+        source_dir=src,
+        labels_per_class=10,
+        val_per_class=5,
+        shard_size=125,
+        ood_fraction=0.06,
+        seed=0,
+        show_progress=False,
+    )
     return root / "data"
 
 
@@ -109,13 +120,22 @@ def smoke_config(smoke_data, tmp_path):
     from noisystudent.config import load_config
 
     def make(*extra: str, run_dir: Path | None = None):
-        return load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, run_dir or tmp_path / "run") + list(extra))
+        return load_config(
+            REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, run_dir or tmp_path / "run") + list(extra)
+        )
 
     return make
 
 
-def run_script(script: str, *args: str, config: str = "configs/smoke.yaml", overrides=(), launcher=None, env=None,
-               timeout: int = 900):
+def run_script(
+    script: str,
+    *args: str,
+    config: str = "configs/smoke.yaml",
+    overrides=(),
+    launcher=None,
+    env=None,
+    timeout: int = 900,
+):
     """Run ``pipelines/<script>`` with the smoke config and ``--set`` overrides; assert it succeeded."""
     import subprocess
     import sys
@@ -147,9 +167,24 @@ def dask_processes(tmp_path: Path, worker_names: tuple[str, ...], env: dict, nan
     killed on exit. Yields (scheduler address, [scheduler, *worker processes])."""
     sched_file = tmp_path / "scheduler.json"
     dask = [sys.executable, "-m", "dask"]
-    quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
-                               "127.0.0.1:0", "--scheduler-file", str(sched_file)], **quiet)]
+    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [
+        subprocess.Popen(
+            [
+                *dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--dashboard-address",
+                "127.0.0.1:0",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            **quiet,
+        )
+    ]
     try:
         deadline, address = time.time() + 60, None
         while address is None and time.time() < deadline:  # the file appears before it is written
@@ -159,8 +194,24 @@ def dask_processes(tmp_path: Path, worker_names: tuple[str, ...], env: dict, nan
                 time.sleep(0.1)
         assert address, "dask scheduler did not start"
         for name in worker_names:
-            procs.append(subprocess.Popen([*dask, "worker", address, "--nthreads", "1", "--name", name, "--host",
-                                           "127.0.0.1", "--no-dashboard", *([] if nanny else ["--no-nanny"])], **quiet))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *dask,
+                        "worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--name",
+                        name,
+                        "--host",
+                        "127.0.0.1",
+                        "--no-dashboard",
+                        *([] if nanny else ["--no-nanny"]),
+                    ],
+                    **quiet,
+                )
+            )
         yield address, procs
     finally:
         for p in procs:

@@ -1,10 +1,10 @@
 """pipelines/ablate.py on the smoke data: cells share one teacher's shards and one step budget."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
-
 from conftest import REPO, run_script, smoke_overrides
 
 
@@ -18,10 +18,23 @@ def test_ablation_cells_share_budget_and_report_seeds(smoke_run, smoke_data, tmp
     from noisystudent.data import pseudo_labels as shards
 
     strict = round(float(np.median(shards.load_table(labels).confidence)), 3)
-    args = ["ablate.py", "--teacher", teacher, "--labels", str(labels), "--out", str(out),
-            "--seeds", "0,1", "--thresholds", f"0.0,{strict}", "--only", "full noise,no noise,control,threshold"]
+    args = [
+        "ablate.py",
+        "--teacher",
+        teacher,
+        "--labels",
+        str(labels),
+        "--out",
+        str(out),
+        "--seeds",
+        "0,1",
+        "--thresholds",
+        f"0.0,{strict}",
+        "--only",
+        "full noise,no noise,control,threshold",
+    ]
     # one cell trained first by a separate untracked process, as when splitting cells across machines
-    split = args[:args.index("--seeds")] + ["--seeds", "0", "--only", "no noise"]
+    split = args[: args.index("--seeds")] + ["--seeds", "0", "--only", "no noise"]
     run_script(*split, overrides=over)
     assert (out / "no-noise-seed0" / "cell.json").is_file() and not (out / "mlflow.db").exists()
     abl = over + ["tracking.enabled=true"]
@@ -31,7 +44,12 @@ def test_ablation_cells_share_budget_and_report_seeds(smoke_run, smoke_data, tmp
     report = json.loads((out / "ablation.json").read_text())
     summary = {c["cell"]: c for c in report["summary"]}
     # 0.0 is the smoke recipe's threshold, so it is the "full noise" cell, not a separate one
-    assert set(summary) == {"full noise", "no noise", "supervised control (labeled only, full noise)", f"threshold {strict:g}"}
+    assert set(summary) == {
+        "full noise",
+        "no noise",
+        "supervised control (labeled only, full noise)",
+        f"threshold {strict:g}",
+    }
     # headline cells ran once per seed and report a spread; others once
     assert summary["full noise"]["n"] == summary["no noise"]["n"] == 2
     assert summary[f"threshold {strict:g}"]["n"] == 1
@@ -55,19 +73,20 @@ def test_ablation_cells_share_budget_and_report_seeds(smoke_run, smoke_data, tmp
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
     assert len(runs) == 1 + len(report["rows"])  # parent + one nested run per cell x seed, the gathered one included
-    assert {(r.data.params["cell"], r.data.params["seed"]) for r in runs if "cell" in r.data.params} == \
-        {(r["cell"], str(r["seed"])) for r in report["rows"]}
+    assert {(r.data.params["cell"], r.data.params["seed"]) for r in runs if "cell" in r.data.params} == {
+        (r["cell"], str(r["seed"])) for r in report["rows"]
+    }
 
 
 def test_threshold_keeping_less_than_a_batch_is_a_clear_error(smoke_data, tmp_path):
+    import pytest
+
     from noisystudent.config import ConfigError, load_config
+    from noisystudent.data.imagefolder import load_labeled_data
     from noisystudent.data.pseudo_stream import PseudoLabeledStream
     from noisystudent.data.selection import Selection
-    from noisystudent.data.imagefolder import load_labeled_data
-    from noisystudent.noise import create_eval_transform
     from noisystudent.engine.train import train_model
-
-    import pytest
+    from noisystudent.noise import create_eval_transform
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, tmp_path / "run"))
     data = load_labeled_data(cfg.data)

@@ -3,6 +3,7 @@
 Scores are recomputed independently from the shards' indexes and compared with what analysis
 wrote; the report is parsed (and screenshotted in headless Chromium where it is installed).
 """
+
 from __future__ import annotations
 
 import base64
@@ -85,7 +86,9 @@ def test_scores_beside_shards_match_an_independent_recomputation(smoke_run):
         is_ood += [bool(hidden[k].get("ood")) for k in ix.keys.tolist()]
     summary = json.loads((run_dir / "gen-1" / "analysis" / "summary.json").read_text())
     for s in OOD_SCORES:
-        assert auroc(np.concatenate(all_scores[s]), np.asarray(is_ood)) == pytest.approx(summary["ood"][s]["auroc"], abs=1e-3)
+        assert auroc(np.concatenate(all_scores[s]), np.asarray(is_ood)) == pytest.approx(
+            summary["ood"][s]["auroc"], abs=1e-3
+        )
 
 
 def test_ood_scores_drive_selection(smoke_run, tmp_path):
@@ -117,8 +120,20 @@ def test_generation_report_renders(smoke_run, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium:  # a real browser renders it (Chromium is optional on CI machines)
         shot = tmp_path / "report.png"
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                        "--window-size=1200,2000", report.as_uri()], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--screenshot={shot}",
+                "--window-size=1200,2000",
+                report.as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         assert shot.stat().st_size > 20_000
 
 
@@ -146,9 +161,8 @@ def test_run_report_compares_generations_and_mlflow_has_it(smoke_run):
 
 def test_with_without_low_confidence_experiment(smoke_run):
     from noisystudent.analysis.run import analyze_run
-    from noisystudent.experiments.with_without import with_without
-
     from noisystudent.data import pseudo_labels as shards
+    from noisystudent.experiments.with_without import with_without
 
     cfg, run_dir, _ = smoke_run
     # the tiny smoke teacher is unsure of everything: "high" = its median confidence

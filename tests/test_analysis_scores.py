@@ -1,4 +1,5 @@
 """OOD scores, detection metrics and probes against small hand-computable cases."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,13 @@ import torch
 
 from noisystudent.analysis.probes import linear_probe_accuracy
 from noisystudent.analysis.scores import (
-    KNNScorer, MahalanobisScorer, auroc, energy_score, entropy_score, fpr_at_tpr, msp_score,
+    KNNScorer,
+    MahalanobisScorer,
+    auroc,
+    energy_score,
+    entropy_score,
+    fpr_at_tpr,
+    msp_score,
 )
 from noisystudent.data.selection import OODFilter
 

@@ -1,4 +1,5 @@
 """The documented ``analyze --model ... --out ...`` command, as written, with tracking on."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,9 +16,23 @@ def test_analyze_a_checkpoint_with_tracking_on_logs_only_the_analysis(smoke_run,
     sets = [a for o in smoke_overrides(smoke_data, tmp_path / "unused")[1:] for a in ("--set", o)]
     # docs/analysis.md: noisystudent analyze --model some/model.pt --out runs/analysis-x (a relative --out,
     # tracking on: the local MLflow store then lives inside the output directory)
-    r = subprocess.run([sys.executable, str(REPO / "pipelines" / "analyze.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
-                        *sets, "--model", str(model), "--out", "runs/analysis-x"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "pipelines" / "analyze.py"),
+            "--config",
+            str(REPO / "configs" / "smoke.yaml"),
+            *sets,
+            "--model",
+            str(model),
+            "--out",
+            "runs/analysis-x",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     out = tmp_path / "runs" / "analysis-x"
     assert (out / "summary.json").is_file() and (out / "report.html").is_file()

@@ -1,4 +1,5 @@
 """Bad input gets a clear one-line error naming the file or key, or is skipped and counted."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO, smoke_overrides
 
 
@@ -24,8 +24,15 @@ def test_unknown_config_key_exits_2_naming_it(tmp_path):
 
 def test_missing_data_dir_exits_2_naming_it(tmp_path):
     missing = tmp_path / "nowhere"
-    r = run_script("pipelines/iterate.py", "--config", "configs/smoke.yaml", "--set", f"data.labeled_dir={missing}",
-                   "--set", f"run_dir={tmp_path / 'run'}")
+    r = run_script(
+        "pipelines/iterate.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--set",
+        f"data.labeled_dir={missing}",
+        "--set",
+        f"run_dir={tmp_path / 'run'}",
+    )
     assert r.returncode == 2
     assert f"labeled data directory not found: {missing}" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "gen-0").exists()  # nothing trained
@@ -55,7 +62,9 @@ def test_unknown_class_in_val_is_named(smoke_data, tmp_path):
     val = tmp_path / "val"
     shutil.copytree(smoke_data / "labeled" / "val", val)
     (val / "Extra").mkdir()
-    (val / "Extra" / "x.png").write_bytes((smoke_data / "labeled" / "val" / "Bag").glob("*.png").__next__().read_bytes())
+    (val / "Extra" / "x.png").write_bytes(
+        (smoke_data / "labeled" / "val" / "Bag").glob("*.png").__next__().read_bytes()
+    )
     train = scan_image_folder(smoke_data / "labeled" / "train")
     with pytest.raises(DataError, match="Extra"):
         scan_image_folder(val, train.class_names)
@@ -88,8 +97,8 @@ def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data,
     import tarfile
 
     from noisystudent.config import load_config
-    from noisystudent.data.shard_io import iter_samples, write_shard
     from noisystudent.data.imagefolder import load_labeled_data
+    from noisystudent.data.shard_io import iter_samples, write_shard
     from noisystudent.stages.pseudo_label import pseudo_label
     from noisystudent.stages.teacher import train_teacher
 
@@ -105,10 +114,16 @@ def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data,
     flipped = bytearray(whole)
     flipped[tenth + 130] ^= 0x5A  # inside the size field: the header's checksum no longer holds
     (corpus / "c.tar").write_bytes(bytes(flipped))
-    cfg = load_config(REPO / "configs" / "smoke.yaml",
-                      smoke_overrides(smoke_data, tmp_path / "run") + [f"data.unlabeled_shards={corpus}/*.tar",
-                                                                        "teacher.epochs=1", "cluster.n_workers=1",
-                                                                        "tracking.enabled=false"])
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        smoke_overrides(smoke_data, tmp_path / "run")
+        + [
+            f"data.unlabeled_shards={corpus}/*.tar",
+            "teacher.epochs=1",
+            "cluster.n_workers=1",
+            "tracking.enabled=false",
+        ],
+    )
     teacher = train_teacher(cfg, tmp_path / "teacher", load_labeled_data(cfg.data))
     manifest = pseudo_label(cfg, teacher.model_path, tmp_path / "labels", show_progress=False)
     reasons = manifest["skipped"]["by_reason"]
@@ -129,11 +144,23 @@ def test_student_refuses_a_class_set_that_differs_from_its_teachers(smoke_run, s
     train = tmp_path / "train"
     shutil.copytree(smoke_data / "labeled" / "train", train)
     shutil.rmtree(train / "Bag")
-    over = smoke_overrides(smoke_data, tmp_path / "unused") + [f"data.labeled_dir={train}", "data.val_dir=",
-                                                               "data.test_dir=", "tracking.enabled=false"]
-    args = ["pipelines/train_student.py", "--config", "configs/smoke.yaml", "--teacher",
-            str(run_dir / "gen-0" / "teacher" / "model.pt"), "--labels", str(run_dir / "gen-1" / "labels"),
-            "--out", str(tmp_path / "student")]
+    over = smoke_overrides(smoke_data, tmp_path / "unused") + [
+        f"data.labeled_dir={train}",
+        "data.val_dir=",
+        "data.test_dir=",
+        "tracking.enabled=false",
+    ]
+    args = [
+        "pipelines/train_student.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--teacher",
+        str(run_dir / "gen-0" / "teacher" / "model.pt"),
+        "--labels",
+        str(run_dir / "gen-1" / "labels"),
+        "--out",
+        str(tmp_path / "student"),
+    ]
     r = run_script(*args, *[a for o in over for a in ("--set", o)])
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]

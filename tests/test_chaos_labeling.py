@@ -5,6 +5,7 @@ A real ``dask scheduler`` and two nanny-supervised ``dask worker`` processes; th
 killed workers, the scheduler reschedules their tasks, and the job must end with every sample
 labeled exactly once, nothing skipped and no temporary file left.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import REPO, dask_processes
 
 from noisystudent.data.shard_io import iter_samples, write_shard
@@ -25,9 +25,14 @@ from noisystudent.models import ModelSpec, create_model, save_model
 
 pytestmark = pytest.mark.slow
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-       # a task whose worker died is "suspicious"; by default the scheduler gives up after 3 such deaths
-       "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "100"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(REPO),
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # a task whose worker died is "suspicious"; by default the scheduler gives up after 3 such deaths
+    "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "100",
+}
 N_SHARDS, PER_SHARD, KILL_EVERY_S = 20, 500, 5.0
 
 
@@ -37,20 +42,40 @@ def test_10k_samples_labeled_exactly_once_while_workers_are_killed(smoke_data, t
     pool = [s["png"] for p in sorted((smoke_data / "unlabeled").glob("shard-*.tar")) for s in iter_samples(str(p))]
     keys = [f"c{s:02d}-{i:04d}" for s in range(N_SHARDS) for i in range(PER_SHARD)]
     for s in range(N_SHARDS):
-        write_shard(tmp_path / "in" / f"part-{s:03d}.tar",
-                    [{"__key__": k, "png": pool[(s * PER_SHARD + i) % len(pool)]}
-                     for i, k in enumerate(keys[s * PER_SHARD:(s + 1) * PER_SHARD])])
+        write_shard(
+            tmp_path / "in" / f"part-{s:03d}.tar",
+            [
+                {"__key__": k, "png": pool[(s * PER_SHARD + i) % len(pool)]}
+                for i, k in enumerate(keys[s * PER_SHARD : (s + 1) * PER_SHARD])
+            ],
+        )
     spec = ModelSpec("resnet18", 10, 1, 64, [str(c) for c in range(10)], [0.286], [0.353])
     save_model(tmp_path / "teacher.pt", create_model(spec).eval(), spec)
 
     kills = 0
     out = tmp_path / "labels"
     with dask_processes(tmp_path, ("a", "b"), ENV, nanny=True) as (address, _):
-        cmd = [sys.executable, "pipelines/pseudo_label.py", "--config", "configs/smoke.yaml", "--teacher",
-               str(tmp_path / "teacher.pt"), "--shards", str(tmp_path / "in" / "part-*.tar"), "--out", str(out),
-               "--scheduler", address]
-        for o in ("tracking.enabled=false", "data.image_size=64", "pseudo_label.batch_size=50",
-                  "cluster.task_retries=100", "cluster.torch_threads=1"):
+        cmd = [
+            sys.executable,
+            "pipelines/pseudo_label.py",
+            "--config",
+            "configs/smoke.yaml",
+            "--teacher",
+            str(tmp_path / "teacher.pt"),
+            "--shards",
+            str(tmp_path / "in" / "part-*.tar"),
+            "--out",
+            str(out),
+            "--scheduler",
+            address,
+        ]
+        for o in (
+            "tracking.enabled=false",
+            "data.image_size=64",
+            "pseudo_label.batch_size=50",
+            "cluster.task_retries=100",
+            "cluster.torch_threads=1",
+        ):
             cmd += ["--set", o]
         with Client(address, timeout="30s") as monitor:
             monitor.wait_for_workers(2, timeout=120)
@@ -60,7 +85,7 @@ def test_10k_samples_labeled_exactly_once_while_workers_are_killed(smoke_data, t
                 time.sleep(KILL_EVERY_S)
                 try:
                     pids = monitor.run(os.getpid, on_error="ignore")  # worker processes, not their nannies
-                except Exception:  # noqa: BLE001 - a worker died while answering: try again next round
+                except Exception:
                     continue
                 if job.poll() is None and pids:
                     try:

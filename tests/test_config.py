@@ -1,11 +1,11 @@
 """Config loading: YAML + --set overrides, typed validation, unknown keys named."""
+
 from __future__ import annotations
 
 import pytest
+from conftest import REPO
 
 from noisystudent.config import Config, ConfigError, TrainConfig, dump_config, flatten, load_config, to_dict
-
-from conftest import REPO
 
 
 def test_shipped_configs_load_and_differ():
@@ -86,10 +86,11 @@ def test_dump_roundtrip(tmp_path):
 def test_every_config_key_has_help_and_docs_config_md_is_current():
     from noisystudent.config import config_reference, config_reference_markdown
 
-    for key, default, doc in config_reference():
+    for key, _default, doc in config_reference():
         assert doc, f"config key {key} has no help text (setting(default, help) in config/schema.py)"
-    assert (REPO / "docs" / "config.md").read_text() == config_reference_markdown() + "\n", \
+    assert (REPO / "docs" / "config.md").read_text() == config_reference_markdown() + "\n", (
         "docs/config.md is stale: regenerate with python -m noisystudent.config > docs/config.md"
+    )
 
 
 @pytest.mark.parametrize("override", ["teacher.init=teacher", "teacher.finetune_epochs=2", "teacher.unlabeled_ratio=2"])
@@ -100,17 +101,26 @@ def test_student_only_keys_are_errors_on_the_teacher(override):
     assert student.student != Config().student
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("student.init=warm", "config key 'student.init' must be scratch or teacher, got 'warm'"),
-    ("teacher.optimizer=adam", "config key 'teacher.optimizer' must be adamw or sgd"),
-    ("cluster.kind=ray", "config key 'cluster.kind' must be local, address, slurm or kubernetes"),
-    ("pseudo_label.ood_score=maha", "config key 'pseudo_label.ood_score' must be '', msp, entropy, energy, mahalanobis or knn"),
-    ("data.channels=true", "config key 'data.channels' must be 1 or 3, got True"),
-    ("ladder=[resnet18, 3]", "config key 'ladder[1]' must be a string, got 3"),
-    ("data.mean=[0.5, x, 0.5]", "config key 'data.mean[1]' must be a number, got 'x'"),
-    ("cluster.slurm.job_extra_directives=[1]", "config key 'cluster.slurm.job_extra_directives[0]' must be a string"),
-    ("data.unlabeled_shards=3", "config key 'data.unlabeled_shards' must be one of str | list"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("student.init=warm", "config key 'student.init' must be scratch or teacher, got 'warm'"),
+        ("teacher.optimizer=adam", "config key 'teacher.optimizer' must be adamw or sgd"),
+        ("cluster.kind=ray", "config key 'cluster.kind' must be local, address, slurm or kubernetes"),
+        (
+            "pseudo_label.ood_score=maha",
+            "config key 'pseudo_label.ood_score' must be '', msp, entropy, energy, mahalanobis or knn",
+        ),
+        ("data.channels=true", "config key 'data.channels' must be 1 or 3, got True"),
+        ("ladder=[resnet18, 3]", "config key 'ladder[1]' must be a string, got 3"),
+        ("data.mean=[0.5, x, 0.5]", "config key 'data.mean[1]' must be a number, got 'x'"),
+        (
+            "cluster.slurm.job_extra_directives=[1]",
+            "config key 'cluster.slurm.job_extra_directives[0]' must be a string",
+        ),
+        ("data.unlabeled_shards=3", "config key 'data.unlabeled_shards' must be one of str | list"),
+    ],
+)
 def test_choices_and_list_elements_are_checked(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -118,8 +128,9 @@ def test_choices_and_list_elements_are_checked(override, fragment):
 
 
 def test_lists_and_unions_accept_their_element_types():
-    cfg = load_config(None, ["data.mean=[1, 0.5, 0]", "data.std=[1, 1, 1]", "data.channels=3",
-                             "data.unlabeled_shards=[a.tar, b.tar]"])
+    cfg = load_config(
+        None, ["data.mean=[1, 0.5, 0]", "data.std=[1, 1, 1]", "data.channels=3", "data.unlabeled_shards=[a.tar, b.tar]"]
+    )
     assert cfg.data.mean == [1.0, 0.5, 0.0] and all(isinstance(v, float) for v in cfg.data.mean)
     assert cfg.data.unlabeled_shards == ["a.tar", "b.tar"]
     assert load_config(None, ["data.unlabeled_shards=x-{0..3}.tar"]).data.unlabeled_shards == "x-{0..3}.tar"
@@ -134,11 +145,14 @@ def test_generation_overrides_apply_to_one_generation_only():
     assert cfg.for_generation(3) is cfg
 
 
-@pytest.mark.parametrize("value, fragment", [
-    ("{2: {student.bogus: 1}}", "generation_overrides[2]: unknown config key 'student.bogus'"),
-    ("{2: {student.epochs: many}}", "generation_overrides[2]: config key 'student.epochs' must be an integer"),
-    ("{x: {seed: 1}}", "keys must be generation numbers"),
-])
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("{2: {student.bogus: 1}}", "generation_overrides[2]: unknown config key 'student.bogus'"),
+        ("{2: {student.epochs: many}}", "generation_overrides[2]: config key 'student.epochs' must be an integer"),
+        ("{x: {seed: 1}}", "keys must be generation numbers"),
+    ],
+)
 def test_bad_generation_overrides_fail_at_load(value, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"generation_overrides={value}"])
@@ -150,7 +164,9 @@ def test_ladder_refuses_a_smaller_student():
 
     params = check_ladder(["test_efficientnet", "test_resnet"], 3, num_classes=10, in_chans=1)
     assert params[0] < params[1] == params[2] == params[3]
-    with pytest.raises(LadderError, match="generation 1 student test_efficientnet .* is smaller than its teacher test_resnet"):
+    with pytest.raises(
+        LadderError, match="generation 1 student test_efficientnet .* is smaller than its teacher test_resnet"
+    ):
         check_ladder(["test_resnet", "test_efficientnet"], 1, num_classes=10, in_chans=1)
 
 
@@ -178,12 +194,33 @@ def test_amp_auto_resolves_per_device():
 def test_keys_that_change_results_are_the_recipe_data_and_models_not_the_machinery():
     from noisystudent.config.compare import key_changes_results, result_changes
 
-    for key in ("student.lr", "teacher.augment.magnitude", "data.image_size", "ladder", "seed",
-                "pseudo_label.threshold", "generation_overrides.2.student.lr", "a_key_from_an_older_version"):
+    for key in (
+        "student.lr",
+        "teacher.augment.magnitude",
+        "data.image_size",
+        "ladder",
+        "seed",
+        "pseudo_label.threshold",
+        "generation_overrides.2.student.lr",
+        "a_key_from_an_older_version",
+    ):
         assert key_changes_results(key), key
-    for key in ("device", "amp", "threads", "compile", "run_dir", "generations", "data.num_workers",
-                "pseudo_label.batch_size", "cluster.n_workers", "cluster.slurm.queue", "tracking.tracking_uri",
-                "analysis.knn_k", "log_every_steps", "max_nonfinite_steps"):
+    for key in (
+        "device",
+        "amp",
+        "threads",
+        "compile",
+        "run_dir",
+        "generations",
+        "data.num_workers",
+        "pseudo_label.batch_size",
+        "cluster.n_workers",
+        "cluster.slurm.queue",
+        "tracking.tracking_uri",
+        "analysis.knn_k",
+        "log_every_steps",
+        "max_nonfinite_steps",
+    ):
         assert not key_changes_results(key), key
     stored = to_dict(Config())
     changed = Config()

@@ -1,5 +1,6 @@
 """Streaming analysis: per-shard top-k lists merged in the driver, rank-to-row mapping, and the
 whole corpus scan on the smoke run against a recomputation that gathers everything in memory."""
+
 from __future__ import annotations
 
 import shutil
@@ -36,10 +37,11 @@ def test_merged_per_shard_lists_equal_a_stable_sort_of_the_whole_corpus(seed):
     k = int(rng.integers(1, n))
     asc = np.argsort(values, kind="stable")
     assert np.array_equal(_merged(Ranked(k), values, cuts, order), asc[:k])
-    assert np.array_equal(_merged(Ranked(k, descending=True), values, cuts, order),
-                          np.argsort(-values, kind="stable")[:k])
+    assert np.array_equal(
+        _merged(Ranked(k, descending=True), values, cuts, order), np.argsort(-values, kind="stable")[:k]
+    )
     tail = _merged(Ranked(k, descending=True, high_rows_first=True), values, cuts, order)
-    assert np.array_equal(tail[::-1], asc[n - k:])
+    assert np.array_equal(tail[::-1], asc[n - k :])
 
 
 def test_rows_of_ranks_is_flatnonzero_indexing_in_chunks():
@@ -89,12 +91,13 @@ def test_scan_of_the_smoke_corpus_equals_gathering_it_whole(smoke_run, tmp_path)
     n = lists["highest_confidence"].k
     order = np.argsort(conf, kind="stable")
     assert np.array_equal(scan.ranked["lowest_confidence"].rows, order[: lists["lowest_confidence"].k])
-    assert np.array_equal(scan.ranked["highest_confidence"].rows[::-1], order[len(order) - n:])
+    assert np.array_equal(scan.ranked["highest_confidence"].rows[::-1], order[len(order) - n :])
     mahal = scan.scores["mahalanobis"]
     assert np.array_equal(scan.ranked["highest_mahalanobis"].rows, np.argsort(-mahal, kind="stable")[: a.gallery_size])
     wrong = np.flatnonzero((truth >= 0) & (labels != truth) & (conf >= a.confident_wrong_threshold))
-    assert np.array_equal(scan.ranked["confident_but_wrong"].rows,
-                          wrong[np.argsort(-conf[wrong], kind="stable")][: a.gallery_size])
+    assert np.array_equal(
+        scan.ranked["confident_but_wrong"].rows, wrong[np.argsort(-conf[wrong], kind="stable")][: a.gallery_size]
+    )
     rows = np.array([len(conf) - 1, 0, 17])
     assert np.array_equal(scan.features(rows), feats[rows])
 

@@ -1,4 +1,5 @@
 """Pseudo-labeling at corpus scale through real Dask processes: worker death, job kill -9, label cache."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, dask_processes
 
 from noisystudent.data.shard_io import iter_samples, write_shard
@@ -43,8 +43,18 @@ def corpus(smoke_data, tmp_path_factory):
 
 
 def _label_cmd(root: Path, out: Path, *overrides: str) -> list[str]:
-    cmd = [sys.executable, "pipelines/pseudo_label.py", "--config", "configs/smoke.yaml", "--teacher", str(root / "teacher.pt"),
-           "--shards", str(root / "in" / "part-*.tar"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "pipelines/pseudo_label.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--teacher",
+        str(root / "teacher.pt"),
+        "--shards",
+        str(root / "in" / "part-*.tar"),
+        "--out",
+        str(out),
+    ]
     for o in ["tracking.enabled=false", *SLOW, *overrides]:
         cmd += ["--set", o]
     return cmd
@@ -74,13 +84,21 @@ def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpu
             monitor.wait_for_workers(2, timeout=120)
             victim = next(addr for addr, w in monitor.scheduler_info()["workers"].items() if w["name"] == "victim")
             out = tmp_path / "labels"
-            job = subprocess.Popen(_label_cmd(root, out, "cluster.task_retries=3", "cluster.torch_threads=1") + ["--scheduler", address],
-                                   cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            job = subprocess.Popen(
+                _label_cmd(root, out, "cluster.task_retries=3", "cluster.torch_threads=1") + ["--scheduler", address],
+                cwd=REPO,
+                env=ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
             # kill the victim once it has finished something and is busy with a labeling task
             def victim_busy():
                 done = list(out.rglob("*.summary.json")) if out.exists() else []
                 busy = [k for k in monitor.processing().get(victim, []) if "label_task" in str(k)]
                 return busy if done and busy else None
+
             killed_while = _wait(victim_busy, 240, "victim worker to be mid-task")
             os.kill(procs[1].pid, signal.SIGKILL)
             stdout, stderr = job.communicate(timeout=600)
@@ -99,11 +117,15 @@ def test_kill_9_of_whole_job_then_rerun_labels_only_unfinished_shards(corpus, tm
     root, keys = corpus
     out = tmp_path / "labels"
     cmd = _label_cmd(root, out, "cluster.n_workers=2")
-    job = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     _wait(lambda: len(list(out.glob("*.summary.json"))) >= 3 if out.exists() else False, 300, "3 finished shards")
     os.killpg(job.pid, signal.SIGKILL)  # the job and its LocalCluster workers, mid-shard
     job.wait(timeout=60)
-    finished_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.with_suffix(".summary.json").exists()}
+    finished_before = {
+        p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.with_suffix(".summary.json").exists()
+    }
     assert 3 <= len(finished_before) < 12
     r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -117,8 +139,8 @@ def test_kill_9_of_whole_job_then_rerun_labels_only_unfinished_shards(corpus, tm
 
 
 def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_changes(corpus, tmp_path, monkeypatch):
-    from noisystudent.data import pseudo_labels as shards
     from noisystudent.config import ClusterConfig, DataConfig
+    from noisystudent.data import pseudo_labels as shards
     from noisystudent.labeling.job import label_corpus
 
     root, keys = corpus
@@ -136,7 +158,9 @@ def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_ch
     monkeypatch.chdir(tmp_path)  # a relative cache_dir still yields a manifest usable from anywhere
 
     def run(out, **kw):
-        return label_corpus(tmp_path / "t.pt", inputs, out, data, cluster, 64, show_progress=False, cache_dir="cache", **kw)
+        return label_corpus(
+            tmp_path / "t.pt", inputs, out, data, cluster, 64, show_progress=False, cache_dir="cache", **kw
+        )
 
     first = run("exp-a")
     assert first["shards_labeled"] == 3 and first["shard_dir"].startswith(str(cache))
@@ -161,19 +185,28 @@ def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_ch
     # untrained teacher may round either way: the label's prob is the max up to float16 rounding
     p16 = table.probs.astype(np.float32)
     assert (p16[np.arange(len(table)), table.label] >= p16.max(1) - 1e-3).all()
-    recs = list(shards.read_pseudo_labels(tmp_path / "exp-a" / "manifest.json", threshold=float(np.median(table.confidence)),
-                                          with_images=True, channels=1))
+    recs = list(
+        shards.read_pseudo_labels(
+            tmp_path / "exp-a" / "manifest.json",
+            threshold=float(np.median(table.confidence)),
+            with_images=True,
+            channels=1,
+        )
+    )
     assert 0 < len(recs) < 180 and all(r.image.shape == (28, 28) for r in recs)
     assert len(recs) == int((table.confidence >= float(np.median(table.confidence))).sum())
 
 
 def test_slurm_job_script_requests_gpus_and_dask_resources():
     pytest.importorskip("dask_jobqueue")
-    from noisystudent.labeling.cluster import slurm_cluster, task_resources
     from noisystudent.config import load_config
+    from noisystudent.labeling.cluster import slurm_cluster, task_resources
 
-    cfg = load_config(REPO / "configs" / "imagenet.yaml", overlays=[REPO / "configs" / "cluster" / "slurm-gpu.yaml"],
-                      overrides=["cluster.dashboard_address=127.0.0.1:0"])
+    cfg = load_config(
+        REPO / "configs" / "imagenet.yaml",
+        overlays=[REPO / "configs" / "cluster" / "slurm-gpu.yaml"],
+        overrides=["cluster.dashboard_address=127.0.0.1:0"],
+    )
     cluster = slurm_cluster(cfg.cluster)
     try:
         script = cluster.job_script()
@@ -194,8 +227,8 @@ def test_labeling_stages_inside_shared_cluster_reuse_its_workers(corpus, tmp_pat
 
     import torch
 
-    from noisystudent.labeling.cluster import shared_cluster
     from noisystudent.config import ClusterConfig, DataConfig
+    from noisystudent.labeling.cluster import shared_cluster
     from noisystudent.labeling.job import label_corpus
 
     root, _ = corpus

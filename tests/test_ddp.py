@@ -1,6 +1,7 @@
 """Training under torchrun (2 processes, gloo): disjoint data per rank, one checkpoint, one MLflow
 run; the logged loss is the mean over every rank's batches, ranks draw their own noise and stop
 together."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
-from conftest import REPO, run_script as _script, smoke_overrides
+from conftest import REPO, smoke_overrides
+from conftest import run_script as _script
 
 
 def _torchrun_env() -> dict:
@@ -26,12 +27,22 @@ def test_torchrun_logs_the_mean_loss_over_ranks_draws_noise_per_rank_and_stops_t
     the saved model and the indices each rank read, independently of the training loop."""
     out = tmp_path / "teacher"
     overrides = smoke_overrides(smoke_data, tmp_path / "unused") + [
-        "tracking.enabled=false", "data.num_workers=0", "amp=off", "teacher.lr=0.0", "teacher.epochs=4",
-        "teacher.early_stop_patience=1", "teacher.drop_rate=0.0", "teacher.drop_path_rate=0.0",
-        "teacher.augment.num_ops=0", "teacher.augment.hflip=0.0", "teacher.augment.crop_pad=0.0",
-        "teacher.augment.cutout=0.0"]
-    _script("train_teacher.py", "--out", str(out), launcher=TORCHRUN, overrides=overrides, env=_torchrun_env(),
-            timeout=600)
+        "tracking.enabled=false",
+        "data.num_workers=0",
+        "amp=off",
+        "teacher.lr=0.0",
+        "teacher.epochs=4",
+        "teacher.early_stop_patience=1",
+        "teacher.drop_rate=0.0",
+        "teacher.drop_path_rate=0.0",
+        "teacher.augment.num_ops=0",
+        "teacher.augment.hflip=0.0",
+        "teacher.augment.crop_pad=0.0",
+        "teacher.augment.cutout=0.0",
+    ]
+    _script(
+        "train_teacher.py", "--out", str(out), launcher=TORCHRUN, overrides=overrides, env=_torchrun_env(), timeout=600
+    )
     result = json.loads((out / "result.json").read_text())
 
     from noisystudent.config import load_config
@@ -50,7 +61,7 @@ def test_torchrun_logs_the_mean_loss_over_ranks_draws_noise_per_rank_and_stops_t
         for record in sorted(result["data_by_rank"], key=lambda d: d["rank"]):
             order = record["labeled_indices"]
             for step in range(steps):
-                xs, ys = zip(*(images[i] for i in order[step * batch:(step + 1) * batch]))
+                xs, ys = zip(*(images[i] for i in order[step * batch : (step + 1) * batch]))
                 losses.append(F.cross_entropy(model(torch.stack(xs)), torch.as_tensor(ys)).item())
     assert len(losses) == 2 * steps
     logged = result["history"][0]["train_loss"]
@@ -70,15 +81,33 @@ def test_torchrun_logs_the_mean_loss_over_ranks_draws_noise_per_rank_and_stops_t
 def test_torchrun_two_ranks_split_data_and_rank0_alone_writes(smoke_data, tmp_path):
     base = smoke_overrides(smoke_data, tmp_path / "unused") + ["cluster.n_workers=1", "data.num_workers=0"]
     py = [sys.executable]
-    _script("train_teacher.py", "--out", str(tmp_path / "teacher"), launcher=py, overrides=base + ["tracking.enabled=false"])
+    _script(
+        "train_teacher.py", "--out", str(tmp_path / "teacher"), launcher=py, overrides=base + ["tracking.enabled=false"]
+    )
     teacher = str(tmp_path / "teacher" / "model.pt")
-    _script("pseudo_label.py", "--teacher", teacher, "--out", str(tmp_path / "labels"), launcher=py,
-            overrides=base + ["tracking.enabled=false"])
+    _script(
+        "pseudo_label.py",
+        "--teacher",
+        teacher,
+        "--out",
+        str(tmp_path / "labels"),
+        launcher=py,
+        overrides=base + ["tracking.enabled=false"],
+    )
 
     out = tmp_path / "student"
-    r = _script("train_student.py", "--teacher", teacher, "--labels", str(tmp_path / "labels"), "--out", str(out),
-                launcher=TORCHRUN, overrides=base + ["student.epochs=2", "pseudo_label.threshold=0.0"],
-                env=_torchrun_env())
+    r = _script(
+        "train_student.py",
+        "--teacher",
+        teacher,
+        "--labels",
+        str(tmp_path / "labels"),
+        "--out",
+        str(out),
+        launcher=TORCHRUN,
+        overrides=base + ["student.epochs=2", "pseudo_label.threshold=0.0"],
+        env=_torchrun_env(),
+    )
     assert r.stdout.count("student finished") == 1  # only rank 0 reports
 
     result = json.loads((out / "result.json").read_text())

@@ -4,6 +4,7 @@ real run, then reruns the same command and checks nothing was lost, duplicated o
 A full disk is injected at the file layer with RLIMIT_FSIZE (writes past the limit fail with
 EFBIG, exactly like ENOSPC for the writer), inherited by every Dask worker process.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from conftest import REPO, smoke_overrides
 
 
@@ -31,6 +31,7 @@ def _file_size_limit(limit: int):
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG) instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -52,8 +53,10 @@ def test_disk_full_while_labeling_fails_cleanly_then_rerun_completes(smoke_run, 
     cfg, run_dir, _ = smoke_run
     teacher = str(run_dir / "gen-0" / "teacher" / "model.pt")
     out = tmp_path / "labels"
-    over = smoke_overrides(Path(cfg.data.labeled_dir).parents[1], tmp_path / "unused") + \
-        ["tracking.enabled=false", "cluster.task_retries=0"]
+    over = smoke_overrides(Path(cfg.data.labeled_dir).parents[1], tmp_path / "unused") + [
+        "tracking.enabled=false",
+        "cluster.task_retries=0",
+    ]
     cmd = _cmd("pseudo_label.py", over, "--teacher", teacher, "--out", str(out))
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(40_000))
     assert r.returncode == 2, r.stderr[-3000:]
@@ -87,8 +90,11 @@ def test_disk_full_while_training_leaves_no_checkpoint_then_rerun_completes(smok
 
 def test_kill_9_during_teacher_training_resumes_after_last_epoch(smoke_data, tmp_path):
     run_dir = tmp_path / "run"
-    over = smoke_overrides(smoke_data, run_dir) + ["teacher.epochs=12", "analysis.enabled=false",
-                                                   "tracking.log_models=false"]
+    over = smoke_overrides(smoke_data, run_dir) + [
+        "teacher.epochs=12",
+        "analysis.enabled=false",
+        "tracking.log_models=false",
+    ]
     cmd = _cmd("iterate.py", over, "--generations", "0")
     _kill_when(cmd, lambda: (run_dir / "gen-0" / "teacher" / "last.pt").exists(), "a teacher epoch checkpoint")
     assert not (run_dir / "gen-0" / "teacher" / "DONE").exists(), "the kill came too late"

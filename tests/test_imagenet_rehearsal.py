@@ -4,6 +4,7 @@ The tree (wnid folders, upper-case .JPEG, non-square photos, grayscale / CMYK / 
 .JPEG files, a nested folder) is checked in the default run; the whole recipe through teacher,
 labeling, student and analysis takes ~100 s on 2 cores, so it is marked slow.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from noisystudent.config import flatten, load_config, to_dict
@@ -23,21 +25,46 @@ from noisystudent.errors import DataError
 from noisystudent.noise import create_eval_transform
 from noisystudent.prepare.imagenet_like import WNIDS, write_imagenet_like
 
-from conftest import REPO
-
 IMAGENET = REPO / "configs" / "imagenet.yaml"
 OVERLAY = REPO / "configs" / "rehearsal" / "imagenet-cpu.yaml"
 #: What the overlay may change: where things are, the device, and how big the models and the run are.
-SIZE_AND_PLACE = ("run_dir", "generations", "ladder", "device", "amp", "data.labeled_dir", "data.val_dir",
-                  "data.test_dir", "data.unlabeled_shards", "data.num_workers", "teacher.epochs", "teacher.batch_size",
-                  "teacher.lr", "teacher.warmup_epochs", "student.epochs", "student.batch_size", "student.lr",
-                  "student.warmup_epochs", "pseudo_label.batch_size", "pseudo_label.per_class", "cluster.",
-                  "tracking.", "analysis.embedding_points", "analysis.consistency_samples", "analysis.gallery_size")
+SIZE_AND_PLACE = (
+    "run_dir",
+    "generations",
+    "ladder",
+    "device",
+    "amp",
+    "data.labeled_dir",
+    "data.val_dir",
+    "data.test_dir",
+    "data.unlabeled_shards",
+    "data.num_workers",
+    "teacher.epochs",
+    "teacher.batch_size",
+    "teacher.lr",
+    "teacher.warmup_epochs",
+    "student.epochs",
+    "student.batch_size",
+    "student.lr",
+    "student.warmup_epochs",
+    "pseudo_label.batch_size",
+    "pseudo_label.per_class",
+    "cluster.",
+    "tracking.",
+    "analysis.embedding_points",
+    "analysis.consistency_samples",
+    "analysis.gallery_size",
+)
 
 
 def _paths(root: Path, run_dir: Path) -> list[str]:
-    return [f"run_dir={run_dir}", f"data.labeled_dir={root / 'train'}", f"data.val_dir={root / 'val'}",
-            f"data.test_dir={root / 'test'}", f"data.unlabeled_shards={root / 'unlabeled' / 'shard-*.tar'}"]
+    return [
+        f"run_dir={run_dir}",
+        f"data.labeled_dir={root / 'train'}",
+        f"data.val_dir={root / 'val'}",
+        f"data.test_dir={root / 'test'}",
+        f"data.unlabeled_shards={root / 'unlabeled' / 'shard-*.tar'}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +87,9 @@ def test_the_tree_has_what_real_imagenet_folders_have(tree):
         with Image.open(p) as img:
             kinds[(img.format, img.mode, p.suffix)] += 1
             sizes.add(img.size)
-    assert {("JPEG", "L", ".JPEG"), ("JPEG", "CMYK", ".JPEG"), ("PNG", "RGBA", ".png"),
-            ("PNG", "RGB", ".JPEG")} <= set(kinds)
+    assert {("JPEG", "L", ".JPEG"), ("JPEG", "CMYK", ".JPEG"), ("PNG", "RGBA", ".png"), ("PNG", "RGB", ".JPEG")} <= set(
+        kinds
+    )
     assert kinds[("JPEG", "RGB", ".JPEG")] > len(files) * 0.8
     assert len(sizes) > 50 and all(200 <= w < 420 and 180 <= h < 360 and w != h for w, h in sizes)
     assert manifest["unlabeled"] == {"total": 108, "ood": 12, "shards": 4}
@@ -84,8 +112,11 @@ def test_every_odd_format_loads_as_rgb_at_the_crop_size(tree):
 
 
 def test_grayscale_config_over_the_colour_tree_names_the_key(tree):
-    cfg = load_config(IMAGENET, _paths(tree, tree / "run") + ["data.channels=1", "data.mean=[0.5]", "data.std=[0.25]"],
-                      overlays=[OVERLAY])
+    cfg = load_config(
+        IMAGENET,
+        _paths(tree, tree / "run") + ["data.channels=1", "data.mean=[0.5]", "data.std=[0.25]"],
+        overlays=[OVERLAY],
+    )
     with pytest.raises(DataError, match="'data.channels' is 1 but the labeled images are colour"):
         load_labeled_data(cfg.data)
 
@@ -96,16 +127,30 @@ def test_the_overlay_changes_only_paths_device_and_sizes():
     changed = sorted(k for k in real if real[k] != rehearsal[k])
     assert changed, "the overlay changes nothing"
     assert [k for k in changed if not k.startswith(SIZE_AND_PLACE)] == []
-    for key in ("data.image_size", "data.channels", "data.mean", "data.crop_pct", "student.augment.magnitude",
-                "student.optimizer", "teacher.label_smoothing", "pseudo_label.threshold", "pseudo_label.balance"):
+    for key in (
+        "data.image_size",
+        "data.channels",
+        "data.mean",
+        "data.crop_pct",
+        "student.augment.magnitude",
+        "student.optimizer",
+        "teacher.label_smoothing",
+        "pseudo_label.threshold",
+        "pseudo_label.balance",
+    ):
         assert rehearsal[key] == real[key]
 
 
 @pytest.mark.slow
 def test_the_imagenet_recipe_rehearsal_runs_through_labeling_student_and_analysis(tmp_path):
     root, run = tmp_path / "data", tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "noisystudent", "imagenet-like", str(root)], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "noisystudent", "imagenet-like", str(root)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     cmd = [sys.executable, "pipelines/iterate.py", "--config", str(IMAGENET), "--overlay", str(OVERLAY)]
     for o in _paths(root, run):
@@ -114,7 +159,10 @@ def test_the_imagenet_recipe_rehearsal_runs_through_labeling_student_and_analysi
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
 
     rows = json.loads((run / "results.json").read_text())
-    assert [(row["role"], row["model"]) for row in rows] == [("teacher", "test_efficientnet"), ("student", "test_resnet")]
+    assert [(row["role"], row["model"]) for row in rows] == [
+        ("teacher", "test_efficientnet"),
+        ("student", "test_resnet"),
+    ]
     for g in (0, 1):
         ckpt = torch.load(Path(rows[g]["model_path"]), map_location="cpu", weights_only=False)
         spec = ckpt["spec"]

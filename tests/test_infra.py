@@ -1,11 +1,11 @@
 """Cluster examples in infra/ and configs/cluster/: they load, parse, and agree with the code that uses them."""
+
 from __future__ import annotations
 
 import subprocess
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 from noisystudent.config import load_config
@@ -21,7 +21,12 @@ def test_cluster_overlays_load_on_both_shipped_configs(overlay):
 
 
 def test_kubernetes_manifests_parse_and_request_gpus():
-    docs = [d for f in sorted((REPO / "infra" / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    docs = [
+        d
+        for f in sorted((REPO / "infra" / "kubernetes").glob("*.yaml"))
+        for d in yaml.safe_load_all(f.read_text())
+        if d
+    ]
     kinds = {d["kind"] for d in docs}
     assert {"DaskCluster", "Job", "Role", "RoleBinding", "ServiceAccount"} <= kinds
     cluster = next(d for d in docs if d["kind"] == "DaskCluster")
@@ -37,13 +42,17 @@ def test_committed_dask_cluster_matches_what_the_code_generates():
     pytest.importorskip("dask_kubernetes")
     from noisystudent.labeling.cluster import kubernetes_cluster_spec
 
-    cfg = load_config(REPO / "configs" / "imagenet.yaml", overlays=[REPO / "configs" / "cluster" / "kubernetes-gpu.yaml"])
+    cfg = load_config(
+        REPO / "configs" / "imagenet.yaml", overlays=[REPO / "configs" / "cluster" / "kubernetes-gpu.yaml"]
+    )
     committed = yaml.safe_load((REPO / "infra" / "kubernetes" / "dask-cluster.yaml").read_text())
     assert committed == kubernetes_cluster_spec(cfg.cluster)
 
 
 def test_slurm_driver_script_is_valid_bash():
-    r = subprocess.run(["bash", "-n", str(REPO / "infra" / "slurm" / "pseudo_label.sbatch")], capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", "-n", str(REPO / "infra" / "slurm" / "pseudo_label.sbatch")], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -67,6 +76,6 @@ def test_dockerfile_builds_both_variants_from_the_pinned_pair():
     text = (REPO / "infra" / "Dockerfile").read_text()
     assert "ARG VARIANT=cpu" in text and "torch==2.14.1 torchvision==0.29.1" in text
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert '"torch==2.14.1; platform_machine == \'x86_64\'"' in pyproject  # the image's +cpu pair satisfies the pin
+    assert "\"torch==2.14.1; platform_machine == 'x86_64'\"" in pyproject  # the image's +cpu pair satisfies the pin
     for copied in ("noisystudent", "pipelines", "configs", "infra"):
         assert f"COPY {copied} " in text and (REPO / copied).is_dir()

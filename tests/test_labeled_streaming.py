@@ -1,6 +1,7 @@
 """Labeled data decoded on access, or cached at the model's size: the same pixels either way, a
 start-up that only lists files, each rank decoding only its own slice, and data.channels checked
 against the files."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, smoke_overrides
 from PIL import Image
 
 from noisystudent.config import AugmentConfig, Config, TrainConfig, load_config
@@ -16,8 +18,6 @@ from noisystudent.engine.batches import BatchSource
 from noisystudent.engine.distributed import DistEnv
 from noisystudent.errors import DataError
 from noisystudent.noise import create_eval_transform, create_train_transform
-
-from conftest import REPO, smoke_overrides
 
 
 def _data(smoke_data, tmp_path, *extra):
@@ -32,7 +32,10 @@ def test_streamed_and_cached_splits_give_the_same_tensors(smoke_data, tmp_path):
     assert cached.train.images is not None and cached.train.images[0].shape == (32, 32)  # at the model's size
     assert streamed.fingerprint() == cached.fingerprint()
     noise = AugmentConfig(num_ops=2, magnitude=9.0, cutout=0.5)
-    for make in (lambda: create_eval_transform(streamed_cfg), lambda: create_train_transform(streamed_cfg, noise, seed=3)):
+    for make in (
+        lambda: create_eval_transform(streamed_cfg),
+        lambda: create_train_transform(streamed_cfg, noise, seed=3),
+    ):
         a, b = streamed.train.with_transform(make()), cached.train.with_transform(make())
         for i in (0, 7, len(a) - 1):
             assert torch.equal(a[(i, 11)][0], b[(i, 11)][0])  # same image, same batch seed: same tensor
@@ -65,8 +68,16 @@ def test_each_rank_decodes_only_its_own_slice(smoke_data, tmp_path):
     for rank in (0, 1):
         images = _CountingImages(scan_image_folder(data.labeled_dir), 1, create_eval_transform(data))
         images.decoded = []
-        batches = BatchSource(recipe, images, None, seed=0, num_workers=0, channels_last=False,
-                              device=torch.device("cpu"), env=DistEnv(rank, 2))
+        batches = BatchSource(
+            recipe,
+            images,
+            None,
+            seed=0,
+            num_workers=0,
+            channels_last=False,
+            device=torch.device("cpu"),
+            env=DistEnv(rank, 2),
+        )
         for _ in batches.epoch(0):
             pass
         assert set(images.decoded) <= set(batches.sampler.first_pass())
@@ -76,16 +87,18 @@ def test_each_rank_decodes_only_its_own_slice(smoke_data, tmp_path):
 
 def test_channels_that_contradict_the_files_are_refused_naming_the_key(smoke_data, tmp_path):
     with pytest.raises(DataError, match=r"'data.channels' is 3 but every sampled labeled image is grayscale"):
-        load_labeled_data(_data(smoke_data, tmp_path, "data.channels=3", "data.mean=[0.5,0.5,0.5]",
-                                "data.std=[0.5,0.5,0.5]"))
+        load_labeled_data(
+            _data(smoke_data, tmp_path, "data.channels=3", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]")
+        )
     rgb = tmp_path / "rgb"
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         (rgb / c).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(rgb / c / f"{i}.JPEG")
-    colour = dataclasses.replace(Config().data, labeled_dir=str(rgb), val_dir="", test_dir="", channels=1,
-                                 mean=[0.5], std=[0.5])
+    colour = dataclasses.replace(
+        Config().data, labeled_dir=str(rgb), val_dir="", test_dir="", channels=1, mean=[0.5], std=[0.5]
+    )
     with pytest.raises(DataError, match=r"'data.channels' is 1 but the labeled images are colour \(RGB"):
         load_labeled_data(colour)
     ok = dataclasses.replace(colour, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
@@ -100,7 +113,7 @@ def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
     return rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
 
 
-RGB = dict(channels=3, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+RGB = {"channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
 def test_real_resolution_eval_resizes_the_short_side_and_center_crops_by_crop_pct():

@@ -3,6 +3,7 @@ function) goes to the same or a lower layer, and there is no import cycle anywhe
 
     python tests/test_layers.py      # prints every module's layer and what it imports
 """
+
 from __future__ import annotations
 
 import ast
@@ -148,8 +149,9 @@ def test_the_checker_sees_a_function_level_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     edges = graph()
     assert cycles(edges) == [["noisystudent.loop", "noisystudent.stages.student"]]
-    assert violations(edges) == ["noisystudent.stages.student (stages) imports noisystudent.loop from a higher "
-                                 "layer (loop and experiments)"]
+    assert violations(edges) == [
+        "noisystudent.stages.student (stages) imports noisystudent.loop from a higher layer (loop and experiments)"
+    ]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Two smoke generations tracked on a real `mlflow server` (temporary sqlite backend + artifact root)."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, smoke_overrides, wait_for_http
 
 
@@ -33,9 +33,27 @@ def _stop(proc) -> None:
 
 def _start_server(root, port):
     root.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     if not wait_for_http(f"{uri}/health", proc):
         _stop(proc)
@@ -53,10 +71,22 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tracked_run(mlflow_server, smoke_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tracked") / "run"
-    cmd = [sys.executable, "pipelines/iterate.py", "--config", "configs/smoke.yaml", "--generations", "2",
-           "--tracking-uri", mlflow_server]
-    for o in smoke_overrides(smoke_data, run_dir) + ["cluster.n_workers=1", "analysis.enabled=false", "tracking.experiment=server-test",
-                                                      "tracking.registered_model=smoke-student"]:
+    cmd = [
+        sys.executable,
+        "pipelines/iterate.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--generations",
+        "2",
+        "--tracking-uri",
+        mlflow_server,
+    ]
+    for o in smoke_overrides(smoke_data, run_dir) + [
+        "cluster.n_workers=1",
+        "analysis.enabled=false",
+        "tracking.experiment=server-test",
+        "tracking.registered_model=smoke-student",
+    ]:
         cmd += ["--set", o]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -87,15 +117,31 @@ def test_parent_nested_lineage_metrics_artifacts(tracked_run):
     assert teacher_epochs == 2 and len(client.get_metric_history(by_gen[0].info.run_id, "val_top1")) == 2
     for g in (1, 2):
         m = by_gen[g].data.metrics
-        for key in ("test_top1", "test_top5", "test_ece", "pl_acc_all", "pl_kept_total", "images_per_sec", "images_kept"):
+        for key in (
+            "test_top1",
+            "test_top5",
+            "test_ece",
+            "pl_acc_all",
+            "pl_kept_total",
+            "images_per_sec",
+            "images_kept",
+        ):
             assert key in m, (g, key)
         assert len(client.get_metric_history(by_gen[g].info.run_id, "pl_confidence_hist")) == 10
     assert 0.0 <= by_gen[2].data.metrics["pl_agreement_prev_gen"] <= 1.0
     assert len(client.get_metric_history(parent_id, "test_top1")) == 3  # one point per generation
     # artifacts
     names = {a.path for a in client.list_artifacts(by_gen[1].info.run_id)}
-    assert {"model.pt", "eval.json", "confusion_test.png", "reliability_test.png", "learning_curves.png", "manifest.json",
-            "config.yaml", "augmentation_grid.png"} <= names
+    assert {
+        "model.pt",
+        "eval.json",
+        "confusion_test.png",
+        "reliability_test.png",
+        "learning_curves.png",
+        "manifest.json",
+        "config.yaml",
+        "augmentation_grid.png",
+    } <= names
     assert {"results.json", "generations.png", "config.yaml"} <= {a.path for a in client.list_artifacts(parent_id)}
 
 
@@ -120,6 +166,7 @@ def test_registered_versions_aliases_and_loading(tracked_run, smoke_data, tmp_pa
 
     model, spec = load_tracked_model("models:/smoke-student@best", tracking_uri=uri)
     from conftest import REPO  # noqa: F401
+
     from noisystudent.config import DataConfig
 
     data = DataConfig(image_size=spec.image_size, channels=spec.in_chans, mean=spec.mean, std=spec.std)
@@ -134,7 +181,9 @@ def test_registered_versions_aliases_and_loading(tracked_run, smoke_data, tmp_pa
     # the same version through MLflow's own loader predicts the same
     # (fetched with an explicit tracking_uri: no process-wide tracking state leaks into later tests)
     source = client.get_model_version_download_uri("smoke-student", best.version)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, dst_path=str(tmp_path / "registered"))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=source, tracking_uri=uri, dst_path=str(tmp_path / "registered")
+    )
     served = mlflow.pyfunc.load_model(local)  # the servable pyfunc model (noisystudent.tracking.serving)
     # the environment it declares is the installed one, pinned
     from importlib.metadata import version
@@ -153,8 +202,22 @@ def test_compare_script_prints_generations_and_logs_chart(tracked_run, tmp_path)
 
     uri, run_dir = tracked_run
     out = tmp_path / "compare.png"
-    r = subprocess.run([sys.executable, "pipelines/compare.py", "--tracking-uri", uri, "--experiment", "server-test",
-                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "pipelines/compare.py",
+            "--tracking-uri",
+            uri,
+            "--experiment",
+            "server-test",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     parent_id = (run_dir / "mlflow_parent_run_id").read_text().strip()
     assert parent_id in r.stdout and "test top-1" in r.stdout
@@ -172,9 +235,22 @@ def test_pseudo_label_stage_takes_teacher_by_mlflow_run_id(tracked_run, smoke_da
     uri, run_dir = tracked_run
     gen0 = json.loads((run_dir / "results.json").read_text())[0]
     out = tmp_path / "labels"
-    cmd = [sys.executable, "pipelines/pseudo_label.py", "--config", "configs/smoke.yaml", "--teacher", gen0["mlflow_run_id"],
-           "--tracking-uri", uri, "--out", str(out)]
-    for o in smoke_overrides(smoke_data, tmp_path / "unused") + ["cluster.n_workers=1", "tracking.experiment=server-test"]:
+    cmd = [
+        sys.executable,
+        "pipelines/pseudo_label.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--teacher",
+        gen0["mlflow_run_id"],
+        "--tracking-uri",
+        uri,
+        "--out",
+        str(out),
+    ]
+    for o in smoke_overrides(smoke_data, tmp_path / "unused") + [
+        "cluster.n_workers=1",
+        "tracking.experiment=server-test",
+    ]:
         cmd += ["--set", o]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -194,8 +270,22 @@ def test_server_lost_mid_run_then_resume_reattaches(smoke_data, tmp_path):
     port = _free_port()
     server, uri = _start_server(tmp_path / "server", port)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "pipelines/iterate.py", "--config", "configs/smoke.yaml", "--generations", "1", "--tracking-uri", uri]
-    for o in smoke_overrides(smoke_data, run_dir) + ["cluster.n_workers=1", "student.epochs=3", "tracking.log_models=false", "analysis.enabled=false"]:
+    cmd = [
+        sys.executable,
+        "pipelines/iterate.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--generations",
+        "1",
+        "--tracking-uri",
+        uri,
+    ]
+    for o in smoke_overrides(smoke_data, run_dir) + [
+        "cluster.n_workers=1",
+        "student.epochs=3",
+        "tracking.log_models=false",
+        "analysis.enabled=false",
+    ]:
         cmd += ["--set", o]
     try:
         job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,4 +1,5 @@
 """RandAugment on albumentations: op coverage, magnitude, determinism, gray and RGB, clean eval."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,13 @@ import pytest
 import torch
 
 from noisystudent.config import AugmentConfig, DataConfig
-from noisystudent.noise import RANDAUGMENT_OPS, augmentation_grid, create_eval_transform, create_train_transform, randaugment_ops
+from noisystudent.noise import (
+    RANDAUGMENT_OPS,
+    augmentation_grid,
+    create_eval_transform,
+    create_train_transform,
+    randaugment_ops,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +40,9 @@ def test_every_paper_op_exists_and_changes_gray_and_rgb_images(real_images):
 
 
 def test_transform_never_modifies_its_input(real_images):
-    t = create_train_transform(DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353]), AugmentConfig(num_ops=3, magnitude=10), seed=0)
+    t = create_train_transform(
+        DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353]), AugmentConfig(num_ops=3, magnitude=10), seed=0
+    )
     for img in real_images:
         low = (img * 0.5 + 40).astype(np.uint8)
         before = low.copy()
@@ -52,7 +61,11 @@ def test_larger_magnitude_means_larger_change(real_images):
     img = real_images[2]
 
     def mean_change(m):
-        t = create_train_transform(DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353]), AugmentConfig(num_ops=2, magnitude=m, hflip=0, crop_pad=0, cutout=0), seed=0)
+        t = create_train_transform(
+            DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353]),
+            AugmentConfig(num_ops=2, magnitude=m, hflip=0, crop_pad=0, cutout=0),
+            seed=0,
+        )
         return np.mean([np.abs(t.augment(img).astype(int) - img).mean() for _ in range(200)])
 
     assert mean_change(2) < mean_change(6) < mean_change(10)
@@ -84,14 +97,17 @@ def test_augmentation_grid_shape(real_images):
     assert grid.shape == (3 * 30, 5 * 30) and grid.dtype == np.uint8
 
 
-@pytest.mark.parametrize("ours, theirs", [
-    ({"rotate": (12, 12)}, {"rotate": (12, 12)}),
-    ({"rotate": (-25, -25)}, {"rotate": (-25, -25)}),
-    ({"shear_x": (15, 15)}, {"shear": {"x": (15, 15), "y": (0, 0)}}),
-    ({"shear_y": (-9, -9)}, {"shear": {"x": (0, 0), "y": (-9, -9)}}),
-    ({"translate_x": (0.25, 0.25)}, {"translate_percent": {"x": (0.25, 0.25), "y": (0, 0)}}),
-    ({"translate_y": (-0.3, -0.3)}, {"translate_percent": {"x": (0, 0), "y": (-0.3, -0.3)}}),
-])
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        ({"rotate": (12, 12)}, {"rotate": (12, 12)}),
+        ({"rotate": (-25, -25)}, {"rotate": (-25, -25)}),
+        ({"shear_x": (15, 15)}, {"shear": {"x": (15, 15), "y": (0, 0)}}),
+        ({"shear_y": (-9, -9)}, {"shear": {"x": (0, 0), "y": (-9, -9)}}),
+        ({"translate_x": (0.25, 0.25)}, {"translate_percent": {"x": (0.25, 0.25), "y": (0, 0)}}),
+        ({"translate_y": (-0.3, -0.3)}, {"translate_percent": {"x": (0, 0), "y": (-0.3, -0.3)}}),
+    ],
+)
 def test_fast_affine_warps_like_albumentations_affine(real_images, ours, theirs):
     """The geometric ops use our RandomAffine (for speed); at a fixed setting it must warp exactly
     as albumentations' A.Affine does, on gray and RGB."""
@@ -142,12 +158,18 @@ def test_random_shift_is_pad_then_random_crop():
     for dy in range(-4, 5):
         for dx in range(-4, 5):
             out = shift.apply(img, dy=dy, dx=dx)
-            assert np.array_equal(out, padded[4 - dy: 4 - dy + 28, 4 - dx: 4 - dx + 28]), (dy, dx)
+            assert np.array_equal(out, padded[4 - dy : 4 - dy + 28, 4 - dx : 4 - dx + 28]), (dy, dx)
     c = A.Compose([RandomShift(pad=4)], seed=0)
     for _ in range(600):
         out = c(image=img.copy())["image"]
-        seen.add(next((dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
-                      if np.array_equal(out, padded[4 - dy: 4 - dy + 28, 4 - dx: 4 - dx + 28])))
+        seen.add(
+            next(
+                (dy, dx)
+                for dy in range(-4, 5)
+                for dx in range(-4, 5)
+                if np.array_equal(out, padded[4 - dy : 4 - dy + 28, 4 - dx : 4 - dx + 28])
+            )
+        )
     assert len(seen) == 81  # every shift in [-4, 4]^2 occurs
 
 

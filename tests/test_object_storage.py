@@ -1,6 +1,7 @@
 """Object storage end to end, against real servers on 127.0.0.1: an S3-compatible one (moto in
 server mode) and a plain static file server (``python -m http.server``). Our code reaches them
 through fsspec as it would reach AWS or a CDN; nothing of ours is mocked."""
+
 from __future__ import annotations
 
 import gzip
@@ -59,18 +60,30 @@ def s3():
     import s3fs
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    creds = {"AWS_ACCESS_KEY_ID": "noisystudent-test", "AWS_SECRET_ACCESS_KEY": SECRET,
-             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    creds = {
+        "AWS_ACCESS_KEY_ID": "noisystudent-test",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
     saved = {k: os.environ.get(k) for k in creds}
     os.environ.update(creds)  # the usual environment: s3fs, boto3 and MLflow read it themselves
     s3fs.S3FileSystem.clear_instance_cache()
     try:
         assert wait_for_http(endpoint, proc, 60), "moto server did not start"
         client = boto3.client("s3", endpoint_url=endpoint)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
         yield S3(endpoint, env, client)
     finally:
         proc.kill()
@@ -99,11 +112,19 @@ def test_s3_round_trip_bucket_to_bucket_student_trains_from_it_and_a_rerun_reuse
     for bucket in ("labels", "mlflow"):
         s3.client.create_bucket(Bucket=bucket)
     run = tmp_path / "run"
-    remote = ["data.unlabeled_shards=s3://corpus/fmnist/shard-*.tar", "pseudo_label.cache_dir=s3://labels/cache",
-              "tracking.artifact_location=s3://mlflow/artifacts"]
+    remote = [
+        "data.unlabeled_shards=s3://corpus/fmnist/shard-*.tar",
+        "pseudo_label.cache_dir=s3://labels/cache",
+        "tracking.artifact_location=s3://mlflow/artifacts",
+    ]
     # data.num_workers=1: the student's pseudo-labels are read by a forked DataLoader worker
-    r = run_script("iterate.py", "--generations", "1", env=s3.env,
-                   overrides=[*smoke_overrides(smoke_data, run), *remote, "data.num_workers=1"])
+    r = run_script(
+        "iterate.py",
+        "--generations",
+        "1",
+        env=s3.env,
+        overrides=[*smoke_overrides(smoke_data, run), *remote, "data.num_workers=1"],
+    )
 
     manifest = json.loads((run / "gen-1" / "labels" / "manifest.json").read_text())
     assert [s["input"] for s in manifest["shards"]] == inputs
@@ -114,8 +135,10 @@ def test_s3_round_trip_bucket_to_bucket_student_trains_from_it_and_a_rerun_reuse
     assert manifest["total_samples"] == local_samples and manifest["skipped"]["total"] == 0
     in_bucket = s3.keys("labels", "cache/")
     for out in outputs:  # every sidecar, published beside its shard: labeling's and the analysis'
-        stem = out[len("s3://labels/"):-len(".tar")]
-        assert {f"{stem}{ext}" for ext in (".tar", ".index.npz", ".features.npy", ".summary.json", ".ood.npz")} <= set(in_bucket)
+        stem = out[len("s3://labels/") : -len(".tar")]
+        assert {f"{stem}{ext}" for ext in (".tar", ".index.npz", ".features.npy", ".summary.json", ".ood.npz")} <= set(
+            in_bucket
+        )
     assert not list(run.rglob("*.tar")), "label shards must live only in the bucket"
     # the student trained on labeled + pseudo-labeled images read from the bucket
     selection = next((run / "gen-1").rglob("selection.json"))
@@ -129,11 +152,21 @@ def test_s3_round_trip_bucket_to_bucket_student_trains_from_it_and_a_rerun_reuse
     assert any(k.endswith("model.pt") for k in artifacts) and not (run / "mlartifacts").exists()
     # a rerun with the same teacher (another run directory) labels nothing: every shard is reused
     before = {k: v["ETag"] for k, v in s3.keys("labels", "cache/").items()}
-    rerun = run_script("pseudo_label.py", "--teacher", str(run / "gen-0" / "teacher" / "model.pt"), "--out",
-                       str(tmp_path / "rerun"), env=s3.env,
-                       overrides=[*smoke_overrides(smoke_data, tmp_path / "rerun-run"), *remote, "tracking.enabled=false"])
+    rerun = run_script(
+        "pseudo_label.py",
+        "--teacher",
+        str(run / "gen-0" / "teacher" / "model.pt"),
+        "--out",
+        str(tmp_path / "rerun"),
+        env=s3.env,
+        overrides=[*smoke_overrides(smoke_data, tmp_path / "rerun-run"), *remote, "tracking.enabled=false"],
+    )
     again = json.loads((tmp_path / "rerun" / "manifest.json").read_text())
-    assert again["shards_reused"] == 4 and again["shards_labeled"] == 0 and [s["output"] for s in again["shards"]] == outputs
+    assert (
+        again["shards_reused"] == 4
+        and again["shards_labeled"] == 0
+        and [s["output"] for s in again["shards"]] == outputs
+    )
     assert {k: v["ETag"] for k, v in s3.keys("labels", "cache/").items()} == before  # nothing rewritten
     # the credentials: in no file of the run (config, MLflow store, logs), no object, no output line
     assert _no_secret_in(run) == [] and _no_secret_in(tmp_path / "rerun") == []
@@ -147,7 +180,9 @@ def _big_shard(path: Path, n: int, side: int) -> list[str]:
     """Random-noise RGB PNGs (incompressible: about side*side*3 bytes each), unique keys."""
     rng = np.random.default_rng(0)
     keys = [f"noise{i:04d}" for i in range(n)]
-    write_shard(path, ({"__key__": k, "png": encode_png(rng.integers(0, 255, (side, side, 3), np.uint8))} for k in keys))
+    write_shard(
+        path, ({"__key__": k, "png": encode_png(rng.integers(0, 255, (side, side, 3), np.uint8))} for k in keys)
+    )
     return keys
 
 
@@ -165,12 +200,29 @@ def test_a_worker_killed_mid_upload_leaves_no_partial_object_and_the_retry_publi
     with dask_processes(tmp_path, ("uploader",), s3.env, nanny=True) as (address, _procs):
         with Client(address, timeout="30s") as monitor:
             monitor.wait_for_workers(1, timeout=120)
-            cmd = [sys.executable, "pipelines/pseudo_label.py", "--config", "configs/smoke.yaml", "--teacher",
-                   str(tmp_path / "teacher.pt"), "--shards", "s3://big-in/big-000.tar", "--out", str(tmp_path / "labels"),
-                   "--scheduler", address]
-            for o in ["tracking.enabled=false", "data.channels=3", "data.mean=[0.5]", "data.std=[0.25]",
-                      "pseudo_label.cache_dir=s3://big-out/cache", "pseudo_label.save_features=false",
-                      "cluster.task_retries=2"]:
+            cmd = [
+                sys.executable,
+                "pipelines/pseudo_label.py",
+                "--config",
+                "configs/smoke.yaml",
+                "--teacher",
+                str(tmp_path / "teacher.pt"),
+                "--shards",
+                "s3://big-in/big-000.tar",
+                "--out",
+                str(tmp_path / "labels"),
+                "--scheduler",
+                address,
+            ]
+            for o in [
+                "tracking.enabled=false",
+                "data.channels=3",
+                "data.mean=[0.5]",
+                "data.std=[0.25]",
+                "pseudo_label.cache_dir=s3://big-out/cache",
+                "pseudo_label.save_features=false",
+                "cluster.task_retries=2",
+            ]:
                 cmd += ["--set", o]
             job = subprocess.Popen(cmd, cwd=REPO, env=s3.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             deadline = time.time() + 240
@@ -215,8 +267,12 @@ def test_http_corpus_is_read_by_streaming_and_http_outputs_are_refused(smoke_dat
         (served / p.name).write_bytes(p.read_bytes())
     (served / "extra.tar.gz").write_bytes(gzip.compress(local[0].read_bytes()))
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)], cwd=served,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)],
+        cwd=served,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         assert wait_for_http(base, proc, 60)
@@ -227,12 +283,14 @@ def test_http_corpus_is_read_by_streaming_and_http_outputs_are_refused(smoke_dat
         spec = ModelSpec("test_resnet", 10, 1, 28, [str(c) for c in range(10)], [0.286], [0.353])
         save_model(tmp_path / "t.pt", create_model(spec).eval(), spec)
         data = DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353])
-        first = label_corpus(tmp_path / "t.pt", urls, tmp_path / "labels", data, ClusterConfig(n_workers=1),
-                             show_progress=False)
+        first = label_corpus(
+            tmp_path / "t.pt", urls, tmp_path / "labels", data, ClusterConfig(n_workers=1), show_progress=False
+        )
         assert [read_index(s["output"]).keys.tolist() for s in first["shards"]] == expected
         assert all("Last-Modified" in s["input_identity"] for s in first["shards"])
-        again = label_corpus(tmp_path / "t.pt", urls, tmp_path / "labels", data, ClusterConfig(n_workers=1),
-                             show_progress=False)
+        again = label_corpus(
+            tmp_path / "t.pt", urls, tmp_path / "labels", data, ClusterConfig(n_workers=1), show_progress=False
+        )
         assert again["shards_reused"] == 3  # the identity (size, Last-Modified) is stable
         with pytest.raises(StorageError, match="read-only"):
             storage.write_bytes(f"{base}/new.tar", b"x")
@@ -249,11 +307,14 @@ def test_missing_objects_and_an_unreachable_server_get_one_clear_line(s3):
     with pytest.raises(ShardError, match="no shards match"):
         expand_urls("s3://no-such-bucket-here/shard-*.tar")
     # a server that is not there, asked from a child process (the endpoint comes from the environment)
-    code = ("import sys; from noisystudent import storage\n"
-            "try:\n    storage.info(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e); sys.exit(3)")
+    code = (
+        "import sys; from noisystudent import storage\n"
+        "try:\n    storage.info(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e); sys.exit(3)"
+    )
     env = {**s3.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_MAX_ATTEMPTS": "1"}
-    r = subprocess.run([sys.executable, "-c", code, "s3://corpus/x.tar"], env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code, "s3://corpus/x.tar"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 3, (r.stdout, r.stderr[-2000:])
     (line,) = r.stdout.strip().splitlines()
     assert line.startswith("StorageError s3://corpus/x.tar: ") and "reachable" in line and SECRET not in line
@@ -278,36 +339,66 @@ def test_gcs_labels_bucket_to_bucket_and_a_rerun_reuses_every_shard(smoke_data, 
     pytest.importorskip("gcp_storage_emulator")
     port = _free_port()
     emulator = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent))
-    proc = subprocess.Popen([emulator, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [emulator, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     host = f"http://127.0.0.1:{port}"
     # the emulator speaks only the JSON API: gcsfs' gRPC bucket-type probe (for zonal buckets) is switched off
-    env = {**os.environ, "PYTHONPATH": str(REPO), "STORAGE_EMULATOR_HOST": host, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-           "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "STORAGE_EMULATOR_HOST": host,
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+    }
     try:
         assert wait_for_http(host, proc, 60), "GCS emulator did not start"
         for bucket in ("gcs-in", "gcs-out"):
             _gcs_api(host, "POST", "/storage/v1/b?project=test", json.dumps({"name": bucket}).encode())
         local = sorted((smoke_data / "unlabeled").glob("shard-*.tar"))
         for p in local:
-            _gcs_api(host, "POST", f"/upload/storage/v1/b/gcs-in/o?uploadType=media&name=corpus/{p.name}", p.read_bytes(),
-                     "application/x-tar")
+            _gcs_api(
+                host,
+                "POST",
+                f"/upload/storage/v1/b/gcs-in/o?uploadType=media&name=corpus/{p.name}",
+                p.read_bytes(),
+                "application/x-tar",
+            )
         spec = ModelSpec("test_resnet", 10, 1, 28, [str(c) for c in range(10)], [0.286], [0.353])
         save_model(tmp_path / "t.pt", create_model(spec).eval(), spec)
-        remote = ["data.unlabeled_shards=gs://gcs-in/corpus/shard-*.tar", "pseudo_label.cache_dir=gs://gcs-out/cache",
-                  "tracking.enabled=false"]
+        remote = [
+            "data.unlabeled_shards=gs://gcs-in/corpus/shard-*.tar",
+            "pseudo_label.cache_dir=gs://gcs-out/cache",
+            "tracking.enabled=false",
+        ]
         label = ("pseudo_label.py", "--teacher", str(tmp_path / "t.pt"))
-        run_script(*label, "--out", str(tmp_path / "first"), env=env, overrides=[*smoke_overrides(smoke_data, tmp_path / "r"), *remote])
-        run_script(*label, "--out", str(tmp_path / "again"), env=env, overrides=[*smoke_overrides(smoke_data, tmp_path / "r"), *remote])
+        run_script(
+            *label,
+            "--out",
+            str(tmp_path / "first"),
+            env=env,
+            overrides=[*smoke_overrides(smoke_data, tmp_path / "r"), *remote],
+        )
+        run_script(
+            *label,
+            "--out",
+            str(tmp_path / "again"),
+            env=env,
+            overrides=[*smoke_overrides(smoke_data, tmp_path / "r"), *remote],
+        )
         first, again = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("first", "again"))
         assert first["shards_labeled"] == 4 and again["shards_reused"] == 4 and again["shards_labeled"] == 0
         assert all("generation" in s["input_identity"] for s in first["shards"])
         listed = {o["name"] for o in _gcs_api(host, "GET", "/storage/v1/b/gcs-out/o")["items"]}
         for p, shard in zip(local, first["shards"]):
-            name = shard["output"][len("gs://gcs-out/"):]
+            name = shard["output"][len("gs://gcs-out/") :]
             assert {name, name[:-4] + ".index.npz", name[:-4] + ".features.npy", name[:-4] + ".summary.json"} <= listed
             copy = tmp_path / Path(name).name
-            copy.write_bytes(_gcs_api(host, "GET", f"/download/storage/v1/b/gcs-out/o/{urllib.parse.quote(name, safe='')}?alt=media"))
+            copy.write_bytes(
+                _gcs_api(host, "GET", f"/download/storage/v1/b/gcs-out/o/{urllib.parse.quote(name, safe='')}?alt=media")
+            )
             assert [s["__key__"] for s in iter_samples(str(copy))] == [s["__key__"] for s in iter_samples(str(p))]
     finally:
         proc.kill()

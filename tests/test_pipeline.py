@@ -3,6 +3,7 @@
 One session-scoped run of ``iterate`` (2 generations, conftest.smoke_run) feeds most assertions; a second call in the
 same run directory must resume without recomputing anything.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,11 @@ def test_pseudo_label_shards_schema(smoke_run, smoke_data):
     assert "eval.json" not in sample  # hidden evaluation fields never reach the training shards
     ix = read_index(manifest["shards"][0]["output"])
     assert len(ix.keys) == manifest["shards"][0]["samples"]
-    assert np.allclose(ix.confidence.max(), max(json.loads(s[META_EXT])["confidence"] for s in iter_samples(manifest["shards"][0]["output"])), atol=1e-3)
+    assert np.allclose(
+        ix.confidence.max(),
+        max(json.loads(s[META_EXT])["confidence"] for s in iter_samples(manifest["shards"][0]["output"])),
+        atol=1e-3,
+    )
 
 
 def test_mlflow_parent_and_nested_runs(smoke_run):

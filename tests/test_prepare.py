@@ -1,4 +1,5 @@
 """Dataset preparation on tiny real data: Fashion-MNIST IDX subset -> default layout, folder -> shards."""
+
 from __future__ import annotations
 
 import gzip
@@ -9,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REAL_SOURCE, read_real, write_idx
 from PIL import Image
 
+from noisystudent.data.shard_io import decode_image, iter_samples
 from noisystudent.prepare.fashion_mnist import FASHION_MNIST_CLASSES, prepare_fashion_mnist
 from noisystudent.prepare.folder_to_shards import PrepareError, folder_to_shards
-from noisystudent.data.shard_io import decode_image, iter_samples
 
-from conftest import REAL_SOURCE, read_real, write_idx  # noqa: E402
 PER_CLASS_TRAIN = 6  # tiny train set: 6 images per class = 60
 N_TEST = 20
 
@@ -53,7 +54,14 @@ def tiny_source(tmp_path_factory) -> Path:
     return src
 
 
-SMALL = dict(labels_per_class=2, val_per_class=1, shard_size=7, ood_fraction=0.3, seed=3, show_progress=False)
+SMALL = {
+    "labels_per_class": 2,
+    "val_per_class": 1,
+    "shard_size": 7,
+    "ood_fraction": 0.3,
+    "seed": 3,
+    "show_progress": False,
+}
 # 60 - 10 * (2 + 1) = 30 in-distribution unlabeled; round(0.3 * 30) = 9 OOD
 
 
@@ -204,7 +212,7 @@ def test_existing_dir_without_prepared_is_refused(tiny_source, tmp_path):
     # an empty existing directory is fine
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (prepare_fashion_mnist(empty, source_dir=tiny_source, **SMALL) and (empty / "PREPARED.json").is_file())
+    assert prepare_fashion_mnist(empty, source_dir=tiny_source, **SMALL) and (empty / "PREPARED.json").is_file()
 
 
 def test_missing_source_is_clear(tmp_path):
@@ -302,8 +310,15 @@ def test_folder_to_shards_shuffle_and_no_eval(image_tree, tmp_path):
     assert keys1 == sorted(keys1) == ["cats__a", "cats__b_v2", "dogs__d", "dogs__puppy_one", "dogs__sub__c"]
     assert all("eval.json" not in s for s in _all_samples(tmp_path / "o1", m1))
     assert "classes" not in m1 and m1["parameters"]["shuffle"] is False
-    keys = [[s["__key__"] for s in _all_samples(tmp_path / f"s{i}", folder_to_shards(src, tmp_path / f"s{i}", seed=seed, show_progress=False))]
-            for i, seed in enumerate((0, 0, 5))]
+    keys = [
+        [
+            s["__key__"]
+            for s in _all_samples(
+                tmp_path / f"s{i}", folder_to_shards(src, tmp_path / f"s{i}", seed=seed, show_progress=False)
+            )
+        ]
+        for i, seed in enumerate((0, 0, 5))
+    ]
     assert keys[0] == keys[1], "same seed, same order"
     assert sorted(keys[0]) == keys1
 
@@ -364,13 +379,31 @@ def test_cli_scripts_run_from_repo_root(image_tree, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     src, _ = image_tree
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "pipelines/make_shards.py", str(src), str(tmp_path / "o"), "--quiet", "--class-from-parent"],
-                       cwd=repo, capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "pipelines/make_shards.py", str(src), str(tmp_path / "o"), "--quiet", "--class-from-parent"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote 5 samples" in r.stdout and "undecodable_image: 1" in r.stdout
-    r = subprocess.run([sys.executable, "pipelines/make_shards.py", str(tmp_path / "nope"), str(tmp_path / "o")],
-                       cwd=repo, capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "pipelines/make_shards.py", str(tmp_path / "nope"), str(tmp_path / "o")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: source directory not found")
-    r = subprocess.run([sys.executable, "pipelines/prepare.py", "--out", str(tmp_path / "p"), "--source-dir", str(tmp_path / "nope")],
-                       cwd=repo, capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "pipelines/prepare.py", "--out", str(tmp_path / "p"), "--source-dir", str(tmp_path / "nope")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2 and "apt-get install dataset-fashion-mnist" in r.stderr

@@ -1,6 +1,7 @@
 """Pretrained teachers and students: local weights files (written here from real timm models, no
 downloads) go through timm's loader, with a new head for another class count and an adapted stem
 for another channel count; a file of another architecture is refused before anything loads."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -18,8 +19,15 @@ from noisystudent.models import ModelSpec
 
 
 def _spec(num_classes: int = 10, in_chans: int = 1, name: str = "resnet10t") -> ModelSpec:
-    return ModelSpec(name=name, num_classes=num_classes, in_chans=in_chans, image_size=32,
-                     class_names=[str(c) for c in range(num_classes)], mean=[0.5], std=[0.5])
+    return ModelSpec(
+        name=name,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        image_size=32,
+        class_names=[str(c) for c in range(num_classes)],
+        mean=[0.5],
+        std=[0.5],
+    )
 
 
 def _teacher(spec: ModelSpec, weights) -> torch.nn.Module:
@@ -45,7 +53,9 @@ def test_teacher_starts_from_exactly_the_file_weights(tmp_path, suffix):
     model = _teacher(_spec(), path)
     loaded = model.state_dict()
     assert loaded.keys() == state.keys()
-    assert all(torch.equal(loaded[k], state[k]) for k in state), [k for k in state if not torch.equal(loaded[k], state[k])][:3]
+    assert all(torch.equal(loaded[k], state[k]) for k in state), [
+        k for k in state if not torch.equal(loaded[k], state[k])
+    ][:3]
     random_init = timm.create_model("resnet10t", num_classes=10, in_chans=1).state_dict()
     assert not torch.equal(random_init["conv1.0.weight"], loaded["conv1.0.weight"])  # not a coincidence of seeds
 
@@ -114,8 +124,9 @@ def _hub_run(tmp_path, cache):
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf-home"))
     out = tmp_path / "loaded.pt"
-    r = subprocess.run([sys.executable, "-c", _HUB_CHILD, str(out)], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _HUB_CHILD, str(out)], capture_output=True, text=True, env=env, timeout=300
+    )
     return r, out
 
 

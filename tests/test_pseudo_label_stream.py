@@ -1,4 +1,5 @@
 """The student's pseudo-label stream: seek-by-index reading equals parsing the tar, and damage is counted."""
+
 from __future__ import annotations
 
 import glob
@@ -46,7 +47,7 @@ def test_index_records_offsets_and_probs_that_match_the_tar(labeled_shard):
     for i, sample in enumerate(iter_samples(str(out))):
         assert sample["__key__"] == ix.keys[i]
         off, size = int(ix.image_offset[i]), int(ix.image_size[i])
-        assert raw[off: off + size] == sample[str(ix.image_ext[i])]  # the offset points at the image bytes
+        assert raw[off : off + size] == sample[str(ix.image_ext[i])]  # the offset points at the image bytes
         np.testing.assert_array_equal(np.load(io.BytesIO(sample[PROBS_EXT])), ix.probs[i])
     assert i + 1 == summary.samples
 
@@ -56,8 +57,11 @@ def test_seek_path_yields_exactly_what_tar_parsing_yields(labeled_shard):
     selection = select_pseudo_labels([str(out)], 10, threshold=0.0, balance=False)
     fast = list(PseudoLabeledStream(selection, 1, 10, _identity).read_shard(str(out)))
     # the same samples, parsed from the tar member by member
-    slow = [(s["__key__"], decode_image(s["png"], 1), np.load(io.BytesIO(s[PROBS_EXT]), allow_pickle=False))
-            for s, n in zip(iter_samples(str(out)), selection.repeats_of(str(out))) if n > 0]
+    slow = [
+        (s["__key__"], decode_image(s["png"], 1), np.load(io.BytesIO(s[PROBS_EXT]), allow_pickle=False))
+        for s, n in zip(iter_samples(str(out)), selection.repeats_of(str(out)))
+        if n > 0
+    ]
     assert len(fast) == len(slow) == selection.kept_unique > 0
     for (k1, img1, p1), (k2, img2, p2) in zip(fast, slow):
         assert k1 == k2
@@ -94,12 +98,14 @@ def test_png_fast_decode_matches_pil_and_refuses_bombs():
 
 def test_write_shard_reports_member_offsets(tmp_path):
     offsets: dict = {}
-    samples = [{"__key__": f"k{i}", "png": encode_png(np.full((5, 5), i, np.uint8)), "x.json": {"i": i}} for i in range(5)]
+    samples = [
+        {"__key__": f"k{i}", "png": encode_png(np.full((5, 5), i, np.uint8)), "x.json": {"i": i}} for i in range(5)
+    ]
     write_shard(tmp_path / "s.tar", samples, offsets=offsets)
     raw = (tmp_path / "s.tar").read_bytes()
     for s in samples:
         off, size = offsets[s["__key__"]]["png"]
-        assert raw[off: off + size] == s["png"]
+        assert raw[off : off + size] == s["png"]
 
 
 def test_the_shuffle_buffer_holds_encoded_bytes_and_noises_samples_as_they_leave(labeled_shard):

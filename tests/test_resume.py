@@ -1,4 +1,5 @@
 """Kill -9 the loop mid-way, rerun the same command: finished work is not recomputed."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,14 @@ def _iterate_cmd(overrides):
 def test_kill_during_student_then_resume(smoke_data, tmp_path):
     run_dir = tmp_path / "run"
     # Enough student epochs that the kill (polled every 50 ms after the first checkpoint) lands mid-training.
-    overrides = smoke_overrides(smoke_data, run_dir) + ["student.epochs=8", "analysis.enabled=false",
-                                                        "tracking.log_models=false"]
-    proc = subprocess.Popen(_iterate_cmd(overrides), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    overrides = smoke_overrides(smoke_data, run_dir) + [
+        "student.epochs=8",
+        "analysis.enabled=false",
+        "tracking.log_models=false",
+    ]
+    proc = subprocess.Popen(
+        _iterate_cmd(overrides), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     last = run_dir / "gen-1" / "student" / "last.pt"
     deadline = time.time() + 240
     while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -93,5 +98,7 @@ def test_resume_with_a_changed_recipe_is_refused_with_a_diff_unless_allowed(smok
 
 def _overrides(cfg) -> list[str]:
     """The smoke fixture's data paths as --set lines (the script must read the same data)."""
-    return [f"data.{k}={getattr(cfg.data, k)}" for k in ("labeled_dir", "val_dir", "test_dir", "unlabeled_shards")] \
-        + ["teacher.epochs=1", "tracking.log_models=false"]
+    return [f"data.{k}={getattr(cfg.data, k)}" for k in ("labeled_dir", "val_dir", "test_dir", "unlabeled_shards")] + [
+        "teacher.epochs=1",
+        "tracking.log_models=false",
+    ]

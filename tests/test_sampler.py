@@ -1,5 +1,6 @@
 """EpochSampler: shuffled passes, rank slices, per-batch augmentation seeds, and noise that does
 not depend on how many (persistent) loader workers produce it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,7 @@ def test_an_epoch_is_whole_shuffled_passes_with_one_seed_per_batch():
     assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))  # passes 1 and 2
     assert idx[:10] != idx[10:20]  # each pass reshuffled
     seeds = [sd for _, sd in draws]
-    batches = [seeds[b * 4:(b + 1) * 4] for b in range(6)]
+    batches = [seeds[b * 4 : (b + 1) * 4] for b in range(6)]
     assert all(len(set(b)) == 1 for b in batches)
     assert len({b[0] for b in batches}) == 6
 
@@ -44,7 +45,7 @@ def test_ranks_read_disjoint_slices_of_every_pass():
     assert not set(first[0]) & set(first[1]) and sorted(first[0] + first[1]) == list(range(20))
     epoch = [[i for i, _ in r] for r in ranks]
     for p in range(2):  # both passes of the epoch (20 draws per rank = 2 passes of 10)
-        assert sorted(epoch[0][p * 10:(p + 1) * 10] + epoch[1][p * 10:(p + 1) * 10]) == list(range(20))
+        assert sorted(epoch[0][p * 10 : (p + 1) * 10] + epoch[1][p * 10 : (p + 1) * 10]) == list(range(20))
     seeds = [[sd for _, sd in r] for r in ranks]
     assert seeds[0] != seeds[1]  # ranks do not share noise streams
 
@@ -57,11 +58,21 @@ def test_too_small_for_one_batch_is_a_clear_error():
 def _epoch_batches(workers: int, epochs: int = 2) -> list[torch.Tensor]:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(40)]
-    transform = create_train_transform(DataConfig(image_size=32, channels=1, mean=[0.286], std=[0.353]), AugmentConfig(num_ops=2, magnitude=9, cutout=0.5), seed=0)
+    transform = create_train_transform(
+        DataConfig(image_size=32, channels=1, mean=[0.286], std=[0.353]),
+        AugmentConfig(num_ops=2, magnitude=9, cutout=0.5),
+        seed=0,
+    )
     data = LabeledImages.from_arrays(images, [i % 10 for i in range(40)], [str(c) for c in range(10)], transform)
     sampler = EpochSampler(len(data), 8, 7, seed=0)
-    loader = DataLoader(data, batch_size=8, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        data,
+        batch_size=8,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(0),
+    )
     out = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)

@@ -1,4 +1,5 @@
 """Read-time selection of pseudo-labels: confidence threshold and per-class balancing."""
+
 from __future__ import annotations
 
 import pickle
@@ -109,19 +110,30 @@ def test_stored_selection_equals_the_in_memory_one_is_reused_and_stays_small(tmp
     for s in range(6):
         path = tmp_path / f"shard-{s}.tar"
         n = 2000
-        write_index(path, [f"k{s}-{i}" for i in range(n)], rng.integers(0, 5, n).tolist(),
-                    rng.uniform(0, 1, n).astype(np.float32).tolist(), [0.0] * n)
+        write_index(
+            path,
+            [f"k{s}-{i}" for i in range(n)],
+            rng.integers(0, 5, n).tolist(),
+            rng.uniform(0, 1, n).astype(np.float32).tolist(),
+            [0.0] * n,
+        )
         shards.append(str(path))
     memory = select_pseudo_labels(shards, 5, threshold=0.4, balance=True, per_class=1500, seed=1)
-    stored = select_pseudo_labels(shards, 5, threshold=0.4, balance=True, per_class=1500, seed=1, store_dir=tmp_path / "run")
+    stored = select_pseudo_labels(
+        shards, 5, threshold=0.4, balance=True, per_class=1500, seed=1, store_dir=tmp_path / "run"
+    )
     assert stored.store and stored.arrays is None and stored.kept_per_class == memory.kept_per_class == [1500] * 5
     for s in shards:
         assert np.array_equal(stored.repeats_of(s), memory.repeats_of(s))
     files = sorted(Path(stored.store).iterdir())
     stamp = [f.stat().st_mtime_ns for f in files]
-    again = select_pseudo_labels(shards, 5, threshold=0.4, balance=True, per_class=1500, seed=1, store_dir=tmp_path / "run")
+    again = select_pseudo_labels(
+        shards, 5, threshold=0.4, balance=True, per_class=1500, seed=1, store_dir=tmp_path / "run"
+    )
     assert again.store == stored.store and [f.stat().st_mtime_ns for f in files] == stamp  # reused, not rewritten
-    other = select_pseudo_labels(shards, 5, threshold=0.5, balance=True, per_class=1500, seed=1, store_dir=tmp_path / "run")
+    other = select_pseudo_labels(
+        shards, 5, threshold=0.5, balance=True, per_class=1500, seed=1, store_dir=tmp_path / "run"
+    )
     assert other.store != stored.store  # keyed by the parameters
     # what a loader worker receives: the shard list and totals, no per-sample data
     assert len(pickle.dumps(stored)) < 2000 < len(pickle.dumps(memory)) / 5

@@ -1,4 +1,5 @@
 """Shard writing/reading: roundtrip, atomicity, truncated tars, unsafe members, corrupt images."""
+
 from __future__ import annotations
 
 import io
@@ -9,14 +10,27 @@ import numpy as np
 import pytest
 
 from noisystudent.data.shard_io import (
-    SkipCounter, ShardError, decode_image, encode_png, expand_urls, iter_samples, write_shard, write_shards,
+    ShardError,
+    SkipCounter,
+    decode_image,
+    encode_png,
+    expand_urls,
+    iter_samples,
+    write_shard,
+    write_shards,
 )
 
 
 def _samples(n, start=0):
     rng = np.random.default_rng(start)
-    return [{"__key__": f"s-{i:04d}", "png": encode_png(rng.integers(0, 255, (28, 28), dtype=np.uint8)),
-             "eval.json": {"class": "a", "ood": False}} for i in range(start, start + n)]
+    return [
+        {
+            "__key__": f"s-{i:04d}",
+            "png": encode_png(rng.integers(0, 255, (28, 28), dtype=np.uint8)),
+            "eval.json": {"class": "a", "ood": False},
+        }
+        for i in range(start, start + n)
+    ]
 
 
 def test_roundtrip_keys_members_and_pattern(tmp_path):

@@ -1,9 +1,11 @@
 """Each stage runs alone from its script; pseudo-labels are reused by a rerun."""
+
 from __future__ import annotations
 
 import json
 
-from conftest import run_script as _run, smoke_overrides
+from conftest import run_script as _run
+from conftest import smoke_overrides
 
 
 def test_teacher_label_student_scripts(smoke_data, tmp_path):
@@ -18,16 +20,25 @@ def test_teacher_label_student_scripts(smoke_data, tmp_path):
     assert first["shards_labeled"] == len(first["shards"]) and first["shards_reused"] == 0
     mtimes = {p: p.stat().st_mtime_ns for p in labels.glob("*.tar")}
 
-    again = _run("pseudo_label.py", "--teacher", str(tmp_path / "teacher" / "model.pt"), "--out", str(labels), overrides=over)
+    again = _run(
+        "pseudo_label.py", "--teacher", str(tmp_path / "teacher" / "model.pt"), "--out", str(labels), overrides=over
+    )
     second = json.loads((labels / "manifest.json").read_text())
     assert second["shards_reused"] == len(second["shards"]) and second["shards_labeled"] == 0
     assert {p: p.stat().st_mtime_ns for p in labels.glob("*.tar")} == mtimes
     assert second["total_samples"] == first["total_samples"]
     assert "pseudo-labeling finished" in again.stdout
 
-    s = _run("train_student.py", "--teacher", str(tmp_path / "teacher" / "model.pt"), "--labels", str(labels),
-             "--out", str(tmp_path / "student"),
-             overrides=over + ["pseudo_label.threshold=0.0", "generation_overrides={1: {student.unlabeled_weight: 0.5}}"])
+    s = _run(
+        "train_student.py",
+        "--teacher",
+        str(tmp_path / "teacher" / "model.pt"),
+        "--labels",
+        str(labels),
+        "--out",
+        str(tmp_path / "student"),
+        overrides=over + ["pseudo_label.threshold=0.0", "generation_overrides={1: {student.unlabeled_weight: 0.5}}"],
+    )
     assert "student finished" in s.stdout
     # the script applies its generation's overrides, and dumps the resolved config
     assert "unlabeled_weight: 0.5" in (tmp_path / "student" / "config.yaml").read_text()
@@ -35,8 +46,14 @@ def test_teacher_label_student_scripts(smoke_data, tmp_path):
     assert result["spec"]["name"] == "test_resnet" and len(result["history"]) == 1
     assert result["history"][0]["train_pseudo_loss"] > 0
 
-    a = _run("analyze.py", "--model", str(tmp_path / "student" / "model.pt"), "--out", str(tmp_path / "analysis"),
-             overrides=over)
+    a = _run(
+        "analyze.py",
+        "--model",
+        str(tmp_path / "student" / "model.pt"),
+        "--out",
+        str(tmp_path / "analysis"),
+        overrides=over,
+    )
     assert "Analysis: ID-vs-OOD AUROC" in a.stdout and "report:" in a.stdout
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert set(summary["ood"]) == {"msp", "entropy", "energy", "mahalanobis", "knn"}

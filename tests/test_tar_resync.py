@@ -1,6 +1,7 @@
 """The shard reader resynchronises past damaged tar headers: flipped bytes cost only the samples
 whose own bytes they hit, and what is lost is counted (events, incomplete samples, an estimate of
 samples with nothing readable). It also reads every tar format and compression tarfile writes."""
+
 from __future__ import annotations
 
 import gzip
@@ -17,10 +18,15 @@ LOST = ("incomplete_sample", "lost_in_damage")
 
 def _samples(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [{"__key__": f"sample-{i:06d}",
-             "jpg": rng.integers(0, 256, int(rng.integers(300, 4000)), dtype=np.uint8).tobytes(),
-             "json": {"i": i, "caption": "x" * int(rng.integers(0, 80))},
-             "cls": str(i % 10)} for i in range(n)]
+    return [
+        {
+            "__key__": f"sample-{i:06d}",
+            "jpg": rng.integers(0, 256, int(rng.integers(300, 4000)), dtype=np.uint8).tobytes(),
+            "json": {"i": i, "caption": "x" * int(rng.integers(0, 80))},
+            "cls": str(i % 10),
+        }
+        for i in range(n)
+    ]
 
 
 def _spans(path) -> dict[str, tuple[int, int]]:
@@ -103,7 +109,9 @@ def test_junk_inserted_off_the_512_byte_grid_is_skipped(shard, tmp_path):
     data = path.read_bytes()
     at = spans["sample-000500"][0] + 700  # inside sample 500, shifting every later header by 333 bytes
     damaged = tmp_path / "junk.tar"
-    damaged.write_bytes(data[:at] + np.random.default_rng(0).integers(0, 256, 333, dtype=np.uint8).tobytes() + data[at:])
+    damaged.write_bytes(
+        data[:at] + np.random.default_rng(0).integers(0, 256, 333, dtype=np.uint8).tobytes() + data[at:]
+    )
     got, skips = _read(damaged)
     keys = {s["__key__"] for s in got}
     assert len(keys) >= 998 and {f"sample-{i:06d}" for i in range(501, 1000)} <= keys
@@ -121,8 +129,12 @@ def test_every_tar_format_and_gzip_read_as_tarfile_reads_them(tmp_path, fmt, com
     """Long names (GNU ``L`` members, pax ``path`` records, ustar prefixes), non-ASCII names,
     directories and a symlink, plain and gzipped: the samples are tarfile's members, grouped by key."""
     path = tmp_path / f"f{fmt}.tar{'.gz' if compress else ''}"
-    names = ["a/b/short.jpg", "a/b/short.json",
-             "deep/" + "d" * 60 + "/" + "n" * 70 + ".jpg", "deep/" + "d" * 60 + "/" + "n" * 70 + ".txt"]
+    names = [
+        "a/b/short.jpg",
+        "a/b/short.json",
+        "deep/" + "d" * 60 + "/" + "n" * 70 + ".jpg",
+        "deep/" + "d" * 60 + "/" + "n" * 70 + ".txt",
+    ]
     if fmt != tarfile.USTAR_FORMAT:
         names += ["ünïcode/名前.png", "ünïcode/名前.cls"]
     with tarfile.open(path, f"w:{compress}", format=fmt) as tar:
@@ -156,7 +168,12 @@ def test_a_damaged_gzip_stream_keeps_what_came_before_and_counts_the_cut(tmp_pat
     got, skips = _read(damaged)
     keys = [s["__key__"] for s in got]
     assert 0 < len(got) < 2000 and keys == sorted(set(keys)) and set(keys) <= set(clean)
-    assert skips.total >= 1 and set(skips.reasons) <= {"corrupt_stream", "truncated_tar", "damaged_tar_header",
-                                                        "incomplete_sample", "lost_in_damage"}
+    assert skips.total >= 1 and set(skips.reasons) <= {
+        "corrupt_stream",
+        "truncated_tar",
+        "damaged_tar_header",
+        "incomplete_sample",
+        "lost_in_damage",
+    }
     before = len(got) // 2  # the flip sits halfway through the compressed bytes
     assert all(_members(s) == clean[s["__key__"]] for s in got[:before]) and keys[:before] == sorted(clean)[:before]

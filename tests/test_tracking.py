@@ -1,4 +1,5 @@
 """Tracking server problems surface before any training, as one line."""
+
 from __future__ import annotations
 
 import socket
@@ -8,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, smoke_overrides, wait_for_http
 
 
@@ -43,8 +43,12 @@ def test_logged_params_never_hold_secrets(tmp_path, monkeypatch):
     from noisystudent.tracking.tracker import REDACTED, Tracker
 
     monkeypatch.setenv("NS_TEST_API_TOKEN", "tok-9f8e7d6c5b")
-    cfg = Config().with_overrides({"cluster.kubernetes.env": {"AWS_SECRET_ACCESS_KEY": "abc123xyz", "REGION": "eu"},
-                                   "data.labeled_dir": "/data/tok-9f8e7d6c5b/train"})
+    cfg = Config().with_overrides(
+        {
+            "cluster.kubernetes.env": {"AWS_SECRET_ACCESS_KEY": "abc123xyz", "REGION": "eu"},
+            "data.labeled_dir": "/data/tok-9f8e7d6c5b/train",
+        }
+    )
     params = {**flatten(to_dict(cfg)), "tracking.backend": "postgresql://ml:hunter22@db:5432/mlflow"}
     tracker = Tracker(TrackingConfig(), tmp_path)
     with tracker.run(tmp_path / "run_id", "redaction") as run_id:
@@ -78,14 +82,20 @@ def test_the_experiment_is_marked_as_model_training_so_the_ui_opens_on_its_runs(
 
     tracker = Tracker(TrackingConfig(), tmp_path / "a")
     client = MlflowClient(tracker.uri)
-    assert client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND] == "custom_model_development" == TRAINING_KIND
+    assert (
+        client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND]
+        == "custom_model_development"
+        == TRAINING_KIND
+    )
     uri = f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
     (tmp_path / "b").mkdir()
     other = MlflowClient(uri)
     made_before = other.create_experiment("noisystudent")  # an older run's experiment, without the tag
     assert EXPERIMENT_KIND not in other.get_experiment(made_before).tags
     again = Tracker(TrackingConfig(tracking_uri=uri), tmp_path / "b")
-    assert again.experiment_id == made_before and other.get_experiment(made_before).tags[EXPERIMENT_KIND] == TRAINING_KIND
+    assert (
+        again.experiment_id == made_before and other.get_experiment(made_before).tags[EXPERIMENT_KIND] == TRAINING_KIND
+    )
 
 
 def test_a_registered_generation_serves_encoded_images_and_float_arrays(tmp_path, caplog, capfd):
@@ -129,8 +139,11 @@ def test_a_registered_generation_serves_encoded_images_and_float_arrays(tmp_path
     assert "WARNING" not in printed.out + printed.err, (printed.out + printed.err)[-2000:]
 
     client = MlflowClient(tracker.uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri("served", "1"),
-                                               tracking_uri=tracker.uri, dst_path=str(tmp_path / "dl"))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("served", "1"),
+        tracking_uri=tracker.uri,
+        dst_path=str(tmp_path / "dl"),
+    )
     served = mlflow.pyfunc.load_model(local)
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 255, (40 + 3 * i, 36, 3), np.uint8) for i in range(4)]  # not the model's size
@@ -188,8 +201,10 @@ def test_mlflow_models_serve_answers_like_the_in_process_model(tmp_path):
     with tracker.run(tmp_path / "run_id", "serving"):
         log_and_register_model(tracker, tmp_path / "model.pt", "served", 0, DataConfig(image_size=28, channels=1))
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=MlflowClient(tracker.uri).get_model_version_download_uri("served", "1"), tracking_uri=tracker.uri,
-        dst_path=str(tmp_path / "dl"))
+        artifact_uri=MlflowClient(tracker.uri).get_model_version_download_uri("served", "1"),
+        tracking_uri=tracker.uri,
+        dst_path=str(tmp_path / "dl"),
+    )
     served = mlflow.pyfunc.load_model(local)
     rng = np.random.default_rng(1)
     encoded = []
@@ -201,24 +216,50 @@ def test_mlflow_models_serve_answers_like_the_in_process_model(tmp_path):
 
     port = _free_port()
     # the server execs uvicorn from PATH: this interpreter's environment first, as when it is activated
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", local, "--env-manager", "local",
-                             "-h", "127.0.0.1", "-p", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracker.uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            local,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         if not wait_for_http(f"http://127.0.0.1:{port}/ping", proc):
             proc.terminate()
             pytest.fail(f"mlflow models serve did not come up: {proc.stdout.read().decode()[-3000:]}")
 
         def ask(payload: dict) -> list:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps(payload).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             return json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
 
         over_http = ask({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}})
         in_process = served.predict({"image": encoded})
         assert [r["label"] for r in over_http] == in_process["label"].tolist()
-        np.testing.assert_allclose([r["probabilities"] for r in over_http], np.stack(in_process["probabilities"]), atol=1e-6)
+        np.testing.assert_allclose(
+            [r["probabilities"] for r in over_http], np.stack(in_process["probabilities"]), atol=1e-6
+        )
         arrays = ask({"inputs": floats.tolist()})
         np.testing.assert_allclose([r["confidence"] for r in arrays], served.predict(floats)["confidence"], atol=1e-6)
     finally:

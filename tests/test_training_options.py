@@ -1,6 +1,7 @@
 """Optional training paths: EMA of the weights, labeled-only fine-tune, torch.compile, bf16 autocast
 on CPU, and the guard against non-finite steps. Each trains a real (tiny) timm model on in-memory
 images."""
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ def _data(cfg: Config, n: int = 96) -> tuple[LabeledImages, LabeledImages]:
     images = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(n)]
     targets = [i % 4 for i in range(n)]
     for img, t in zip(images, targets):  # learnable: class = which quadrant is bright
-        img[(t // 2) * 8:(t // 2) * 8 + 8, (t % 2) * 8:(t % 2) * 8 + 8] = 255
+        img[(t // 2) * 8 : (t // 2) * 8 + 8, (t % 2) * 8 : (t % 2) * 8 + 8] = 255
     names = [str(c) for c in range(4)]
     train = LabeledImages.from_arrays(images, targets, names, create_train_transform(cfg.data, STAGE.augment, seed=0))
     return train, train.with_transform(create_eval_transform(cfg.data))
@@ -57,8 +58,10 @@ def test_ema_weights_are_the_ones_validated_and_handed_on(tmp_path):
     assert differs, "the EMA run saved the raw weights"
     k = "fc.weight"
     assert torch.norm(a[k] - b[k]) < 0.5 * torch.norm(a[k])
-    assert ema.history[-1]["val_top1"] != raw.history[-1]["val_top1"] or \
-        ema.history[-1]["val_loss"] != raw.history[-1]["val_loss"]  # validation ran on the EMA model
+    assert (
+        ema.history[-1]["val_top1"] != raw.history[-1]["val_top1"]
+        or ema.history[-1]["val_loss"] != raw.history[-1]["val_loss"]
+    )  # validation ran on the EMA model
 
 
 def test_compiled_training_writes_plain_checkpoints(tmp_path):
@@ -98,7 +101,9 @@ def test_bf16_autocast_on_cpu_learns_with_clipping_and_short_warmup(tmp_path):
 
 def _strided_conv_on_one_pixel() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.Flatten(), torch.nn.Linear(64, 4)
+    )
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -142,7 +147,9 @@ class _Poisoned:
     def __call__(self, image):
         x = self.transform(image)
         self.calls += 1
-        poisoned = int(image[0, 0]) in self.nan_images or (self.clean_calls is not None and self.calls > self.clean_calls)
+        poisoned = int(image[0, 0]) in self.nan_images or (
+            self.clean_calls is not None and self.calls > self.clean_calls
+        )
         return torch.full_like(x, float("nan")) if poisoned else x
 
 

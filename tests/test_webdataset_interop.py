@@ -1,5 +1,6 @@
 """Corpora written by the webdataset ecosystem's own tools go in; our label shards come out readable
 by a plain ``webdataset.WebDataset`` pipeline. Real webdataset, real Dask labeling, no mocks."""
+
 from __future__ import annotations
 
 import io
@@ -11,12 +12,12 @@ from PIL import Image
 
 wds = pytest.importorskip("webdataset")
 
+from conftest import REPO  # noqa: E402
+
 from noisystudent.config import load_config  # noqa: E402
 from noisystudent.data.label_index import read_index  # noqa: E402
 from noisystudent.labeling.job import label_corpus  # noqa: E402
 from noisystudent.models import ModelSpec, create_model, save_model  # noqa: E402
-
-from conftest import REPO  # noqa: E402
 
 
 def _image(fmt: str, seed: int) -> bytes:
@@ -40,8 +41,14 @@ def test_a_corpus_written_by_webdataset_tools_is_labeled_with_every_key_once(tmp
     with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
         for i in range(12):
             key = f"{i:09d}"
-            sink.write({"__key__": key, "jpg": _image("JPEG", i), "txt": f"caption {i}",
-                        "json": {"url": f"http://example.com/{i}.jpg", "key": key, "status": "success"}})
+            sink.write(
+                {
+                    "__key__": key,
+                    "jpg": _image("JPEG", i),
+                    "txt": f"caption {i}",
+                    "json": {"url": f"http://example.com/{i}.jpg", "key": key, "status": "success"},
+                }
+            )
             expected.add(key)
     # keys with folder prefixes, every image format, extra members to ignore, and one sample without an image
     with wds.TarWriter(str(tmp_path / "00001.tar")) as sink:
@@ -57,11 +64,14 @@ def test_a_corpus_written_by_webdataset_tools_is_labeled_with_every_key_once(tmp
             sink.write({"__key__": f"gz{i:04d}", "jpg": _image("JPEG", 200 + i)})
             expected.add(f"gz{i:04d}")
 
-    cfg = load_config(REPO / "configs" / "smoke.yaml", ["data.channels=3", "data.image_size=32", "cluster.n_workers=1",
-                                                        "cluster.reuse=false"])
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        ["data.channels=3", "data.image_size=32", "cluster.n_workers=1", "cluster.reuse=false"],
+    )
     urls = [str(tmp_path / n) for n in ("00000.tar", "00001.tar", "00002.tar.gz")]
-    manifest = label_corpus(_teacher(tmp_path / "teacher.pt"), urls, tmp_path / "labels", cfg.data, cfg.cluster,
-                            show_progress=False)
+    manifest = label_corpus(
+        _teacher(tmp_path / "teacher.pt"), urls, tmp_path / "labels", cfg.data, cfg.cluster, show_progress=False
+    )
     keys = [k for s in manifest["shards"] for k in read_index(s["output"]).keys.tolist()]
     assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))  # every key exactly once
     assert manifest["total_samples"] == len(expected) == 23
@@ -83,18 +93,37 @@ def test_readme_snippet_trains_from_our_label_shards_with_plain_webdataset(smoke
 
     from noisystudent.data.shard_io import expand_urls
 
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [f"data.unlabeled_shards={smoke_data / 'unlabeled' / 'shard-*.tar'}",
-                                                        "cluster.n_workers=1", "cluster.reuse=false"])
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        [
+            f"data.unlabeled_shards={smoke_data / 'unlabeled' / 'shard-*.tar'}",
+            "cluster.n_workers=1",
+            "cluster.reuse=false",
+        ],
+    )
     names = [f"c{i}" for i in range(10)]
-    spec = ModelSpec(cfg.model_for_generation(0), len(names), cfg.data.channels, cfg.data.image_size, names,
-                     list(cfg.data.mean), list(cfg.data.std))
+    spec = ModelSpec(
+        cfg.model_for_generation(0),
+        len(names),
+        cfg.data.channels,
+        cfg.data.image_size,
+        names,
+        list(cfg.data.mean),
+        list(cfg.data.std),
+    )
     model = create_model(spec).eval()
     with torch.no_grad():  # a sharp head: confident labels, so the snippet's threshold keeps some
         model.get_classifier().weight.mul_(5000.0)
     save_model(tmp_path / "teacher.pt", model, spec)
     labels = tmp_path / "runs" / "default" / "gen-1" / "labels"
-    manifest = label_corpus(tmp_path / "teacher.pt", expand_urls(cfg.data.unlabeled_shards), labels, cfg.data,
-                            cfg.cluster, show_progress=False)
+    manifest = label_corpus(
+        tmp_path / "teacher.pt",
+        expand_urls(cfg.data.unlabeled_shards),
+        labels,
+        cfg.data,
+        cfg.cluster,
+        show_progress=False,
+    )
     confident = sum(int((read_index(s["output"]).confidence >= 0.8).sum()) for s in manifest["shards"])
     assert 64 <= confident < manifest["total_samples"]  # the threshold keeps some and drops some
 
@@ -106,6 +135,7 @@ def test_readme_snippet_trains_from_our_label_shards_with_plain_webdataset(smoke
     assert scope["images"].shape[1:] == (3, 32, 32) and scope["soft"].shape[1] == 10
     assert torch.allclose(scope["soft"].sum(1), torch.ones(len(scope["soft"])), atol=1e-2)  # softmax rows
     # what the pipeline kept is exactly what our index says is above the threshold
-    kept = sum(1 for s in wds.WebDataset(scope["shards"], shardshuffle=False).decode()
-               if s["pl.json"]["confidence"] >= 0.8)
+    kept = sum(
+        1 for s in wds.WebDataset(scope["shards"], shardshuffle=False).decode() if s["pl.json"]["confidence"] >= 0.8
+    )
     assert kept == confident

@@ -15,6 +15,7 @@ and reads back pooled features only for the rows the embeddings draw, and images
 galleries. Nothing of the size of the corpus times the feature width or class count is ever
 held in one process.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -24,9 +25,9 @@ import torch
 from distributed import as_completed
 from tqdm import tqdm
 
+from .. import storage
 from ..config import OOD_SCORES, AnalysisConfig, ClusterConfig
 from ..data.audit import OOD, UNTAGGED, hidden_truth, may_have_hidden_tags
-from .. import storage
 from ..data.label_index import features_path, ood_scores_path, read_feature_rows, read_features, read_index
 from ..data.pseudo_stream import images_by_offset
 from ..data.shard_io import SkipCounter
@@ -60,23 +61,25 @@ class Ranked:
     values: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
-    def add(self, values: np.ndarray, rows: np.ndarray) -> "Ranked":
+    def add(self, values: np.ndarray, rows: np.ndarray) -> Ranked:
         v = np.concatenate([self.values, np.asarray(values, np.float64)])
         r = np.concatenate([self.rows, np.asarray(rows, np.int64)])
         order = np.lexsort((-r if self.high_rows_first else r, -v if self.descending else v))[: self.k]
         self.values, self.rows = v[order], r[order]
         return self
 
-    def empty(self) -> "Ranked":
+    def empty(self) -> Ranked:
         return replace(self, values=np.zeros(0), rows=np.zeros(0, np.int64))
 
 
 def ranked_lists(a: AnalysisConfig, total: int) -> dict[str, Ranked]:
     """The top-k lists the report needs, empty: consistency groups and galleries."""
     n = min(a.consistency_samples, total // 2)
-    lists = {"lowest_confidence": Ranked(max(n, a.gallery_size)),
-             "highest_confidence": Ranked(n, descending=True, high_rows_first=True),
-             "confident_but_wrong": Ranked(a.gallery_size, descending=True)}
+    lists = {
+        "lowest_confidence": Ranked(max(n, a.gallery_size)),
+        "highest_confidence": Ranked(n, descending=True, high_rows_first=True),
+        "confident_but_wrong": Ranked(a.gallery_size, descending=True),
+    }
     lists.update({f"highest_{s}": Ranked(a.gallery_size, descending=True) for s in OOD_SCORES})
     return lists
 
@@ -93,8 +96,14 @@ class ShardScan:
     ranked: dict[str, Ranked]
 
 
-def score_shard(shard: dict, scorers: OODScorers, class_names: list[str], lists: dict[str, Ranked],
-                confident_wrong: float, threads: int = 0) -> ShardScan:
+def score_shard(
+    shard: dict,
+    scorers: OODScorers,
+    class_names: list[str],
+    lists: dict[str, Ranked],
+    confident_wrong: float,
+    threads: int = 0,
+) -> ShardScan:
     """One Dask task: score one labeled shard, write its ``.ood.npz`` (atomically), and return
     its scalars and top-k candidates (rows local to the shard)."""
     if threads > 0:
@@ -103,8 +112,10 @@ def score_shard(shard: dict, scorers: OODScorers, class_names: list[str], lists:
     ix = read_index(output)
     fpath = features_path(output)
     if not storage.exists(fpath):
-        raise FileNotFoundError(f"{fpath} is missing: analysis reads the labeling pass' features; "
-                                "relabel with pseudo_label.save_features=true")
+        raise FileNotFoundError(
+            f"{fpath} is missing: analysis reads the labeling pass' features; "
+            "relabel with pseudo_label.save_features=true"
+        )
     pooled = read_features(output).astype(np.float32)
     if len(pooled) != len(ix.keys):
         raise ValueError(f"{fpath} has {len(pooled)} rows for {len(ix.keys)} samples: relabel this shard")
@@ -123,8 +134,14 @@ def score_shard(shard: dict, scorers: OODScorers, class_names: list[str], lists:
     if truth is not None:
         wrong = (truth >= 0) & (label != truth) & (conf >= confident_wrong)
         ranked["confident_but_wrong"].add(conf[wrong], rows[wrong])
-    return ShardScan(output, label, conf, None if truth is None else truth.astype(dtype),
-                     {name: v.astype(np.float32) for name, v in scores.items()}, ranked)
+    return ShardScan(
+        output,
+        label,
+        conf,
+        None if truth is None else truth.astype(dtype),
+        {name: v.astype(np.float32) for name, v in scores.items()},
+        ranked,
+    )
 
 
 @dataclass
@@ -198,7 +215,7 @@ def rows_of_ranks(mask: np.ndarray, ranks: np.ndarray, chunk: int = 1 << 22) -> 
     for start in range(0, len(mask), chunk):
         if j == len(order):
             break
-        hits = np.flatnonzero(mask[start:start + chunk])
+        hits = np.flatnonzero(mask[start : start + chunk])
         while j < len(order) and ranks[order[j]] < seen + len(hits):
             out[order[j]] = start + hits[ranks[order[j]] - seen]
             j += 1
@@ -208,8 +225,14 @@ def rows_of_ranks(mask: np.ndarray, ranks: np.ndarray, chunk: int = 1 << 22) -> 
     return out
 
 
-def scan_corpus(manifest: dict, scorers: OODScorers, class_names: list[str], a: AnalysisConfig,
-                cluster: ClusterConfig, show_progress: bool = True) -> CorpusScan:
+def scan_corpus(
+    manifest: dict,
+    scorers: OODScorers,
+    class_names: list[str],
+    a: AnalysisConfig,
+    cluster: ClusterConfig,
+    show_progress: bool = True,
+) -> CorpusScan:
     """Score every labeled shard of ``manifest`` on the cluster and gather the scalars."""
     shards = manifest["shards"]
     offsets = np.concatenate([[0], np.cumsum([int(s["samples"]) for s in shards])]).astype(np.int64)
@@ -223,9 +246,17 @@ def scan_corpus(manifest: dict, scorers: OODScorers, class_names: list[str], a: 
     threads = cluster.torch_threads or cluster.threads_per_worker
     with create_client(cluster) as client:
         sent = client.scatter(scorers, broadcast=True)
-        futures = client.map(score_shard, shards, scorers=sent, class_names=class_names, lists=lists,
-                             confident_wrong=a.confident_wrong_threshold, threads=threads, pure=False,
-                             retries=cluster.task_retries)
+        futures = client.map(
+            score_shard,
+            shards,
+            scorers=sent,
+            class_names=class_names,
+            lists=lists,
+            confident_wrong=a.confident_wrong_threshold,
+            threads=threads,
+            pure=False,
+            retries=cluster.task_retries,
+        )
         with tqdm(total=len(futures), desc="analysis shards", unit="shard", disable=not show_progress) as bar:
             for fut in as_completed(futures):
                 part: ShardScan = fut.result()
@@ -233,8 +264,9 @@ def scan_corpus(manifest: dict, scorers: OODScorers, class_names: list[str], a: 
                 i = position[part.output]
                 lo, hi = int(offsets[i]), int(offsets[i + 1])
                 if len(part.label) != hi - lo:
-                    raise ValueError(f"{part.output} has {len(part.label)} samples, its manifest {hi - lo}: "
-                                     "relabel this shard")
+                    raise ValueError(
+                        f"{part.output} has {len(part.label)} samples, its manifest {hi - lo}: relabel this shard"
+                    )
                 label[lo:hi], confidence[lo:hi] = part.label, part.confidence
                 for s in OOD_SCORES:
                     scores[s][lo:hi] = part.scores[s]

@@ -4,6 +4,7 @@ Labeled splits run in-process. The unlabeled corpus is never re-read for feature
 labeling pass of the same model already wrote them per shard (``pseudo_label.save_features``),
 and :mod:`.corpus_scan` scores them shard by shard on the cluster.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,8 +46,12 @@ def extract_split(model: torch.nn.Module, dataset, device: torch.device, with_bl
         if with_blocks:
             for name, fmap in intermediate_features(model, x).items():
                 blocks.setdefault(name, []).append(fmap)
-    return SplitFeatures(np.concatenate(pooled), np.concatenate(logits), np.concatenate(targets).astype(np.int64),
-                         {k: np.concatenate(v) for k, v in blocks.items()})
+    return SplitFeatures(
+        np.concatenate(pooled),
+        np.concatenate(logits),
+        np.concatenate(targets).astype(np.int64),
+        {k: np.concatenate(v) for k, v in blocks.items()},
+    )
 
 
 def intermediate_features(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -66,13 +71,14 @@ def intermediate_features(model: torch.nn.Module, x: torch.Tensor) -> dict[str, 
 
 
 @torch.inference_mode()
-def view_consistency(model: torch.nn.Module, images: list[np.ndarray], noise, device: torch.device,
-                     batch_size: int = 256) -> np.ndarray:
+def view_consistency(
+    model: torch.nn.Module, images: list[np.ndarray], noise, device: torch.device, batch_size: int = 256
+) -> np.ndarray:
     """Cosine similarity of pooled hidden states between two independently noised views of each
     image (the model itself runs clean, in eval mode)."""
     sims = []
     for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
+        chunk = images[i : i + batch_size]
         a = torch.stack([noise(im) for im in chunk]).to(device)
         b = torch.stack([noise(im) for im in chunk]).to(device)
         fa, _ = pooled_and_logits(model, a)

@@ -1,4 +1,5 @@
 """Analysis pictures: score histograms, 2-D embeddings, image galleries, scores across generations."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,13 @@ import numpy as np
 from ..plots import pyplot, save_figure
 
 
-def score_histograms_png(scores: dict[str, np.ndarray], is_ood: np.ndarray | None, path: str | Path, title: str = "",
-                         metrics: dict | None = None) -> None:
+def score_histograms_png(
+    scores: dict[str, np.ndarray],
+    is_ood: np.ndarray | None,
+    path: str | Path,
+    title: str = "",
+    metrics: dict | None = None,
+) -> None:
     """One panel per score: in-distribution vs OOD histograms (density), AUROC in the title."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(scores), figsize=(3.2 * len(scores), 2.8))
@@ -30,8 +36,9 @@ def score_histograms_png(scores: dict[str, np.ndarray], is_ood: np.ndarray | Non
     save_figure(fig, path, title)
 
 
-def embedding_png(points: dict[str, np.ndarray], confidence: np.ndarray, is_ood: np.ndarray | None, path: str | Path,
-                  title: str = "") -> None:
+def embedding_png(
+    points: dict[str, np.ndarray], confidence: np.ndarray, is_ood: np.ndarray | None, path: str | Path, title: str = ""
+) -> None:
     """Each 2-D embedding (PCA, t-SNE) twice: coloured by the model's confidence and by ID/OOD."""
     plt = pyplot()
     names = list(points)
@@ -54,7 +61,9 @@ def embedding_png(points: dict[str, np.ndarray], confidence: np.ndarray, is_ood:
     save_figure(fig, path, title)
 
 
-def gallery_png(images: list[np.ndarray], captions: list[str], path: str | Path, title: str = "", cols: int = 8) -> None:
+def gallery_png(
+    images: list[np.ndarray], captions: list[str], path: str | Path, title: str = "", cols: int = 8
+) -> None:
     """A grid of images with one short caption each."""
     plt = pyplot()
     rows = max(1, int(np.ceil(len(images) / cols)))

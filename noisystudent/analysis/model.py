@@ -7,6 +7,7 @@ and high-confidence images, 2-D embeddings and galleries, and writes one self-co
 report plus ``summary.json`` (its DONE marker). Scores go beside the labeled shards
 (``<shard>.ood.npz``) where ``pseudo_label.ood_score`` can use them to drop images.
 """
+
 from __future__ import annotations
 
 import time
@@ -57,8 +58,14 @@ def embeddings_2d(features: np.ndarray, tsne: bool, seed: int) -> dict[str, np.n
         x50 = x @ vt[:50].T  # t-SNE on the top 50 principal components, as usual: the same picture, faster
         # one thread: OpenMP threads spin-waiting next to busy Dask workers or torch threads slow it down
         with threadpool_limits(1):
-            out["t-SNE"] = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed,
-                                max_iter=500, n_jobs=1).fit_transform(x50.astype(np.float32))
+            out["t-SNE"] = TSNE(
+                n_components=2,
+                init="pca",
+                perplexity=min(30.0, (len(x) - 1) / 3),
+                random_state=seed,
+                max_iter=500,
+                n_jobs=1,
+            ).fit_transform(x50.astype(np.float32))
     return out
 
 
@@ -66,8 +73,15 @@ def _short(name: str) -> str:
     return name.replace("_", " ")[:10]
 
 
-def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data: LabeledData, out_dir: str | Path,
-                  title: str, tracker=None) -> dict:
+def analyze_model(
+    cfg: Config,
+    model_path: str | Path,
+    manifest: dict,
+    data: LabeledData,
+    out_dir: str | Path,
+    title: str,
+    tracker=None,
+) -> dict:
     """Analyse one model; ``manifest`` is that model's labeling pass over the corpus (with features)."""
     out_dir = Path(out_dir)
     done = out_dir / "summary.json"
@@ -96,16 +110,30 @@ def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data: Lab
     noise = create_train_transform(own, cfg.student.augment, seed=cfg.seed)
     consistency = noise_consistency(model, corpus, tagged, noise, a.consistency_samples, cfg.data.channels, device, rng)
 
-    score_histograms_png(scores, is_ood if tagged else None, out_dir / "score_histograms.png",
-                         f"{title}: OOD scores (higher = more OOD)", ood)
+    score_histograms_png(
+        scores,
+        is_ood if tagged else None,
+        out_dir / "score_histograms.png",
+        f"{title}: OOD scores (higher = more OOD)",
+        ood,
+    )
     emb_rows = _embedding_rows(corpus, a.embedding_points, rng)
     emb = embeddings_2d(corpus.features(emb_rows), a.tsne, cfg.seed)
-    embedding_png(emb, corpus.confidence[emb_rows], is_ood[emb_rows] if tagged else None,
-                  out_dir / "embeddings.png", f"{title}: pooled features of {len(emb_rows):,} unlabeled images")
+    embedding_png(
+        emb,
+        corpus.confidence[emb_rows],
+        is_ood[emb_rows] if tagged else None,
+        out_dir / "embeddings.png",
+        f"{title}: pooled features of {len(emb_rows):,} unlabeled images",
+    )
     true_class = corpus.true_class
-    wrong = int(((true_class >= 0) & (corpus.label != true_class) & (corpus.confidence >= a.confident_wrong_threshold)).sum())
-    galleries = {name: corpus.ranked[name].rows[: a.gallery_size]
-                 for name in ("lowest_confidence", f"highest_{best}", "confident_but_wrong")}
+    wrong = int(
+        ((true_class >= 0) & (corpus.label != true_class) & (corpus.confidence >= a.confident_wrong_threshold)).sum()
+    )
+    galleries = {
+        name: corpus.ranked[name].rows[: a.gallery_size]
+        for name in ("lowest_confidence", f"highest_{best}", "confident_but_wrong")
+    }
     draw_galleries(corpus, galleries, names, tagged, cfg.data.channels, out_dir, title)
     if heldout is not None:
         acc = float((heldout.probs.argmax(1) == heldout.targets).mean())
@@ -116,18 +144,32 @@ def analyze_model(cfg: Config, model_path: str | Path, manifest: dict, data: Lab
     id_rows = ~is_ood if tagged else np.ones(len(corpus), bool)
     known = true_class >= 0
     summary = {
-        "title": title, "model_path": str(model_path), "model": spec.name, "samples": len(corpus),
-        "ood_tagged": int(is_ood.sum()) if tagged else 0, "ood": ood, "best_score": best,
+        "title": title,
+        "model_path": str(model_path),
+        "model": spec.name,
+        "samples": len(corpus),
+        "ood_tagged": int(is_ood.sum()) if tagged else 0,
+        "ood": ood,
+        "best_score": best,
         "best_auroc": ood[best]["auroc"] if ood else None,
-        "probe": probe, "heldout_split": held_name, "heldout_top1": acc, "consistency": consistency,
+        "probe": probe,
+        "heldout_split": held_name,
+        "heldout_top1": acc,
+        "consistency": consistency,
         "pl_acc_id": float((corpus.label[known] == true_class[known]).mean()) if known.any() else None,
         "mean_confidence_id": float(corpus.confidence[id_rows].mean()) if id_rows.any() else None,
         "mean_confidence_ood": float(corpus.confidence[is_ood].mean()) if tagged else None,
-        "confident_but_wrong": wrong, "scores_written_beside": manifest.get("shard_dir", ""),
-        "seconds": round(time.time() - start, 1), "report": str(out_dir / "report.html"),
+        "confident_but_wrong": wrong,
+        "scores_written_beside": manifest.get("shard_dir", ""),
+        "seconds": round(time.time() - start, 1),
+        "report": str(out_dir / "report.html"),
     }
-    write_report(out_dir / "report.html", f"Analysis: {title}", model_sections(summary, out_dir),
-                 f"{spec.name}, {len(corpus):,} unlabeled images, model {model_path}")
+    write_report(
+        out_dir / "report.html",
+        f"Analysis: {title}",
+        model_sections(summary, out_dir),
+        f"{spec.name}, {len(corpus):,} unlabeled images, model {model_path}",
+    )
     if tracker is not None:
         tracker.log_metrics(analysis_metrics(summary))
         # the analysis' own files only: its directory may also hold the MLflow store, the labels and
@@ -145,18 +187,30 @@ def linear_probes(train: SplitFeatures, heldout: SplitFeatures | None) -> dict[s
     if heldout is not None:
         probe["penultimate"] = linear_probe_accuracy(train.pooled, train.targets, heldout.pooled, heldout.targets)
         for block in train.blocks:
-            probe[block] = linear_probe_accuracy(train.blocks[block], train.targets, heldout.blocks[block], heldout.targets)
+            probe[block] = linear_probe_accuracy(
+                train.blocks[block], train.targets, heldout.blocks[block], heldout.targets
+            )
     return probe
 
 
-def noise_consistency(model, corpus: CorpusScan, tagged: bool, noise: ImageTransform, samples: int, channels: int,
-                      device, rng: np.random.Generator) -> dict[str, dict]:
+def noise_consistency(
+    model,
+    corpus: CorpusScan,
+    tagged: bool,
+    noise: ImageTransform,
+    samples: int,
+    channels: int,
+    device,
+    rng: np.random.Generator,
+) -> dict[str, dict]:
     """Stability of the hidden states under the student's noise, for the least and most confident
     images (and the tagged OOD ones)."""
     n = min(samples, len(corpus) // 2)
-    groups = {"lowest confidence": corpus.ranked["lowest_confidence"].rows[:n],
-              # the top n in ascending order: the tail of a stable ascending sort
-              "highest confidence": corpus.ranked["highest_confidence"].rows[:n][::-1]}
+    groups = {
+        "lowest confidence": corpus.ranked["lowest_confidence"].rows[:n],
+        # the top n in ascending order: the tail of a stable ascending sort
+        "highest confidence": corpus.ranked["highest_confidence"].rows[:n][::-1],
+    }
     if tagged:
         is_ood = corpus.is_ood
         n_ood = int(is_ood.sum())
@@ -167,14 +221,24 @@ def noise_consistency(model, corpus: CorpusScan, tagged: bool, noise: ImageTrans
     for group, rows in groups.items():
         rows = [r for r in rows.tolist() if r in images]
         sims = view_consistency(model, [images[r] for r in rows], noise, device)
-        consistency[group] = {"mean_cosine": float(sims.mean()) if len(sims) else float("nan"),
-                              "std": float(sims.std()) if len(sims) else float("nan"), "n": int(len(sims)),
-                              "mean_confidence": float(corpus.confidence[rows].mean()) if rows else float("nan")}
+        consistency[group] = {
+            "mean_cosine": float(sims.mean()) if len(sims) else float("nan"),
+            "std": float(sims.std()) if len(sims) else float("nan"),
+            "n": int(len(sims)),
+            "mean_confidence": float(corpus.confidence[rows].mean()) if rows else float("nan"),
+        }
     return consistency
 
 
-def draw_galleries(corpus: CorpusScan, galleries: dict[str, np.ndarray], names: list[str], tagged: bool,
-                   channels: int, out_dir: Path, title: str) -> None:
+def draw_galleries(
+    corpus: CorpusScan,
+    galleries: dict[str, np.ndarray],
+    names: list[str],
+    tagged: bool,
+    channels: int,
+    out_dir: Path,
+    title: str,
+) -> None:
     """One picture per gallery, each image captioned with its label and confidence (and the truth
     where the hidden tags say otherwise)."""
     pics = corpus.images(np.unique(np.concatenate(list(galleries.values()))), channels)
@@ -189,8 +253,12 @@ def draw_galleries(corpus: CorpusScan, galleries: dict[str, np.ndarray], names: 
             elif tagged and is_ood[r]:
                 cap += "\n(OOD)"
             caps.append(cap)
-        gallery_png([pics[r] for r in rows], caps, out_dir / f"gallery_{gname}.png",
-                    f"{title}: {gname.replace('_', ' ')} (label confidence)")
+        gallery_png(
+            [pics[r] for r in rows],
+            caps,
+            out_dir / f"gallery_{gname}.png",
+            f"{title}: {gname.replace('_', ' ')} (label confidence)",
+        )
 
 
 def analysis_metrics(summary: dict) -> dict[str, float]:

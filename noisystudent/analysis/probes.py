@@ -1,5 +1,6 @@
 """Linear probes: how much class information a model's hidden states carry, read off with a
 logistic regression fit on the labeled train features and scored on held-out features."""
+
 from __future__ import annotations
 
 import warnings
@@ -7,8 +8,14 @@ import warnings
 import numpy as np
 
 
-def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                          c: float = 1.0, max_iter: int = 500) -> float:
+def linear_probe_accuracy(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    c: float = 1.0,
+    max_iter: int = 500,
+) -> float:
     """Top-1 of an L2-regularised multinomial logistic regression on standardised features."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression

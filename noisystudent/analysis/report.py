@@ -1,5 +1,6 @@
 """One self-contained HTML report per analysis: tables and every picture embedded (base64), so
 the file can be mailed, attached to an MLflow run or opened offline."""
+
 from __future__ import annotations
 
 import base64
@@ -24,21 +25,23 @@ class Section:
     title: str
     parts: list[str] = field(default_factory=list)
 
-    def text(self, text: str, css: str = "note") -> "Section":
+    def text(self, text: str, css: str = "note") -> Section:
         self.parts.append(f'<p class="{css}">{html.escape(text)}</p>')
         return self
 
-    def table(self, header: list[str], rows: list[list], highlight: set[tuple[int, int]] | None = None) -> "Section":
+    def table(self, header: list[str], rows: list[list], highlight: set[tuple[int, int]] | None = None) -> Section:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = []
         for i, row in enumerate(rows):
-            cells = "".join(f'<td{" class=best" if highlight and (i, j) in highlight else ""}>{html.escape(_fmt(v))}</td>'
-                            for j, v in enumerate(row))
+            cells = "".join(
+                f"<td{' class=best' if highlight and (i, j) in highlight else ''}>{html.escape(_fmt(v))}</td>"
+                for j, v in enumerate(row)
+            )
             body.append(f"<tr>{cells}</tr>")
         self.parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
         return self
 
-    def image(self, path: str | Path, alt: str) -> "Section":
+    def image(self, path: str | Path, alt: str) -> Section:
         p = Path(path)
         if p.is_file():
             data = base64.b64encode(p.read_bytes()).decode()
@@ -54,10 +57,14 @@ def _fmt(v) -> str:
 
 def render_report(title: str, sections: list[Section], subtitle: str = "") -> str:
     nav = " · ".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in sections)
-    body = "".join(f'<section id="{s.id}"><h2>{html.escape(s.title)}</h2>{"".join(s.parts)}</section>' for s in sections)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p class='note'>{html.escape(subtitle)}</p><nav>{nav}</nav>{body}</body></html>")
+    body = "".join(
+        f'<section id="{s.id}"><h2>{html.escape(s.title)}</h2>{"".join(s.parts)}</section>' for s in sections
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p class='note'>{html.escape(subtitle)}</p><nav>{nav}</nav>{body}</body></html>"
+    )
 
 
 def write_report(path: str | Path, title: str, sections: list[Section], subtitle: str = "") -> Path:

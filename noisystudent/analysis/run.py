@@ -4,6 +4,7 @@ The corpus pass of generation g's model *is* the pseudo-labeling pass of generat
 model, clean, with features), so analysing a generation costs no extra pass over the corpus
 except for the last one, whose labels are then ready for a further generation.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,16 +55,23 @@ def compare_generations(rows: list[dict], out_dir: Path) -> Path:
         scores_by_generation_png(rows, out_dir / "scores_by_generation.png")
         sec = Section("ood", "OOD detection across generations (ID vs OOD AUROC / FPR95)")
         header = ["generation"] + [f"{s} AUROC" for s in OOD_SCORES] + [f"{s} FPR95" for s in OOD_SCORES]
-        table = [[r["generation"]] + [r["ood"][s]["auroc"] for s in OOD_SCORES] + [r["ood"][s]["fpr95"] for s in OOD_SCORES]
-                 for r in rows]
+        table = [
+            [r["generation"]] + [r["ood"][s]["auroc"] for s in OOD_SCORES] + [r["ood"][s]["fpr95"] for s in OOD_SCORES]
+            for r in rows
+        ]
         best = {(i, 1 + OOD_SCORES.index(r["best_score"])) for i, r in enumerate(rows)}
         sec.table(header, table, best).image(out_dir / "scores_by_generation.png", "AUROC by generation")
         sections.append(sec)
     probes = Section("probes", "Probes and consistency across generations")
     groups = list(rows[0]["consistency"]) if rows else []
-    probes.table(["generation", "test top-1", "linear probe top-1"] + [f"consistency: {g}" for g in groups],
-                 [[r["generation"], r.get("test_top1"), r["probe"].get("penultimate")]
-                  + [r["consistency"][g]["mean_cosine"] for g in groups] for r in rows])
+    probes.table(
+        ["generation", "test top-1", "linear probe top-1"] + [f"consistency: {g}" for g in groups],
+        [
+            [r["generation"], r.get("test_top1"), r["probe"].get("penultimate")]
+            + [r["consistency"][g]["mean_cosine"] for g in groups]
+            for r in rows
+        ],
+    )
     sections.append(probes)
     if with_without:
         sections.append(with_without_section(with_without))
@@ -73,8 +81,12 @@ def compare_generations(rows: list[dict], out_dir: Path) -> Path:
         for sec in model_sections(last, gen_dir):
             sec.id, sec.title = f"last-{sec.id}", f"Generation {last['generation']}: {sec.title}"
             sections.append(sec)
-    return write_report(out_dir / "report.html", "Noisy Student analysis: hidden states and out-of-distribution images",
-                        sections, "Per-generation reports: gen-<g>/analysis/report.html")
+    return write_report(
+        out_dir / "report.html",
+        "Noisy Student analysis: hidden states and out-of-distribution images",
+        sections,
+        "Per-generation reports: gen-<g>/analysis/report.html",
+    )
 
 
 def analyze_run(cfg: Config, generations: list[int] | None = None) -> list[dict]:
@@ -83,13 +95,16 @@ def analyze_run(cfg: Config, generations: list[int] | None = None) -> list[dict]
     layout = RunLayout(Path(cfg.run_dir))
     finished = [g for g in range(cfg.generations + 1) if layout.finished(g)]
     if not finished:
-        raise FileNotFoundError(f"no finished generation in {layout.root} (expected {layout.summary(0)}): "
-                                "run iterate first, or analyse a checkpoint with --model")
+        raise FileNotFoundError(
+            f"no finished generation in {layout.root} (expected {layout.summary(0)}): "
+            "run iterate first, or analyse a checkpoint with --model"
+        )
     wanted = [g for g in finished if generations is None or g in generations]
     data = load_labeled_data(cfg.data)
     # re-attach to the loop's parent run; its config.yaml belongs to the loop
-    with tracked_run(cfg, layout.root, f"iterate-{layout.root.name}", id_file=layout.parent_run_id.name,
-                     write_config=False) as tracker:
+    with tracked_run(
+        cfg, layout.root, f"iterate-{layout.root.name}", id_file=layout.parent_run_id.name, write_config=False
+    ) as tracker:
         rows = [analyze_generation(cfg, g, layout, data, tracker) for g in wanted]
         report = compare_generations(rows, layout.analysis)
         tracker.log_artifact(report, "analysis")
@@ -102,7 +117,9 @@ def analyze_checkpoint(cfg: Config, model: str, out_dir: Path) -> dict:
     tracker = Tracker(cfg.tracking, out_dir)
     checkpoint, run_id = resolve_teacher(model, tracker, out_dir / "model")
     manifest = model_labels(cfg, str(checkpoint), out_dir / "labels", run_id)
-    with tracked_run(cfg, out_dir, f"analysis-{out_dir.name}", {"role": "analysis", "model_run_id": run_id},
-                     tracker=tracker):
-        return analyze_model(cfg, str(checkpoint), manifest, load_labeled_data(cfg.data), out_dir, Path(checkpoint).name,
-                             tracker)
+    with tracked_run(
+        cfg, out_dir, f"analysis-{out_dir.name}", {"role": "analysis", "model_run_id": run_id}, tracker=tracker
+    ):
+        return analyze_model(
+            cfg, str(checkpoint), manifest, load_labeled_data(cfg.data), out_dir, Path(checkpoint).name, tracker
+        )

@@ -14,6 +14,7 @@ compared, thresholded and ranked alike:
                (Sun et al. 2022)
 =============  ===========================================================================
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,18 @@ import torch
 
 from ..config import OOD_SCORES
 
-__all__ = ["OOD_SCORES", "msp_score", "entropy_score", "energy_score", "MahalanobisScorer", "KNNScorer", "OODScorers",
-           "auroc", "fpr_at_tpr", "detection_metrics"]
+__all__ = [
+    "OOD_SCORES",
+    "msp_score",
+    "entropy_score",
+    "energy_score",
+    "MahalanobisScorer",
+    "KNNScorer",
+    "OODScorers",
+    "auroc",
+    "fpr_at_tpr",
+    "detection_metrics",
+]
 
 
 def msp_score(probs: np.ndarray) -> np.ndarray:
@@ -54,7 +65,7 @@ class MahalanobisScorer:
     whitener: np.ndarray  # [D, D], W with W W^T = precision
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, ridge: float = 1e-6) -> "MahalanobisScorer":
+    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, ridge: float = 1e-6) -> MahalanobisScorer:
         x = np.asarray(features, np.float64)
         labels = np.asarray(labels)
         present = [c for c in range(num_classes) if (labels == c).any()]
@@ -71,9 +82,9 @@ class MahalanobisScorer:
         mz = self.means @ self.whitener  # [C, D]
         out = np.empty(len(features))
         for i in range(0, len(features), chunk):
-            z = np.asarray(features[i:i + chunk], np.float64) @ self.whitener
+            z = np.asarray(features[i : i + chunk], np.float64) @ self.whitener
             d2 = (z * z).sum(1)[:, None] - 2 * z @ mz.T + (mz * mz).sum(1)[None, :]
-            out[i:i + chunk] = np.maximum(d2.min(axis=1), 0.0)
+            out[i : i + chunk] = np.maximum(d2.min(axis=1), 0.0)
         return out
 
 
@@ -85,17 +96,17 @@ class KNNScorer:
     k: int = 5
 
     @classmethod
-    def fit(cls, features: np.ndarray, k: int = 5) -> "KNNScorer":
+    def fit(cls, features: np.ndarray, k: int = 5) -> KNNScorer:
         bank = torch.nn.functional.normalize(torch.as_tensor(np.asarray(features, np.float32)), dim=1)
         return cls(bank, min(k, len(bank)))
 
     def __call__(self, features: np.ndarray, chunk: int = 8192) -> np.ndarray:
         out = np.empty(len(features))
         for i in range(0, len(features), chunk):
-            q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(features[i:i + chunk], np.float32)), dim=1)
+            q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(features[i : i + chunk], np.float32)), dim=1)
             sim = q @ self.bank.T  # cosine; for unit vectors ||a - b||^2 = 2 - 2 cos
             kth = sim.topk(self.k, dim=1).values[:, -1].double()
-            out[i:i + chunk] = torch.sqrt(torch.clamp(2 - 2 * kth, min=0)).numpy()
+            out[i : i + chunk] = torch.sqrt(torch.clamp(2 - 2 * kth, min=0)).numpy()
         return out
 
 
@@ -109,8 +120,9 @@ class OODScorers:
     knn: KNNScorer
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, num_classes: int, knn_k: int, bank_size: int,
-            seed: int) -> "OODScorers":
+    def fit(
+        cls, features: np.ndarray, labels: np.ndarray, num_classes: int, knn_k: int, bank_size: int, seed: int
+    ) -> OODScorers:
         bank = features
         if len(features) > bank_size:
             # a seeded subsample, in the labeled set's order: the same bank on every rerun
@@ -120,8 +132,13 @@ class OODScorers:
 
     def __call__(self, probs: np.ndarray, logsumexp: np.ndarray, pooled: np.ndarray) -> dict[str, np.ndarray]:
         """{score name: float64 [n]} in ``OOD_SCORES`` order, higher = more OOD."""
-        scores = {"msp": msp_score(probs), "entropy": entropy_score(probs), "energy": energy_score(logsumexp=logsumexp),
-                  "mahalanobis": self.mahalanobis(pooled), "knn": self.knn(pooled)}
+        scores = {
+            "msp": msp_score(probs),
+            "entropy": entropy_score(probs),
+            "energy": energy_score(logsumexp=logsumexp),
+            "mahalanobis": self.mahalanobis(pooled),
+            "knn": self.knn(pooled),
+        }
         return {name: scores[name] for name in OOD_SCORES}
 
 
@@ -166,6 +183,9 @@ def detection_metrics(scores: dict[str, np.ndarray], is_ood: np.ndarray) -> dict
     out = {}
     for name, v in scores.items():
         split = _split_sorted(v, is_ood)
-        out[name] = {"auroc": _auroc(*split), "fpr95": _fpr(*split, 0.95)} if split else \
-            {"auroc": float("nan"), "fpr95": float("nan")}
+        out[name] = (
+            {"auroc": _auroc(*split), "fpr95": _fpr(*split, 0.95)}
+            if split
+            else {"auroc": float("nan"), "fpr95": float("nan")}
+        )
     return out

@@ -4,6 +4,7 @@ Loaded from YAML (``--config``) with dotted overrides (``--set student.drop_path
 unknown keys and wrong types are errors naming the key. Every field's default and help text
 live in :mod:`.schema`; ``docs/config.md`` is generated from them.
 """
+
 from .fields import ConfigError, flatten, to_dict
 from .loading import dump_config, load_config, parse_override, yaml_load
 from .reference import config_reference, config_reference_markdown
@@ -25,8 +26,27 @@ from .schema import (
 )
 
 __all__ = [
-    "OOD_SCORES", "AnalysisConfig", "AugmentConfig", "ClusterConfig", "Config", "ConfigError", "DataConfig",
-    "KubernetesConfig", "OODScore", "PseudoLabelConfig", "SlurmConfig", "StudentConfig", "TrackingConfig", "TrainConfig",
-    "config_reference", "config_reference_markdown", "dump_config", "flatten", "load_config", "parse_override",
-    "to_dict", "validate", "yaml_load",
+    "OOD_SCORES",
+    "AnalysisConfig",
+    "AugmentConfig",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "KubernetesConfig",
+    "OODScore",
+    "PseudoLabelConfig",
+    "SlurmConfig",
+    "StudentConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "config_reference",
+    "config_reference_markdown",
+    "dump_config",
+    "flatten",
+    "load_config",
+    "parse_override",
+    "to_dict",
+    "validate",
+    "yaml_load",
 ]

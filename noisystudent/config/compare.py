@@ -6,6 +6,7 @@ compares every key that changes results (everything but the knobs that :func:`.s
 marks ``results=False``: devices, workers, tracking, ...) and the caller refuses on a change unless
 the user asked to continue anyway.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,5 +49,8 @@ def result_changes(stored: dict, requested: Config) -> list[ConfigChange]:
     """The result-changing keys whose value differs between a stored config (as read from its
     YAML) and ``requested``, sorted by key."""
     old, new = flatten(stored), flatten(to_dict(requested))
-    return [ConfigChange(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(set(old) | set(new))
-            if key_changes_results(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+    return [
+        ConfigChange(k, old.get(k, _ABSENT), new.get(k, _ABSENT))
+        for k in sorted(set(old) | set(new))
+        if key_changes_results(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT)
+    ]

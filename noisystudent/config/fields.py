@@ -2,6 +2,7 @@
 
 Generic: nothing here knows the config's keys. Errors name the dotted key and what it must be.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"config key '{key}' must be one of {' | '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(
+            errors[0]
+            if len(errors) == 1
+            else f"config key '{key}' must be one of {' | '.join(_type_name(a) for a in args)}, got {value!r}"
+        )
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
@@ -82,7 +86,8 @@ def build(cls: type, values: dict, prefix: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (valid keys under '{prefix or '<top>'}': {', '.join(sorted(names))})"
+            f"unknown config key '{prefix}{unknown[0]}' "
+            f"(valid keys under '{prefix or '<top>'}': {', '.join(sorted(names))})"
         )
     base = cls()
     kwargs = {}

@@ -3,6 +3,7 @@
 Unknown keys and wrong types are errors naming the key (:mod:`.fields`); cross-field checks are
 :func:`.schema.validate`. ``dump_config`` writes the resolved tree every run directory keeps.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,13 +23,15 @@ class _YamlLoader(yaml.SafeLoader):
 
 _YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                  list("tTfF"))
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -56,8 +59,9 @@ def _read_yaml(path: str | Path) -> dict:
     return loaded
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                overlays: list[str | Path] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, overlays: list[str | Path] | None = None
+) -> Config:
     """Defaults <- YAML file <- overlay YAMLs (e.g. configs/cluster/slurm.yaml) <- ``--set`` overrides."""
     raw: dict = _read_yaml(path) if path else {}
     for overlay in overlays or []:

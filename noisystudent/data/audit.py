@@ -3,6 +3,7 @@
 Corpus samples may hold an ``eval.json`` member (true class name, OOD tag). Training never
 reads it; this audit joins it with the teacher's labels by key, after the fact.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import numpy as np
 from .label_index import open_index
 from .selection import Selection
 from .shard_io import EVAL_EXT, iter_samples
-
 
 #: codes of :func:`hidden_truth` besides a class index
 UNTAGGED, OOD, UNKNOWN_CLASS = -2, -1, -3
@@ -69,8 +69,11 @@ def audit_pseudo_labels(manifest: dict, class_names: list[str], selection: Selec
         if truth is None:
             continue
         t.any_hidden = True
-        repeats = selection.repeats_of(shard["output"]) if selection and shard["output"] in selection.position \
+        repeats = (
+            selection.repeats_of(shard["output"])
+            if selection and shard["output"] in selection.position
             else np.zeros(len(keys), np.int32)
+        )
         t.add(truth.astype(np.int64), labels, conf, repeats.astype(np.int64))
     return t.result(selection is not None) if t.any_hidden else {}
 
@@ -85,8 +88,8 @@ class _Tally:
         self.any_hidden = False
         self.correct = self.total = self.kept_correct = self.kept_total = self.kept_ood = self.kept_weight = 0
         self.ood_total = 0
-        self.covered = {t: 0 for t in THRESHOLDS}
-        self.covered_correct = {t: 0 for t in THRESHOLDS}
+        self.covered = dict.fromkeys(THRESHOLDS, 0)
+        self.covered_correct = dict.fromkeys(THRESHOLDS, 0)
 
     def add(self, truth: np.ndarray, labels: np.ndarray, conf: np.ndarray, repeats: np.ndarray) -> None:
         tagged, ood = truth != UNTAGGED, truth == OOD
@@ -105,12 +108,17 @@ class _Tally:
             self.covered_correct[t] += int((above & hit).sum())
 
     def result(self, with_selection: bool) -> dict:
-        out = {"pl_acc_all": self.correct / self.total if self.total else float("nan"), "pl_audited": self.total,
-               "pl_ood_in_corpus": self.ood_total}
+        out = {
+            "pl_acc_all": self.correct / self.total if self.total else float("nan"),
+            "pl_audited": self.total,
+            "pl_ood_in_corpus": self.ood_total,
+        }
         # Accuracy and coverage above a few confidence thresholds: what a threshold would buy.
         for t in THRESHOLDS:
             out[f"pl_coverage_conf{int(t * 100)}"] = self.covered[t] / self.total if self.total else 0.0
-            out[f"pl_acc_conf{int(t * 100)}"] = self.covered_correct[t] / self.covered[t] if self.covered[t] else float("nan")
+            out[f"pl_acc_conf{int(t * 100)}"] = (
+                self.covered_correct[t] / self.covered[t] if self.covered[t] else float("nan")
+            )
         if with_selection:
             out["pl_acc_kept"] = self.kept_correct / self.kept_total if self.kept_total else float("nan")
             out["pl_ood_share_kept"] = self.kept_ood / self.kept_weight if self.kept_weight else 0.0

@@ -6,6 +6,7 @@ as the embedded demo's 28 px images always were. Larger ones keep their aspect r
 and labeling resize the short side to ``size / crop_pct`` and take the center square, as timm
 does, and training crops with RandomResizedCrop.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -46,7 +47,7 @@ def resize_short_side(image: np.ndarray, short: int) -> np.ndarray:
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return image[top: top + size, left: left + size]
+    return image[top : top + size, left : left + size]
 
 
 def eval_geometry(image: np.ndarray, size: int, crop_pct: float) -> np.ndarray:

@@ -1,11 +1,12 @@
 """Labeled data in ImageNet layout: ``root/<class>/<image>``, and the train/val/test splits of a run."""
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -35,7 +36,10 @@ def scan_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
     (a folder not in it is an error; classes missing from this split are allowed)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"labeled data directory not found: {root} (set data.labeled_dir / data.val_dir / data.test_dir, or run pipelines/prepare.py)")
+        raise DataError(
+            f"labeled data directory not found: {root} "
+            "(set data.labeled_dir / data.val_dir / data.test_dir, or run pipelines/prepare.py)"
+        )
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DataError(f"no class folders in {root}: expected ImageFolder layout root/<class>/<image>")
@@ -45,11 +49,11 @@ def scan_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
     for folder in folders:
         if folder.name not in lookup:
             raise DataError(f"class folder {folder} is not one of the training classes {names}: remove it or relabel")
-        images = sorted(
-            str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
-        )
+        images = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
         if not images:
-            raise DataError(f"empty class folder: {folder} has no images ({', '.join(IMAGE_EXTS)}); add images or remove the folder")
+            raise DataError(
+                f"empty class folder: {folder} has no images ({', '.join(IMAGE_EXTS)}); add images or remove the folder"
+            )
         files.extend((f, lookup[folder.name]) for f in images)
     return ImageFolderIndex(root=root, class_names=list(names), files=files)
 
@@ -65,8 +69,15 @@ class LabeledImages(Dataset):
     in its place, with a warning naming the file); either way they are counted in ``self.skips``.
     """
 
-    def __init__(self, index: ImageFolderIndex, channels: int, transform: Callable | None = None,
-                 cache_size: int = 0, crop_pct: float = 0.875, show_progress: bool = False):
+    def __init__(
+        self,
+        index: ImageFolderIndex,
+        channels: int,
+        transform: Callable | None = None,
+        cache_size: int = 0,
+        crop_pct: float = 0.875,
+        show_progress: bool = False,
+    ):
         self.class_names = index.class_names
         self.transform = transform
         self.channels = channels
@@ -82,8 +93,9 @@ class LabeledImages(Dataset):
 
     def _fill_cache(self, size: int, crop_pct: float, name: str, show_progress: bool) -> None:
         kept: list[tuple[str, int, np.ndarray]] = []
-        for path, target in tqdm(list(zip(self.paths, self.targets)), desc=f"cache {name}", disable=not show_progress,
-                                 leave=False):
+        for path, target in tqdm(
+            list(zip(self.paths, self.targets)), desc=f"cache {name}", disable=not show_progress, leave=False
+        ):
             try:
                 kept.append((path, target, cache_geometry(read_image(path, self.channels), size, crop_pct)))
             except (OSError, ValueError) as exc:
@@ -126,8 +138,9 @@ class LabeledImages(Dataset):
         return x, torch.tensor(self.targets[i])
 
     @classmethod
-    def from_arrays(cls, images: list[np.ndarray], targets: list[int], class_names: list[str],
-                    transform: Callable | None = None) -> "LabeledImages":
+    def from_arrays(
+        cls, images: list[np.ndarray], targets: list[int], class_names: list[str], transform: Callable | None = None
+    ) -> LabeledImages:
         """An in-memory labeled set (benchmarks, tests, callers with their own loaders)."""
         obj = object.__new__(cls)
         obj.class_names, obj.transform, obj.skips = list(class_names), transform, SkipCounter()
@@ -136,7 +149,7 @@ class LabeledImages(Dataset):
         obj._reported = set()
         return obj
 
-    def with_transform(self, transform: Callable | None) -> "LabeledImages":
+    def with_transform(self, transform: Callable | None) -> LabeledImages:
         """The same images (and cache) under another transform (no re-decoding)."""
         clone = object.__new__(LabeledImages)
         clone.__dict__.update(self.__dict__)
@@ -158,12 +171,18 @@ def cache_plan(data: DataConfig, files: int) -> int:
         return 0
     side = data.image_size if is_small(data.image_size) else eval_short_side(data.image_size, data.crop_pct)
     aspect = 1.0 if is_small(data.image_size) else 4 / 3  # photos are wider than tall; estimate 4:3
-    estimate_mb = files * side ** 2 * aspect * data.channels / 2**20
+    estimate_mb = files * side**2 * aspect * data.channels / 2**20
     return data.image_size if data.cache == "memory" or estimate_mb <= data.cache_mb else 0
 
 
-def load_labeled(root: str, channels: int, transform: Callable | None, class_names: list[str] | None = None,
-                 cache_size: int = 0, crop_pct: float = 0.875) -> LabeledImages:
+def load_labeled(
+    root: str,
+    channels: int,
+    transform: Callable | None,
+    class_names: list[str] | None = None,
+    cache_size: int = 0,
+    crop_pct: float = 0.875,
+) -> LabeledImages:
     return LabeledImages(scan_image_folder(root, class_names), channels, transform, cache_size, crop_pct)
 
 
@@ -185,13 +204,17 @@ class LabeledData:
         splits = {}
         for name, split in (("train", self.train), ("val", self.val), ("test", self.test)):
             if split is not None:
-                splits[name] = [split.class_names, [(os.path.basename(p), t) for p, t in zip(split.paths, split.targets)]]
+                splits[name] = [
+                    split.class_names,
+                    [(os.path.basename(p), t) for p, t in zip(split.paths, split.targets)],
+                ]
         return sha256_json(splits)
 
 
 def load_labeled_data(data: DataConfig) -> LabeledData:
     """``data.labeled_dir`` and the optional val/test splits, mapped onto the train split's classes:
     file lists, decoded on access or cached (``data.cache``)."""
+
     def split(root: str, names: list[str] | None) -> LabeledImages:
         index = scan_image_folder(root, names)
         check_channels(index, data.channels)
@@ -219,8 +242,12 @@ def check_channels(index: ImageFolderIndex, channels: int, samples: int = 16) ->
     colour = [(p, m) for p, m in modes if m not in GRAY_MODES]
     if channels == 1 and modes and len(colour) * 2 > len(modes):
         path, mode = colour[0]
-        raise DataError(f"config key 'data.channels' is 1 but the labeled images are colour ({mode}, e.g. {path}): "
-                        f"set data.channels=3 (and its 3-entry data.mean / data.std), or convert the images")
+        raise DataError(
+            f"config key 'data.channels' is 1 but the labeled images are colour ({mode}, e.g. {path}): "
+            f"set data.channels=3 (and its 3-entry data.mean / data.std), or convert the images"
+        )
     if channels == 3 and modes and not colour:
-        raise DataError(f"config key 'data.channels' is 3 but every sampled labeled image is grayscale "
-                        f"({modes[0][1]}, e.g. {modes[0][0]}): set data.channels=1 with a 1-entry data.mean / data.std")
+        raise DataError(
+            f"config key 'data.channels' is 3 but every sampled labeled image is grayscale "
+            f"({modes[0][1]}, e.g. {modes[0][0]}): set data.channels=1 with a 1-entry data.mean / data.std"
+        )

@@ -21,12 +21,13 @@ teacher's pooled penultimate features (float16 [n, dim], index order), which the
 reads instead of running the model over the corpus again. Analysis writes ``<name>.ood.npz``
 (OOD scores per key) beside them; a student can drop images by one of those scores.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -79,9 +80,16 @@ def open_index(shard_path: str | os.PathLike):
     return open_npz(index_path(shard_path))
 
 
-def write_index(shard_path: str | os.PathLike, keys: list[str], labels: list[int], confidence: list[float],
-                entropy: list[float], probs: np.ndarray | None = None,
-                image_members: list[tuple[str, int, int]] | None = None, logsumexp: list[float] | None = None) -> None:
+def write_index(
+    shard_path: str | os.PathLike,
+    keys: list[str],
+    labels: list[int],
+    confidence: list[float],
+    entropy: list[float],
+    probs: np.ndarray | None = None,
+    image_members: list[tuple[str, int, int]] | None = None,
+    logsumexp: list[float] | None = None,
+) -> None:
     """Write ``<name>.index.npz``. ``image_members`` holds (ext, byte offset, size) per sample."""
     n = len(keys)
     members = image_members if image_members is not None else [("", -1, 0)] * n
@@ -153,5 +161,16 @@ def index_version(shard_path: str | os.PathLike) -> int:
 
 def read_index(shard_path: str | os.PathLike) -> ShardIndex:
     with open_index(shard_path) as z:
-        return ShardIndex(str(shard_path), z["keys"], z["labels"], z["confidence"], z["entropy"], z["probs"],
-                          z["image_ext"], z["image_offset"], z["image_size"], int(z["version"]), z["logsumexp"])
+        return ShardIndex(
+            str(shard_path),
+            z["keys"],
+            z["labels"],
+            z["confidence"],
+            z["entropy"],
+            z["probs"],
+            z["image_ext"],
+            z["image_offset"],
+            z["image_size"],
+            int(z["version"]),
+            z["logsumexp"],
+        )

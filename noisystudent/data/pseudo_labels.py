@@ -14,13 +14,14 @@ docs/formats.md). Other code reads them through this module without knowing the 
 ``source`` is a labeling output directory (with ``manifest.json``), a manifest path, a shard
 glob/brace pattern, or a list of shard paths.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -88,8 +89,13 @@ def load_table(source: str | os.PathLike | Sequence[str]) -> LabelTable:
     )
 
 
-def read_pseudo_labels(source: str | os.PathLike | Sequence[str], threshold: float = 0.0, with_images: bool = False,
-                       channels: int = 3, skips: SkipCounter | None = None) -> Iterator[PseudoLabel]:
+def read_pseudo_labels(
+    source: str | os.PathLike | Sequence[str],
+    threshold: float = 0.0,
+    with_images: bool = False,
+    channels: int = 3,
+    skips: SkipCounter | None = None,
+) -> Iterator[PseudoLabel]:
     """Stream samples with confidence >= ``threshold``; decode pixels only if ``with_images``.
 
     Unreadable images and truncated shards are counted in ``skips`` (never dropped silently).
@@ -100,8 +106,14 @@ def read_pseudo_labels(source: str | os.PathLike | Sequence[str], threshold: flo
         keep = np.flatnonzero(ConfidenceFilter(threshold)(ix.confidence))
         if not with_images:
             for i in keep:
-                yield PseudoLabel(shard, str(ix.keys[i]), int(ix.labels[i]), float(ix.confidence[i]),
-                                  float(ix.entropy[i]), ix.probs[i] if ix.probs.shape[1] else np.zeros(0, np.float16))
+                yield PseudoLabel(
+                    shard,
+                    str(ix.keys[i]),
+                    int(ix.labels[i]),
+                    float(ix.confidence[i]),
+                    float(ix.entropy[i]),
+                    ix.probs[i] if ix.probs.shape[1] else np.zeros(0, np.float16),
+                )
             continue
         rows = np.zeros(len(ix.keys), np.uint8)
         rows[keep] = 1

@@ -1,9 +1,10 @@
 """The student's stream of pseudo-labeled images, and reading images by their index offsets."""
+
 from __future__ import annotations
 
 import io
 import random
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,7 +25,9 @@ def _decode_or_skip(data: bytes, channels: int, skips: SkipCounter, shard: str, 
         return None
 
 
-def members_by_offset(shard: str, index: ShardIndex, rows: list[int], skips: SkipCounter) -> Iterator[tuple[int, bytes]]:
+def members_by_offset(
+    shard: str, index: ShardIndex, rows: list[int], skips: SkipCounter
+) -> Iterator[tuple[int, bytes]]:
     """(row, encoded image bytes) for the given index rows, one seek + read each: no tar parsing,
     no per-sample .npy (far cheaper than streaming the tar). Members cut off by a truncated file
     are skipped and counted. A remote shard is read in ranged blocks, rows in file order, so
@@ -40,8 +43,9 @@ def members_by_offset(shard: str, index: ShardIndex, rows: list[int], skips: Ski
             yield i, fh.read(n)
 
 
-def images_by_offset(shard: str, index: ShardIndex, rows: list[int], channels: int,
-                     skips: SkipCounter) -> Iterator[tuple[int, np.ndarray]]:
+def images_by_offset(
+    shard: str, index: ShardIndex, rows: list[int], channels: int, skips: SkipCounter
+) -> Iterator[tuple[int, np.ndarray]]:
     """(row, decoded image) for the given index rows; damaged members are skipped and counted."""
     for i, data in members_by_offset(shard, index, rows, skips):
         img = _decode_or_skip(data, channels, skips, shard, str(index.keys[i]))
@@ -66,8 +70,20 @@ class PseudoLabeledStream(IterableDataset):
     they leave it, so its memory is ``buffer_size`` x the encoded size, per loader worker.
     """
 
-    def __init__(self, selection: Selection, channels: int, num_classes: int, transform: Callable, *, soft: bool = True,
-                 temperature: float = 1.0, buffer_size: int = 4096, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        selection: Selection,
+        channels: int,
+        num_classes: int,
+        transform: Callable,
+        *,
+        soft: bool = True,
+        temperature: float = 1.0,
+        buffer_size: int = 4096,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.shards = sorted(selection.kept_shards())
         self.selection = selection  # small: each worker loads its own shards' repeat arrays
         self.channels, self.num_classes, self.transform = channels, num_classes, transform
@@ -87,10 +103,10 @@ class PseudoLabeledStream(IterableDataset):
         rng = random.Random(self.seed + self.epoch)
         shards = list(self.shards)
         rng.shuffle(shards)
-        shards = shards[self.rank:: self.world_size]
+        shards = shards[self.rank :: self.world_size]
         info = get_worker_info()
         if info is not None:
-            shards = shards[info.id:: info.num_workers]
+            shards = shards[info.id :: info.num_workers]
         return shards
 
     def target(self, probs: np.ndarray) -> torch.Tensor:
@@ -113,8 +129,10 @@ class PseudoLabeledStream(IterableDataset):
         repeats = self.selection.repeats_of(shard)
         index = index if index is not None else read_index(shard)
         if len(repeats) != len(index.keys):
-            raise DataError(f"{shard}: the selection has {len(repeats)} rows but the index {len(index.keys)}; "
-                             f"the shard was relabeled after selection: select again")
+            raise DataError(
+                f"{shard}: the selection has {len(repeats)} rows but the index {len(index.keys)}; "
+                f"the shard was relabeled after selection: select again"
+            )
         for i, data in members_by_offset(shard, index, np.flatnonzero(repeats).tolist(), self.skips):
             yield str(index.keys[i]), data, index.probs[i], int(repeats[i])
 
@@ -133,7 +151,9 @@ class PseudoLabeledStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        rng = random.Random((self.seed + 1) * 1_000_003 + self.epoch * 1009 + (info.id if info else 0) + 7919 * self.rank)
+        rng = random.Random(
+            (self.seed + 1) * 1_000_003 + self.epoch * 1009 + (info.id if info else 0) + 7919 * self.rank
+        )
         buffer: list = []
         for item in self._samples(self._my_shards()):
             if len(buffer) < self.buffer_size:

@@ -13,9 +13,10 @@ the batch begins (:meth:`LabeledImages.__getitem__`). Everything is a function o
 * under DDP, rank ``r`` of ``w`` takes every ``w``-th index of each pass's permutation, so ranks
   read disjoint slices of every pass (``DistributedSampler`` semantics, drop_last).
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -24,7 +25,9 @@ from torch.utils.data import Sampler
 class EpochSampler(Sampler):
     def __init__(self, dataset_size: int, batch_size: int, batches: int, seed: int, rank: int = 0, world_size: int = 1):
         if dataset_size // world_size < batch_size:
-            raise ValueError(f"{dataset_size} images across {world_size} rank(s) is less than one batch of {batch_size}")
+            raise ValueError(
+                f"{dataset_size} images across {world_size} rank(s) is less than one batch of {batch_size}"
+            )
         self.dataset_size, self.batch_size, self.batches = dataset_size, batch_size, batches
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
@@ -44,7 +47,7 @@ class EpochSampler(Sampler):
         """This rank's slice of one shuffled pass (equal length on every rank)."""
         per_rank = self.dataset_size // self.world_size
         perm = torch.randperm(self.dataset_size, generator=g)
-        return perm[self.rank: per_rank * self.world_size: self.world_size].tolist()
+        return perm[self.rank : per_rank * self.world_size : self.world_size].tolist()
 
     def first_pass(self) -> list[int]:
         """The indices this rank reads in the epoch's first pass (for the record)."""

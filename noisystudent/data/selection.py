@@ -6,6 +6,7 @@ two fields per sample (label and confidence; no keys, no soft labels), about 6 b
 result is one small repeat-count array per shard, stored on disk beside the run when it is big,
 so each loader worker loads only its own shards' arrays.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,7 +54,7 @@ class ClassBalancer:
         order = np.lexsort((-confidence, labels))
         starts = np.concatenate([[0], np.cumsum(counts)])
         for c in np.flatnonzero(counts):
-            members = order[starts[c]:starts[c + 1]]
+            members = order[starts[c] : starts[c + 1]]
             if len(members) >= target:
                 repeats[members[:target]] = 1
             else:
@@ -97,11 +98,17 @@ class Selection:
         return np.load(Path(self.store) / _repeats_name(self.position[shard]), allow_pickle=False)
 
     @classmethod
-    def of_arrays(cls, arrays: dict[str, np.ndarray], total_candidates: int, num_classes: int = 0) -> "Selection":
+    def of_arrays(cls, arrays: dict[str, np.ndarray], total_candidates: int, num_classes: int = 0) -> Selection:
         """An in-memory selection (one shard's rows for a reader, a test)."""
         totals = [int(a.sum()) for a in arrays.values()]
-        return cls(list(arrays), [0] * num_classes, total_candidates, int(sum((a > 0).sum() for a in arrays.values())),
-                   shard_totals=totals, arrays=arrays)
+        return cls(
+            list(arrays),
+            [0] * num_classes,
+            total_candidates,
+            int(sum((a > 0).sum() for a in arrays.values())),
+            shard_totals=totals,
+            arrays=arrays,
+        )
 
 
 def _repeats_name(position: int) -> str:
@@ -118,8 +125,10 @@ def read_ood_scores(shard: str, score: str) -> np.ndarray:
     """One analysis score per sample of ``shard`` (index order, float32 as stored), from ``<shard>.ood.npz``."""
     path = ood_scores_path(shard)
     if not storage.exists(path):
-        raise OODScoreError(f"{path} is missing: pseudo_label.ood_score needs the teacher's analysis "
-                            "(run pipelines/analyze.py on the teacher, or keep analysis.enabled=true)")
+        raise OODScoreError(
+            f"{path} is missing: pseudo_label.ood_score needs the teacher's analysis "
+            "(run pipelines/analyze.py on the teacher, or keep analysis.enabled=true)"
+        )
     with open_npz(path) as z, open_index(shard) as ix:
         if score not in z.files:
             raise OODScoreError(f"{path} has no score {score!r} (has {sorted(set(z.files) - {'keys'})})")
@@ -153,8 +162,15 @@ class OODFilter:
 
 
 def select_pseudo_labels(
-    shards: list[str], num_classes: int, threshold: float, balance: bool, per_class: int = 0, seed: int = 0,
-    ood_score: str = "", ood_drop_fraction: float = 0.0, store_dir: str | os.PathLike | None = None,
+    shards: list[str],
+    num_classes: int,
+    threshold: float,
+    balance: bool,
+    per_class: int = 0,
+    seed: int = 0,
+    ood_score: str = "",
+    ood_drop_fraction: float = 0.0,
+    store_dir: str | os.PathLike | None = None,
 ) -> Selection:
     """Threshold, optional OOD drop and balancing over every shard's labels and confidences.
 
@@ -164,9 +180,16 @@ def select_pseudo_labels(
     """
     store = None
     if store_dir is not None:
-        params = {"shards": [[s, _index_stamp(s)] for s in shards], "num_classes": num_classes,
-                  "threshold": threshold, "balance": balance, "per_class": per_class, "seed": seed,
-                  "ood_score": ood_score, "ood_drop_fraction": ood_drop_fraction}
+        params = {
+            "shards": [[s, _index_stamp(s)] for s in shards],
+            "num_classes": num_classes,
+            "threshold": threshold,
+            "balance": balance,
+            "per_class": per_class,
+            "seed": seed,
+            "ood_score": ood_score,
+            "ood_drop_fraction": ood_drop_fraction,
+        }
         store = Path(store_dir) / f"selection-{sha256_json(params)[:16]}"
         if (store / "selection.json").is_file():
             return Selection(**read_json(store / "selection.json"), store=str(store))
@@ -191,9 +214,14 @@ def select_pseudo_labels(
     kept = repeats > 0
     kept_per_class = np.bincount(labels[kept], weights=repeats[kept], minlength=num_classes).astype(int).tolist()
     per_shard = np.split(repeats, np.cumsum(sizes)[:-1]) if shards else []
-    summary = {"shards": list(shards), "kept_per_class": kept_per_class, "total_candidates": int(len(labels)),
-               "kept_unique": int(kept.sum()), "dropped_ood": dropped_ood,
-               "shard_totals": [int(r.sum()) for r in per_shard]}
+    summary = {
+        "shards": list(shards),
+        "kept_per_class": kept_per_class,
+        "total_candidates": int(len(labels)),
+        "kept_unique": int(kept.sum()),
+        "dropped_ood": dropped_ood,
+        "shard_totals": [int(r.sum()) for r in per_shard],
+    }
     if store is None:
         return Selection(**summary, arrays={s: _compact(r) for s, r in zip(shards, per_shard)})
     for position, r in enumerate(per_shard):

@@ -6,6 +6,7 @@ header parser, :mod:`.tar_reader`) instead of through ``tarfile`` or ``webdatase
 so that a damaged header costs only the samples it touches, every skipped member is counted with
 a reason, unsafe member names are refused, and nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,9 +15,10 @@ import os
 import tarfile
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -25,7 +27,6 @@ from PIL import Image, ImageOps
 from .. import storage
 from ..errors import ShardError
 from .tar_reader import Damage, Member, SampleAssembler, iter_members, open_shard
-
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm")
 #: Evaluation-only member (true class name, OOD tag, source). Training code never reads it.
@@ -37,8 +38,17 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 #: Reasons that count samples (or an estimate of them); the others count events (a damaged header,
 #: a cut-off shard, a refused member) whose cost in samples, where known, is counted under these.
-SAMPLE_REASONS = frozenset({"incomplete_sample", "lost_in_damage", "unreadable_image", "undecodable_image",
-                            "no_image_member", "unreadable_file", "no_class_folder"})
+SAMPLE_REASONS = frozenset(
+    {
+        "incomplete_sample",
+        "lost_in_damage",
+        "unreadable_image",
+        "undecodable_image",
+        "no_image_member",
+        "unreadable_file",
+        "no_class_folder",
+    }
+)
 
 
 @dataclass
@@ -64,10 +74,14 @@ class SkipCounter:
         return sum(n for r, n in self.reasons.items() if r in SAMPLE_REASONS)
 
     def as_dict(self) -> dict:
-        return {"total": self.total, "samples_lost": self.samples_lost, "by_reason": dict(self.reasons),
-                "examples": list(self.examples)}
+        return {
+            "total": self.total,
+            "samples_lost": self.samples_lost,
+            "by_reason": dict(self.reasons),
+            "examples": list(self.examples),
+        }
 
-    def merge(self, other: "SkipCounter | dict") -> None:
+    def merge(self, other: SkipCounter | dict) -> None:
         d = other.as_dict() if isinstance(other, SkipCounter) else other
         self.reasons.update(d.get("by_reason", {}))
         self.examples.extend(d.get("examples", [])[: max(0, 20 - len(self.examples))])
@@ -180,7 +194,7 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
             return np.asarray(img, dtype=np.uint8).copy()
     except Image.DecompressionBombError as exc:
         raise ValueError(f"image too large (>{MAX_IMAGE_PIXELS} pixels): {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
+    except Exception as exc:
         raise ValueError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
 
 
@@ -202,8 +216,11 @@ def _member_bytes(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True).encode()
 
 
-def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]],
-                offsets: dict[str, dict[str, tuple[int, int]]] | None = None) -> int:
+def write_shard(
+    path: str | os.PathLike,
+    samples: Iterable[dict[str, Any]],
+    offsets: dict[str, dict[str, tuple[int, int]]] | None = None,
+) -> int:
     """Write samples to one tar shard atomically; returns the sample count.
 
     Each sample is ``{"__key__": str, ext: bytes | str | ndarray (-> .npy) | json-able}``.

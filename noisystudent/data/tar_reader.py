@@ -13,6 +13,7 @@ devices, sparse files) come out as non-file members. Compressed shards (gzip, bz
 through their decompressor; damage inside a compressed stream cannot be resynchronised and ends
 the shard.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -20,9 +21,10 @@ import gzip
 import lzma
 import posixpath
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 BLOCK = 512
 MAGIC = b"ustar"
@@ -42,6 +44,7 @@ class Member:
 @dataclass
 class Damage:
     """``start``..``resumed_at`` could not be read (``resumed_at`` None: nothing readable followed)."""
+
     start: int
     resumed_at: int | None
     reason: str  # "damaged_header" | "truncated" | "unreadable_stream: ..." | "junk_after_end"
@@ -102,7 +105,7 @@ def _size_if_valid(block: bytes, pax: dict[str, str]) -> int | None:
 
 def _name(block: bytes) -> str:
     name = block[:100].split(b"\0", 1)[0]
-    if block[MAGIC_AT:MAGIC_AT + 5] == MAGIC and block[MAGIC_AT + 5:MAGIC_AT + 8] == b"\x0000":  # POSIX prefix
+    if block[MAGIC_AT : MAGIC_AT + 5] == MAGIC and block[MAGIC_AT + 5 : MAGIC_AT + 8] == b"\x0000":  # POSIX prefix
         prefix = block[345:500].split(b"\0", 1)[0]
         if prefix:
             name = prefix + b"/" + name
@@ -121,7 +124,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
             break
         if length <= 0:
             break
-        key, _, value = data[space + 1: pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
@@ -136,7 +139,7 @@ class _Stream:
 
     def read(self, n: int) -> bytes:
         if self.at < len(self.pending):
-            out = self.pending[self.at:self.at + n]
+            out = self.pending[self.at : self.at + n]
             self.at += len(out)
             if len(out) < n:
                 out += self.raw.read(n - len(out))
@@ -146,7 +149,7 @@ class _Stream:
         return out
 
     def unread(self, data: bytes) -> None:
-        self.pending, self.at = data + self.pending[self.at:], 0
+        self.pending, self.at = data + self.pending[self.at :], 0
         self.offset -= len(data)
 
     def only_zeros_left(self) -> bool:
@@ -174,7 +177,7 @@ def _resync(stream: _Stream, after: int) -> int | None:
             if start + BLOCK > len(window) and chunk:
                 search_from = hit  # the candidate runs past the window: read more first
                 break
-            if header_ok(window[start:start + BLOCK]):
+            if header_ok(window[start : start + BLOCK]):
                 stream.unread(window[start:])
                 return base + start
             search_from = hit + 1
@@ -297,15 +300,23 @@ class SampleAssembler:
     def damage(self, d: Damage) -> None:
         self.damages += 1
         if d.resumed_at is not None:
-            self.skips.skip("damaged_tar_header", f"{self.shard}: bytes {d.start}-{d.resumed_at} unreadable "
-                                                  f"(damaged header), resumed at the next valid one")
+            self.skips.skip(
+                "damaged_tar_header",
+                f"{self.shard}: bytes {d.start}-{d.resumed_at} unreadable "
+                f"(damaged header), resumed at the next valid one",
+            )
         elif d.reason == "junk_after_end":
             self.skips.skip("corrupt_tar", f"{self.shard}: data after the end-of-archive marker at byte {d.start}")
         elif d.reason.startswith("unreadable_stream"):
-            self.skips.skip("corrupt_stream", f"{self.shard}: compressed stream unreadable at byte {d.start} "
-                                              f"({d.reason.split(': ', 1)[-1]}); {'members before it may be damaged' if d.at_end else 'the rest of the shard is lost'}")
+            lost = "members before it may be damaged" if d.at_end else "the rest of the shard is lost"
+            self.skips.skip(
+                "corrupt_stream",
+                f"{self.shard}: compressed stream unreadable at byte {d.start} ({d.reason.split(': ', 1)[-1]}); {lost}",
+            )
         else:
-            self.skips.skip("truncated_tar", f"{self.shard}: {d.reason} at byte {d.start}; the rest of the shard is lost")
+            self.skips.skip(
+                "truncated_tar", f"{self.shard}: {d.reason} at byte {d.start}; the rest of the shard is lost"
+            )
         if self.current is not None:
             self.suspect = True
         self.after_damage = True
@@ -320,14 +331,20 @@ class SampleAssembler:
             else:
                 yield from self._finish(end)
         if self.held:
-            yield from self._release(self.member_sets.most_common(1)[0][0] if self.member_sets else
-                                     Counter(frozenset(s) - {"__key__", "__shard__"} for s in self.held).most_common(1)[0][0])
+            yield from self._release(
+                self.member_sets.most_common(1)[0][0]
+                if self.member_sets
+                else Counter(frozenset(s) - {"__key__", "__shard__"} for s in self.held).most_common(1)[0][0]
+            )
         if end is not None and self.damages and self.intact:
             estimated = round(end / (self.intact_bytes / self.intact))
             lost = estimated - self.kept - self.incomplete
             if lost > 0:
-                self.skips.skip("lost_in_damage", f"{self.shard}: about {lost} sample(s) with no readable member "
-                                                  f"(estimated from the shard's size)", n=lost)
+                self.skips.skip(
+                    "lost_in_damage",
+                    f"{self.shard}: about {lost} sample(s) with no readable member (estimated from the shard's size)",
+                    n=lost,
+                )
 
     def _finish(self, end: int) -> Iterator[dict]:
         sample, self.current = self.current, None
@@ -353,7 +370,10 @@ class SampleAssembler:
                 yield sample
             else:
                 self.incomplete += 1
-                self.skips.skip("incomplete_sample", f"{self.shard}:{sample['__key__']}: members lost to damage "
-                                                     f"(has {sorted(set(sample) - {'__key__', '__shard__'})})")
+                self.skips.skip(
+                    "incomplete_sample",
+                    f"{self.shard}:{sample['__key__']}: members lost to damage "
+                    f"(has {sorted(set(sample) - {'__key__', '__shard__'})})",
+                )
         if samples is None:
             self.held = []

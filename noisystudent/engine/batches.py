@@ -3,10 +3,11 @@
 The training loop asks for an epoch of :class:`Batch` es and never branches on teacher versus
 student: a teacher's batches simply carry no soft targets.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,8 +38,18 @@ class BatchSource:
     persist); pseudo-labeled batches from the student's :class:`PseudoLabeledStream`, each rank
     reading its own shards."""
 
-    def __init__(self, recipe: TrainConfig, labeled: LabeledImages, pseudo: PseudoLabeledStream | None, *, seed: int,
-                 num_workers: int, channels_last: bool, device: torch.device, env: DistEnv):
+    def __init__(
+        self,
+        recipe: TrainConfig,
+        labeled: LabeledImages,
+        pseudo: PseudoLabeledStream | None,
+        *,
+        seed: int,
+        num_workers: int,
+        channels_last: bool,
+        device: torch.device,
+        env: DistEnv,
+    ):
         self.device, self.channels_last, self.pseudo = device, channels_last, pseudo
         pin = device.type == "cuda"
         workers = resolve_num_workers(num_workers, device)
@@ -49,12 +60,20 @@ class BatchSource:
             pseudo.rank, pseudo.world_size = env.rank, env.world_size
             unl_bs = recipe.unlabeled_batch_size
             # workers are forked per pass (one per epoch) and inherit the freshly reseeded augmentation
-            self.pseudo_loader = DataLoader(pseudo, batch_size=unl_bs, drop_last=True,
-                                            num_workers=min(workers, max(1, len(pseudo.shards))), pin_memory=pin,
-                                            persistent_workers=False, worker_init_fn=reseed_worker)
+            self.pseudo_loader = DataLoader(
+                pseudo,
+                batch_size=unl_bs,
+                drop_last=True,
+                num_workers=min(workers, max(1, len(pseudo.shards))),
+                pin_memory=pin,
+                persistent_workers=False,
+                worker_init_fn=reseed_worker,
+            )
             if len(pseudo) < unl_bs:
-                raise ConfigError(f"only {len(pseudo)} pseudo-labeled samples selected per rank, fewer than one batch of "
-                                  f"{unl_bs}: lower pseudo_label.threshold or student.unlabeled_ratio / student.batch_size")
+                raise ConfigError(
+                    f"only {len(pseudo)} pseudo-labeled samples selected per rank, fewer than one batch of "
+                    f"{unl_bs}: lower pseudo_label.threshold or student.unlabeled_ratio / student.batch_size"
+                )
             one_pass = max(1, len(pseudo) // unl_bs)  # a student's epoch is one pass over its pseudo-labels
         self.steps_per_epoch = recipe.steps_per_epoch or one_pass
         # A pass over the pseudo-labels that runs out early (skipped samples) ends the epoch, unless the
@@ -63,9 +82,16 @@ class BatchSource:
         self.sampler = EpochSampler(len(labeled), lab_bs, self.steps_per_epoch, seed, env.rank, env.world_size)
         # its own generator: creating the (persistent) worker iterator draws a base seed, which must
         # not come from the global torch RNG that dropout uses and checkpoints restore
-        self.labeled_loader = DataLoader(labeled, batch_size=lab_bs, sampler=self.sampler, drop_last=True,
-                                         num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
-                                         generator=torch.Generator().manual_seed(seed))
+        self.labeled_loader = DataLoader(
+            labeled,
+            batch_size=lab_bs,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch, ``steps_per_epoch`` of them (fewer if the pseudo-labels run out)."""
@@ -101,5 +127,8 @@ class BatchSource:
 
     def first_pass_record(self, rank: int) -> dict:
         """What this rank reads in the current epoch's first pass (for the record, and the DDP test)."""
-        return {"rank": rank, "labeled_indices": self.sampler.first_pass(),
-                "pseudo_shards": self.pseudo._my_shards() if self.pseudo is not None else []}
+        return {
+            "rank": rank,
+            "labeled_indices": self.sampler.first_pass(),
+            "pseudo_shards": self.pseudo._my_shards() if self.pseudo is not None else [],
+        }

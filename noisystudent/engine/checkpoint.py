@@ -1,6 +1,7 @@
 """Resume and save of a training stage: ``last.pt`` holds everything needed to continue after the
 last finished epoch (weights, optimizer, schedule, EMA, RNG state, metrics history), written
 atomically, so a killed run resumes exactly where it stopped."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,14 +46,24 @@ class Checkpointer:
         model.load_state_dict(state["model"])
         optimization.load_state_dict(state)
         set_rng_state(state["rng"])
-        return Progress(state["epoch"], list(state["history"]), state["best_top1"], state["best_epoch"],
-                        state.get("seconds", 0.0))
+        return Progress(
+            state["epoch"], list(state["history"]), state["best_top1"], state["best_epoch"], state.get("seconds", 0.0)
+        )
 
     def save(self, model: torch.nn.Module, optimization: Optimization, progress: Progress, seconds: float) -> None:
-        save_checkpoint(self.path, {"model": unwrap(model).state_dict(), **optimization.state_dict(), "rng": rng_state(),
-                                    "epoch": progress.epoch, "history": progress.history,
-                                    "best_top1": progress.best_top1, "best_epoch": progress.best_epoch,
-                                    "seconds": seconds})
+        save_checkpoint(
+            self.path,
+            {
+                "model": unwrap(model).state_dict(),
+                **optimization.state_dict(),
+                "rng": rng_state(),
+                "epoch": progress.epoch,
+                "history": progress.history,
+                "best_top1": progress.best_top1,
+                "best_epoch": progress.best_epoch,
+                "seconds": seconds,
+            },
+        )
 
     def remove(self) -> None:
         """The stage is finished: its model.pt replaces the checkpoint."""

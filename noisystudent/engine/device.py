@@ -1,4 +1,5 @@
 """Where a run computes and how it is seeded: device, loader workers, RNG state for exact resume."""
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,12 @@ def rng_fingerprint(device: torch.device) -> list[float]:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # never start CUDA just to save its RNG
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

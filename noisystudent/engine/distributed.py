@@ -6,6 +6,7 @@ here is a no-op for a world of one. Conventions: every rank trains on its own sl
 (labeled images by rank slices of ``EpochSampler``, pseudo-labeled shards by rank), metrics are reduced
 across ranks, and only rank 0 logs to MLflow and writes checkpoints.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,11 @@ def reduce_sums(values: dict[str, float | torch.Tensor], device: torch.device | 
     (kept there, so the whole dict costs one all-reduce and one read back to the host)."""
     keys = sorted(values)
     device = device or torch.device("cpu")
-    t = torch.stack([torch.as_tensor(values[k], device=device).detach().reshape(()).to(torch.float64) for k in keys]) \
-        if keys else torch.zeros(0, dtype=torch.float64)
+    t = (
+        torch.stack([torch.as_tensor(values[k], device=device).detach().reshape(()).to(torch.float64) for k in keys])
+        if keys
+        else torch.zeros(0, dtype=torch.float64)
+    )
     if current().enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))

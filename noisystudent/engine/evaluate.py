@@ -1,4 +1,5 @@
 """Inference over a labeled split: softmax probabilities and targets, in eval mode."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,13 +16,15 @@ def eval_loader(dataset: Dataset, device: torch.device, batch_size: int = 512, n
     else one process would feed the GPU 50,000 images at 224 px. On a CPU the forward pass already
     takes every core, so it decodes in the main process."""
     workers = resolve_num_workers(num_workers, device) if device.type == "cuda" else 0
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda")
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda"
+    )
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: str = "off",
-            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: str = "off", channels_last: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities and targets over a loader of ``(x, y)`` batches. ``amp`` applies on
     CUDA; on CPU inference runs in fp32 (exact metrics)."""
     was_training = model.training

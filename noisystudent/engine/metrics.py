@@ -1,4 +1,5 @@
 """Classification metrics: top-1/top-5, per-class accuracy, ECE, NLL, confusion matrix (numpy only)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +31,12 @@ class ClassificationReport:
     n: int
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_top1": self.top1, f"{prefix}_top5": self.top5, f"{prefix}_ece": self.ece, f"{prefix}_nll": self.nll}
+        return {
+            f"{prefix}_top1": self.top1,
+            f"{prefix}_top5": self.top5,
+            f"{prefix}_ece": self.ece,
+            f"{prefix}_nll": self.nll,
+        }
 
 
 def classification_report(probs: np.ndarray, targets: np.ndarray, num_classes: int) -> ClassificationReport:

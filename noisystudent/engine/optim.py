@@ -1,4 +1,5 @@
 """Optimizers and the learning-rate schedule shared by every stage."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,9 @@ def create_optimizer(model: torch.nn.Module, recipe: TrainConfig) -> torch.optim
     return torch.optim.AdamW(groups, lr=recipe.lr, foreach=True)
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
@@ -38,11 +41,14 @@ class Optimization:
     """Everything one optimizer step updates: the optimizer, the LR schedule, fp16 loss scaling and
     the optional EMA of the weights (validated, saved and handed on instead of the raw weights)."""
 
-    def __init__(self, model: torch.nn.Module, recipe: TrainConfig, steps_per_epoch: int, amp: str, device: torch.device):
+    def __init__(
+        self, model: torch.nn.Module, recipe: TrainConfig, steps_per_epoch: int, amp: str, device: torch.device
+    ):
         self.optimizer = create_optimizer(model, recipe)
         self.ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=True) if recipe.ema_decay > 0 else None
-        self.scheduler = cosine_with_warmup(self.optimizer, int(recipe.warmup_epochs * steps_per_epoch),
-                                            steps_per_epoch * recipe.epochs)
+        self.scheduler = cosine_with_warmup(
+            self.optimizer, int(recipe.warmup_epochs * steps_per_epoch), steps_per_epoch * recipe.epochs
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=resolve_amp(amp, device) == "fp16")
         self.grad_clip = recipe.grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -70,7 +76,9 @@ class Optimization:
 
     def nonfinite_parameters(self, names: dict[torch.nn.Parameter, str], limit: int = 3) -> list[str]:
         """Names of the first parameters whose gradient is not finite (for the error message)."""
-        return [names.get(p, "?") for p in self.params if p.grad is not None and not torch.isfinite(p.grad).all()][:limit]
+        return [names.get(p, "?") for p in self.params if p.grad is not None and not torch.isfinite(p.grad).all()][
+            :limit
+        ]
 
     @property
     def lr(self) -> float:
@@ -81,9 +89,12 @@ class Optimization:
         return self.ema.module if self.ema is not None else model
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),  # fp16's loss scale and its growth tracker ({} when off)
-                **({"ema": self.ema.module.state_dict()} if self.ema is not None else {})}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),  # fp16's loss scale and its growth tracker ({} when off)
+            **({"ema": self.ema.module.state_dict()} if self.ema is not None else {}),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -102,7 +113,7 @@ class NonFiniteGuard:
 
     def __init__(self, limit: int, model: torch.nn.Module):
         self.limit, self.in_a_row = limit, 0
-        self.buffers = [b for b in model.buffers()]
+        self.buffers = list(model.buffers())
         self.saved = [b.detach().clone() for b in self.buffers]
 
     def before_forward(self) -> None:
@@ -122,4 +133,5 @@ class NonFiniteGuard:
             raise NonFiniteTrainingError(
                 f"training stopped at {where}: {self.in_a_row} step(s) in a row had a non-finite loss or gradient "
                 f"({detail}); the checkpoint of the last finished epoch is kept. Lower the learning rate, set "
-                f"grad_clip, or try amp=off (max_nonfinite_steps sets how many are skipped first)")
+                f"grad_clip, or try amp=off (max_nonfinite_steps sets how many are skipped first)"
+            )

@@ -1,4 +1,5 @@
 """Which mixed precision a run actually uses (``amp: auto`` resolved per device)."""
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,9 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     fp16), bf16 on CPUs with native bf16, otherwise off. fp16 on CPU is refused: it would run without
     a GradScaler (CUDA only), so small gradients would underflow to zero."""
     if amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"config key 'amp' is fp16 but the run computes on {device.type}: fp16 needs a GPU; "
-                          f"use amp=bf16 or amp=off")
+        raise ConfigError(
+            f"config key 'amp' is fp16 but the run computes on {device.type}: fp16 needs a GPU; use amp=bf16 or amp=off"
+        )
     if amp != "auto":
         return amp
     if device.type == "cuda":
@@ -51,8 +53,12 @@ def _stride_exceeds_the_input(conv: torch.nn.modules.conv._ConvNd, x: torch.Tens
 
 
 def _conv_forward_fp32_where_bf16_fails(self: torch.nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 \
-            and x.device.type == "cpu" and _stride_exceeds_the_input(self, x):
+    if (
+        torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and x.device.type == "cpu"
+        and _stride_exceeds_the_input(self, x)
+    ):
         with torch.autocast("cpu", enabled=False):
             return type(self).forward(self, x.float())
     return type(self).forward(self, x)
@@ -74,7 +80,11 @@ def keep_fp32_where_cpu_bf16_fails(model: torch.nn.Module) -> int:
     (the default recipe's 2x2 map under stride 2 is not affected and keeps bf16)."""
     guarded = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed and any(s > 1 for s in module.stride):
+        if (
+            isinstance(module, torch.nn.modules.conv._ConvNd)
+            and not module.transposed
+            and any(s > 1 for s in module.stride)
+        ):
             # bound to the module, so deepcopy (EMA) rebinds it to the copy
             module.forward = types.MethodType(_conv_forward_fp32_where_bf16_fails, module)
             guarded += 1

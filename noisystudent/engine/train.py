@@ -7,6 +7,7 @@ Each epoch ends with a validation pass, an MLflow metrics row and an atomic chec
 killed run resumes at the next epoch. Under torchrun each rank trains on its slice of the data
 with DDP; rank 0 alone validates into the log, checkpoints and writes the result.
 """
+
 from __future__ import annotations
 
 import time
@@ -48,13 +49,23 @@ class TrainResult:
     weights_source: str = "random init"  # where the initial weights came from
 
     @classmethod
-    def load(cls, out_dir: Path) -> "TrainResult":
+    def load(cls, out_dir: Path) -> TrainResult:
         return cls(**read_json(out_dir / "result.json"))
 
 
-def train_model(recipe: TrainConfig, cfg: Config, model_name: str, out_dir: str | Path, labeled: LabeledImages,
-                val: LabeledImages | None = None, *, pseudo: PseudoLabeledStream | None = None, tracker=None,
-                init_from: str | None = None, desc: str = "train") -> TrainResult:
+def train_model(
+    recipe: TrainConfig,
+    cfg: Config,
+    model_name: str,
+    out_dir: str | Path,
+    labeled: LabeledImages,
+    val: LabeledImages | None = None,
+    *,
+    pseudo: PseudoLabeledStream | None = None,
+    tracker=None,
+    init_from: str | None = None,
+    desc: str = "train",
+) -> TrainResult:
     """Train (or resume) one model in ``out_dir``; writes ``model.pt`` and ``DONE`` at the end.
 
     A student passes its ``pseudo``-labeled stream; ``init_from`` starts from another checkpoint's
@@ -65,15 +76,29 @@ def train_model(recipe: TrainConfig, cfg: Config, model_name: str, out_dir: str 
         return TrainResult.load(out_dir)
     env, device = _start_process(cfg, out_dir)
     start = time.time()
-    spec = ModelSpec(name=model_name, num_classes=len(labeled.class_names), in_chans=cfg.data.channels,
-                     image_size=cfg.data.image_size, class_names=list(labeled.class_names),
-                     mean=list(cfg.data.mean), std=list(cfg.data.std))
+    spec = ModelSpec(
+        name=model_name,
+        num_classes=len(labeled.class_names),
+        in_chans=cfg.data.channels,
+        image_size=cfg.data.image_size,
+        class_names=list(labeled.class_names),
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+    )
     model, net = build_model(spec, recipe, cfg, device, env, init_from)
     source = weights_source(recipe, init_from)
     if tracker is not None and env.is_main:
         tracker.set_tags({"weights_source": source})
-    batches = BatchSource(recipe, labeled, pseudo, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                          channels_last=cfg.channels_last, device=device, env=env)
+    batches = BatchSource(
+        recipe,
+        labeled,
+        pseudo,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        channels_last=cfg.channels_last,
+        device=device,
+        env=env,
+    )
     if val is not None:  # validate at this model's resolution (a ladder may change it per generation)
         val = val.with_transform(create_eval_transform(cfg.data))
     optimization = Optimization(model, recipe, batches.steps_per_epoch, cfg.amp, device)
@@ -88,21 +113,39 @@ def train_model(recipe: TrainConfig, cfg: Config, model_name: str, out_dir: str 
     for epoch in range(first_epoch, recipe.epochs):
         seed_everything(epoch_seed(cfg.seed, env.rank, epoch))  # this rank's model noise and pseudo-label augmentation
         noise_draw = rng_fingerprint(device) if epoch == first_epoch and env.enabled else None
-        row = train_epoch(net, model, batches, optimization, guard, recipe, epoch, amp=cfg.amp,
-                          log_every=cfg.log_every_steps, desc=desc, show_progress=env.is_main)
+        row = train_epoch(
+            net,
+            model,
+            batches,
+            optimization,
+            guard,
+            recipe,
+            epoch,
+            amp=cfg.amp,
+            log_every=cfg.log_every_steps,
+            desc=desc,
+            show_progress=env.is_main,
+        )
         if val is not None and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
             # rank 0 validates its weights (ranks' BatchNorm statistics differ) and every rank records its metrics
-            row.update(ddp.broadcast_object(validate(optimization.weights(model), val, device, cfg) if env.is_main else None))
+            row.update(
+                ddp.broadcast_object(validate(optimization.weights(model), val, device, cfg) if env.is_main else None)
+            )
         if progress.record(row) and recipe.early_stop_patience > 0 and env.is_main:
             save_model(out_dir / "best.pt", optimization.weights(model), spec)
         if epoch == first_epoch and env.enabled:
             data_by_rank = ddp.gather_objects({**batches.first_pass_record(env.rank), "noise_draw": noise_draw})
         # rank 0's decision on every rank: ranks that disagreed would hang at the next collective
-        stop = ddp.broadcast_object(recipe.early_stop_patience > 0
-                                    and epoch + 1 - progress.best_epoch >= recipe.early_stop_patience)
+        stop = ddp.broadcast_object(
+            recipe.early_stop_patience > 0 and epoch + 1 - progress.best_epoch >= recipe.early_stop_patience
+        )
         if env.is_main:
-            print(f"[{desc}] epoch {epoch + 1}/{recipe.epochs} " + " ".join(
-                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"))
+            print(
+                f"[{desc}] epoch {epoch + 1}/{recipe.epochs} "
+                + " ".join(
+                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"
+                )
+            )
             # checkpoint first: if the tracking server is gone, the epoch is still safe on disk
             checkpointer.save(model, optimization, progress, time.time() - start)
             if tracker is not None:
@@ -112,9 +155,17 @@ def train_model(recipe: TrainConfig, cfg: Config, model_name: str, out_dir: str 
         ddp.barrier()
         if stop:
             break
-    return finish(out_dir, optimization.weights(model), spec, recipe, progress, time.time() - start, env,
-                  {"data_by_rank": data_by_rank, "epochs_by_rank": ddp.gather_objects(progress.epoch),
-                   "weights_source": source}, checkpointer)
+    return finish(
+        out_dir,
+        optimization.weights(model),
+        spec,
+        recipe,
+        progress,
+        time.time() - start,
+        env,
+        {"data_by_rank": data_by_rank, "epochs_by_rank": ddp.gather_objects(progress.epoch), "weights_source": source},
+        checkpointer,
+    )
 
 
 def _start_process(cfg: Config, out_dir: Path) -> tuple[ddp.DistEnv, torch.device]:
@@ -131,25 +182,35 @@ def _start_process(cfg: Config, out_dir: Path) -> tuple[ddp.DistEnv, torch.devic
     return env, device
 
 
-def build_model(spec: ModelSpec, recipe: TrainConfig, cfg: Config, device: torch.device, env: ddp.DistEnv,
-                init_from: str | None) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_model(
+    spec: ModelSpec, recipe: TrainConfig, cfg: Config, device: torch.device, env: ddp.DistEnv, init_from: str | None
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The timm model with this stage's model noise, and the module that runs forward/backward
     (DDP averages gradients across ranks; ``compile`` wraps it)."""
     starts_from_weights = not init_from  # init_from replaces every weight: fetching pretrained ones would be wasted
-    model = create_model(spec, drop_rate=recipe.drop_rate, drop_path_rate=recipe.drop_path_rate,
-                         pretrained=recipe.pretrained and starts_from_weights,
-                         pretrained_file=recipe.pretrained_file if starts_from_weights else "")
+    model = create_model(
+        spec,
+        drop_rate=recipe.drop_rate,
+        drop_path_rate=recipe.drop_path_rate,
+        pretrained=recipe.pretrained and starts_from_weights,
+        pretrained_file=recipe.pretrained_file if starts_from_weights else "",
+    )
     if init_from:
         missing = model.load_state_dict(load_checkpoint(init_from)["model"], strict=False)
         if missing.missing_keys:
-            raise ValueError(f"student.init=teacher needs the same architecture; missing keys e.g. {missing.missing_keys[:3]}")
+            raise ValueError(
+                f"student.init=teacher needs the same architecture; missing keys e.g. {missing.missing_keys[:3]}"
+            )
     model.to(device)
     if device.type == "cpu" and resolve_amp(cfg.amp, device) == "bf16":
         keep_fp32_where_cpu_bf16_fails(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None) \
-        if env.enabled else model
+    net = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+        if env.enabled
+        else model
+    )
     if cfg.compile:
         net = torch.compile(net)
     return model, net
@@ -173,14 +234,28 @@ def step_losses(logits: torch.Tensor, batch: Batch, recipe: TrainConfig) -> dict
     labeled = F.cross_entropy(logits[: batch.n_labeled], batch.labels, label_smoothing=recipe.label_smoothing)
     if batch.soft_targets is None:
         return {"train_loss": labeled, "train_labeled_loss": labeled}
-    pseudo = soft_cross_entropy(logits[batch.n_labeled:], batch.soft_targets)
-    return {"train_loss": labeled + recipe.unlabeled_weight * pseudo, "train_labeled_loss": labeled,
-            "train_pseudo_loss": pseudo}
+    pseudo = soft_cross_entropy(logits[batch.n_labeled :], batch.soft_targets)
+    return {
+        "train_loss": labeled + recipe.unlabeled_weight * pseudo,
+        "train_labeled_loss": labeled,
+        "train_pseudo_loss": pseudo,
+    }
 
 
-def train_epoch(net: torch.nn.Module, model: torch.nn.Module, batches: BatchSource, optimization: Optimization,
-                guard: NonFiniteGuard, recipe: TrainConfig, epoch: int, *, amp: str, log_every: int, desc: str,
-                show_progress: bool) -> dict:
+def train_epoch(
+    net: torch.nn.Module,
+    model: torch.nn.Module,
+    batches: BatchSource,
+    optimization: Optimization,
+    guard: NonFiniteGuard,
+    recipe: TrainConfig,
+    epoch: int,
+    *,
+    amp: str,
+    log_every: int,
+    desc: str,
+    show_progress: bool,
+) -> dict:
     """One epoch of steps; returns its metrics row (mean losses over every rank's applied steps,
     skipped steps, throughput, LR). The losses stay on the device and are read back every
     ``log_every`` steps for the progress bar, and once at the end."""
@@ -188,8 +263,13 @@ def train_epoch(net: torch.nn.Module, model: torch.nn.Module, batches: BatchSour
     epoch_start = time.time()
     sums: dict[str, torch.Tensor] = {}
     steps = skipped = seen = 0
-    bar = tqdm(total=batches.steps_per_epoch, desc=f"[{desc}] epoch {epoch + 1}/{recipe.epochs}", leave=False,
-               dynamic_ncols=True, disable=not show_progress)
+    bar = tqdm(
+        total=batches.steps_per_epoch,
+        desc=f"[{desc}] epoch {epoch + 1}/{recipe.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not show_progress,
+    )
     for batch in batches.epoch(epoch):
         guard.before_forward()
         with autocast(batches.device, amp):
@@ -215,8 +295,13 @@ def train_epoch(net: torch.nn.Module, model: torch.nn.Module, batches: BatchSour
     total = ddp.reduce_sums({"steps": steps - skipped, "seen": seen, **sums}, batches.device)
     per_step = max(1.0, total.pop("steps"))
     seconds = ddp.reduce_max(time.time() - epoch_start)
-    return {"epoch": epoch + 1, **{name: total[name] / per_step for name in sums}, "skipped_steps": skipped,
-            "lr": optimization.lr, "images_per_sec": total.pop("seen") / max(1e-9, seconds)}
+    return {
+        "epoch": epoch + 1,
+        **{name: total[name] / per_step for name in sums},
+        "skipped_steps": skipped,
+        "lr": optimization.lr,
+        "images_per_sec": total.pop("seen") / max(1e-9, seconds),
+    }
 
 
 def _refresh(bar: tqdm, steps: int, sums: dict[str, torch.Tensor], applied: int, lr: float) -> None:
@@ -234,13 +319,23 @@ def _nonfinite_detail(losses: dict[str, torch.Tensor], optimization: Optimizatio
 
 
 def validate(model: torch.nn.Module, val: LabeledImages, device: torch.device, cfg: Config) -> dict:
-    report = classification_report(*predict(model, eval_loader(val, device), device, cfg.amp, cfg.channels_last),
-                                   len(val.class_names))
+    report = classification_report(
+        *predict(model, eval_loader(val, device), device, cfg.amp, cfg.channels_last), len(val.class_names)
+    )
     return {"val_top1": report.top1, "val_loss": report.nll, "val_ece": report.ece}
 
 
-def finish(out_dir: Path, model: torch.nn.Module, spec: ModelSpec, recipe: TrainConfig, progress: Progress,
-           seconds: float, env: ddp.DistEnv, record: dict, checkpointer: Checkpointer) -> TrainResult:
+def finish(
+    out_dir: Path,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    recipe: TrainConfig,
+    progress: Progress,
+    seconds: float,
+    env: ddp.DistEnv,
+    record: dict,
+    checkpointer: Checkpointer,
+) -> TrainResult:
     """Write ``model.pt`` (the best epoch's weights under early stopping), ``result.json`` and ``DONE``."""
     if not env.is_main:
         ddp.barrier()  # rank 0 writes model.pt and result.json
@@ -248,12 +343,19 @@ def finish(out_dir: Path, model: torch.nn.Module, spec: ModelSpec, recipe: Train
     if recipe.early_stop_patience > 0 and (out_dir / "best.pt").is_file():
         unwrap(model).load_state_dict(load_checkpoint(out_dir / "best.pt")["model"])
     sha = save_model(out_dir / "model.pt", model, spec, extra={"history": progress.history})
-    result = TrainResult(model_path=str(out_dir / "model.pt"), sha256=sha, spec=spec.as_dict(),
-                         params=sum(p.numel() for p in model.parameters()), history=progress.history,
-                         best_val_top1=progress.best_top1, seconds=seconds, world_size=env.world_size,
-                         data_by_rank=record["data_by_rank"],
-                         epochs_by_rank=record["epochs_by_rank"] if env.enabled else [],
-                         weights_source=record["weights_source"])
+    result = TrainResult(
+        model_path=str(out_dir / "model.pt"),
+        sha256=sha,
+        spec=spec.as_dict(),
+        params=sum(p.numel() for p in model.parameters()),
+        history=progress.history,
+        best_val_top1=progress.best_top1,
+        seconds=seconds,
+        world_size=env.world_size,
+        data_by_rank=record["data_by_rank"],
+        epochs_by_rank=record["epochs_by_rank"] if env.enabled else [],
+        weights_source=record["weights_source"],
+    )
     write_json_atomic(out_dir / "result.json", asdict(result))
     (out_dir / "DONE").write_text("")
     checkpointer.remove()

@@ -14,6 +14,7 @@ Cells are resumable (a finished cell is read back, not retrained), so several pr
 can split the cells of one output directory (disjoint ``--only``/``--seeds``, tracking off), and a
 last run over all of them gathers the table and logs every cell to one MLflow parent run.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,9 @@ def _supervised_control(cfg: Config, data: LabeledData, out_dir: Path):
     batch = min(len(data.train), int(round(s.batch_size * (1 + s.unlabeled_ratio))))
     recipe = replace(s, batch_size=batch, eval_every=max(1, s.epochs), early_stop_patience=0)
     noise = create_train_transform(cfg.data, s.augment, seed=cfg.seed)
-    return train_model(recipe, cfg, cfg.model_for_generation(1), out_dir, data.train.with_transform(noise), data.val,
-                       desc="control")
+    return train_model(
+        recipe, cfg, cfg.model_for_generation(1), out_dir, data.train.with_transform(noise), data.val, desc="control"
+    )
 
 
 def budget_steps(cfg: Config, manifest: dict, num_classes: int) -> int:
@@ -80,8 +82,16 @@ def budget_steps(cfg: Config, manifest: dict, num_classes: int) -> int:
     return max(1, select_for_student(cfg, manifest, num_classes).total // cfg.student.unlabeled_batch_size)
 
 
-def run_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manifest: dict, data: LabeledData,
-             out_dir: Path, tracker=None) -> dict:
+def run_cell(
+    base: Config,
+    cell: AblationCell,
+    seed: int,
+    teacher: str,
+    manifest: dict,
+    data: LabeledData,
+    out_dir: Path,
+    tracker=None,
+) -> dict:
     """Train and evaluate one cell x seed, or read it back if finished; log it to MLflow once.
 
     A cell finished by another process (e.g. several ``ablate.py`` runs splitting the cells with
@@ -95,17 +105,29 @@ def run_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manifest
         write_json_atomic(done, row)
     logged = out_dir / "mlflow_logged"
     if tracker is not None and tracker.enabled and not logged.is_file():
-        with tracker.run(out_dir / "mlflow_run_id", f"{cell.name} seed {seed}", {"cell": cell.name, "group": cell.group,
-                                                                                 "seed": seed}, nested=True):
-            tracker.log_params({"cell": cell.name, "seed": seed, **{f"override.{k}": v for k, v in cell.overrides.items()}})
-            tracker.log_metrics({k: row[k] for k in ("test_top1", "val_top1", "test_ece", "images_kept", "minutes")
-                                 if row.get(k) is not None})
+        with tracker.run(
+            out_dir / "mlflow_run_id",
+            f"{cell.name} seed {seed}",
+            {"cell": cell.name, "group": cell.group, "seed": seed},
+            nested=True,
+        ):
+            tracker.log_params(
+                {"cell": cell.name, "seed": seed, **{f"override.{k}": v for k, v in cell.overrides.items()}}
+            )
+            tracker.log_metrics(
+                {
+                    k: row[k]
+                    for k in ("test_top1", "val_top1", "test_ece", "images_kept", "minutes")
+                    if row.get(k) is not None
+                }
+            )
         logged.write_text("")
     return row
 
 
-def _train_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manifest: dict, data: LabeledData,
-                out_dir: Path) -> dict:
+def _train_cell(
+    base: Config, cell: AblationCell, seed: int, teacher: str, manifest: dict, data: LabeledData, out_dir: Path
+) -> dict:
     cfg = base.with_overrides({**cell.overrides, "seed": seed})
     start = time.time()
     row = {"cell": cell.name, "group": cell.group, "seed": seed, "overrides": cell.overrides}
@@ -117,8 +139,13 @@ def _train_cell(base: Config, cell: AblationCell, seed: int, teacher: str, manif
         result, selection = train_student(cfg, 1, teacher, manifest, out_dir / "model", data, None)
         row.update(images_kept=len(data.train) + selection.total, pl_kept_unique=selection.kept_unique, steps=steps)
     metrics = evaluate_model(result.model_path, cfg, data, out_dir)
-    row.update(test_top1=metrics.get("test_top1"), val_top1=metrics.get("val_top1"), test_ece=metrics.get("test_ece"),
-               minutes=(time.time() - start) / 60, epochs=len(result.history))
+    row.update(
+        test_top1=metrics.get("test_top1"),
+        val_top1=metrics.get("val_top1"),
+        test_ece=metrics.get("test_ece"),
+        minutes=(time.time() - start) / 60,
+        epochs=len(result.history),
+    )
     return row
 
 
@@ -126,18 +153,41 @@ def summarize(rows: list[dict]) -> list[dict]:
     """One line per cell: mean and spread (sample std, n) of test top-1 over seeds."""
     out: dict[str, dict] = {}
     for r in rows:
-        c = out.setdefault(r["cell"], {"cell": r["cell"], "group": r["group"], "top1": [], "images_kept": r["images_kept"],
-                                       "pl_kept_unique": r.get("pl_kept_unique", 0), "steps": r["steps"]})
+        c = out.setdefault(
+            r["cell"],
+            {
+                "cell": r["cell"],
+                "group": r["group"],
+                "top1": [],
+                "images_kept": r["images_kept"],
+                "pl_kept_unique": r.get("pl_kept_unique", 0),
+                "steps": r["steps"],
+            },
+        )
         c["top1"].append(r["test_top1"])
     for c in out.values():
         v = np.asarray(c.pop("top1"), dtype=np.float64)
-        c.update(n=len(v), mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                 min=float(v.min()), max=float(v.max()))
+        c.update(
+            n=len(v),
+            mean=float(v.mean()),
+            std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            min=float(v.min()),
+            max=float(v.max()),
+        )
     return list(out.values())
 
 
-def run_ablation(cfg: Config, teacher: str, labels_dir: Path, out_dir: Path, thresholds: list[float], seeds: tuple,
-                 only: list[str] | None = None, *, allow_config_change: bool = False) -> list[dict]:
+def run_ablation(
+    cfg: Config,
+    teacher: str,
+    labels_dir: Path,
+    out_dir: Path,
+    thresholds: list[float],
+    seeds: tuple,
+    only: list[str] | None = None,
+    *,
+    allow_config_change: bool = False,
+) -> list[dict]:
     """Every cell x seed from one teacher's shards; writes ablation.json + threshold.png, logs to MLflow."""
     data = load_labeled_data(cfg.data)
     manifest = load_manifest(labels_dir)
@@ -146,17 +196,34 @@ def run_ablation(cfg: Config, teacher: str, labels_dir: Path, out_dir: Path, thr
     cells = [c for c in default_cells(cfg, thresholds, seeds) if not only or c.name in only or c.group in only]
     rows: list[dict] = []
     params = {**flatten(to_dict(cfg)), "ablation.steps_per_epoch": steps, "ablation.seeds": list(seeds)}
-    with tracked_run(cfg, out_dir, "ablation", {"role": "ablation", "teacher_sha256": manifest["teacher"]["sha256"]},
-                     id_file="mlflow_parent_run_id", params=params, allow_config_change=allow_config_change) as tracker:
+    with tracked_run(
+        cfg,
+        out_dir,
+        "ablation",
+        {"role": "ablation", "teacher_sha256": manifest["teacher"]["sha256"]},
+        id_file="mlflow_parent_run_id",
+        params=params,
+        allow_config_change=allow_config_change,
+    ) as tracker:
         for cell in cells:
             for seed in cell.seeds:
                 slug = "".join(ch if ch.isalnum() else "-" for ch in cell.name.lower()).strip("-")
                 rows.append(run_cell(cfg, cell, seed, teacher, manifest, data, out_dir / f"{slug}-seed{seed}", tracker))
         summary = summarize(rows)
-        write_json_atomic(out_dir / "ablation.json", {"budget": {"steps_per_epoch": steps, "epochs": cfg.student.epochs,
-                                                                 "batch": cfg.student.batch_size,
-                                                                 "unlabeled_ratio": cfg.student.unlabeled_ratio},
-                                                      "teacher": manifest["teacher"], "rows": rows, "summary": summary})
+        write_json_atomic(
+            out_dir / "ablation.json",
+            {
+                "budget": {
+                    "steps_per_epoch": steps,
+                    "epochs": cfg.student.epochs,
+                    "batch": cfg.student.batch_size,
+                    "unlabeled_ratio": cfg.student.unlabeled_ratio,
+                },
+                "teacher": manifest["teacher"],
+                "rows": rows,
+                "summary": summary,
+            },
+        )
         threshold_plot(summary, cfg.pseudo_label.threshold, out_dir / "threshold.png")
         for name in ("ablation.json", "threshold.png"):
             tracker.log_artifact(out_dir / name)

@@ -11,11 +11,12 @@
 With ``cluster.gpus_per_worker > 0`` each worker advertises the Dask resource ``GPU`` and every
 labeling task asks for ``GPU=1`` (:func:`task_resources`), so tasks never share a device.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..config import ClusterConfig
 from ..errors import ClusterError
@@ -45,11 +46,17 @@ def slurm_cluster(cfg: ClusterConfig):
     directives = list(s.job_extra_directives)
     if cfg.gpus_per_worker > 0:
         directives.append(f"--gres=gpu:{cfg.gpus_per_worker}")
-    kwargs = dict(
-        cores=cfg.threads_per_worker, processes=1, memory=cfg.memory_limit, walltime=s.walltime,
-        job_extra_directives=directives, worker_extra_args=worker_resource_args(cfg), job_script_prologue=list(s.job_script_prologue),
-        log_directory=s.log_directory, scheduler_options={"dashboard_address": cfg.dashboard_address},
-    )
+    kwargs = {
+        "cores": cfg.threads_per_worker,
+        "processes": 1,
+        "memory": cfg.memory_limit,
+        "walltime": s.walltime,
+        "job_extra_directives": directives,
+        "worker_extra_args": worker_resource_args(cfg),
+        "job_script_prologue": list(s.job_script_prologue),
+        "log_directory": s.log_directory,
+        "scheduler_options": {"dashboard_address": cfg.dashboard_address},
+    }
     if s.queue:
         kwargs["queue"] = s.queue
     if s.account:
@@ -69,10 +76,23 @@ def kubernetes_cluster_spec(cfg: ClusterConfig) -> dict:
     limits = {"memory": cfg.memory_limit.replace("iB", "i"), "cpu": str(cfg.threads_per_worker)}
     if cfg.gpus_per_worker > 0:
         limits["nvidia.com/gpu"] = str(cfg.gpus_per_worker)
-    command = ["dask", "worker", "--nthreads", str(cfg.threads_per_worker), "--memory-limit", cfg.memory_limit,
-               *worker_resource_args(cfg)]
-    spec = make_cluster_spec(name=k.name, image=k.image, n_workers=cfg.n_workers, resources={"limits": limits},
-                             env=dict(k.env), worker_command=command)
+    command = [
+        "dask",
+        "worker",
+        "--nthreads",
+        str(cfg.threads_per_worker),
+        "--memory-limit",
+        cfg.memory_limit,
+        *worker_resource_args(cfg),
+    ]
+    spec = make_cluster_spec(
+        name=k.name,
+        image=k.image,
+        n_workers=cfg.n_workers,
+        resources={"limits": limits},
+        env=dict(k.env),
+        worker_command=command,
+    )
     # make_cluster_spec gives the scheduler the workers' limits; it needs neither a GPU nor their memory
     for container in spec["spec"]["scheduler"]["spec"]["containers"]:
         container["resources"] = {"limits": {"cpu": "1", "memory": "4Gi"}}
@@ -112,7 +132,9 @@ class SharedCluster:
         return self.client
 
 
-_SHARED: contextvars.ContextVar[SharedCluster | None] = contextvars.ContextVar("noisystudent_shared_cluster", default=None)
+_SHARED: contextvars.ContextVar[SharedCluster | None] = contextvars.ContextVar(
+    "noisystudent_shared_cluster", default=None
+)
 
 
 @contextlib.contextmanager
@@ -131,7 +153,7 @@ def shared_cluster(cfg: ClusterConfig) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def create_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
+def create_client(cfg: ClusterConfig) -> Iterator[distributed.Client]:  # noqa: F821
     """A connected ``distributed.Client`` for ``cfg.kind``; cluster and client close on exit
     (inside :func:`shared_cluster`, at the end of that block instead)."""
     shared = _SHARED.get()
@@ -144,14 +166,16 @@ def create_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa
 
 
 @contextlib.contextmanager
-def _new_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
+def _new_client(cfg: ClusterConfig) -> Iterator[distributed.Client]:  # noqa: F821
     from distributed import Client, LocalCluster
 
     if cfg.kind == "address":
         try:
             client = Client(cfg.address, timeout="15s")
         except (OSError, TimeoutError) as exc:
-            raise ClusterError(f"cannot reach Dask scheduler at {cfg.address} (config key 'cluster.address'): {exc}") from exc
+            raise ClusterError(
+                f"cannot reach Dask scheduler at {cfg.address} (config key 'cluster.address'): {exc}"
+            ) from exc
         try:
             yield client
         finally:
@@ -159,8 +183,12 @@ def _new_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
         return
     if cfg.kind == "local":
         cluster = LocalCluster(
-            n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
-            memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address, host="127.0.0.1",
+            n_workers=cfg.n_workers,
+            threads_per_worker=cfg.threads_per_worker,
+            processes=True,
+            memory_limit=cfg.memory_limit,
+            dashboard_address=cfg.dashboard_address,
+            host="127.0.0.1",
             resources=worker_resources(cfg),
         )
     elif cfg.kind == "slurm":
@@ -176,8 +204,10 @@ def _new_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
             try:  # batch queues can be slow; fail with a clear line rather than hang forever
                 client.wait_for_workers(1, timeout=cfg.wait_for_workers_s)
             except TimeoutError as exc:
-                raise ClusterError(f"no Dask worker joined within {cfg.wait_for_workers_s}s "
-                                   f"(cluster.kind={cfg.kind}); check the queue/pods and cluster.wait_for_workers_s") from exc
+                raise ClusterError(
+                    f"no Dask worker joined within {cfg.wait_for_workers_s}s "
+                    f"(cluster.kind={cfg.kind}); check the queue/pods and cluster.wait_for_workers_s"
+                ) from exc
         yield client
     finally:
         client.close()

@@ -6,6 +6,7 @@ identity (path, size, mtime) of the input it came from, so any later run or expe
 same teacher checkpoint and preprocessing reuses it, and a changed input is relabeled. The job
 writes ``manifest.json``: where every output is, what was skipped, how long it took.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,19 +37,28 @@ from .shard import cached_teacher, pseudo_label_shard, release_teachers
 def output_name(input_url: str) -> str:
     """``<stem>-<hash of the input's directory>.tar``: readable, and distinct across corpora in one cache."""
     stem = shard_stem(storage.basename(input_url))
-    where = sha256_json(storage.parent(input_url) if storage.is_url(input_url)
-                        else os.path.realpath(os.path.dirname(input_url) or "."))[:8]
+    where = sha256_json(
+        storage.parent(input_url) if storage.is_url(input_url) else os.path.realpath(os.path.dirname(input_url) or ".")
+    )[:8]
     return f"{stem}-{where}.tar"
 
 
 def preprocessing_key(data: DataConfig, tta_hflip: bool, save_features: bool = False) -> dict:
     """Everything besides the teacher that changes the outputs; part of the cache key."""
-    return {"image_size": data.image_size, "channels": data.channels, "mean": list(data.mean), "std": list(data.std),
-            "tta_hflip": tta_hflip, "index_version": INDEX_VERSION, "features": save_features}
+    return {
+        "image_size": data.image_size,
+        "channels": data.channels,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "tta_hflip": tta_hflip,
+        "index_version": INDEX_VERSION,
+        "features": save_features,
+    }
 
 
-def label_cache_dir(cache_root: str | Path, teacher_sha256: str, data: DataConfig, tta_hflip: bool,
-                    save_features: bool = False) -> str:
+def label_cache_dir(
+    cache_root: str | Path, teacher_sha256: str, data: DataConfig, tta_hflip: bool, save_features: bool = False
+) -> str:
     """``<cache_root>/teacher-<sha>-pre-<key>``: a local directory or an object-store prefix."""
     key = sha256_json(preprocessing_key(data, tta_hflip, save_features))[:8]
     return storage.join(storage.resolve(cache_root), f"teacher-{teacher_sha256[:16]}-pre-{key}")
@@ -69,7 +79,7 @@ def finished_summary(output_path: str, identity: dict | None = None, features: b
             return None
         found = storage.read_json(summary)
         return found if identity is None or found.get("input_identity") == identity else None
-    except Exception:  # noqa: BLE001 - unreadable index or summary: relabel the shard
+    except Exception:
         return None
 
 
@@ -77,15 +87,37 @@ def shard_done(output_path: str, identity: dict | None = None, features: bool = 
     return finished_summary(output_path, identity, features) is not None
 
 
-def _label_task(input_url: str, output_path: str, checkpoint: str, sha256: str, data: dict, infer_batch_size: int,
-                device: str, amp: str, threads: int, tta_hflip: bool = False, save_features: bool = False,
-                channels_last: bool = False) -> dict:
+def _label_task(
+    input_url: str,
+    output_path: str,
+    checkpoint: str,
+    sha256: str,
+    data: dict,
+    infer_batch_size: int,
+    device: str,
+    amp: str,
+    threads: int,
+    tta_hflip: bool = False,
+    save_features: bool = False,
+    channels_last: bool = False,
+) -> dict:
     """One Dask task: label one shard with this worker's cached teacher."""
     cfg = DataConfig(**data)
     model, spec, transform = cached_teacher(checkpoint, sha256, cfg, threads, channels_last)
     model.to(device)
-    summary = pseudo_label_shard(input_url, output_path, model, transform, cfg, sha256[:16], infer_batch_size, device, amp,
-                                 tta_hflip, save_features)
+    summary = pseudo_label_shard(
+        input_url,
+        output_path,
+        model,
+        transform,
+        cfg,
+        sha256[:16],
+        infer_batch_size,
+        device,
+        amp,
+        tta_hflip,
+        save_features,
+    )
     try:
         summary.worker = get_worker().address
     except ValueError:
@@ -109,10 +141,23 @@ class TeacherPlugin(WorkerPlugin):
         release_teachers()
 
 
-def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | Path, data: DataConfig, cluster: ClusterConfig,
-                 batch_size: int = 512, device: str = "cpu", amp: str = "off", show_progress: bool = True, *,
-                 cache_dir: str | Path = "", tta_hflip: bool = False, teacher_run_id: str = "",
-                 save_features: bool = False, channels_last: bool = False) -> dict:
+def label_corpus(
+    checkpoint: str | Path,
+    input_urls: list[str],
+    out_dir: str | Path,
+    data: DataConfig,
+    cluster: ClusterConfig,
+    batch_size: int = 512,
+    device: str = "cpu",
+    amp: str = "off",
+    show_progress: bool = True,
+    *,
+    cache_dir: str | Path = "",
+    tta_hflip: bool = False,
+    teacher_run_id: str = "",
+    save_features: bool = False,
+    channels_last: bool = False,
+) -> dict:
     """Label every input shard through Dask, reusing cached shards; write and return the manifest.
 
     Shards go to the label cache (``cache_dir``: a local directory or an ``s3://``/``gs://``
@@ -143,11 +188,25 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
             dashboard = client.dashboard_link or ""
             if show_progress and dashboard:
                 print(f"Dask dashboard: {dashboard}")
-            client.register_plugin(TeacherPlugin(checkpoint, sha, data_dict, threads, channels_last), name=TeacherPlugin.name)
+            client.register_plugin(
+                TeacherPlugin(checkpoint, sha, data_dict, threads, channels_last), name=TeacherPlugin.name
+            )
             futures = client.map(
-                _label_task, [u for u, _ in todo], [o for _, o in todo],
-                checkpoint=checkpoint, sha256=sha, data=data_dict, infer_batch_size=batch_size, device=device, amp=amp,
-                threads=threads, tta_hflip=tta_hflip, save_features=save_features, channels_last=channels_last, pure=False, retries=cluster.task_retries,
+                _label_task,
+                [u for u, _ in todo],
+                [o for _, o in todo],
+                checkpoint=checkpoint,
+                sha256=sha,
+                data=data_dict,
+                infer_batch_size=batch_size,
+                device=device,
+                amp=amp,
+                threads=threads,
+                tta_hflip=tta_hflip,
+                save_features=save_features,
+                channels_last=channels_last,
+                pure=False,
+                retries=cluster.task_retries,
                 resources=task_resources(cluster),
             )
             with tqdm(total=len(futures), desc="pseudo-label shards", unit="shard", disable=not show_progress) as bar:
@@ -157,10 +216,18 @@ def label_corpus(checkpoint: str | Path, input_urls: list[str], out_dir: str | P
                     bar.update(1)
     wall = time.time() - start
     stale = remove_stale_outputs(shard_dir, names)
-    manifest = build_manifest([summaries[o] for o in outputs], {o for _, o in todo}, reused, wall, stale,
-                              teacher={"checkpoint": checkpoint, "sha256": sha, "mlflow_run_id": teacher_run_id},
-                              preprocessing=preprocessing_key(data, tta_hflip, save_features), shard_dir=shard_dir,
-                              dashboard=dashboard, cluster=cluster)
+    manifest = build_manifest(
+        [summaries[o] for o in outputs],
+        {o for _, o in todo},
+        reused,
+        wall,
+        stale,
+        teacher={"checkpoint": checkpoint, "sha256": sha, "mlflow_run_id": teacher_run_id},
+        preprocessing=preprocessing_key(data, tta_hflip, save_features),
+        shard_dir=shard_dir,
+        dashboard=dashboard,
+        cluster=cluster,
+    )
     write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest
 
@@ -172,27 +239,53 @@ def remove_stale_outputs(shard_dir: str, names: list[str]) -> int:
     stems = [shard_stem(n) for n in names]
     if not storage.is_url(shard_dir):
         return remove_stale_temporaries(shard_dir, stems)
-    return remove_stale_temporaries(storage.staging_dir_for(shard_dir), stems) + \
-        storage.abort_unfinished_uploads(shard_dir, stems)
+    return remove_stale_temporaries(storage.staging_dir_for(shard_dir), stems) + storage.abort_unfinished_uploads(
+        shard_dir, stems
+    )
 
 
-def build_manifest(ordered: list[dict], labeled_now: set[str], reused: int, wall: float, stale: int, *, teacher: dict,
-                   preprocessing: dict, shard_dir: str, dashboard: str, cluster: ClusterConfig) -> dict:
+def build_manifest(
+    ordered: list[dict],
+    labeled_now: set[str],
+    reused: int,
+    wall: float,
+    stale: int,
+    *,
+    teacher: dict,
+    preprocessing: dict,
+    shard_dir: str,
+    dashboard: str,
+    cluster: ClusterConfig,
+) -> dict:
     """The job's manifest: every shard's summary in input order, totals, skips and throughput."""
     skipped = SkipCounter()
     for s in ordered:
         skipped.merge(s["skipped"])
     width = max((len(s["class_counts"]) for s in ordered), default=0)
-    class_counts = np.sum([np.pad(s["class_counts"], (0, width - len(s["class_counts"]))) for s in ordered], axis=0).tolist() if ordered else []
+    class_counts = (
+        np.sum([np.pad(s["class_counts"], (0, width - len(s["class_counts"]))) for s in ordered], axis=0).tolist()
+        if ordered
+        else []
+    )
     samples_now = sum(s["samples"] for s in ordered if s["output"] in labeled_now)
     return {
         "teacher": teacher,
         "preprocessing": preprocessing,
         "shard_dir": str(shard_dir),
-        "shards": [{"input": s["input"], "input_identity": s.get("input_identity", {}), "output": s["output"],
-                    "samples": s["samples"], "skipped": s["skipped"]["total"], "skipped_by_reason": s["skipped"]["by_reason"],
-                    "seconds": round(s.get("seconds", 0.0), 3), "worker": s.get("worker", ""),
-                    "hidden_tags": s.get("hidden_tags")} for s in ordered],
+        "shards": [
+            {
+                "input": s["input"],
+                "input_identity": s.get("input_identity", {}),
+                "output": s["output"],
+                "samples": s["samples"],
+                "skipped": s["skipped"]["total"],
+                "skipped_by_reason": s["skipped"]["by_reason"],
+                "seconds": round(s.get("seconds", 0.0), 3),
+                "worker": s.get("worker", ""),
+                "hidden_tags": s.get("hidden_tags"),
+            }
+            for s in ordered
+        ],
         "total_samples": int(sum(s["samples"] for s in ordered)),
         "class_counts": class_counts,
         "confidence_hist": np.sum([s["confidence_hist"] for s in ordered], axis=0).tolist() if ordered else [],
@@ -205,8 +298,12 @@ def build_manifest(ordered: list[dict], labeled_now: set[str], reused: int, wall
         "samples_labeled_now": int(samples_now),
         "throughput_img_s": round(samples_now / wall, 1) if labeled_now and wall > 0 else None,
         "dashboard": dashboard,
-        "cluster": {"kind": cluster.kind, "n_workers": cluster.n_workers, "threads_per_worker": cluster.threads_per_worker,
-                    "gpus_per_worker": cluster.gpus_per_worker},
+        "cluster": {
+            "kind": cluster.kind,
+            "n_workers": cluster.n_workers,
+            "threads_per_worker": cluster.threads_per_worker,
+            "gpus_per_worker": cluster.gpus_per_worker,
+        },
     }
 
 

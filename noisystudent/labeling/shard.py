@@ -3,11 +3,12 @@ streamed with bounded memory into one output shard plus its index (and pooled fe
 
 The model is loaded once per worker process (cached by checkpoint sha256) and reused by every task there.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -84,9 +85,19 @@ def _batches(samples: Iterator[dict], data: DataConfig, transform, batch_size: i
 
 
 @torch.inference_mode()
-def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module, transform, data: DataConfig,
-                       teacher_id: str, batch_size: int = 512, device: str = "cpu", amp: str = "off",
-                       tta_hflip: bool = False, save_features: bool = False) -> ShardLabelSummary:
+def pseudo_label_shard(
+    input_url: str,
+    output_path: str,
+    model: torch.nn.Module,
+    transform,
+    data: DataConfig,
+    teacher_id: str,
+    batch_size: int = 512,
+    device: str = "cpu",
+    amp: str = "off",
+    tta_hflip: bool = False,
+    save_features: bool = False,
+) -> ShardLabelSummary:
     """Label one input shard into one output shard (+ index, + pooled features if asked),
     streaming with bounded memory (features are float16 rows: 1 KB per 512-d image).
 
@@ -140,8 +151,14 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
                     "__key__": key,
                     ext: raw,
                     PROBS_EXT: p.astype(np.float16),
-                    META_EXT: {"label": label, "confidence": round(float(c), 6), "entropy": round(float(e), 6),
-                               "teacher": teacher_id, "source_shard": shard_name, "source_key": key},
+                    META_EXT: {
+                        "label": label,
+                        "confidence": round(float(c), 6),
+                        "entropy": round(float(e), 6),
+                        "teacher": teacher_id,
+                        "source_shard": shard_name,
+                        "source_key": key,
+                    },
                 }
 
     offsets: dict = {}
@@ -156,10 +173,15 @@ def pseudo_label_shard(input_url: str, output_path: str, model: torch.nn.Module,
     write_index(output_path, keys, labels, confs, ents, probs, members, logsumexp=lse)
     num_classes = int(getattr(model, "num_classes", 0) or (max(labels) + 1 if labels else 0))
     summary = ShardLabelSummary(
-        input=input_url, output=str(output_path), samples=n, skipped=skips.as_dict(), input_identity=identity,
+        input=input_url,
+        output=str(output_path),
+        samples=n,
+        skipped=skips.as_dict(),
+        input_identity=identity,
         class_counts=np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist(),
         confidence_hist=np.histogram(np.asarray(confs), bins=10, range=(0.0, 1.0))[0].tolist(),
-        seconds=time.time() - start, hidden_tags=hidden_tags,
+        seconds=time.time() - start,
+        hidden_tags=hidden_tags,
     )
     storage.write_json(summary_path(output_path), asdict(summary))
     return summary

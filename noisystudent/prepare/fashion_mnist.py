@@ -13,6 +13,7 @@ the Debian package ``dataset-fashion-mnist`` (no network)::
 Unlabeled samples carry a hidden ``eval.json`` member (true class or null, OOD flag, source) used
 only by evaluation/analysis; training never reads it.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -22,8 +23,9 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -34,8 +36,16 @@ from .folder_to_shards import PrepareError
 from .ood_images import IMAGE_SIZE, ood_images
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot",
+    "T-shirt_top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle_boot",
 ]
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -68,7 +78,7 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
             f"IDX file {path} has magic 0x{magic:08x}, expected 0x{_IDX_MAGIC[ndim]:08x} "
             f"(unsigned-byte, {ndim}-dim); wrong or corrupt file"
         )
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + math.prod(dims)
     if len(raw) != expected:
         raise PrepareError(f"IDX file {path} has {len(raw)} bytes, expected {expected} for dims {dims}")
@@ -81,13 +91,16 @@ def _load_fashion_mnist(source_dir: Path) -> tuple[np.ndarray, np.ndarray, np.nd
         if not path.is_file():
             raise FileNotFoundError(
                 f"Fashion-MNIST source file not found: {path} "
-                f"(install it with `sudo apt-get install dataset-fashion-mnist`, or pass the directory holding the IDX files)"
+                "(install it with `sudo apt-get install dataset-fashion-mnist`, "
+                "or pass the directory holding the IDX files)"
             )
     f = {k: source_dir / v for k, v in FASHION_MNIST_FILES.items()}
     train_x, train_y = read_idx(f["train_images"], 3), read_idx(f["train_labels"], 1)
     test_x, test_y = read_idx(f["test_images"], 3), read_idx(f["test_labels"], 1)
-    for split, x, y, xp, yp in (("train", train_x, train_y, f["train_images"], f["train_labels"]),
-                                ("test", test_x, test_y, f["test_images"], f["test_labels"])):
+    for split, x, y, xp, yp in (
+        ("train", train_x, train_y, f["train_images"], f["train_labels"]),
+        ("test", test_x, test_y, f["test_images"], f["test_labels"]),
+    ):
         if x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
             raise PrepareError(f"{xp}: images are {x.shape[1]}x{x.shape[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
         if x.shape[0] != y.shape[0]:
@@ -188,23 +201,30 @@ def prepare_fashion_mnist(
     total = len(train_idx) + len(val_idx) + len(test_y) + len(order)
     try:
         tmp.mkdir()
-        with tqdm(total=total, desc="prepare fashion-mnist", unit="img", disable=not show_progress, mininterval=0.5) as bar:
+        with tqdm(
+            total=total, desc="prepare fashion-mnist", unit="img", disable=not show_progress, mininterval=0.5
+        ) as bar:
             split_counts = {
                 split: _write_split(tmp / "labeled" / split, images, labels, indices, key_format, bar)
                 for split, images, labels, indices, key_format in (
                     ("train", train_x, train_y, train_idx, "fmnist-train-{:06d}"),
                     ("val", train_x, train_y, val_idx, "fmnist-train-{:06d}"),
                     ("test", test_x, test_y, np.arange(len(test_y)), "fmnist-test-{:05d}"),
-                )}
+                )
+            }
             unl_per_class: Counter = Counter()
             ood_per_source: Counter = Counter()
             (tmp / "unlabeled").mkdir()
             samples = _unlabeled_samples(order, train_x, train_y, ood, unl_per_class, ood_per_source, bar)
             shards = write_shards(samples, tmp / "unlabeled", maxcount=shard_size, prefix="shard")
 
-        unlabeled = {"total": int(len(order)), "in_distribution": int(len(unl_idx)), "ood": int(len(ood)),
-                     "per_class": {n: int(unl_per_class[n]) for n in FASHION_MNIST_CLASSES},
-                     "ood_per_source": dict(sorted(ood_per_source.items()))}
+        unlabeled = {
+            "total": int(len(order)),
+            "in_distribution": int(len(unl_idx)),
+            "ood": int(len(ood)),
+            "per_class": {n: int(unl_per_class[n]) for n in FASHION_MNIST_CLASSES},
+            "ood_per_source": dict(sorted(ood_per_source.items())),
+        }
         summary = _summary(params, {**split_counts, "unlabeled": unlabeled}, shards, time.monotonic() - start)
         write_json_atomic(tmp / PREPARED_NAME, summary)
         _move_into_place(tmp, out_dir)
@@ -231,11 +251,20 @@ def _summary(params: dict, splits: dict, shards: list[dict], seconds: float) -> 
     }
 
 
-def _parameters(source_dir: Path, labels_per_class: int, val_per_class: int, shard_size: int, ood_fraction: float,
-                max_ood: int | None, seed: int) -> dict[str, Any]:
+def _parameters(
+    source_dir: Path,
+    labels_per_class: int,
+    val_per_class: int,
+    shard_size: int,
+    ood_fraction: float,
+    max_ood: int | None,
+    seed: int,
+) -> dict[str, Any]:
     """The checked build parameters, as PREPARED.json records them (a rerun compares against them)."""
     if labels_per_class < 1 or val_per_class < 0:
-        raise PrepareError(f"labels_per_class must be >= 1 and val_per_class >= 0 (got {labels_per_class}, {val_per_class})")
+        raise PrepareError(
+            f"labels_per_class must be >= 1 and val_per_class >= 0 (got {labels_per_class}, {val_per_class})"
+        )
     if shard_size < 1:
         raise PrepareError(f"shard_size must be >= 1 (got {shard_size})")
     if not 0.0 <= ood_fraction <= 1.0:
@@ -266,7 +295,10 @@ def _already_prepared(out_dir: Path, params: dict, force: bool) -> dict | None:
                 return existing
             old = existing.get("parameters", {})
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in params.items() if old.get(k) != v)
-            raise PrepareError(f"{out_dir} was prepared with different parameters ({diff}); pass --force to rebuild it, or choose another --out")
+            raise PrepareError(
+                f"{out_dir} was prepared with different parameters ({diff}); "
+                "pass --force to rebuild it, or choose another --out"
+            )
         if any(out_dir.iterdir()):
             raise PrepareError(
                 f"{out_dir} exists but has no {PREPARED_NAME} (an interrupted or foreign directory?); "
@@ -275,8 +307,9 @@ def _already_prepared(out_dir: Path, params: dict, force: bool) -> dict | None:
     return None
 
 
-def _write_split(root: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, key_format: str,
-                 bar) -> dict[str, Any]:
+def _write_split(
+    root: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, key_format: str, bar
+) -> dict[str, Any]:
     """One labeled split as ``root/<class>/<key>.png``; returns its counts."""
     for name in FASHION_MNIST_CLASSES:
         (root / name).mkdir(parents=True)
@@ -289,8 +322,9 @@ def _write_split(root: Path, images: np.ndarray, labels: np.ndarray, indices: np
     return {"total": int(sum(per_class.values())), "per_class": {n: int(per_class[n]) for n in FASHION_MNIST_CLASSES}}
 
 
-def _unlabeled_samples(order: np.ndarray, train_x: np.ndarray, train_y: np.ndarray, ood: list, per_class: Counter,
-                       per_source: Counter, bar) -> Iterator[dict[str, Any]]:
+def _unlabeled_samples(
+    order: np.ndarray, train_x: np.ndarray, train_y: np.ndarray, ood: list, per_class: Counter, per_source: Counter, bar
+) -> Iterator[dict[str, Any]]:
     """The corpus' samples in ``order``, each with its hidden ``eval.json`` (true class, OOD tag)."""
     for i in order:
         i = int(i)

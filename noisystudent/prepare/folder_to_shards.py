@@ -3,14 +3,16 @@
 Each image must decode; undecodable or unreadable files are skipped and counted in
 ``OUT_DIR/MANIFEST.json``. The user's own offline prepare step for a corpus on disk.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -69,7 +71,10 @@ def folder_to_shards(
     shard_re = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar$")
     existing = sorted(p for p in out.glob(f"{prefix}-*.tar") if shard_re.match(p.name)) if out.is_dir() else []
     if existing and not overwrite:
-        raise PrepareError(f"{out} already contains {len(existing)} {prefix}-*.tar shard(s); delete them, choose another OUT_DIR, or pass --overwrite")
+        raise PrepareError(
+            f"{out} already contains {len(existing)} {prefix}-*.tar shard(s); "
+            "delete them, choose another OUT_DIR, or pass --overwrite"
+        )
 
     files = _image_files(src, out)
     skips = SkipCounter()
@@ -79,13 +84,16 @@ def folder_to_shards(
         keyed = [keyed[i] for i in perm]
     ext_counts: Counter = Counter()
     class_counts: Counter = Counter()
-    samples = _samples(keyed, src.resolve().name if class_from_parent else None, skips, ext_counts, class_counts,
-                       show_progress)
+    samples = _samples(
+        keyed, src.resolve().name if class_from_parent else None, skips, ext_counts, class_counts, show_progress
+    )
     out.mkdir(parents=True, exist_ok=True)
     shards = write_shards(samples, out, maxcount=shard_size, prefix=prefix)
     total = sum(s["samples"] for s in shards)
     if total == 0:
-        raise PrepareError(f"none of the {len(files)} image files under {src} could be used ({skips.as_dict()['by_reason']})")
+        raise PrepareError(
+            f"none of the {len(files)} image files under {src} could be used ({skips.as_dict()['by_reason']})"
+        )
     written = {Path(s["path"]).name for s in shards}
     removed = []
     for p in existing:
@@ -131,7 +139,9 @@ def _image_files(src: Path, out: Path) -> list[tuple[Path, Path]]:
     return files
 
 
-def _keyed(files: list[tuple[Path, Path]], class_from_parent: bool, skips: SkipCounter) -> list[tuple[str, Path, Path, str]]:
+def _keyed(
+    files: list[tuple[Path, Path]], class_from_parent: bool, skips: SkipCounter
+) -> list[tuple[str, Path, Path, str]]:
     """(key, path, relative path, extension) per file; two files with one key are an error."""
     keyed: list[tuple[str, Path, Path, str]] = []
     seen: dict[str, Path] = {}
@@ -141,14 +151,22 @@ def _keyed(files: list[tuple[Path, Path]], class_from_parent: bool, skips: SkipC
             continue
         key = _key_for(rel)
         if key in seen:
-            raise PrepareError(f"files {seen[key].as_posix()} and {rel.as_posix()} both map to shard key {key!r}; rename one")
+            raise PrepareError(
+                f"files {seen[key].as_posix()} and {rel.as_posix()} both map to shard key {key!r}; rename one"
+            )
         seen[key] = rel
         keyed.append((key, path, rel, rel.suffix.lower().lstrip(".")))
     return keyed
 
 
-def _samples(keyed: list[tuple[str, Path, Path, str]], class_source: str | None, skips: SkipCounter,
-             ext_counts: Counter, class_counts: Counter, show_progress: bool) -> Iterator[dict[str, Any]]:
+def _samples(
+    keyed: list[tuple[str, Path, Path, str]],
+    class_source: str | None,
+    skips: SkipCounter,
+    ext_counts: Counter,
+    class_counts: Counter,
+    show_progress: bool,
+) -> Iterator[dict[str, Any]]:
     """One sample per readable, decodable file (the bytes verbatim); with ``class_source`` an
     evaluation-only ``eval.json`` naming the parent folder as the class."""
     with tqdm(total=len(keyed), desc="make shards", unit="img", disable=not show_progress, mininterval=0.5) as bar:

@@ -14,13 +14,15 @@ ImageNet folders hold and the embedded Fashion-MNIST set does not:
 Each class is a shape in a colour on a textured background, drawn at a random place and scale, so
 a model can learn it through RandomResizedCrop and in grayscale. Deterministic for a seed.
 """
+
 from __future__ import annotations
 
 import io
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -30,8 +32,20 @@ from ..errors import PrepareError
 from ..io import write_json_atomic
 
 #: Real ImageNet-1k wnids (the first classes of the 1k list), so paths look as users' do.
-WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041",
-         "n01514668", "n01514859", "n01518878", "n01530575", "n01531178")
+WNIDS = (
+    "n01440764",
+    "n01443537",
+    "n01484850",
+    "n01491361",
+    "n01494475",
+    "n01496331",
+    "n01498041",
+    "n01514668",
+    "n01514859",
+    "n01518878",
+    "n01530575",
+    "n01531178",
+)
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "stripes")
 #: Every this-many-th image is written in a format the loader must convert (grayscale, CMYK, RGBA).
 ODD_FORMAT_EVERY = 9
@@ -152,8 +166,9 @@ def write_imagenet_like(
     return manifest
 
 
-def _write_split(root: Path, classes: int, per_class: int, rng: np.random.Generator, formats: Counter,
-                 nest: bool) -> int:
+def _write_split(
+    root: Path, classes: int, per_class: int, rng: np.random.Generator, formats: Counter, nest: bool
+) -> int:
     written = 0
     for c in range(classes):
         wnid = WNIDS[c]
@@ -167,12 +182,16 @@ def _write_split(root: Path, classes: int, per_class: int, rng: np.random.Genera
     return written
 
 
-def _unlabeled_samples(classes: int, per_class: int, ood: int, rng: np.random.Generator,
-                       formats: Counter) -> Iterator[dict[str, Any]]:
+def _unlabeled_samples(
+    classes: int, per_class: int, ood: int, rng: np.random.Generator, formats: Counter
+) -> Iterator[dict[str, Any]]:
     labels = [c for c in range(classes) for _ in range(per_class)] + [None] * ood
     for i, c in enumerate(labels):
         ext, data, kind = encode(draw_image(c, rng), i)
         formats[kind] += 1
-        tag = {"class": WNIDS[c], "ood": False, "source": "imagenet-like"} if c is not None else \
-            {"class": None, "ood": True, "source": "imagenet-like/lines"}
+        tag = (
+            {"class": WNIDS[c], "ood": False, "source": "imagenet-like"}
+            if c is not None
+            else {"class": None, "ood": True, "source": "imagenet-like/lines"}
+        )
         yield {"__key__": f"u{i:07d}", "jpg" if ext == "JPEG" else "png": data, "eval.json": tag}

@@ -1,6 +1,7 @@
 """Out-of-distribution images for the embedded default corpus: scikit-learn's digits and random
 crops of scikit-image's bundled sample images, all 28x28 grayscale, deterministic for a seed
 (nothing is downloaded)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +9,27 @@ from PIL import Image
 
 #: scikit-image sample images bundled inside the wheel (loaded from the package, never downloaded).
 SKIMAGE_SOURCES = (
-    "camera", "coins", "moon", "page", "text", "brick", "grass", "gravel", "astronaut", "coffee",
-    "chelsea", "rocket", "horse", "clock", "immunohistochemistry", "hubble_deep_field", "logo",
-    "retina", "cell", "colorwheel", "microaneurysms",
+    "camera",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "brick",
+    "grass",
+    "gravel",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "horse",
+    "clock",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "logo",
+    "retina",
+    "cell",
+    "colorwheel",
+    "microaneurysms",
 )
 CROP_MIN, CROP_MAX = 32, 128
 IMAGE_SIZE = 28
@@ -47,7 +66,7 @@ def _load_skimage_sources() -> dict[str, np.ndarray]:
     for name in SKIMAGE_SOURCES:
         try:
             gray = _to_gray_uint8(getattr(skdata, name)())
-        except Exception:  # noqa: BLE001 - not bundled / needs pooch / network: just skip it
+        except Exception:
             continue
         if min(gray.shape) >= CROP_MIN:
             out[name] = gray
@@ -85,5 +104,11 @@ def ood_images(n_ood: int, seed: int) -> list[tuple[str, np.ndarray, str]]:
         size = int(rng.integers(CROP_MIN, min(CROP_MAX, h, w) + 1))
         y0 = int(rng.integers(0, h - size + 1))
         x0 = int(rng.integers(0, w - size + 1))
-        out.append((f"ood-texture-{j:05d}", _resize(np.ascontiguousarray(src[y0:y0 + size, x0:x0 + size])), f"skimage/{name}"))
+        out.append(
+            (
+                f"ood-texture-{j:05d}",
+                _resize(np.ascontiguousarray(src[y0 : y0 + size, x0 : x0 + size])),
+                f"skimage/{name}",
+            )
+        )
     return out

@@ -1,4 +1,5 @@
 """Test (and val) metrics of a trained model at its own resolution, with pictures."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,15 +24,26 @@ def evaluate_model(model_path: str | Path, cfg: Config, data: LabeledData, out_d
     for name, split in (("val", data.val), ("test", data.test)):
         if split is None:
             continue
-        probs, targets = predict(model, eval_loader(split.with_transform(eval_t), device, num_workers=cfg.data.num_workers),
-                                 device, cfg.amp, cfg.channels_last)
+        probs, targets = predict(
+            model,
+            eval_loader(split.with_transform(eval_t), device, num_workers=cfg.data.num_workers),
+            device,
+            cfg.amp,
+            cfg.channels_last,
+        )
         report = classification_report(probs, targets, len(spec.class_names))
         out.update(report.metrics(name))
         out[f"{name}_per_class"] = dict(zip(spec.class_names, report.per_class))
         if name == "test" or data.test is None:
-            confusion_png(report.confusion, spec.class_names, out_dir / f"confusion_{name}.png",
-                          f"confusion (top-1 {report.top1:.3f})")
-            reliability_png(probs, targets, out_dir / f"reliability_{name}.png", title=f"{name} reliability (ECE {report.ece:.3f})")
+            confusion_png(
+                report.confusion,
+                spec.class_names,
+                out_dir / f"confusion_{name}.png",
+                f"confusion (top-1 {report.top1:.3f})",
+            )
+            reliability_png(
+                probs, targets, out_dir / f"reliability_{name}.png", title=f"{name} reliability (ECE {report.ece:.3f})"
+            )
     write_json_atomic(out_dir / "eval.json", out)
     return out
 

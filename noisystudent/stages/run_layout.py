@@ -1,15 +1,16 @@
 """Where a run keeps what it produces, and the typed row each generation leaves behind::
 
-    runs/<name>/config.yaml           resolved config
-    runs/<name>/gen-0/teacher/        checkpoints, model.pt, result.json, DONE
-    runs/<name>/gen-<g>/labels/       manifest.json of the labeling pass (shards live in the label cache)
-    runs/<name>/gen-<g>/student/      checkpoints, model.pt, result.json, DONE
-    runs/<name>/gen-<g>/summary.json  the generation's GenerationRow (its DONE marker)
-    runs/<name>/gen-<g>/analysis/     report.html, summary.json
-    runs/<name>/analysis/             the run-level comparison report
-    runs/<name>/results.json          every GenerationRow
-    runs/<name>/mlflow.db, mlartifacts/   default MLflow store
+runs/<name>/config.yaml           resolved config
+runs/<name>/gen-0/teacher/        checkpoints, model.pt, result.json, DONE
+runs/<name>/gen-<g>/labels/       manifest.json of the labeling pass (shards live in the label cache)
+runs/<name>/gen-<g>/student/      checkpoints, model.pt, result.json, DONE
+runs/<name>/gen-<g>/summary.json  the generation's GenerationRow (its DONE marker)
+runs/<name>/gen-<g>/analysis/     report.html, summary.json
+runs/<name>/analysis/             the run-level comparison report
+runs/<name>/results.json          every GenerationRow
+runs/<name>/mlflow.db, mlartifacts/   default MLflow store
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -49,7 +50,7 @@ class GenerationRow:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "GenerationRow":
+    def from_dict(cls, values: dict) -> GenerationRow:
         return cls(**values)
 
 

@@ -4,6 +4,7 @@ object: unpickling can run arbitrary code, and MLflow warns on every log. The we
 config stay artifacts; noisystudent's code travels as the model's code path.
 
 Run by MLflow as a standalone file, so the import is absolute."""
+
 import mlflow.models
 
 from noisystudent.tracking.serving import ImageClassifier

@@ -1,5 +1,6 @@
 """The model registry side of MLflow: log a checkpoint as a servable MLflow model, register it
 with aliases, and get models back from a run id or a ``models:/`` URI."""
+
 from __future__ import annotations
 
 import tempfile
@@ -16,10 +17,12 @@ def resolve_teacher(spec: str, tracker: Tracker, dst: str | Path) -> tuple[Path,
     if Path(spec).is_file():
         return Path(spec), ""
     if looks_like_run_id(spec):
-        run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
+        run_id = spec[len("runs:/") :].split("/")[0] if spec.startswith("runs:/") else spec
         return tracker.download_model(run_id, dst), run_id
-    raise FileNotFoundError(f"teacher {spec!r} is neither a checkpoint file nor an MLflow run id; "
-                            "pass a model.pt path or the run id of a stage that logged one")
+    raise FileNotFoundError(
+        f"teacher {spec!r} is neither a checkpoint file nor an MLflow run id; "
+        "pass a model.pt path or the run id of a stage that logged one"
+    )
 
 
 def model_pip_requirements() -> list[str]:
@@ -28,8 +31,18 @@ def model_pip_requirements() -> list[str]:
     small generation's training (docs/benchmarks.md)."""
     pins = []
     # what noisystudent's own code (shipped with the model) imports, for a fresh serving environment
-    for package in ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "albumentations", "pyyaml",
-                    "safetensors", "cloudpickle"):
+    for package in (
+        "torch",
+        "torchvision",
+        "timm",
+        "numpy",
+        "pandas",
+        "pillow",
+        "albumentations",
+        "pyyaml",
+        "safetensors",
+        "cloudpickle",
+    ):
         try:
             pins.append(f"{package}=={metadata.version(package)}")
         except metadata.PackageNotFoundError:  # cloudpickle only matters to pickle-format models
@@ -37,8 +50,9 @@ def model_pip_requirements() -> list[str]:
     return pins
 
 
-def log_and_register_model(tracker: Tracker, checkpoint: str | Path, registered_name: str, generation: int,
-                           data: DataConfig) -> str | None:
+def log_and_register_model(
+    tracker: Tracker, checkpoint: str | Path, registered_name: str, generation: int, data: DataConfig
+) -> str | None:
     """Log a checkpoint as a servable pyfunc model (:mod:`.serving`: encoded images or float arrays
     in, class names and probabilities out, with ``data``'s evaluation preprocessing inside) into the
     active run, and register it as a new version of ``registered_name``; returns the version (""
@@ -49,9 +63,15 @@ def log_and_register_model(tracker: Tracker, checkpoint: str | Path, registered_
 
     spec = ModelSpec(**load_checkpoint(checkpoint)["spec"])  # the spec only: no model is built here
     with tempfile.TemporaryDirectory(prefix="noisystudent-serving-") as work:
-        info = log_servable_model(checkpoint, spec, data, Path(work), pip_requirements=model_pip_requirements(),
-                                  registered_model_name=registered_name or None,
-                                  metadata={"spec": spec.as_dict(), "generation": generation})
+        info = log_servable_model(
+            checkpoint,
+            spec,
+            data,
+            Path(work),
+            pip_requirements=model_pip_requirements(),
+            registered_model_name=registered_name or None,
+            metadata={"spec": spec.as_dict(), "generation": generation},
+        )
     version = getattr(info, "registered_model_version", None)
     if registered_name and version is not None:
         set_alias(tracker, registered_name, f"gen-{generation}", str(version))
@@ -70,15 +90,17 @@ def resolve_model_run(uri: str, tracking_uri: str | None = None) -> str:
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     if uri.startswith("models:/"):
-        rest = uri[len("models:/"):]
+        rest = uri[len("models:/") :]
         if "@" in rest:
             name, alias = rest.split("@", 1)
             return client.get_model_version_by_alias(name, alias).run_id
         name, version = rest.rsplit("/", 1)
         return client.get_model_version(name, version).run_id
     if looks_like_run_id(uri):
-        return uri[len("runs:/"):].split("/")[0] if uri.startswith("runs:/") else uri
-    raise TrackingError(f"not a model URI or run id: {uri!r} (use models:/<name>@<alias>, models:/<name>/<version> or a run id)")
+        return uri[len("runs:/") :].split("/")[0] if uri.startswith("runs:/") else uri
+    raise TrackingError(
+        f"not a model URI or run id: {uri!r} (use models:/<name>@<alias>, models:/<name>/<version> or a run id)"
+    )
 
 
 def load_tracked_model(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None):
@@ -91,11 +113,13 @@ def load_tracked_model(uri: str, tracking_uri: str | None = None, dst: str | Pat
     run_id = resolve_model_run(uri, tracking_uri)
     dst = Path(dst or tempfile.mkdtemp(prefix="noisystudent-model-"))
     # tracking_uri passed per call: no process-wide mlflow.set_tracking_uri side effect
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt", dst_path=str(dst),
-                                                tracking_uri=tracking_uri)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="model.pt", dst_path=str(dst), tracking_uri=tracking_uri
+    )
     try:
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt.sha256", dst_path=str(dst),
-                                            tracking_uri=tracking_uri)
-    except Exception:  # noqa: BLE001 - older runs logged no sidecar; the checkpoint still loads weights_only
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="model.pt.sha256", dst_path=str(dst), tracking_uri=tracking_uri
+        )
+    except Exception:
         pass
     return load_model(local)

@@ -13,6 +13,7 @@ and return a DataFrame with one row per image: ``label`` (the class name), ``con
 This module imports MLflow at the top: only :func:`.registry.log_and_register_model` imports it,
 when tracking is on.
 """
+
 from __future__ import annotations
 
 import base64
@@ -51,8 +52,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         with torch.inference_mode():
             probs = self.model(batch).float().softmax(dim=1).numpy()
         names = list(self.spec.class_names)
-        return pd.DataFrame({"label": [names[i] for i in probs.argmax(1)], "confidence": probs.max(1).astype(np.float64),
-                             "probabilities": [row.astype(np.float64).tolist() for row in probs]})
+        return pd.DataFrame(
+            {
+                "label": [names[i] for i in probs.argmax(1)],
+                "confidence": probs.max(1).astype(np.float64),
+                "probabilities": [row.astype(np.float64).tolist() for row in probs],
+            }
+        )
 
 
 def model_batch(model_input, spec: ModelSpec, transform) -> torch.Tensor:
@@ -61,15 +67,23 @@ def model_batch(model_input, spec: ModelSpec, transform) -> torch.Tensor:
         model_input = pd.DataFrame({IMAGE_COLUMN: list(np.atleast_1d(model_input[IMAGE_COLUMN]))})
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
-            raise ValueError(f"expected a column {IMAGE_COLUMN!r} of encoded images (bytes or base64), "
-                             f"got columns {list(model_input.columns)}")
-        return torch.stack([transform(decode_image(_image_bytes(v, i), spec.in_chans))
-                            for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())])
+            raise ValueError(
+                f"expected a column {IMAGE_COLUMN!r} of encoded images (bytes or base64), "
+                f"got columns {list(model_input.columns)}"
+            )
+        return torch.stack(
+            [
+                transform(decode_image(_image_bytes(v, i), spec.in_chans))
+                for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())
+            ]
+        )
     array = np.asarray(model_input)
     want = (spec.in_chans, spec.image_size, spec.image_size)
     if array.ndim != 4 or array.shape[1:] != want or array.dtype.kind != "f":
-        raise ValueError(f"expected float pixels in [0, 1] shaped [N, {', '.join(map(str, want))}], "
-                         f"got {array.dtype} {list(array.shape)}; or send encoded images in an {IMAGE_COLUMN!r} column")
+        raise ValueError(
+            f"expected float pixels in [0, 1] shaped [N, {', '.join(map(str, want))}], "
+            f"got {array.dtype} {list(array.shape)}; or send encoded images in an {IMAGE_COLUMN!r} column"
+        )
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
     return (torch.from_numpy(array.astype(np.float32)) - mean) / std
@@ -82,7 +96,9 @@ def _image_bytes(value, row: int) -> bytes:
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise ValueError(f"row {row} of {IMAGE_COLUMN!r}: a string must be base64 of the image bytes ({exc})") from exc
+            raise ValueError(
+                f"row {row} of {IMAGE_COLUMN!r}: a string must be base64 of the image bytes ({exc})"
+            ) from exc
     raise ValueError(f"row {row} of {IMAGE_COLUMN!r}: expected bytes or a base64 string, got {type(value).__name__}")
 
 
@@ -96,12 +112,24 @@ def log_servable_model(checkpoint: str | Path, spec: ModelSpec, data: DataConfig
     data_file = workdir / "data_config.json"
     data_file.write_text(json.dumps(asdict(data)))
     # outputs only: the inputs take two forms (encoded images or a float array), checked in model_batch
-    signature = ModelSignature(outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "confidence"),
-                                               ColSpec(Array(DataType.double), "probabilities")]))
+    signature = ModelSignature(
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "label"),
+                ColSpec(DataType.double, "confidence"),
+                ColSpec(Array(DataType.double), "probabilities"),
+            ]
+        )
+    )
     # one float image at the model's size (a DataFrame example trips a pandas 3 deprecation inside
     # MLflow 3.17); MLflow serves it back through predict while logging: an end-to-end check
     example = np.full((1, spec.in_chans, spec.image_size, spec.image_size), 0.5, np.float32)
-    return mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                                   artifacts={"checkpoint": str(checkpoint), "data": str(data_file)},
-                                   code_paths=[str(Path(__file__).resolve().parents[1])], signature=signature,
-                                   input_example=example, **log_kwargs)
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+        artifacts={"checkpoint": str(checkpoint), "data": str(data_file)},
+        code_paths=[str(Path(__file__).resolve().parents[1])],
+        signature=signature,
+        input_example=example,
+        **log_kwargs,
+    )

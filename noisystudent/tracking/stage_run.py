@@ -5,12 +5,14 @@ things: create the tracker (which checks the server before any work), check a re
 against the stored ``config.yaml`` (a changed recipe is refused unless allowed), write the resolved
 config beside its outputs, open (or re-attach to) its run, and log the flattened config.
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..config import Config, ConfigError, dump_config, flatten, to_dict, yaml_load
 from ..config.compare import result_changes
@@ -34,9 +36,11 @@ def check_stored_config(cfg: Config, out_dir: Path, allow_config_change: bool) -
         return {CONFIG_CHECK_TAG: "unchanged"}
     diff = "\n".join(str(c) for c in changes)
     if not allow_config_change:
-        raise ConfigError(f"{stored_path} was written with a different recipe; resuming would mix the two "
-                          f"(stored -> requested):\n{diff}\nRerun with the stored config, choose a new run directory, "
-                          f"or pass --allow-config-change to continue with the requested one (finished work is kept).")
+        raise ConfigError(
+            f"{stored_path} was written with a different recipe; resuming would mix the two "
+            f"(stored -> requested):\n{diff}\nRerun with the stored config, choose a new run directory, "
+            f"or pass --allow-config-change to continue with the requested one (finished work is kept)."
+        )
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     stored_path.replace(out_dir / f"config.replaced-{stamp}.yaml")
     print(f"continuing {out_dir} with a changed config (--allow-config-change):\n{diff}")
@@ -44,10 +48,19 @@ def check_stored_config(cfg: Config, out_dir: Path, allow_config_change: bool) -
 
 
 @contextlib.contextmanager
-def tracked_run(cfg: Config, out_dir: Path, name: str, tags: dict[str, Any] | None = None, *,
-                tracker: Tracker | None = None, id_file: str = "mlflow_run_id", params: dict[str, Any] | None = None,
-                write_config: bool = True, allow_config_change: bool = False,
-                check_config: bool = True) -> Iterator[Tracker]:
+def tracked_run(
+    cfg: Config,
+    out_dir: Path,
+    name: str,
+    tags: dict[str, Any] | None = None,
+    *,
+    tracker: Tracker | None = None,
+    id_file: str = "mlflow_run_id",
+    params: dict[str, Any] | None = None,
+    write_config: bool = True,
+    allow_config_change: bool = False,
+    check_config: bool = True,
+) -> Iterator[Tracker]:
     """Open the stage's run in ``out_dir`` (its id is kept in ``out_dir/id_file``, so a rerun
     re-attaches); yields the tracker. ``params`` defaults to the whole flattened config;
     ``write_config=False`` leaves an existing ``config.yaml`` alone (a run re-attached to later,

@@ -5,6 +5,7 @@ a laptop run needs no server. ``tracking.tracking_uri`` (or ``MLFLOW_TRACKING_UR
 a server instead; it is checked before any training starts. Run ids are stored in the run
 directory so a resumed loop re-attaches to the same parent and generation runs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import functools
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..config import TrackingConfig
 from ..errors import TrackingError
@@ -30,13 +32,14 @@ EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_developm
 
 def _lost_server(method):
     """Turn a tracking call that fails mid-run into one clear TrackingError (checkpoints stay on disk)."""
+
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except TrackingError:
             raise
-        except Exception as exc:  # noqa: BLE001 - HTTP, DB and REST errors come in many types
+        except Exception as exc:
             raise _lost_error(self.uri, exc) from exc
 
     return call
@@ -46,10 +49,14 @@ def _lost_error(uri: str, exc: BaseException) -> TrackingError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
     if uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri:
         # a local store has no server to wait for: the cause is a file (path, permissions, space)
-        return TrackingError(f"MLflow's local store {uri} could not be written ({type(exc).__name__}: {first}); "
-                             "checkpoints on disk are kept: fix the file problem and rerun the same command to resume")
-    return TrackingError(f"MLflow tracking at {uri} failed during the run ({first}); checkpoints on disk are kept: "
-                         "rerun the same command once it is reachable to resume and re-attach to the same runs")
+        return TrackingError(
+            f"MLflow's local store {uri} could not be written ({type(exc).__name__}: {first}); "
+            "checkpoints on disk are kept: fix the file problem and rerun the same command to resume"
+        )
+    return TrackingError(
+        f"MLflow tracking at {uri} failed during the run ({first}); checkpoints on disk are kept: "
+        "rerun the same command once it is reachable to resume and re-attach to the same runs"
+    )
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, run_dir: str | Path) -> str:
@@ -62,15 +69,17 @@ def resolve_tracking_uri(cfg: TrackingConfig, run_dir: str | Path) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-_SECRET_NAME = re.compile(r"pass(word|wd)?|secret|token|api[_-]?key|access[_-]?key|credential|private[_-]?key|auth",
-                          re.IGNORECASE)
+_SECRET_NAME = re.compile(
+    r"pass(word|wd)?|secret|token|api[_-]?key|access[_-]?key|credential|private[_-]?key|auth", re.IGNORECASE
+)
 _URI_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/:@\s]+:)(?P<pw>[^@/\s]+)(?P<tail>@)", re.IGNORECASE)
 REDACTED = "***redacted***"
 
@@ -124,13 +133,14 @@ class Tracker:
                 artifacts = cfg.artifact_location or None
                 if local_store and not artifacts:  # keep artifacts beside the store, inside the run directory
                     artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri()
-                self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=artifacts,
-                                                              tags={EXPERIMENT_KIND: TRAINING_KIND})
+                self.experiment_id = mlflow.create_experiment(
+                    self.experiment, artifact_location=artifacts, tags={EXPERIMENT_KIND: TRAINING_KIND}
+                )
             else:
                 self.experiment_id = exp.experiment_id
                 if EXPERIMENT_KIND not in exp.tags:  # an experiment made before, or by someone else
                     mlflow.MlflowClient().set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
-        except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+        except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TrackingError(
                 f"MLflow tracking server {self.uri} is unreachable or refused the request ({first[:200]}); "
@@ -139,7 +149,9 @@ class Tracker:
 
     # -------------------------------------------------------------- runs
     @contextlib.contextmanager
-    def run(self, id_file: Path, name: str, tags: dict[str, Any] | None = None, nested: bool = False) -> Iterator[str | None]:
+    def run(
+        self, id_file: Path, name: str, tags: dict[str, Any] | None = None, nested: bool = False
+    ) -> Iterator[str | None]:
         """Start a run, or re-attach to the one whose id is stored in ``id_file``."""
         if not self.enabled:
             yield None
@@ -149,12 +161,17 @@ class Tracker:
         if run_id:
             try:
                 mlflow.get_run(run_id)
-            except Exception:  # noqa: BLE001 - stale id (e.g. a different store): start fresh
+            except Exception:
                 run_id = None
         try:
-            active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, experiment_id=self.experiment_id,
-                                      nested=nested, tags={k: str(v) for k, v in (tags or {}).items()})
-        except Exception as exc:  # noqa: BLE001
+            active = mlflow.start_run(
+                run_id=run_id,
+                run_name=None if run_id else name,
+                experiment_id=self.experiment_id,
+                nested=nested,
+                tags={k: str(v) for k, v in (tags or {}).items()},
+            )
+        except Exception as exc:
             raise _lost_error(self.uri, exc) from exc
         if not run_id:
             id_file.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +185,7 @@ class Tracker:
         finally:
             try:
                 mlflow.end_run(status=status)
-            except Exception:  # noqa: BLE001 - server gone: keep the original error; the rerun re-attaches
+            except Exception:
                 if status == "FINISHED":
                     raise
 
@@ -182,7 +199,7 @@ class Tracker:
         new = {k: str(v)[:6000] for k, v in redact_params(params).items() if k not in have}
         items = list(new.items())
         for i in range(0, len(items), 100):
-            self.mlflow.log_params(dict(items[i: i + 100]))
+            self.mlflow.log_params(dict(items[i : i + 100]))
 
     @_lost_server
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -210,12 +227,14 @@ class Tracker:
             raise TrackingError(f"teacher {run_id!r} looks like an MLflow run id but tracking.enabled=false")
         try:
             local = self.mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt", dst_path=str(dst))
-        except Exception as exc:  # noqa: BLE001
-            raise TrackingError(f"cannot fetch model.pt of MLflow run {run_id} from {self.uri}: "
-                                f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from exc
+        except Exception as exc:
+            raise TrackingError(
+                f"cannot fetch model.pt of MLflow run {run_id} from {self.uri}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+            ) from exc
         return Path(local)
 
 
 def looks_like_run_id(text: str) -> bool:
-    t = text[len("runs:/"):].split("/")[0] if text.startswith("runs:/") else text
+    t = text[len("runs:/") :].split("/")[0] if text.startswith("runs:/") else text
     return len(t) == 32 and all(c in "0123456789abcdef" for c in t)
