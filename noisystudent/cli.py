@@ -109,13 +109,10 @@ def _teacher_args(p: argparse.ArgumentParser) -> None:
 
 
 def _teacher(args: argparse.Namespace) -> None:
-    from .stages.runner import run_single_stage
+    from .stages.runner import StageRequest, run_single_stage
 
-    _print_summary(
-        run_single_stage(
-            config_from_args(args), "teacher", Path(args.out), allow_config_change=args.allow_config_change
-        )
-    )
+    request = StageRequest("teacher", Path(args.out))
+    _print_summary(run_single_stage(config_from_args(args), request, args.allow_config_change))
 
 
 def _pseudo_label_args(p: argparse.ArgumentParser) -> None:
@@ -131,14 +128,13 @@ def _pseudo_label_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pseudo_label(args: argparse.Namespace) -> None:
-    from .stages.runner import run_single_stage
+    from .stages.runner import StageRequest, run_single_stage
 
     extra = [f"data.unlabeled_shards={args.shards}"] if args.shards else []
     extra += ["cluster.kind=address", f"cluster.address={args.scheduler}"] if args.scheduler else []
     extra += [f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
-    _print_summary(
-        run_single_stage(config_from_args(args, *extra), "pseudo_label", Path(args.out), teacher=args.teacher)
-    )
+    request = StageRequest("pseudo_label", Path(args.out), teacher=args.teacher)
+    _print_summary(run_single_stage(config_from_args(args, *extra), request))
 
 
 def _student_args(p: argparse.ArgumentParser) -> None:
@@ -150,19 +146,10 @@ def _student_args(p: argparse.ArgumentParser) -> None:
 
 
 def _student(args: argparse.Namespace) -> None:
-    from .stages.runner import run_single_stage
+    from .stages.runner import StageRequest, run_single_stage
 
-    _print_summary(
-        run_single_stage(
-            config_from_args(args),
-            "student",
-            Path(args.out),
-            teacher=args.teacher,
-            labels=args.labels,
-            generation=args.generation,
-            allow_config_change=args.allow_config_change,
-        )
-    )
+    request = StageRequest("student", Path(args.out), args.teacher, args.labels, args.generation)
+    _print_summary(run_single_stage(config_from_args(args), request, args.allow_config_change))
 
 
 def _print_summary(summary) -> None:
@@ -203,13 +190,13 @@ def _analyze(args: argparse.Namespace) -> None:
     if args.model:
         if not args.out:
             raise ConfigError("--model needs --out DIR")
-        summary = analyze_checkpoint(cfg, args.model, Path(args.out))
-        console.print_analysis_table([{**summary, "generation": "-"}])
-        print(f"report: {summary['report']}")
+        analysed = analyze_checkpoint(cfg, args.model, Path(args.out))
+        console.print_analysis_table([analysed])
+        print(f"report: {analysed.analysis.report}")
         return
     run_dir = Path(cfg.run_dir)
     if args.with_without:
-        print(with_without(cfg, run_dir, args.from_generation)["finding"])
+        print(with_without(cfg, run_dir, args.from_generation).finding)
         print(f"report: {run_dir / 'analysis' / 'with-without' / 'report.html'}")
     console.print_analysis_table(analyze_run(cfg, args.generation))
     print(f"report: {run_dir / 'analysis' / 'report.html'}")
@@ -230,19 +217,18 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ablate(args: argparse.Namespace) -> None:
-    from .experiments.ablation import run_ablation
+    from .experiments.ablation import AblationPlan, run_ablation
 
     cfg = config_from_args(args)
-    summary = run_ablation(
-        cfg,
+    plan = AblationPlan(
         args.teacher,
         Path(args.labels),
         Path(args.out),
         [float(t) for t in args.thresholds.split(",") if t],
         tuple(int(s) for s in args.seeds.split(",") if s),
         [o for o in args.only.split(",") if o],
-        allow_config_change=args.allow_config_change,
     )
+    summary = run_ablation(cfg, plan, args.allow_config_change)
     console.print_ablation_table(summary, f"{cfg.student.epochs} epoch(s) per cell")
 
 
@@ -255,8 +241,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    parent, rows = compare(args.tracking_uri, args.experiment, args.parent_run, args.out, not args.no_log)
-    console.print_comparison(parent, rows)
+    console.print_comparison(compare(args.tracking_uri, args.experiment, args.parent_run, args.out, not args.no_log))
     if args.out:
         print(f"chart: {args.out}")
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
+from .analysis.result import HIGHEST, LOWEST, GenerationAnalysis
 from .config import OOD_SCORES
-from .stages.run_layout import GenerationRow, StageSummary
-from .tracking.compare import COLUMNS
+from .tracking.compare import Comparison
+from .tracking.generation_row import GenerationRow, table_columns
+
+if TYPE_CHECKING:  # for the annotations only: importing them loads torch, and --help should not
+    from .experiments.ablation import CellSummary
+    from .stages.runner import StageSummary
 
 
 def print_table(
@@ -35,28 +40,30 @@ def print_table(
     Console(width=max(min_width, Console().width)).print(table)
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
+def _cell(fmt: str, v: Any) -> str:
+    """A generation-table value in its column's format (see ``tracking.generation_row.column``)."""
+    if v is None:
+        return "-"
+    if fmt == "pct":
+        return f"{100 * v:.2f}"
+    if fmt == "M":
+        return f"{v / 1e6:.2f}M"
+    if fmt == "int":
+        return f"{int(v):,}"
+    if fmt == "id8":
+        return str(v)[:8] or "-"
+    return f"{v:.{fmt}}" if fmt else str(v)
 
 
-def print_generation_table(rows: list[GenerationRow]) -> None:
+def print_generation_table(rows: list[GenerationRow], title: str = "Noisy Student generations") -> None:
+    """The generation table (iterate's, and compare's from MLflow): one column per shown field."""
+    columns = table_columns()
     print_table(
-        "Noisy Student generations",
-        ("gen", "role", "model", "params", "images kept", "PL acc (hidden)", "test top-1 %", "ECE", "minutes"),
-        [
-            (
-                r.generation,
-                r.role,
-                r.model,
-                f"{r.params / 1e6:.2f}M",
-                f"{r.images_kept:,}",
-                _pct(r.pl_acc),
-                _pct(r.test_top1),
-                f"{r.test_ece or 0:.4f}",
-                f"{r.minutes:.1f}",
-            )
-            for r in rows
-        ],
+        title,
+        [header for _, header, _ in columns],
+        [[_cell(fmt, getattr(r, name)) for name, _, fmt in columns] for r in rows],
+        left=("role", "model", "run"),
+        min_width=150,
     )
 
 
@@ -64,39 +71,39 @@ def print_stage_summary(summary: StageSummary) -> None:
     print_table(summary.title, ("", ""), summary.fields.items(), left=("",), min_width=100, show_header=False)
 
 
-def print_analysis_table(rows: list[dict]) -> None:
-    def consistency(r: dict, group: str) -> str:
-        return f"{r['consistency'][group]['mean_cosine']:.3f}"
+def print_analysis_table(rows: list[GenerationAnalysis]) -> None:
+    def consistency(r: GenerationAnalysis, group: str) -> str:
+        return f"{r.analysis.consistency[group].mean_cosine:.3f}"
 
     print_table(
         "Analysis: ID-vs-OOD AUROC of each score, probe and consistency by generation",
         ("gen", *OOD_SCORES, "best", "probe top-1", "consist. low-conf", "consist. high-conf"),
         [
             (
-                r["generation"],
-                *(f"{r['ood'][s]['auroc']:.3f}" if r["ood"] else "-" for s in OOD_SCORES),
-                r["best_score"],
-                f"{r['probe'].get('penultimate', float('nan')):.4f}",
-                consistency(r, "lowest confidence"),
-                consistency(r, "highest confidence"),
+                r.generation,
+                *(f"{r.analysis.ood[s].auroc:.3f}" if r.analysis.ood else "-" for s in OOD_SCORES),
+                r.analysis.best_score,
+                f"{r.analysis.probe.get('penultimate', float('nan')):.4f}",
+                consistency(r, LOWEST),
+                consistency(r, HIGHEST),
             )
             for r in rows
         ],
     )
 
 
-def print_ablation_table(summary: list[dict], budget: str) -> None:
+def print_ablation_table(summary: list[CellSummary], budget: str) -> None:
     print_table(
         f"Student ablations (same teacher shards, {budget})",
         ("group", "cell", "pseudo-labels kept", "test top-1 %", "± std", "seeds"),
         [
             (
-                c["group"],
-                c["cell"],
-                f"{c['pl_kept_unique']:,}",
-                f"{100 * c['mean']:.2f}",
-                f"{100 * c['std']:.2f}" if c["n"] > 1 else "-",
-                c["n"],
+                c.group,
+                c.cell,
+                f"{c.pl_kept_unique:,}",
+                f"{100 * c.mean:.2f}",
+                f"{100 * c.std:.2f}" if c.n > 1 else "-",
+                c.n,
             )
             for c in summary
         ],
@@ -105,33 +112,12 @@ def print_ablation_table(summary: list[dict], budget: str) -> None:
     )
 
 
-def print_comparison(parent: str, rows: list[dict]) -> None:
+def print_comparison(comparison: Comparison) -> None:
     """Generations of an iterate run as MLflow has them (any tracking server)."""
-
-    def cell(key: str, v: float | None) -> str:
-        if v is None:
-            return "-"
-        if key in ("test_top1", "test_top5", "pl_acc_all", "pl_agreement_prev_gen"):
-            return f"{100 * v:.2f}"
-        return f"{v:.4f}" if key == "test_ece" else f"{int(v):,}"
-
-    print_table(
-        f"Generations of MLflow run {parent}",
-        ("gen", "role", "model", *COLUMNS.values(), "run id", "teacher run"),
-        [
-            (
-                r["generation"],
-                r["role"],
-                r["model"],
-                *(cell(k, r.get(k)) for k in COLUMNS),
-                r["run_id"][:8],
-                r["teacher_run_id"][:8] or "-",
-            )
-            for r in rows
-        ],
-        left=("role", "model", "run id", "teacher run"),
-        min_width=170,
-    )
+    rows = comparison.rows
+    print_generation_table(rows, f"Generations of MLflow run {comparison.parent_run_id}")
+    teachers = [f"gen {r.generation}: {comparison.teacher_run_ids.get(r.generation, '') or '-'}" for r in rows]
+    print("teacher runs: " + ", ".join(teachers))
 
 
 def print_prepared(summary: dict, out: Path) -> None:

@@ -2,8 +2,8 @@
 
 albumentations ships no RandAugment, so we compose one from ``A.SomeOf`` over the paper's op set
 (Cubuk et al. 2020; Xie et al. 2020). Everything works on uint8 HxW (gray) or HxWx3 (RGB)
-arrays and ends in a normalised float tensor CxHxW. The teacher labels with
-:func:`create_eval_transform` only: it is never noised.
+arrays and ends in a normalised float tensor CxHxW. The teacher labels with the clean
+:class:`~noisystudent.data.geometry.EvalTransform` only: it is never noised.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .config import AugmentConfig, DataConfig
-from .data.geometry import eval_geometry, is_small
+from .data.geometry import EvalTransform
 
 #: The paper's RandAugment op names, in a fixed order (cutout is applied separately).
 RANDAUGMENT_OPS = (
@@ -178,53 +178,42 @@ def randaugment_ops(magnitude: float) -> dict[str, A.BasicTransform]:
     }
 
 
-class ImageTransform:
-    """uint8 image -> normalised float tensor (C, S, S), with optional albumentations noise."""
+class TrainTransform(EvalTransform):
+    """The clean view's normalisation, after albumentations noise."""
 
-    def __init__(self, data: DataConfig, augment: AugmentConfig | None = None, seed: int | None = None):
-        self.size = data.image_size
-        self.channels = data.channels
-        c = data.channels
-        self.mean = np.asarray((data.mean * c)[:c] if len(data.mean) == 1 else data.mean, np.float32) * 255.0
-        self.std = np.asarray((data.std * c)[:c] if len(data.std) == 1 else data.std, np.float32) * 255.0
-        self.crop_pct = data.crop_pct
-        self.small = is_small(self.size)
+    def __init__(self, data: DataConfig, augment: AugmentConfig, seed: int | None = None):
+        super().__init__(data)
         self.pipeline = None
         self.seed = seed
-        if augment is not None:
-            steps: list = []
-            if not self.small:  # real photos: a random crop of the whole frame, as timm trains
-                steps.append(
-                    A.RandomResizedCrop(
-                        size=(self.size, self.size),
-                        scale=tuple(augment.rrc_scale),
-                        ratio=tuple(augment.rrc_ratio),
-                        interpolation=cv2.INTER_LINEAR,
-                    )
+        steps: list = []
+        if not self.small:  # real photos: a random crop of the whole frame, as timm trains
+            steps.append(
+                A.RandomResizedCrop(
+                    size=(self.size, self.size),
+                    scale=tuple(augment.rrc_scale),
+                    ratio=tuple(augment.rrc_ratio),
+                    interpolation=cv2.INTER_LINEAR,
                 )
-            if augment.hflip > 0:
-                steps.append(A.HorizontalFlip(p=augment.hflip))
-            if augment.crop_pad > 0 and self.small:
-                steps.append(RandomShift(pad=max(1, int(round(self.size * augment.crop_pad)))))
-            if augment.num_ops > 0:
-                ops = list(randaugment_ops(augment.magnitude).values())
-                steps.append(RandAugment(ops, n=min(augment.num_ops, len(ops)), replace=False, p=1.0))
-            if augment.cutout > 0:
-                steps.append(Cutout(size=augment.cutout_size, p=augment.cutout))
-            if steps:
-                # image-only: the shape checks between targets have nothing to compare and are a
-                # visible share of the augmentation on small images (same outputs without them)
-                self.pipeline = A.Compose(steps, seed=seed, is_check_shapes=False)
+            )
+        if augment.hflip > 0:
+            steps.append(A.HorizontalFlip(p=augment.hflip))
+        if augment.crop_pad > 0 and self.small:
+            steps.append(RandomShift(pad=max(1, int(round(self.size * augment.crop_pad)))))
+        if augment.num_ops > 0:
+            ops = list(randaugment_ops(augment.magnitude).values())
+            steps.append(RandAugment(ops, n=min(augment.num_ops, len(ops)), replace=False, p=1.0))
+        if augment.cutout > 0:
+            steps.append(Cutout(size=augment.cutout_size, p=augment.cutout))
+        if steps:
+            # image-only: the shape checks between targets have nothing to compare and are a
+            # visible share of the augmentation on small images (same outputs without them)
+            self.pipeline = A.Compose(steps, seed=seed, is_check_shapes=False)
 
     def reseed(self, seed: int) -> None:
         """Restart the augmentation random stream at ``seed`` (see :func:`reseed_augmentation`)."""
         self.seed = int(seed)
         if self.pipeline is not None:
             self.pipeline.set_random_seed(self.seed)
-
-    def resize(self, image: np.ndarray) -> np.ndarray:
-        """The clean view: the square resize for small sizes, else short side then center crop."""
-        return eval_geometry(image, self.size, self.crop_pct)
 
     def augment(self, image: np.ndarray) -> np.ndarray:
         """The noised uint8 image, without normalisation. Small images are resized first; larger
@@ -238,11 +227,7 @@ class ImageTransform:
         return image
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        image = self.augment(image)
-        if image.ndim == 2:
-            image = image[:, :, None]
-        x = (image.astype(np.float32) - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        return self.normalize(self.augment(image))
 
 
 def reseed_augmentation(transform, seed: int) -> None:
@@ -262,15 +247,11 @@ def reseed_worker(worker_id: int) -> None:
         reseed_augmentation(transform, transform.seed + 7919 * (worker_id + 1))
 
 
-def create_train_transform(data: DataConfig, augment: AugmentConfig, seed: int | None = None) -> ImageTransform:
-    return ImageTransform(data, augment, seed=seed)
+def create_train_transform(data: DataConfig, augment: AugmentConfig, seed: int | None = None) -> TrainTransform:
+    return TrainTransform(data, augment, seed=seed)
 
 
-def create_eval_transform(data: DataConfig) -> ImageTransform:
-    return ImageTransform(data, None)
-
-
-def augmentation_grid(images: list[np.ndarray], transform: ImageTransform, views: int = 6) -> np.ndarray:
+def augmentation_grid(images: list[np.ndarray], transform: TrainTransform, views: int = 6) -> np.ndarray:
     """A uint8 grid: one row per image, first column clean, then ``views`` noised views."""
     rows = []
     for img in images:

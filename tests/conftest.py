@@ -157,8 +157,24 @@ def smoke_run(smoke_data, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("smoke-run") / "run"
     cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, run_dir))
-    rows = [r.as_dict() for r in iterate(cfg).generations]
+    rows = iterate(cfg).generations
     return cfg, run_dir, rows
+
+
+@contextlib.contextmanager
+def stage_context(cfg, with_data: bool = True):
+    """What a stage runs with (see ``noisystudent.stages.stage``): ``cfg``, its labeled data, a
+    tracker that logs nothing and a cluster session, closed on exit."""
+    from dataclasses import replace
+
+    from noisystudent.data.imagefolder import load_labeled_data
+    from noisystudent.labeling.cluster import ClusterSession
+    from noisystudent.stages.stage import StageContext
+    from noisystudent.tracking.tracker import Tracker
+
+    with ClusterSession(cfg.cluster) as cluster:
+        tracker = Tracker(replace(cfg.tracking, enabled=False), cfg.run_dir)
+        yield StageContext(cfg, load_labeled_data(cfg.data) if with_data else None, tracker, cluster)
 
 
 @contextlib.contextmanager

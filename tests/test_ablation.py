@@ -82,14 +82,14 @@ def test_threshold_keeping_less_than_a_batch_is_a_clear_error(smoke_data, tmp_pa
     import pytest
 
     from noisystudent.config import ConfigError, load_config
+    from noisystudent.data.geometry import create_eval_transform
     from noisystudent.data.imagefolder import load_labeled_data
     from noisystudent.data.pseudo_stream import PseudoLabeledStream
     from noisystudent.data.selection import Selection
-    from noisystudent.engine.train import train_model
-    from noisystudent.noise import create_eval_transform
+    from noisystudent.engine.train import TrainingJob, train_model
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(smoke_data, tmp_path / "run"))
     data = load_labeled_data(cfg.data)
     empty = PseudoLabeledStream(Selection.of_arrays({}, 0, num_classes=10), 1, 10, create_eval_transform(cfg.data))
     with pytest.raises(ConfigError, match="pseudo_label.threshold"):
-        train_model(cfg.student, cfg, "test_resnet", tmp_path / "s", data.train, data.val, pseudo=empty)
+        train_model(TrainingJob(cfg.student, "test_resnet", tmp_path / "s", data.train, data.val, pseudo=empty), cfg)

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from noisystudent.analysis.result import HIGHEST, LOWEST, OOD_GROUP, AnalysisResult
 from noisystudent.analysis.scores import OOD_SCORES, auroc, energy_score, msp_score
 from noisystudent.data.audit import hidden_fields_of
 from noisystudent.data.label_index import ood_scores_path, read_index
-from noisystudent.data.selection import OODScoreError, select_pseudo_labels
-from noisystudent.labeling.job import load_manifest
+from noisystudent.data.label_manifest import LabelManifest
+from noisystudent.data.selection import OODScoreError, SelectionRule, select_pseudo_labels
+from noisystudent.resume import DoneMarker
 
 
 class ReportParser(HTMLParser):
@@ -56,46 +58,48 @@ def parse_report(path: Path) -> ReportParser:
 def test_every_generation_analysed_with_all_scores(smoke_run):
     cfg, run_dir, rows = smoke_run
     for g in range(len(rows)):
-        summary = json.loads((run_dir / f"gen-{g}" / "analysis" / "summary.json").read_text())
-        assert set(summary["ood"]) == set(OOD_SCORES)
-        for m in summary["ood"].values():
-            assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr95"] <= 1.0
-        assert summary["best_auroc"] == max(m["auroc"] for m in summary["ood"].values())
-        assert 0.0 <= summary["probe"]["penultimate"] <= 1.0
-        assert {"lowest confidence", "highest confidence", "OOD (hidden tag)"} == set(summary["consistency"])
-        low, high = summary["consistency"]["lowest confidence"], summary["consistency"]["highest confidence"]
-        assert low["n"] == high["n"] == cfg.analysis.consistency_samples
-        assert low["mean_confidence"] < high["mean_confidence"] and -1.0 <= low["mean_cosine"] <= 1.0
-        assert summary["ood_tagged"] > 0 and summary["samples"] > summary["ood_tagged"]
+        summary = _summary(run_dir, g)
+        assert set(summary.ood) == set(OOD_SCORES)
+        for m in summary.ood.values():
+            assert 0.0 <= m.auroc <= 1.0 and 0.0 <= m.fpr95 <= 1.0
+        assert summary.best_auroc == max(m.auroc for m in summary.ood.values())
+        assert 0.0 <= summary.probe_top1 <= 1.0
+        assert {LOWEST, HIGHEST, OOD_GROUP} == set(summary.consistency)
+        low, high = summary.consistency[LOWEST], summary.consistency[HIGHEST]
+        assert low.n == high.n == cfg.analysis.consistency_samples
+        assert low.mean_confidence < high.mean_confidence and -1.0 <= low.mean_cosine <= 1.0
+        assert summary.ood_tagged > 0 and summary.samples > summary.ood_tagged
+
+
+def _summary(run_dir: Path, g: int) -> AnalysisResult:
+    return DoneMarker(run_dir / f"gen-{g}" / "analysis" / "summary.json", AnalysisResult).read()
 
 
 def test_scores_beside_shards_match_an_independent_recomputation(smoke_run):
     _, run_dir, _ = smoke_run
-    manifest = load_manifest(run_dir / "gen-2" / "labels")  # generation 1's model labeled these
+    manifest = LabelManifest.load(run_dir / "gen-2" / "labels")  # generation 1's model labeled these
     all_scores, is_ood = {s: [] for s in OOD_SCORES}, []
-    for shard in manifest["shards"]:
-        ix = read_index(shard["output"])
-        with np.load(ood_scores_path(shard["output"])) as z:
+    for shard in manifest.shards:
+        ix = read_index(shard.output)
+        with np.load(ood_scores_path(shard.output)) as z:
             assert np.array_equal(z["keys"], ix.keys)  # same keys, same order as the shard
             assert np.allclose(z["msp"], msp_score(ix.probs.astype(np.float64)), atol=2e-3)  # probs are float16
             assert np.allclose(z["energy"], energy_score(logsumexp=ix.logsumexp), atol=1e-4)
             for s in OOD_SCORES:
                 assert np.isfinite(z[s]).all()
                 all_scores[s].append(z[s])
-        hidden = hidden_fields_of(shard["input"])  # an independent reading of the tags
+        hidden = hidden_fields_of(shard.input)  # an independent reading of the tags
         is_ood += [bool(hidden[k].get("ood")) for k in ix.keys.tolist()]
-    summary = json.loads((run_dir / "gen-1" / "analysis" / "summary.json").read_text())
+    summary = _summary(run_dir, 1)
     for s in OOD_SCORES:
-        assert auroc(np.concatenate(all_scores[s]), np.asarray(is_ood)) == pytest.approx(
-            summary["ood"][s]["auroc"], abs=1e-3
-        )
+        assert auroc(np.concatenate(all_scores[s]), np.asarray(is_ood)) == pytest.approx(summary.ood[s].auroc, abs=1e-3)
 
 
 def test_ood_scores_drive_selection(smoke_run, tmp_path):
     _, run_dir, _ = smoke_run
-    shards = [s["output"] for s in load_manifest(run_dir / "gen-2" / "labels")["shards"]]
+    shards = LabelManifest.load(run_dir / "gen-2" / "labels").outputs
     n = sum(len(read_index(s).keys) for s in shards)
-    sel = select_pseudo_labels(shards, 10, 0.0, False, ood_score="knn", ood_drop_fraction=0.25)
+    sel = select_pseudo_labels(shards, 10, SelectionRule(ood_score="knn", ood_drop_fraction=0.25))
     assert sel.dropped_ood == round(0.25 * n) and sel.kept_unique == n - sel.dropped_ood
     knn = np.concatenate([np.load(ood_scores_path(s))["knn"] for s in shards])
     kept = np.concatenate([sel.repeats_of(s) > 0 for s in shards])
@@ -104,7 +108,7 @@ def test_ood_scores_drive_selection(smoke_run, tmp_path):
     shutil.copy(shards[0], lonely)
     shutil.copy(Path(shards[0]).with_name(Path(shards[0]).name[:-4] + ".index.npz"), tmp_path)
     with pytest.raises(OODScoreError, match=r"ood\.npz is missing"):
-        select_pseudo_labels([str(lonely)], 10, 0.0, False, ood_score="knn", ood_drop_fraction=0.1)
+        select_pseudo_labels([str(lonely)], 10, SelectionRule(ood_score="knn", ood_drop_fraction=0.1))
 
 
 def test_generation_report_renders(smoke_run, tmp_path):
@@ -153,8 +157,7 @@ def test_run_report_compares_generations_and_mlflow_has_it(smoke_run):
         run_id = (run_dir / f"gen-{g}" / "mlflow_run_id").read_text().strip()
         metrics = client.get_run(run_id).data.metrics
         assert {f"ood_auroc_{s}" for s in OOD_SCORES} | {"probe_top1_penultimate"} <= set(metrics)
-        summary = json.loads((run_dir / f"gen-{g}" / "analysis" / "summary.json").read_text())
-        assert metrics["ood_auroc_best"] == pytest.approx(summary["best_auroc"])
+        assert metrics["ood_auroc_best"] == pytest.approx(_summary(run_dir, g).best_auroc)
         files = {a.path for a in client.list_artifacts(run_id, "analysis")}
         assert "analysis/report.html" in files and "analysis/embeddings.png" in files
 
@@ -169,13 +172,13 @@ def test_with_without_low_confidence_experiment(smoke_run):
     high_t = round(float(np.median(shards.load_table(run_dir / "gen-1" / "labels").confidence)), 3)
     cfg = cfg.with_overrides({"analysis.high_threshold": high_t})
     result = with_without(cfg, run_dir, generation=1)
-    low, high = result["rows"]
-    assert (low["threshold"], high["threshold"]) == (0.0, high_t)
-    assert low["pl_kept_unique"] > high["pl_kept_unique"] > 0  # the high threshold removed images
-    assert low["steps"] == high["steps"]  # same budget
+    low, high = result.rows
+    assert (low.threshold, high.threshold) == (0.0, high_t)
+    assert low.pl_kept_unique > high.pl_kept_unique > 0  # the high threshold removed images
+    assert low.steps == high.steps  # same budget
     for r in (low, high):
-        assert 0.0 <= r["test_top1"] <= 1.0 and 0.0 <= r["probe_top1"] <= 1.0 and set(r["ood"]) == set(OOD_SCORES)
-    assert "Keeping the low-confidence images changed test top-1 by" in result["finding"]
+        assert 0.0 <= r.test_top1 <= 1.0 and 0.0 <= r.probe_top1 <= 1.0 and set(r.ood) == set(OOD_SCORES)
+    assert "Keeping the low-confidence images changed test top-1 by" in result.finding
     out = run_dir / "analysis" / "with-without"
     assert parse_report(out / "report.html").sections == ["with-without"]
     analyze_run(cfg)  # the run-level report now carries the experiment's table

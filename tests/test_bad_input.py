@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, smoke_overrides
+from conftest import REPO, smoke_overrides, stage_context
 
 
 def run_script(*args, timeout=300):
@@ -97,10 +97,10 @@ def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data,
     import tarfile
 
     from noisystudent.config import load_config
-    from noisystudent.data.imagefolder import load_labeled_data
     from noisystudent.data.shard_io import iter_samples, write_shard
-    from noisystudent.stages.pseudo_label import pseudo_label
-    from noisystudent.stages.teacher import train_teacher
+    from noisystudent.stages.pseudo_label import PseudoLabelStage
+    from noisystudent.stages.stage import run_stage
+    from noisystudent.stages.teacher import TeacherStage
 
     src = sorted((smoke_data / "unlabeled").glob("shard-*.tar"))[:2]
     good = list(iter_samples(str(src[0])))
@@ -124,18 +124,19 @@ def test_corrupt_image_and_truncated_shard_are_counted_when_labeling(smoke_data,
             "tracking.enabled=false",
         ],
     )
-    teacher = train_teacher(cfg, tmp_path / "teacher", load_labeled_data(cfg.data))
-    manifest = pseudo_label(cfg, teacher.model_path, tmp_path / "labels", show_progress=False)
-    reasons = manifest["skipped"]["by_reason"]
+    with stage_context(cfg) as ctx:
+        teacher = run_stage(TeacherStage(tmp_path / "teacher"), ctx)
+        manifest = run_stage(PseudoLabelStage(teacher.model_path, tmp_path / "labels", show_progress=False), ctx)
+    reasons = manifest.skipped.by_reason
     assert reasons["unreadable_image"] == 1 and reasons["truncated_tar"] == 1
-    per = {s["input"].rsplit("/", 1)[-1]: s for s in manifest["shards"]}
-    assert per["a.tar"]["samples"] == len(good) - 1
+    per = {s.input.rsplit("/", 1)[-1]: s for s in manifest.shards}
+    assert per["a.tar"].samples == len(good) - 1
     readable_b = len(list(iter_samples(str(corpus / "b.tar"))))
     whole_b = len(list(iter_samples(str(src[1]))))
-    assert 0 < per["b.tar"]["samples"] == readable_b < whole_b
-    assert per["c.tar"]["samples"] == whole_b - 1
-    assert per["c.tar"]["skipped_by_reason"] == {"damaged_tar_header": 1, "incomplete_sample": 1}
-    assert manifest["skipped"]["samples_lost"] == 1 + reasons["incomplete_sample"]
+    assert 0 < per["b.tar"].samples == readable_b < whole_b
+    assert per["c.tar"].samples == whole_b - 1
+    assert per["c.tar"].skipped_by_reason == {"damaged_tar_header": 1, "incomplete_sample": 1}
+    assert manifest.skipped.samples_lost == 1 + reasons["incomplete_sample"]
 
 
 def test_student_refuses_a_class_set_that_differs_from_its_teachers(smoke_run, smoke_data, tmp_path):

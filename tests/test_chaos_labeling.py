@@ -8,7 +8,6 @@ labeled exactly once, nothing skipped and no temporary file left.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -20,6 +19,7 @@ from collections import Counter
 import pytest
 from conftest import REPO, dask_processes
 
+from noisystudent.data.label_manifest import LabelManifest
 from noisystudent.data.shard_io import iter_samples, write_shard
 from noisystudent.models import ModelSpec, create_model, save_model
 
@@ -95,10 +95,10 @@ def test_10k_samples_labeled_exactly_once_while_workers_are_killed(smoke_data, t
                         pass
             stdout, stderr = job.communicate(timeout=60)
         assert job.returncode == 0, stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    counts = Counter(s["__key__"] for shard in manifest["shards"] for s in iter_samples(shard["output"]))
-    print(f"\nworkers killed: {kills}; samples: {sum(counts.values())}; wall: {manifest['wall_seconds']} s")
+    manifest = LabelManifest.load(out)
+    counts = Counter(s["__key__"] for shard in manifest.shards for s in iter_samples(shard.output))
+    print(f"\nworkers killed: {kills}; samples: {sum(counts.values())}; wall: {manifest.wall_seconds} s")
     assert kills >= 3  # the job really ran through repeated worker deaths
     assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}  # every sample exactly once
-    assert manifest["total_samples"] == N_SHARDS * PER_SHARD and manifest["skipped"]["total"] == 0
+    assert manifest.total_samples == N_SHARDS * PER_SHARD and manifest.skipped.total == 0
     assert not list(out.rglob("*.tmp"))

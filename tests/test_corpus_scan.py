@@ -14,7 +14,8 @@ from noisystudent.analysis.scores import OOD_SCORES, OODScorers
 from noisystudent.data.audit import OOD, hidden_truth
 from noisystudent.data.imagefolder import load_labeled_data
 from noisystudent.data.label_index import features_path, ood_scores_path, read_index
-from noisystudent.labeling.job import load_manifest
+from noisystudent.data.label_manifest import LabelManifest
+from noisystudent.labeling.cluster import ClusterSession
 
 
 def _merged(ranked: Ranked, values: np.ndarray, cuts: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -58,35 +59,36 @@ def test_scan_of_the_smoke_corpus_equals_gathering_it_whole(smoke_run, tmp_path)
     cfg, run_dir, _ = smoke_run
     # a copy of the labeled shards: the scan writes .ood.npz beside them, and the shared run's own
     # scores must stay what its analysis wrote (test_analysis recomputes them)
-    manifest = load_manifest(run_dir / "gen-2" / "labels")
-    for shard in manifest["shards"]:
-        src = Path(shard["output"])
+    manifest = LabelManifest.load(run_dir / "gen-2" / "labels")
+    for shard in manifest.shards:
+        src = Path(shard.output)
         for f in src.parent.glob(src.stem + ".*"):
             if not f.name.endswith(".ood.npz"):
                 shutil.copy(f, tmp_path / f.name)
-        shard["output"] = str(tmp_path / src.name)
+        shard.output = str(tmp_path / src.name)
     names = load_labeled_data(cfg.data).class_names
     # the old way, in memory: every shard's index, features and tags concatenated
-    ix = [read_index(s["output"]) for s in manifest["shards"]]
-    feats = np.concatenate([np.load(features_path(s["output"])).astype(np.float32) for s in manifest["shards"]])
+    ix = [read_index(s.output) for s in manifest.shards]
+    feats = np.concatenate([np.load(features_path(s.output)).astype(np.float32) for s in manifest.shards])
     probs = np.concatenate([i.probs.astype(np.float32) for i in ix])
     lse = np.concatenate([i.logsumexp.astype(np.float32) for i in ix])
     conf = np.concatenate([i.confidence.astype(np.float32) for i in ix])
     labels = np.concatenate([i.labels for i in ix])
-    truth = np.concatenate([hidden_truth(s["input"], i.keys, names) for s, i in zip(manifest["shards"], ix)])
+    truth = np.concatenate([hidden_truth(s.input, i.keys, names) for s, i in zip(manifest.shards, ix)])
     scorers = OODScorers.fit(feats[::3], labels[::3], len(names), knn_k=5, bank_size=200, seed=0)
     expected = scorers(probs, lse, feats)
 
     a = cfg.analysis
-    scan = scan_corpus(manifest, scorers, names, a, cfg.cluster, show_progress=False)
+    with ClusterSession(cfg.cluster) as cluster:
+        scan = scan_corpus(manifest, scorers, names, a, cluster, show_progress=False)
     assert len(scan) == len(conf) and BYTES_PER_SAMPLE == 28
     assert np.array_equal(scan.confidence, conf) and np.array_equal(scan.label, labels)
     assert np.array_equal(scan.truth, truth) and scan.is_ood.sum() == (truth == OOD).sum() > 0
     for s in OOD_SCORES:
         assert np.allclose(scan.scores[s], expected[s].astype(np.float32), rtol=1e-5, atol=1e-5)
-    for shard in manifest["shards"]:  # written beside every shard, keyed like it
-        with np.load(ood_scores_path(shard["output"])) as z:
-            assert np.array_equal(z["keys"], read_index(shard["output"]).keys)
+    for shard in manifest.shards:  # written beside every shard, keyed like it
+        with np.load(ood_scores_path(shard.output)) as z:
+            assert np.array_equal(z["keys"], read_index(shard.output).keys)
     lists = ranked_lists(a, len(conf))
     n = lists["highest_confidence"].k
     order = np.argsort(conf, kind="stable")
@@ -103,14 +105,16 @@ def test_scan_of_the_smoke_corpus_equals_gathering_it_whole(smoke_run, tmp_path)
 
 
 def test_the_labeling_manifest_counts_hidden_tags_per_shard(smoke_run):
-    from noisystudent.data.audit import hidden_fields_of, may_have_hidden_tags
+    from noisystudent.data.audit import hidden_fields_of
+    from noisystudent.data.label_manifest import ShardEntry
 
     _, run_dir, _ = smoke_run
-    manifest = load_manifest(run_dir / "gen-1" / "labels")
-    for shard in manifest["shards"]:
-        assert shard["hidden_tags"] == len(hidden_fields_of(shard["input"])) > 0
-        assert may_have_hidden_tags(shard)
+    manifest = LabelManifest.load(run_dir / "gen-1" / "labels")
+    for shard in manifest.shards:
+        assert shard.hidden_tags == len(hidden_fields_of(shard.input)) > 0
+        assert shard.may_have_hidden_tags
     # a corpus without eval.json members says 0 (the audit and analysis then never re-read it);
     # a manifest written before the count says nothing, which means "read it"
-    assert not may_have_hidden_tags({**manifest["shards"][0], "hidden_tags": 0})
-    assert may_have_hidden_tags({k: v for k, v in manifest["shards"][0].items() if k != "hidden_tags"})
+    written = manifest.shards[0].to_json()
+    assert not ShardEntry.from_json({**written, "hidden_tags": 0}).may_have_hidden_tags
+    assert ShardEntry.from_json({k: v for k, v in written.items() if k != "hidden_tags"}).may_have_hidden_tags

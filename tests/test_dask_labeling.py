@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,11 @@ import numpy as np
 import pytest
 from conftest import REPO, dask_processes
 
+from noisystudent.data.label_manifest import LabelManifest
 from noisystudent.data.shard_io import iter_samples, write_shard
+from noisystudent.labeling.cluster import ClusterSession
+from noisystudent.labeling.corpus import label_corpus
+from noisystudent.labeling.job import LabelingJob
 from noisystudent.models import ModelSpec, create_model, save_model
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -60,8 +63,8 @@ def _label_cmd(root: Path, out: Path, *overrides: str) -> list[str]:
     return cmd
 
 
-def _output_keys(manifest: dict) -> Counter:
-    return Counter(s["__key__"] for shard in manifest["shards"] for s in iter_samples(shard["output"]))
+def _output_keys(manifest: LabelManifest) -> Counter:
+    return Counter(s["__key__"] for shard in manifest.shards for s in iter_samples(shard.output))
 
 
 def _wait(cond, timeout: float, what: str):
@@ -104,11 +107,11 @@ def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpu
             stdout, stderr = job.communicate(timeout=600)
         assert job.returncode == 0, stderr[-3000:]
     assert killed_while
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = LabelManifest.load(out)
     counts = _output_keys(manifest)
     assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}  # every sample exactly once
-    assert manifest["total_samples"] == len(keys) and manifest["skipped"]["total"] == 0
-    workers = Counter(s["worker"] for s in manifest["shards"])
+    assert manifest.total_samples == len(keys) and manifest.skipped.total == 0
+    workers = Counter(s.worker for s in manifest.shards)
     assert any(w != victim for w in workers)  # the survivor finished the victim's work
     assert not list(out.rglob("*.tmp"))  # no half-written shard left behind
 
@@ -129,9 +132,9 @@ def test_kill_9_of_whole_job_then_rerun_labels_only_unfinished_shards(corpus, tm
     assert 3 <= len(finished_before) < 12
     r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["shards_reused"] == len(finished_before)
-    assert manifest["shards_labeled"] == 12 - len(finished_before)
+    manifest = LabelManifest.load(out)
+    assert manifest.shards_reused == len(finished_before)
+    assert manifest.shards_labeled == 12 - len(finished_before)
     assert {n: (out / n).stat().st_mtime_ns for n in finished_before} == finished_before  # not rewritten
     counts = _output_keys(manifest)
     assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}
@@ -141,7 +144,6 @@ def test_kill_9_of_whole_job_then_rerun_labels_only_unfinished_shards(corpus, tm
 def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_changes(corpus, tmp_path, monkeypatch):
     from noisystudent.config import ClusterConfig, DataConfig
     from noisystudent.data import pseudo_labels as shards
-    from noisystudent.labeling.job import label_corpus
 
     root, keys = corpus
     inputs = sorted(str(p) for p in (root / "in").glob("part-*.tar"))[:3]
@@ -153,31 +155,30 @@ def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_ch
     data = DataConfig(image_size=32, channels=1, mean=[0.286], std=[0.353])
     spec = ModelSpec("test_resnet", 10, 1, 32, [str(c) for c in range(10)], [0.286], [0.353])
     save_model(tmp_path / "t.pt", create_model(spec).eval(), spec)
-    cluster = ClusterConfig(n_workers=1)
     cache = tmp_path / "cache"
     monkeypatch.chdir(tmp_path)  # a relative cache_dir still yields a manifest usable from anywhere
 
     def run(out, **kw):
-        return label_corpus(
-            tmp_path / "t.pt", inputs, out, data, cluster, 64, show_progress=False, cache_dir="cache", **kw
-        )
+        job = LabelingJob.for_checkpoint(tmp_path / "t.pt", data, batch_size=64, cache_dir="cache", **kw)
+        with ClusterSession(ClusterConfig(n_workers=1)) as cluster:
+            return label_corpus(job, inputs, out, cluster, show_progress=False)
 
     first = run("exp-a")
-    assert first["shards_labeled"] == 3 and first["shard_dir"].startswith(str(cache))
-    assert all(os.path.isabs(s["output"]) and os.path.isfile(s["output"]) for s in first["shards"])
+    assert first.shards_labeled == 3 and first.shard_dir.startswith(str(cache))
+    assert all(os.path.isabs(s.output) and os.path.isfile(s.output) for s in first.shards)
     other = run("exp-b")  # another experiment, same teacher + preprocessing: nothing recomputed
-    assert other["shards_reused"] == 3 and other["shards_labeled"] == 0
-    assert [s["output"] for s in other["shards"]] == [s["output"] for s in first["shards"]]
+    assert other.shards_reused == 3 and other.shards_labeled == 0
+    assert other.outputs == first.outputs
     os.utime(inputs[1], ns=(time.time_ns(), time.time_ns()))  # the input changed: only it is relabeled
     changed = run("exp-c")
-    assert changed["shards_reused"] == 2 and changed["shards_labeled"] == 1
-    assert changed["shards"][1]["input_identity"]["mtime_ns"] == os.stat(inputs[1]).st_mtime_ns
+    assert changed.shards_reused == 2 and changed.shards_labeled == 1
+    assert changed.shards[1].input_identity["mtime_ns"] == os.stat(inputs[1]).st_mtime_ns
     tta = run("exp-d", tta_hflip=True)  # different preprocessing: a different cache entry
-    assert tta["shards_labeled"] == 3 and tta["shard_dir"] != first["shard_dir"]
+    assert tta.shards_labeled == 3 and tta.shard_dir != first.shard_dir
 
     # provenance and the public reader API
-    assert first["teacher"]["sha256"] and first["preprocessing"]["image_size"] == 32
-    assert sum(first["class_counts"]) == first["total_samples"] == sum(first["confidence_hist"]) == 180
+    assert first.teacher.sha256 and first.preprocessing["image_size"] == 32
+    assert sum(first.class_counts) == first.total_samples == sum(first.confidence_hist) == 180
     table = shards.load_table(tmp_path / "exp-a")
     assert len(table) == 180 and table.probs.shape == (180, 10)
     np.testing.assert_allclose(table.probs.astype(np.float32).sum(1), 1.0, atol=1e-2)
@@ -218,18 +219,16 @@ def test_slurm_job_script_requests_gpus_and_dask_resources():
     assert task_resources(cfg.cluster) == {"GPU": 1}
 
 
-def test_labeling_stages_inside_shared_cluster_reuse_its_workers(corpus, tmp_path):
-    """iterate wraps its generations in shared_cluster: with cluster.reuse=true two labeling passes
-    run on the same worker processes (one start-up, torch imported once); outside it, or with
-    cluster.reuse=false (the default), each pass starts its own cluster, and the shared one is
-    closed when the block ends."""
+def test_labeling_passes_of_one_cluster_session_reuse_its_workers(corpus, tmp_path):
+    """iterate runs its generations in one ClusterSession: with cluster.reuse=true two labeling
+    passes run on the same worker processes (one start-up, torch imported once); in another
+    session, or with cluster.reuse=false (the default), each pass starts its own cluster, and the
+    shared one is closed when its session ends."""
     from dataclasses import replace
 
     import torch
 
     from noisystudent.config import ClusterConfig, DataConfig
-    from noisystudent.labeling.cluster import shared_cluster
-    from noisystudent.labeling.job import label_corpus
 
     root, _ = corpus
     inputs = sorted(str(p) for p in (root / "in").glob("part-*.tar"))[:2]
@@ -242,20 +241,22 @@ def test_labeling_stages_inside_shared_cluster_reuse_its_workers(corpus, tmp_pat
         teachers.append(tmp_path / f"t{seed}.pt")
     cluster = ClusterConfig(n_workers=1, reuse=True)
 
-    def workers(manifest: dict) -> set[str]:
-        assert manifest["shards_labeled"] == len(inputs)
-        return {s["worker"] for s in manifest["shards"]}
+    def workers(manifest: LabelManifest) -> set[str]:
+        assert manifest.shards_labeled == len(inputs)
+        return {s.worker for s in manifest.shards}
 
-    with shared_cluster(cluster):
-        a = label_corpus(teachers[0], inputs, tmp_path / "a", data, cluster, 64, show_progress=False)
-        b = label_corpus(teachers[1], inputs, tmp_path / "b", data, cluster, 64, show_progress=False)
-    assert workers(a) == workers(b) and a["dashboard"] == b["dashboard"]
-    # the shared cluster is gone: the next pass gets a new worker (ports are random: a new cluster
+    def label(session: ClusterSession, teacher: Path, out: str) -> LabelManifest:
+        job = LabelingJob.for_checkpoint(teacher, data, batch_size=64)
+        return label_corpus(job, inputs, tmp_path / out, session, show_progress=False)
+
+    with ClusterSession(cluster) as session:
+        a, b = label(session, teachers[0], "a"), label(session, teachers[1], "b")
+    assert workers(a) == workers(b) and a.dashboard == b.dashboard
+    # that session is closed: a pass in a new one gets a new worker (ports are random: a new cluster
     # repeating both the worker's and the dashboard's port is a one-in-a-billion event)
-    c = label_corpus(teachers[0], inputs, tmp_path / "c", data, cluster, 64, show_progress=False)
-    assert (workers(c), c["dashboard"]) != (workers(a), a["dashboard"])
-    off = replace(cluster, reuse=False)
-    with shared_cluster(off):
-        d = label_corpus(teachers[0], inputs, tmp_path / "d", data, off, 64, show_progress=False)
-        e = label_corpus(teachers[1], inputs, tmp_path / "e", data, off, 64, show_progress=False)
-    assert (workers(d), d["dashboard"]) != (workers(e), e["dashboard"])
+    with ClusterSession(cluster) as session:
+        c = label(session, teachers[0], "c")
+    assert (workers(c), c.dashboard) != (workers(a), a.dashboard)
+    with ClusterSession(replace(cluster, reuse=False)) as session:
+        d, e = label(session, teachers[0], "d"), label(session, teachers[1], "e")
+    assert (workers(d), d.dashboard) != (workers(e), e.dashboard)

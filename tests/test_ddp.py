@@ -8,15 +8,30 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from conftest import REPO, smoke_overrides
 from conftest import run_script as _script
 
+from noisystudent.data.label_manifest import LabelManifest
+from noisystudent.engine.train import DEBUG_RANKS_ENV
 
-def _torchrun_env() -> dict:
-    return {**os.environ, "NOISYSTUDENT_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+def _torchrun_env(debug_dir: Path) -> dict:
+    """gloo on CPU, and the debug flag: every rank records what it read and drew in ``debug_dir``."""
+    return {
+        **os.environ,
+        "NOISYSTUDENT_DIST_BACKEND": "gloo",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        DEBUG_RANKS_ENV: str(debug_dir),
+    }
+
+
+def _rank_records(debug_dir: Path) -> list[dict]:
+    return [json.loads((debug_dir / f"rank-{r}.json").read_text()) for r in (0, 1)]
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -41,14 +56,21 @@ def test_torchrun_logs_the_mean_loss_over_ranks_draws_noise_per_rank_and_stops_t
         "teacher.augment.cutout=0.0",
     ]
     _script(
-        "train_teacher.py", "--out", str(out), launcher=TORCHRUN, overrides=overrides, env=_torchrun_env(), timeout=600
+        "train_teacher.py",
+        "--out",
+        str(out),
+        launcher=TORCHRUN,
+        overrides=overrides,
+        env=_torchrun_env(tmp_path / "ranks"),
+        timeout=600,
     )
     result = json.loads((out / "result.json").read_text())
+    records = _rank_records(tmp_path / "ranks")
 
     from noisystudent.config import load_config
+    from noisystudent.data.geometry import create_eval_transform
     from noisystudent.data.imagefolder import load_labeled_data
     from noisystudent.models import load_model
-    from noisystudent.noise import create_eval_transform
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
     images = load_labeled_data(cfg.data).train.with_transform(create_eval_transform(cfg.data))
@@ -58,7 +80,7 @@ def test_torchrun_logs_the_mean_loss_over_ranks_draws_noise_per_rank_and_stops_t
     steps = len(images) // 2 // batch
     losses = []
     with torch.no_grad():
-        for record in sorted(result["data_by_rank"], key=lambda d: d["rank"]):
+        for record in records:
             order = record["labeled_indices"]
             for step in range(steps):
                 xs, ys = zip(*(images[i] for i in order[step * batch : (step + 1) * batch]))
@@ -68,13 +90,13 @@ def test_torchrun_logs_the_mean_loss_over_ranks_draws_noise_per_rank_and_stops_t
     assert math.isclose(logged, sum(losses) / len(losses), rel_tol=1e-4), (logged, losses)
 
     # each rank's model noise comes from its own stream: its dropout masks differ from the other's
-    draws = [d["noise_draw"] for d in sorted(result["data_by_rank"], key=lambda d: d["rank"])]
+    draws = [d["noise_draw"] for d in records]
     assert len(draws) == 2 and all(len(d) == 4 for d in draws) and draws[0] != draws[1]
 
     # the weights never change, so validation never improves after epoch 1: patience 1 stops both
     # ranks after epoch 2 (a rank that went on alone would hang the other at its next collective)
     assert [row["epoch"] for row in result["history"]] == [1, 2]
-    assert result["epochs_by_rank"] == [2, 2]
+    assert [d["epochs"] for d in records] == [2, 2]
     assert result["history"][0]["val_top1"] == result["history"][1]["val_top1"]
 
 
@@ -106,20 +128,20 @@ def test_torchrun_two_ranks_split_data_and_rank0_alone_writes(smoke_data, tmp_pa
         str(out),
         launcher=TORCHRUN,
         overrides=base + ["student.epochs=2", "pseudo_label.threshold=0.0"],
-        env=_torchrun_env(),
+        env=_torchrun_env(tmp_path / "ranks"),
     )
     assert r.stdout.count("student finished") == 1  # only rank 0 reports
 
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and len(result["history"]) == 2
-    ranks = sorted(result["data_by_rank"], key=lambda d: d["rank"])
+    ranks = _rank_records(tmp_path / "ranks")
     assert [d["rank"] for d in ranks] == [0, 1]
     lab0, lab1 = (set(d["labeled_indices"]) for d in ranks)
     assert lab0 and lab1 and not lab0 & lab1  # DistributedSampler: disjoint labeled slices
     shards0, shards1 = (set(d["pseudo_shards"]) for d in ranks)
-    manifest = json.loads((tmp_path / "labels" / "manifest.json").read_text())
+    manifest = LabelManifest.load(tmp_path / "labels")
     assert shards0 and shards1 and not shards0 & shards1  # pseudo-labeled shards split by rank
-    assert shards0 | shards1 == {s["output"] for s in manifest["shards"]}
+    assert shards0 | shards1 == set(manifest.outputs)
     assert result["history"][-1]["train_pseudo_loss"] > 0
 
     # rank 0 alone checkpointed: one final model, no leftovers, exactly one MLflow run

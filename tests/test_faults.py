@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 from conftest import REPO, smoke_overrides
 
+from noisystudent.data.label_index import ood_scores_path
+from noisystudent.data.label_manifest import LabelManifest
+
 
 def _cmd(script: str, overrides: list[str], *args: str) -> list[str]:
     cmd = [sys.executable, f"pipelines/{script}", "--config", "configs/smoke.yaml", *args]
@@ -67,10 +70,10 @@ def test_disk_full_while_labeling_fails_cleanly_then_rerun_completes(smoke_run, 
 
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    clean = json.loads((run_dir / "gen-1" / "labels" / "manifest.json").read_text())
-    assert manifest["total_samples"] == clean["total_samples"] and len(manifest["shards"]) == len(clean["shards"])
-    assert manifest["class_counts"] == clean["class_counts"]  # same teacher, same labels as the clean run
+    manifest = LabelManifest.load(out)
+    clean = LabelManifest.load(run_dir / "gen-1" / "labels")
+    assert manifest.total_samples == clean.total_samples and len(manifest.shards) == len(clean.shards)
+    assert manifest.class_counts == clean.class_counts  # same teacher, same labels as the clean run
 
 
 def test_disk_full_while_training_leaves_no_checkpoint_then_rerun_completes(smoke_data, tmp_path):
@@ -97,7 +100,7 @@ def test_kill_9_during_teacher_training_resumes_after_last_epoch(smoke_data, tmp
     ]
     cmd = _cmd("iterate.py", over, "--generations", "0")
     _kill_when(cmd, lambda: (run_dir / "gen-0" / "teacher" / "last.pt").exists(), "a teacher epoch checkpoint")
-    assert not (run_dir / "gen-0" / "teacher" / "DONE").exists(), "the kill came too late"
+    assert not (run_dir / "gen-0" / "teacher" / "result.json").exists(), "the kill came too late"
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming after epoch" in r.stdout
@@ -118,9 +121,9 @@ def test_kill_9_during_analysis_then_rerun_finishes_it(smoke_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "gen 0: already done" in r.stdout and teacher.stat().st_mtime_ns == before  # nothing retrained
     summary = json.loads((analysis / "summary.json").read_text())
-    manifest = json.loads((run_dir / "gen-1" / "labels" / "manifest.json").read_text())
-    assert summary["samples"] == manifest["total_samples"]  # every corpus image scored once
-    for shard in manifest["shards"]:
-        with np.load(Path(shard["output"]).with_name(Path(shard["output"]).name[:-4] + ".ood.npz")) as z:
-            assert len(z["keys"]) == shard["samples"] and len(set(z["keys"].tolist())) == shard["samples"]
+    manifest = LabelManifest.load(run_dir / "gen-1" / "labels")
+    assert summary["samples"] == manifest.total_samples  # every corpus image scored once
+    for shard in manifest.shards:
+        with np.load(ood_scores_path(shard.output)) as z:
+            assert len(z["keys"]) == shard.samples and len(set(z["keys"].tolist())) == shard.samples
     assert _leftovers(run_dir) == []

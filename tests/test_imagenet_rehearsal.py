@@ -19,11 +19,14 @@ import torch
 from conftest import REPO
 from PIL import Image
 
+from noisystudent.analysis.result import AnalysisResult
 from noisystudent.config import flatten, load_config, to_dict
+from noisystudent.data.geometry import create_eval_transform
 from noisystudent.data.imagefolder import load_labeled_data
+from noisystudent.data.label_manifest import LabelManifest
 from noisystudent.errors import DataError
-from noisystudent.noise import create_eval_transform
 from noisystudent.prepare.imagenet_like import WNIDS, write_imagenet_like
+from noisystudent.resume import DoneMarker
 
 IMAGENET = REPO / "configs" / "imagenet.yaml"
 OVERLAY = REPO / "configs" / "rehearsal" / "imagenet-cpu.yaml"
@@ -171,12 +174,12 @@ def test_the_imagenet_recipe_rehearsal_runs_through_labeling_student_and_analysi
         stem = next(v for k, v in ckpt["model"].items() if v.ndim == 4)
         assert stem.shape[1] == 3  # the first convolution reads RGB
 
-    labels = json.loads((run / "gen-1" / "labels" / "manifest.json").read_text())
-    assert labels["preprocessing"]["image_size"] == 224 and labels["preprocessing"]["channels"] == 3
-    assert sum(s["samples"] for s in labels["shards"]) == 108 and all(s["skipped"] == 0 for s in labels["shards"])
-    for shard in labels["shards"]:
-        index = np.load(Path(shard["output"]).with_suffix(".index.npz"))
-        assert index["probs"].shape == (shard["samples"], 4)
+    labels = LabelManifest.load(run / "gen-1" / "labels")
+    assert labels.preprocessing["image_size"] == 224 and labels.preprocessing["channels"] == 3
+    assert sum(s.samples for s in labels.shards) == 108 and all(s.skipped == 0 for s in labels.shards)
+    for shard in labels.shards:
+        index = np.load(Path(shard.output).with_suffix(".index.npz"))
+        assert index["probs"].shape == (shard.samples, 4)
         assert np.allclose(index["probs"].sum(1), 1, atol=1e-2)
 
     student = rows[1]
@@ -185,10 +188,10 @@ def test_the_imagenet_recipe_rehearsal_runs_through_labeling_student_and_analysi
     assert student["images_kept"] == 64 + sum(kept)
     assert 0 < student["pl_kept_unique"] <= sum(kept) and student["pl_skipped"] == 0
 
-    analysis = json.loads((run / "gen-1" / "analysis" / "summary.json").read_text())
-    assert analysis["samples"] == 108 and analysis["ood_tagged"] == 12
-    assert set(analysis["ood"]) == {"msp", "entropy", "energy", "mahalanobis", "knn"}
-    assert all(0.0 <= v["auroc"] <= 1.0 for v in analysis["ood"].values())
+    analysis = DoneMarker(run / "gen-1" / "analysis" / "summary.json", AnalysisResult).read()
+    assert analysis.samples == 108 and analysis.ood_tagged == 12
+    assert set(analysis.ood) == {"msp", "entropy", "energy", "mahalanobis", "knn"}
+    assert all(0.0 <= v.auroc <= 1.0 for v in analysis.ood.values())
     assert (run / "analysis" / "report.html").is_file()
     test = json.loads((run / "gen-1" / "eval.json").read_text())
     assert sorted(test["test_per_class"]) == list(WNIDS[:4])

@@ -13,11 +13,12 @@ from conftest import REPO, smoke_overrides
 from PIL import Image
 
 from noisystudent.config import AugmentConfig, Config, TrainConfig, load_config
+from noisystudent.data.geometry import create_eval_transform
 from noisystudent.data.imagefolder import LabeledImages, cache_plan, load_labeled_data, scan_image_folder
 from noisystudent.engine.batches import BatchSource
 from noisystudent.engine.distributed import DistEnv
 from noisystudent.errors import DataError
-from noisystudent.noise import create_eval_transform, create_train_transform
+from noisystudent.noise import create_train_transform
 
 
 def _data(smoke_data, tmp_path, *extra):

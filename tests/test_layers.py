@@ -15,8 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "noisystudent"
 #: Bottom to top. A module may import its own layer and those below it; within one layer only
 #: its own package (no sideways imports between, say, the loop and the experiments).
 LAYERS = [
-    ("base", ["noisystudent", "noisystudent.errors", "noisystudent.io", "noisystudent.plots"]),
+    ("base", ["noisystudent", "noisystudent.errors", "noisystudent.io", "noisystudent.plots", "noisystudent.records"]),
     ("storage", ["noisystudent.storage"]),  # local paths and URLs (fsspec): every file the data layer opens
+    ("resume", ["noisystudent.resume"]),  # done markers: a record written last, locally or in object storage
     ("config", ["noisystudent.config"]),
     ("data", ["noisystudent.data"]),
     ("models and noise", ["noisystudent.models", "noisystudent.noise", "noisystudent.prepare"]),

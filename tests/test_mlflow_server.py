@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from conftest import REPO, smoke_overrides, wait_for_http
 
+from noisystudent.data.label_manifest import LabelManifest
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -148,8 +150,8 @@ def test_parent_nested_lineage_metrics_artifacts(tracked_run):
 def test_registered_versions_aliases_and_loading(tracked_run, smoke_data, tmp_path):
     import mlflow
 
+    from noisystudent.data.geometry import create_eval_transform
     from noisystudent.data.imagefolder import load_labeled
-    from noisystudent.noise import create_eval_transform
     from noisystudent.tracking.registry import load_tracked_model
 
     uri, run_dir = tracked_run
@@ -254,9 +256,9 @@ def test_pseudo_label_stage_takes_teacher_by_mlflow_run_id(tracked_run, smoke_da
         cmd += ["--set", o]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["teacher"]["mlflow_run_id"] == gen0["mlflow_run_id"]
-    assert manifest["teacher"]["sha256"] == gen0["sha256"]  # the very checkpoint that run logged
+    manifest = LabelManifest.load(out)
+    assert manifest.teacher.mlflow_run_id == gen0["mlflow_run_id"]
+    assert manifest.teacher.sha256 == gen0["sha256"]  # the very checkpoint that run logged
     client = mlflow.MlflowClient(tracking_uri=uri)
     stage_run = client.get_run((out / "mlflow_run_id").read_text().strip())
     assert stage_run.data.tags["teacher_run_id"] == gen0["mlflow_run_id"]

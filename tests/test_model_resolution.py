@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from conftest import stage_context
 
+from noisystudent.data.geometry import create_eval_transform
 from noisystudent.data.imagefolder import load_labeled_data
-from noisystudent.engine.evaluate import eval_loader, predict
+from noisystudent.engine.predict import eval_loader, predict
 from noisystudent.models import ModelSpec, create_model, save_model
-from noisystudent.noise import create_eval_transform
 from noisystudent.stages.evaluate import evaluate_model
 
 
@@ -39,12 +40,13 @@ def test_evaluation_uses_the_checkpoint_resolution(smoke_config, tmp_path):
     model = create_model(spec).eval()
     save_model(tmp_path / "model.pt", model, spec)
 
-    metrics = evaluate_model(tmp_path / "model.pt", cfg, data, tmp_path)
+    with stage_context(cfg) as ctx:
+        report = evaluate_model(tmp_path / "model.pt", ctx, tmp_path)
 
     own = _nll(model, data.test, spec.data_config(cfg.data))
     base = _nll(model, data.test, cfg.data)
     assert spec.data_config(cfg.data).image_size == 20 and spec.data_config(cfg.data).mean == [0.5]
-    assert abs(metrics["test_nll"] - own) < 1e-5
+    assert abs(report.test_nll - own) < 1e-5
     assert abs(own - base) > 1e-3  # the two resolutions really differ for this model
 
 

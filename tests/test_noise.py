@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from noisystudent.config import AugmentConfig, DataConfig
+from noisystudent.data.geometry import create_eval_transform
 from noisystudent.noise import (
     RANDAUGMENT_OPS,
     augmentation_grid,
-    create_eval_transform,
     create_train_transform,
     randaugment_ops,
 )

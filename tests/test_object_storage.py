@@ -26,6 +26,7 @@ from conftest import REPO, dask_processes, run_script, smoke_overrides, wait_for
 
 from noisystudent import storage  # noqa: E402
 from noisystudent.data.label_index import read_feature_rows, read_index  # noqa: E402
+from noisystudent.data.label_manifest import LabelManifest  # noqa: E402
 from noisystudent.data.shard_io import encode_png, expand_urls, iter_samples, write_shard  # noqa: E402
 from noisystudent.errors import ShardError, StorageError  # noqa: E402
 from noisystudent.models import ModelSpec, create_model, save_model  # noqa: E402
@@ -126,13 +127,13 @@ def test_s3_round_trip_bucket_to_bucket_student_trains_from_it_and_a_rerun_reuse
         overrides=[*smoke_overrides(smoke_data, run), *remote, "data.num_workers=1"],
     )
 
-    manifest = json.loads((run / "gen-1" / "labels" / "manifest.json").read_text())
-    assert [s["input"] for s in manifest["shards"]] == inputs
-    outputs = [s["output"] for s in manifest["shards"]]
+    manifest = LabelManifest.load(run / "gen-1" / "labels")
+    assert [s.input for s in manifest.shards] == inputs
+    outputs = manifest.outputs
     assert all(o.startswith("s3://labels/cache/teacher-") for o in outputs)
-    assert manifest["shards_labeled"] + manifest["shards_reused"] == 4  # the teacher's analysis may label first
+    assert manifest.shards_labeled + manifest.shards_reused == 4  # the teacher's analysis may label first
     local_samples = sum(1 for p in sorted((smoke_data / "unlabeled").glob("*.tar")) for _ in iter_samples(str(p)))
-    assert manifest["total_samples"] == local_samples and manifest["skipped"]["total"] == 0
+    assert manifest.total_samples == local_samples and manifest.skipped.total == 0
     in_bucket = s3.keys("labels", "cache/")
     for out in outputs:  # every sidecar, published beside its shard: labeling's and the analysis'
         stem = out[len("s3://labels/") : -len(".tar")]
@@ -237,11 +238,11 @@ def test_a_worker_killed_mid_upload_leaves_no_partial_object_and_the_retry_publi
     assert in_flight, "the kill came after the upload finished"
     assert visible == [], f"a killed upload left visible objects: {visible}"
     assert job.returncode == 0, stderr[-3000:]
-    manifest = json.loads((tmp_path / "labels" / "manifest.json").read_text())
-    (shard,) = manifest["shards"]
-    assert read_index(shard["output"]).keys.tolist() == keys  # whole: every sample, once, in order
-    assert [s["__key__"] for s in iter_samples(shard["output"])] == keys
-    assert s3.unfinished_uploads("big-out") == [] and manifest["stale_temporaries_removed"] >= 1
+    manifest = LabelManifest.load(tmp_path / "labels")
+    (shard,) = manifest.shards
+    assert read_index(shard.output).keys.tolist() == keys  # whole: every sample, once, in order
+    assert [s["__key__"] for s in iter_samples(shard.output)] == keys
+    assert s3.unfinished_uploads("big-out") == [] and manifest.stale_temporaries_removed >= 1
 
 
 def test_feature_rows_read_by_range_from_a_bucket_equal_the_local_file(s3, tmp_path):
@@ -258,7 +259,9 @@ def test_http_corpus_is_read_by_streaming_and_http_outputs_are_refused(smoke_dat
     """`python -m http.server` has no range requests and no listing API: shards are named by a
     brace pattern and streamed once, gzip included; writing to http is one clear error."""
     from noisystudent.config import ClusterConfig, DataConfig
-    from noisystudent.labeling.job import label_corpus
+    from noisystudent.labeling.cluster import ClusterSession
+    from noisystudent.labeling.corpus import label_corpus
+    from noisystudent.labeling.job import LabelingJob
 
     served = tmp_path / "www"
     served.mkdir()
@@ -283,15 +286,13 @@ def test_http_corpus_is_read_by_streaming_and_http_outputs_are_refused(smoke_dat
         spec = ModelSpec("test_resnet", 10, 1, 28, [str(c) for c in range(10)], [0.286], [0.353])
         save_model(tmp_path / "t.pt", create_model(spec).eval(), spec)
         data = DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353])
-        first = label_corpus(
-            tmp_path / "t.pt", urls, tmp_path / "labels", data, ClusterConfig(n_workers=1), show_progress=False
-        )
-        assert [read_index(s["output"]).keys.tolist() for s in first["shards"]] == expected
-        assert all("Last-Modified" in s["input_identity"] for s in first["shards"])
-        again = label_corpus(
-            tmp_path / "t.pt", urls, tmp_path / "labels", data, ClusterConfig(n_workers=1), show_progress=False
-        )
-        assert again["shards_reused"] == 3  # the identity (size, Last-Modified) is stable
+        job = LabelingJob.for_checkpoint(tmp_path / "t.pt", data)
+        with ClusterSession(ClusterConfig(n_workers=1)) as cluster:
+            first = label_corpus(job, urls, tmp_path / "labels", cluster, show_progress=False)
+            assert [read_index(s.output).keys.tolist() for s in first.shards] == expected
+            assert all("Last-Modified" in s.input_identity for s in first.shards)
+            again = label_corpus(job, urls, tmp_path / "labels", cluster, show_progress=False)
+        assert again.shards_reused == 3  # the identity (size, Last-Modified) is stable
         with pytest.raises(StorageError, match="read-only"):
             storage.write_bytes(f"{base}/new.tar", b"x")
         with pytest.raises(StorageError, match="no such object"):

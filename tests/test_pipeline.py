@@ -12,47 +12,48 @@ import os
 import numpy as np
 
 from noisystudent.data.label_index import META_EXT, PROBS_EXT, read_index
+from noisystudent.data.label_manifest import LabelManifest
 from noisystudent.data.shard_io import expand_urls, iter_samples
 
 
 def test_generation_rows_and_files(smoke_run):
     cfg, run_dir, rows = smoke_run
-    assert [r["generation"] for r in rows] == [0, 1, 2]
-    assert [r["model"] for r in rows] == ["test_efficientnet", "test_resnet", "test_resnet"]
-    assert rows[0]["role"] == "teacher" and rows[1]["role"] == rows[2]["role"] == "student"
+    assert [r.generation for r in rows] == [0, 1, 2]
+    assert [r.model for r in rows] == ["test_efficientnet", "test_resnet", "test_resnet"]
+    assert rows[0].role == "teacher" and rows[1].role == rows[2].role == "student"
     for r in rows:
-        assert 0.0 <= r["test_top1"] <= 1.0 and r["test_ece"] >= 0.0
-        assert os.path.isfile(r["model_path"])
+        assert 0.0 <= r.test_top1 <= 1.0 and r.test_ece >= 0.0
+        assert os.path.isfile(r.model_path)
     for r in rows[1:]:
-        assert r["images_kept"] > 100  # labeled + selected pseudo-labels
-        assert 0.0 <= r["pl_acc"] <= 1.0  # audited against the hidden eval.json labels
+        assert r.images_kept > 100  # labeled + selected pseudo-labels
+        assert 0.0 <= r.pl_acc <= 1.0  # audited against the hidden eval.json labels
     assert (run_dir / "config.yaml").is_file() and (run_dir / "results.json").is_file()
-    assert json.loads((run_dir / "results.json").read_text()) == rows
+    assert json.loads((run_dir / "results.json").read_text()) == [r.to_json() for r in rows]
 
 
 def test_pseudo_label_shards_schema(smoke_run, smoke_data):
     cfg, run_dir, _ = smoke_run
     inputs = expand_urls(cfg.data.unlabeled_shards)
-    manifest = json.loads((run_dir / "gen-1" / "labels" / "manifest.json").read_text())
-    assert len(manifest["shards"]) == len(inputs)  # one output shard per input shard
+    manifest = LabelManifest.load(run_dir / "gen-1" / "labels")
+    assert len(manifest.shards) == len(inputs)  # one output shard per input shard
     input_keys = [s["__key__"] for u in inputs for s in iter_samples(u)]
-    output_samples = [s for sh in manifest["shards"] for s in iter_samples(sh["output"])]
+    output_samples = [s for sh in manifest.shards for s in iter_samples(sh.output)]
     assert [s["__key__"] for s in output_samples] == input_keys  # nothing lost, nothing duplicated
-    assert manifest["total_samples"] == len(input_keys) and manifest["skipped"]["total"] == 0
-    assert sum(manifest["class_counts"]) == len(input_keys) == sum(manifest["confidence_hist"])
+    assert manifest.total_samples == len(input_keys) and manifest.skipped.total == 0
+    assert sum(manifest.class_counts) == len(input_keys) == sum(manifest.confidence_hist)
     sample = output_samples[0]
     probs = np.load(__import__("io").BytesIO(sample[PROBS_EXT]), allow_pickle=False)
     meta = json.loads(sample[META_EXT])
     assert probs.shape == (10,) and abs(float(probs.sum()) - 1.0) < 1e-2
     assert float(probs[meta["label"]]) >= float(probs.max()) - 1e-3  # argmax up to float16 rounding
     assert abs(meta["confidence"] - float(probs.max())) < 1e-2
-    assert meta["source_key"] == sample["__key__"] and meta["teacher"] == manifest["teacher"]["sha256"][:16]
+    assert meta["source_key"] == sample["__key__"] and meta["teacher"] == manifest.teacher.sha256[:16]
     assert "eval.json" not in sample  # hidden evaluation fields never reach the training shards
-    ix = read_index(manifest["shards"][0]["output"])
-    assert len(ix.keys) == manifest["shards"][0]["samples"]
+    ix = read_index(manifest.shards[0].output)
+    assert len(ix.keys) == manifest.shards[0].samples
     assert np.allclose(
         ix.confidence.max(),
-        max(json.loads(s[META_EXT])["confidence"] for s in iter_samples(manifest["shards"][0]["output"])),
+        max(json.loads(s[META_EXT])["confidence"] for s in iter_samples(manifest.shards[0].output)),
         atol=1e-3,
     )
 
@@ -78,7 +79,7 @@ def test_mlflow_parent_and_nested_runs(smoke_run):
         history = client.get_metric_history(c.info.run_id, "val_top1")
         epochs = cfg.teacher.epochs if g == 0 else cfg.student.epochs
         assert [m.step for m in history] == list(range(1, epochs + 1))
-        assert abs(c.data.metrics["test_top1"] - rows[g]["test_top1"]) < 1e-9
+        assert abs(c.data.metrics["test_top1"] - rows[g].test_top1) < 1e-9
         assert any(k.startswith("test_acc_") for k in c.data.metrics)  # per-class accuracy
         artifacts = {a.path for a in client.list_artifacts(c.info.run_id)}
         assert {"config.yaml", "eval.json", "model.pt", "confusion_test.png"} <= artifacts
@@ -96,6 +97,6 @@ def test_rerun_resumes_without_recomputing(smoke_run, capsys):
     watched += sorted((run_dir / "gen-1" / "labels").glob("*.tar"))
     before = {p: p.stat().st_mtime_ns for p in watched}
     again = iterate(cfg).generations
-    assert [r.test_top1 for r in again] == [r["test_top1"] for r in rows]
+    assert [r.test_top1 for r in again] == [r.test_top1 for r in rows]
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     assert capsys.readouterr().out.count("already done") == 3

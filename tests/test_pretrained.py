@@ -92,12 +92,12 @@ def test_teacher_stage_records_where_its_weights_came_from(smoke_config, tmp_pat
 
     import mlflow
 
-    from noisystudent.stages.runner import run_single_stage
+    from noisystudent.stages.runner import StageRequest, run_single_stage
 
     path, _ = _written(tmp_path, name="test_efficientnet")  # the smoke ladder's teacher, 10 classes, grayscale
     out = tmp_path / "teacher"
     cfg = smoke_config("teacher.epochs=1", "tracking.log_models=false", f"teacher.pretrained_file={path}")
-    run_single_stage(cfg, "teacher", out)
+    run_single_stage(cfg, StageRequest("teacher", out))
     source = json.loads((out / "result.json").read_text())["weights_source"]
     assert source.startswith(f"file {path} (sha256 ")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")

@@ -12,12 +12,12 @@ import torch
 
 from noisystudent.data.label_index import INDEX_VERSION, PROBS_EXT, index_path, read_index
 from noisystudent.data.pseudo_stream import PseudoLabeledStream
-from noisystudent.data.selection import select_pseudo_labels
-from noisystudent.data.shard_io import decode_image, encode_png, iter_samples, write_shard
-from noisystudent.labeling.job import shard_done
-from noisystudent.labeling.shard import pseudo_label_shard
-from noisystudent.models import ModelSpec, create_model
-from noisystudent.noise import create_eval_transform
+from noisystudent.data.selection import SelectionRule, select_pseudo_labels
+from noisystudent.data.shard_io import ShardWriter, decode_image, encode_png, iter_samples
+from noisystudent.labeling.corpus import finished_summary
+from noisystudent.labeling.job import LabelingJob
+from noisystudent.labeling.shard import cached_teacher, pseudo_label_shard
+from noisystudent.models import ModelSpec, create_model, save_model
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,12 @@ def labeled_shard(smoke_data, tmp_path_factory):
 
     data = DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353])
     spec = ModelSpec("test_resnet", 10, 1, 28, [str(c) for c in range(10)], [0.286], [0.353])
-    model = create_model(spec).eval()
-    out = tmp_path_factory.mktemp("pl") / "shard-000000.tar"
+    root = tmp_path_factory.mktemp("pl")
+    save_model(root / "t.pt", create_model(spec).eval(), spec)
+    job = LabelingJob.for_checkpoint(root / "t.pt", data)
+    out = root / "shard-000000.tar"
     src = sorted(glob.glob(str(smoke_data / "unlabeled" / "shard-*.tar")))[0]
-    summary = pseudo_label_shard(src, str(out), model, create_eval_transform(data), data, "t")
+    summary = pseudo_label_shard(src, str(out), cached_teacher(job), job)
     return out, summary
 
 
@@ -41,7 +43,7 @@ def _identity(img):
 def test_index_records_offsets_and_probs_that_match_the_tar(labeled_shard):
     out, summary = labeled_shard
     ix = read_index(out)
-    assert ix.version == INDEX_VERSION and shard_done(out) and (ix.image_offset >= 0).all()
+    assert ix.version == INDEX_VERSION and finished_summary(str(out)) == summary and (ix.image_offset >= 0).all()
     assert ix.probs.shape == (summary.samples, 10)
     raw = out.read_bytes()
     for i, sample in enumerate(iter_samples(str(out))):
@@ -54,7 +56,7 @@ def test_index_records_offsets_and_probs_that_match_the_tar(labeled_shard):
 
 def test_seek_path_yields_exactly_what_tar_parsing_yields(labeled_shard):
     out, _ = labeled_shard
-    selection = select_pseudo_labels([str(out)], 10, threshold=0.0, balance=False)
+    selection = select_pseudo_labels([str(out)], 10, SelectionRule())
     fast = list(PseudoLabeledStream(selection, 1, 10, _identity).read_shard(str(out)))
     # the same samples, parsed from the tar member by member
     slow = [
@@ -75,7 +77,7 @@ def test_truncated_pseudo_label_shard_is_counted_not_lost_silently(labeled_shard
     raw = out.read_bytes()
     cut.write_bytes(raw[: len(raw) // 2])
     Path(index_path(cut)).write_bytes(Path(index_path(out)).read_bytes())
-    selection = select_pseudo_labels([str(cut)], 10, threshold=0.0, balance=False)
+    selection = select_pseudo_labels([str(cut)], 10, SelectionRule())
     stream = PseudoLabeledStream(selection, 1, 10, _identity)
     got = list(stream.read_shard(str(cut)))
     assert 0 < len(got) < summary.samples
@@ -96,21 +98,21 @@ def test_png_fast_decode_matches_pil_and_refuses_bombs():
         decode_image(bytes(bomb), 1)
 
 
-def test_write_shard_reports_member_offsets(tmp_path):
-    offsets: dict = {}
+def test_the_shard_writer_reports_member_offsets(tmp_path):
     samples = [
         {"__key__": f"k{i}", "png": encode_png(np.full((5, 5), i, np.uint8)), "x.json": {"i": i}} for i in range(5)
     ]
-    write_shard(tmp_path / "s.tar", samples, offsets=offsets)
+    with ShardWriter(tmp_path / "s.tar") as writer:
+        placed = [writer.write(s) for s in samples]
     raw = (tmp_path / "s.tar").read_bytes()
-    for s in samples:
-        off, size = offsets[s["__key__"]]["png"]
+    for s, members in zip(samples, placed):
+        off, size = members["png"]
         assert raw[off : off + size] == s["png"]
 
 
 def test_the_shuffle_buffer_holds_encoded_bytes_and_noises_samples_as_they_leave(labeled_shard):
     out, _ = labeled_shard
-    selection = select_pseudo_labels([str(out)], 10, threshold=0.0, balance=False)
+    selection = select_pseudo_labels([str(out)], 10, SelectionRule())
     calls = []
 
     def counting(img):

@@ -37,7 +37,7 @@ def test_kill_during_student_then_resume(smoke_data, tmp_path):
     assert last.exists(), "student never checkpointed an epoch"
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job: the loop and its Dask workers
     proc.wait()
-    assert not (run_dir / "gen-1" / "student" / "DONE").exists(), "the kill came too late to test resume"
+    assert not (run_dir / "gen-1" / "student" / "result.json").exists(), "the kill came too late to test resume"
 
     teacher = run_dir / "gen-0" / "teacher" / "model.pt"
     shards = sorted((run_dir / "gen-1" / "labels").glob("*.tar"))
@@ -60,11 +60,11 @@ def test_resume_with_a_changed_recipe_is_refused_with_a_diff_unless_allowed(smok
     import mlflow
 
     from noisystudent.config import yaml_load
-    from noisystudent.stages.runner import run_single_stage
+    from noisystudent.stages.runner import StageRequest, run_single_stage
 
     out = tmp_path / "teacher"
     cfg = smoke_config("teacher.epochs=1", "tracking.log_models=false")
-    run_single_stage(cfg, "teacher", out)
+    run_single_stage(cfg, StageRequest("teacher", out))
     stored = (out / "config.yaml").read_text()
 
     def script(*extra: str):
@@ -81,7 +81,9 @@ def test_resume_with_a_changed_recipe_is_refused_with_a_diff_unless_allowed(smok
     assert (out / "config.yaml").read_text() == stored
 
     # a knob that does not change results (where and how fast it runs): accepted as it is
-    run_single_stage(cfg.with_overrides({"data.num_workers": 1, "tracking.log_models": False}), "teacher", out)
+    run_single_stage(
+        cfg.with_overrides({"data.num_workers": 1, "tracking.log_models": False}), StageRequest("teacher", out)
+    )
 
     # the explicit flag continues, keeps the old config beside the new one and records both in MLflow
     r = script("teacher.lr=0.0005", "--allow-config-change")

@@ -8,8 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from noisystudent.data.label_index import write_index
-from noisystudent.data.selection import ClassBalancer, ConfidenceFilter, OODFilter, select_pseudo_labels
+from noisystudent.data.label_index import IndexRows, write_index
+from noisystudent.data.selection import (
+    ClassBalancer,
+    ConfidenceFilter,
+    OODFilter,
+    SelectionRule,
+    select_pseudo_labels,
+)
 
 
 def test_confidence_filter_is_inclusive():
@@ -46,15 +52,15 @@ def test_select_across_shards_threshold_then_balance(tmp_path):
         path = tmp_path / f"shard-{s}.tar"
         labels = rng.integers(0, 4, 50)
         conf = rng.uniform(0.1, 1.0, 50).astype(np.float32)
-        write_index(path, [f"k{s}-{i}" for i in range(50)], labels.tolist(), conf.tolist(), [0.0] * 50)
+        write_index(path, IndexRows([f"k{s}-{i}" for i in range(50)], labels.tolist(), conf.tolist(), [0.0] * 50))
         shards.append(str(path))
-    plain = select_pseudo_labels(shards, 4, threshold=0.5, balance=False)
+    plain = select_pseudo_labels(shards, 4, SelectionRule(threshold=0.5, balance=False))
     all_conf = np.concatenate([np.load(tmp_path / f"shard-{s}.index.npz")["confidence"] for s in range(3)])
     assert plain.total == plain.kept_unique == int((all_conf >= 0.5).sum())
     assert plain.total_candidates == 150
-    balanced = select_pseudo_labels(shards, 4, threshold=0.5, balance=True, per_class=30)
+    balanced = select_pseudo_labels(shards, 4, SelectionRule(threshold=0.5, balance=True, per_class=30))
     assert balanced.kept_per_class == [30, 30, 30, 30]
-    higher = select_pseudo_labels(shards, 4, threshold=0.9, balance=False)
+    higher = select_pseudo_labels(shards, 4, SelectionRule(threshold=0.9, balance=False))
     assert higher.total < plain.total
     # every selected row really passes the threshold, and every row that passes is selected
     for shard in higher.shards:
@@ -110,17 +116,12 @@ def test_stored_selection_equals_the_in_memory_one_is_reused_and_stays_small(tmp
     for s in range(6):
         path = tmp_path / f"shard-{s}.tar"
         n = 2000
-        write_index(
-            path,
-            [f"k{s}-{i}" for i in range(n)],
-            rng.integers(0, 5, n).tolist(),
-            rng.uniform(0, 1, n).astype(np.float32).tolist(),
-            [0.0] * n,
-        )
+        labels, conf = rng.integers(0, 5, n).tolist(), rng.uniform(0, 1, n).astype(np.float32).tolist()
+        write_index(path, IndexRows([f"k{s}-{i}" for i in range(n)], labels, conf, [0.0] * n))
         shards.append(str(path))
-    memory = select_pseudo_labels(shards, 5, threshold=0.4, balance=True, per_class=1500, seed=1)
+    memory = select_pseudo_labels(shards, 5, SelectionRule(threshold=0.4, balance=True, per_class=1500, seed=1))
     stored = select_pseudo_labels(
-        shards, 5, threshold=0.4, balance=True, per_class=1500, seed=1, store_dir=tmp_path / "run"
+        shards, 5, SelectionRule(threshold=0.4, balance=True, per_class=1500, seed=1), store_dir=tmp_path / "run"
     )
     assert stored.store and stored.arrays is None and stored.kept_per_class == memory.kept_per_class == [1500] * 5
     for s in shards:
@@ -128,11 +129,11 @@ def test_stored_selection_equals_the_in_memory_one_is_reused_and_stays_small(tmp
     files = sorted(Path(stored.store).iterdir())
     stamp = [f.stat().st_mtime_ns for f in files]
     again = select_pseudo_labels(
-        shards, 5, threshold=0.4, balance=True, per_class=1500, seed=1, store_dir=tmp_path / "run"
+        shards, 5, SelectionRule(threshold=0.4, balance=True, per_class=1500, seed=1), store_dir=tmp_path / "run"
     )
     assert again.store == stored.store and [f.stat().st_mtime_ns for f in files] == stamp  # reused, not rewritten
     other = select_pseudo_labels(
-        shards, 5, threshold=0.5, balance=True, per_class=1500, seed=1, store_dir=tmp_path / "run"
+        shards, 5, SelectionRule(threshold=0.5, balance=True, per_class=1500, seed=1), store_dir=tmp_path / "run"
     )
     assert other.store != stored.store  # keyed by the parameters
     # what a loader worker receives: the shard list and totals, no per-sample data

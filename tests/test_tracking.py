@@ -112,8 +112,8 @@ def test_a_registered_generation_serves_encoded_images_and_float_arrays(tmp_path
     from PIL import Image
 
     from noisystudent.config import DataConfig, TrackingConfig, load_config
+    from noisystudent.data.geometry import create_eval_transform
     from noisystudent.models import ModelSpec, create_model, save_model
-    from noisystudent.noise import create_eval_transform
     from noisystudent.tracking.registry import log_and_register_model
     from noisystudent.tracking.tracker import Tracker
 

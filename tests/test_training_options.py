@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from noisystudent.config import AugmentConfig, Config, ConfigError, TrainConfig, load_config
+from noisystudent.data.geometry import create_eval_transform
 from noisystudent.data.imagefolder import LabeledImages
 from noisystudent.engine.precision import keep_fp32_where_cpu_bf16_fails, resolve_amp
-from noisystudent.engine.train import train_model
+from noisystudent.engine.train import TrainingJob, train_model
 from noisystudent.errors import NonFiniteTrainingError
 from noisystudent.models import load_checkpoint
-from noisystudent.noise import create_eval_transform, create_train_transform
+from noisystudent.noise import create_train_transform
 
 STAGE = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=0.0, augment=AugmentConfig(num_ops=1, magnitude=4))
 
@@ -49,8 +50,8 @@ def _weights(path) -> dict:
 def test_ema_weights_are_the_ones_validated_and_handed_on(tmp_path):
     cfg = _cfg(amp="off")
     train, val = _data(cfg)
-    raw = train_model(STAGE, cfg, "resnet10t", tmp_path / "raw", train, val)
-    ema = train_model(replace(STAGE, ema_decay=0.9), cfg, "resnet10t", tmp_path / "ema", train, val)
+    raw = train_model(TrainingJob(STAGE, "resnet10t", tmp_path / "raw", train, val), cfg)
+    ema = train_model(TrainingJob(replace(STAGE, ema_decay=0.9), "resnet10t", tmp_path / "ema", train, val), cfg)
     a, b = _weights(raw.model_path), _weights(ema.model_path)
     # EMA does not change the training trajectory (same seed), only what is saved: an average of
     # the recent weights, close to but not equal to the raw final weights
@@ -67,7 +68,7 @@ def test_ema_weights_are_the_ones_validated_and_handed_on(tmp_path):
 def test_compiled_training_writes_plain_checkpoints(tmp_path):
     cfg = _cfg(amp="off", compile=True)
     train, val = _data(cfg)
-    result = train_model(replace(STAGE, epochs=1), cfg, "resnet10t", tmp_path / "c", train, val)
+    result = train_model(TrainingJob(replace(STAGE, epochs=1), "resnet10t", tmp_path / "c", train, val), cfg)
     keys = list(_weights(result.model_path))
     assert keys and not any(k.startswith("_orig_mod.") for k in keys)  # loads into an uncompiled model
     assert np.isfinite(result.history[-1]["train_loss"])
@@ -77,7 +78,7 @@ def _learns_in_bf16(tmp_path, stage: TrainConfig) -> list[int]:
     """Trains in bf16; returns the skipped (non-finite) steps of each epoch."""
     cfg = _cfg(amp="bf16")
     train, val = _data(cfg)
-    result = train_model(stage, cfg, "resnet10t", tmp_path, train, val)
+    result = train_model(TrainingJob(stage, "resnet10t", tmp_path, train, val), cfg)
     assert all(np.isfinite(row["train_loss"]) for row in result.history)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.history[-1]["val_top1"] > 0.5  # 4 classes: chance is 0.25
@@ -165,7 +166,7 @@ def test_a_nonfinite_loss_skips_its_step_and_is_counted(tmp_path):
     cfg = _cfg(amp="off")
     train, val = _marked(cfg)
     train = train.with_transform(_Poisoned(create_eval_transform(cfg.data), nan_images={7}))
-    result = train_model(replace(STAGE, epochs=3), cfg, "resnet10t", tmp_path / "t", train, val)
+    result = train_model(TrainingJob(replace(STAGE, epochs=3), "resnet10t", tmp_path / "t", train, val), cfg)
     # 96 images, 6 steps of 16 per epoch: the poisoned image is in exactly one step of each epoch
     assert [row["skipped_steps"] for row in result.history] == [1, 1, 1]
     assert all(np.isfinite(row["train_loss"]) for row in result.history)  # the skipped step is not in the mean
@@ -179,9 +180,9 @@ def test_steps_that_stay_nonfinite_stop_the_run_and_keep_the_last_good_checkpoin
     train, val = _marked(cfg)
     train = train.with_transform(_Poisoned(create_eval_transform(cfg.data), nan_images=set(), clean_calls=96))
     with pytest.raises(NonFiniteTrainingError, match=r"epoch 2 step 3: 3 step\(s\) in a row .*train_loss=nan"):
-        train_model(replace(STAGE, epochs=4), cfg, "resnet10t", tmp_path / "t", train, val)
+        train_model(TrainingJob(replace(STAGE, epochs=4), "resnet10t", tmp_path / "t", train, val), cfg)
     last = load_checkpoint(tmp_path / "t" / "last.pt")
-    assert last["epoch"] == 1 and not (tmp_path / "t" / "DONE").exists()
+    assert last["epoch"] == 1 and not (tmp_path / "t" / "result.json").exists()
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 

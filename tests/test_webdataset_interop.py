@@ -16,7 +16,10 @@ from conftest import REPO  # noqa: E402
 
 from noisystudent.config import load_config  # noqa: E402
 from noisystudent.data.label_index import read_index  # noqa: E402
-from noisystudent.labeling.job import label_corpus  # noqa: E402
+from noisystudent.data.label_manifest import LabelManifest  # noqa: E402
+from noisystudent.labeling.cluster import ClusterSession  # noqa: E402
+from noisystudent.labeling.corpus import label_corpus  # noqa: E402
+from noisystudent.labeling.job import LabelingJob  # noqa: E402
 from noisystudent.models import ModelSpec, create_model, save_model  # noqa: E402
 
 
@@ -69,17 +72,20 @@ def test_a_corpus_written_by_webdataset_tools_is_labeled_with_every_key_once(tmp
         ["data.channels=3", "data.image_size=32", "cluster.n_workers=1", "cluster.reuse=false"],
     )
     urls = [str(tmp_path / n) for n in ("00000.tar", "00001.tar", "00002.tar.gz")]
-    manifest = label_corpus(
-        _teacher(tmp_path / "teacher.pt"), urls, tmp_path / "labels", cfg.data, cfg.cluster, show_progress=False
-    )
-    keys = [k for s in manifest["shards"] for k in read_index(s["output"]).keys.tolist()]
+    manifest = _label(_teacher(tmp_path / "teacher.pt"), urls, tmp_path / "labels", cfg)
+    keys = [k for s in manifest.shards for k in read_index(s.output).keys.tolist()]
     assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))  # every key exactly once
-    assert manifest["total_samples"] == len(expected) == 23
-    assert manifest["skipped"]["by_reason"] == {"no_image_member": 1}  # the failed download, counted by name
+    assert manifest.total_samples == len(expected) == 23
+    assert manifest.skipped.by_reason == {"no_image_member": 1}  # the failed download, counted by name
     # the label shards keep the source's own image bytes under the source's extension
-    out = {s["input"]: s["output"] for s in manifest["shards"]}
+    out = {s.input: s.output for s in manifest.shards}
     ix = read_index(out[urls[1]])
     assert sorted(set(ix.image_ext.tolist())) == ["jpeg", "jpg", "png", "webp"]
+
+
+def _label(teacher, urls: list[str], out: Path, cfg) -> LabelManifest:
+    with ClusterSession(cfg.cluster) as cluster:
+        return label_corpus(LabelingJob.for_checkpoint(teacher, cfg.data), urls, out, cluster, show_progress=False)
 
 
 def _readme_snippet(name: str) -> str:
@@ -116,16 +122,9 @@ def test_readme_snippet_trains_from_our_label_shards_with_plain_webdataset(smoke
         model.get_classifier().weight.mul_(5000.0)
     save_model(tmp_path / "teacher.pt", model, spec)
     labels = tmp_path / "runs" / "default" / "gen-1" / "labels"
-    manifest = label_corpus(
-        tmp_path / "teacher.pt",
-        expand_urls(cfg.data.unlabeled_shards),
-        labels,
-        cfg.data,
-        cfg.cluster,
-        show_progress=False,
-    )
-    confident = sum(int((read_index(s["output"]).confidence >= 0.8).sum()) for s in manifest["shards"])
-    assert 64 <= confident < manifest["total_samples"]  # the threshold keeps some and drops some
+    manifest = _label(tmp_path / "teacher.pt", expand_urls(cfg.data.unlabeled_shards), labels, cfg)
+    confident = sum(int((read_index(s.output).confidence >= 0.8).sum()) for s in manifest.shards)
+    assert 64 <= confident < manifest.total_samples  # the threshold keeps some and drops some
 
     monkeypatch.chdir(tmp_path)  # the snippet's relative path, as in a checkout after a run
     scope: dict = {}

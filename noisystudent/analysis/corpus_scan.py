@@ -26,12 +26,13 @@ from distributed import as_completed
 from tqdm import tqdm
 
 from .. import storage
-from ..config import OOD_SCORES, AnalysisConfig, ClusterConfig
-from ..data.audit import OOD, UNTAGGED, hidden_truth, may_have_hidden_tags
+from ..config import OOD_SCORES, AnalysisConfig
+from ..data.audit import OOD, UNTAGGED, hidden_truth
 from ..data.label_index import features_path, ood_scores_path, read_feature_rows, read_features, read_index
+from ..data.label_manifest import LabelManifest, ShardEntry
 from ..data.pseudo_stream import images_by_offset
 from ..data.shard_io import SkipCounter
-from ..labeling.cluster import create_client
+from ..labeling.cluster import ClusterSession
 from .scores import OODScorers
 
 
@@ -97,7 +98,7 @@ class ShardScan:
 
 
 def score_shard(
-    shard: dict,
+    shard: ShardEntry,
     scorers: OODScorers,
     class_names: list[str],
     lists: dict[str, Ranked],
@@ -108,7 +109,7 @@ def score_shard(
     its scalars and top-k candidates (rows local to the shard)."""
     if threads > 0:
         torch.set_num_threads(threads)
-    output = shard["output"]
+    output = shard.output
     ix = read_index(output)
     fpath = features_path(output)
     if not storage.exists(fpath):
@@ -122,7 +123,7 @@ def score_shard(
     scores = scorers(ix.probs.astype(np.float32), ix.logsumexp.astype(np.float32), pooled)
     with storage.atomic_output(ood_scores_path(output)) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, keys=ix.keys, **{name: v.astype(np.float32) for name, v in scores.items()})
-    truth = hidden_truth(shard["input"], ix.keys, class_names) if may_have_hidden_tags(shard) else None
+    truth = hidden_truth(shard.input, ix.keys, class_names) if shard.may_have_hidden_tags else None
     dtype = class_dtype(len(class_names))
     label, conf = ix.labels.astype(dtype), ix.confidence.astype(np.float32)
     rows = np.arange(len(label))
@@ -226,25 +227,25 @@ def rows_of_ranks(mask: np.ndarray, ranks: np.ndarray, chunk: int = 1 << 22) -> 
 
 
 def scan_corpus(
-    manifest: dict,
+    manifest: LabelManifest,
     scorers: OODScorers,
     class_names: list[str],
     a: AnalysisConfig,
-    cluster: ClusterConfig,
+    cluster: ClusterSession,
     show_progress: bool = True,
 ) -> CorpusScan:
     """Score every labeled shard of ``manifest`` on the cluster and gather the scalars."""
-    shards = manifest["shards"]
-    offsets = np.concatenate([[0], np.cumsum([int(s["samples"]) for s in shards])]).astype(np.int64)
+    shards = manifest.shards
+    offsets = np.concatenate([[0], np.cumsum([int(s.samples) for s in shards])]).astype(np.int64)
     total = int(offsets[-1])
     dtype = class_dtype(len(class_names))
     label, confidence = np.empty(total, dtype), np.empty(total, np.float32)
     scores = {s: np.empty(total, np.float32) for s in OOD_SCORES}
     truth: np.ndarray | None = None
     lists = ranked_lists(a, total)
-    position = {s["output"]: i for i, s in enumerate(shards)}
-    threads = cluster.torch_threads or cluster.threads_per_worker
-    with create_client(cluster) as client:
+    position = {s.output: i for i, s in enumerate(shards)}
+    threads = cluster.cfg.torch_threads or cluster.cfg.threads_per_worker
+    with cluster.client() as client:
         sent = client.scatter(scorers, broadcast=True)
         futures = client.map(
             score_shard,
@@ -255,7 +256,7 @@ def scan_corpus(
             confident_wrong=a.confident_wrong_threshold,
             threads=threads,
             pure=False,
-            retries=cluster.task_retries,
+            retries=cluster.cfg.task_retries,
         )
         with tqdm(total=len(futures), desc="analysis shards", unit="shard", disable=not show_progress) as bar:
             for fut in as_completed(futures):
@@ -277,4 +278,4 @@ def scan_corpus(
                 for name, r in part.ranked.items():
                     lists[name].add(r.values, r.rows + lo)
                 bar.update(1)
-    return CorpusScan([s["output"] for s in shards], offsets, label, confidence, truth, scores, lists)
+    return CorpusScan([s.output for s in shards], offsets, label, confidence, truth, scores, lists)

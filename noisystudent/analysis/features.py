@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..engine.evaluate import eval_loader
+from ..engine.predict import eval_loader
 from ..models import pooled_and_logits
 
 

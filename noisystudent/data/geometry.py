@@ -1,5 +1,7 @@
-"""The resizes every image goes through before its noise: shared by the transforms and the
-labeled-image cache, so a cached image is exactly what a transform would have made first.
+"""The geometry every image goes through: the clean evaluation view (:class:`EvalTransform`, what
+evaluation, labeling, analysis and serving see) and the resizes that training's noise starts
+from, shared with the labeled-image cache, so a cached image is exactly what a transform would
+have made first.
 
 Images of at most :data:`SMALL_IMAGE_MAX` px (the model's input size) are resized to a square,
 as the embedded demo's 28 px images always were. Larger ones keep their aspect ratio: evaluation
@@ -11,6 +13,9 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import torch
+
+from ..config import DataConfig
 
 #: Model input sizes up to this use the square resize (and pad-and-crop shifts for noise).
 SMALL_IMAGE_MAX = 64
@@ -61,3 +66,34 @@ def cache_geometry(image: np.ndarray, size: int, crop_pct: float) -> np.ndarray:
     """What the labeled-image cache keeps: the square for small sizes, else the short-side resize
     that evaluation starts from (the whole frame, so training can still crop anywhere in it)."""
     return resize_square(image, size) if is_small(size) else resize_short_side(image, eval_short_side(size, crop_pct))
+
+
+class EvalTransform:
+    """uint8 image (HxW gray or HxWx3 RGB) -> normalised float tensor (C, S, S): the clean view a
+    model is evaluated, labels and is served on. Training's noise (:mod:`noisystudent.noise`)
+    extends it."""
+
+    def __init__(self, data: DataConfig):
+        self.size = data.image_size
+        self.channels = c = data.channels
+        self.mean = np.asarray((data.mean * c)[:c] if len(data.mean) == 1 else data.mean, np.float32) * 255.0
+        self.std = np.asarray((data.std * c)[:c] if len(data.std) == 1 else data.std, np.float32) * 255.0
+        self.crop_pct = data.crop_pct
+        self.small = is_small(self.size)
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """The clean view: the square resize for small sizes, else short side then center crop."""
+        return eval_geometry(image, self.size, self.crop_pct)
+
+    def normalize(self, image: np.ndarray) -> torch.Tensor:
+        if image.ndim == 2:
+            image = image[:, :, None]
+        x = (image.astype(np.float32) - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.normalize(self.resize(image))
+
+
+def create_eval_transform(data: DataConfig) -> EvalTransform:
+    return EvalTransform(data)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,34 +80,70 @@ def open_index(shard_path: str | os.PathLike):
     return open_npz(index_path(shard_path))
 
 
-def write_index(
-    shard_path: str | os.PathLike,
-    keys: list[str],
-    labels: list[int],
-    confidence: list[float],
-    entropy: list[float],
-    probs: np.ndarray | None = None,
-    image_members: list[tuple[str, int, int]] | None = None,
-    logsumexp: list[float] | None = None,
-) -> None:
-    """Write ``<name>.index.npz``. ``image_members`` holds (ext, byte offset, size) per sample."""
-    n = len(keys)
-    members = image_members if image_members is not None else [("", -1, 0)] * n
-    with storage.atomic_output(index_path(shard_path)) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                version=np.int32(INDEX_VERSION),
-                keys=np.asarray(keys, dtype=np.str_),
-                labels=np.asarray(labels, dtype=np.int32),
-                confidence=np.asarray(confidence, dtype=np.float32),
-                entropy=np.asarray(entropy, dtype=np.float32),
-                logsumexp=np.asarray(logsumexp if logsumexp is not None else [np.nan] * n, dtype=np.float32),
-                probs=np.asarray(probs if probs is not None else np.zeros((n, 0)), dtype=np.float16),
-                image_ext=np.asarray([m[0] for m in members], dtype=np.str_),
-                image_offset=np.asarray([m[1] for m in members], dtype=np.int64),
-                image_size=np.asarray([m[2] for m in members], dtype=np.int64),
-            )
+@dataclass
+class IndexRows:
+    """Rows of a shard index, one per sample in tar order (see the module docstring)."""
+
+    keys: Sequence[str]
+    labels: Sequence[int]
+    confidence: Sequence[float]
+    entropy: Sequence[float]
+    logsumexp: Sequence[float] | None = None  # NaN if not recorded
+    probs: np.ndarray | None = None  # float16 [n, num_classes]; [n, 0] if not recorded
+    members: Sequence[tuple[str, int, int]] | None = None  # (image ext, byte offset, size); ("", -1, 0) if unknown
+
+
+def write_index(shard_path: str | os.PathLike, rows: IndexRows) -> None:
+    """Write ``<name>.index.npz``."""
+    n = len(rows.keys)
+    members = rows.members if rows.members is not None else [("", -1, 0)] * n
+    with storage.atomic_output(index_path(shard_path)) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            version=np.int32(INDEX_VERSION),
+            keys=np.asarray(rows.keys, dtype=np.str_),
+            labels=np.asarray(rows.labels, dtype=np.int32),
+            confidence=np.asarray(rows.confidence, dtype=np.float32),
+            entropy=np.asarray(rows.entropy, dtype=np.float32),
+            logsumexp=np.asarray(rows.logsumexp if rows.logsumexp is not None else [np.nan] * n, dtype=np.float32),
+            probs=np.asarray(rows.probs if rows.probs is not None else np.zeros((n, 0)), dtype=np.float16),
+            image_ext=np.asarray([m[0] for m in members], dtype=np.str_),
+            image_offset=np.asarray([m[1] for m in members], dtype=np.int64),
+            image_size=np.asarray([m[2] for m in members], dtype=np.int64),
+        )
+
+
+class ShardIndexBuilder:
+    """The index of one labeled shard, built batch by batch as the shard writer places each
+    sample (every row carries where its image member landed in the tar)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self._chunks: list[IndexRows] = []
+
+    def add(self, rows: IndexRows) -> None:
+        self._chunks.append(rows)
+
+    def __len__(self) -> int:
+        return sum(len(c.keys) for c in self._chunks)
+
+    def column(self, name: str) -> np.ndarray:
+        """One field of every row so far (``labels``, ``confidence``, ...), concatenated."""
+        parts = [np.asarray(getattr(c, name)) for c in self._chunks]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def rows(self) -> IndexRows:
+        probs = self.column("probs") if self._chunks else np.zeros((0, self.num_classes), np.float16)
+        members = [m for c in self._chunks for m in c.members]
+        return IndexRows(
+            [k for c in self._chunks for k in c.keys],
+            self.column("labels"),
+            self.column("confidence"),
+            self.column("entropy"),
+            self.column("logsumexp"),
+            probs,
+            members,
+        )
 
 
 @dataclass

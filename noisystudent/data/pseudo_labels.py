@@ -17,7 +17,6 @@ glob/brace pattern, or a list of shard paths.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .label_index import read_index
+from .label_manifest import LabelManifest
 from .pseudo_stream import PseudoLabeledStream
 from .selection import ConfidenceFilter, Selection
 from .shard_io import SkipCounter, expand_urls
@@ -66,11 +66,8 @@ def shard_paths(source: str | os.PathLike | Sequence[str]) -> list[str]:
     if isinstance(source, (list, tuple)):
         return [str(s) for s in source]
     p = Path(source)
-    manifest = p / "manifest.json" if p.is_dir() else p if p.suffix == ".json" else None
-    if manifest is not None:
-        if not manifest.is_file():
-            raise FileNotFoundError(f"no manifest.json in {p}: pass a labeling output directory or a shard pattern")
-        return [s["output"] for s in json.loads(manifest.read_text())["shards"]]
+    if p.is_dir() or p.suffix == ".json":
+        return LabelManifest.load(p).outputs
     return expand_urls(str(source))
 
 

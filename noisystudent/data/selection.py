@@ -10,7 +10,7 @@ so each loader worker loads only its own shards' arrays.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -18,7 +18,9 @@ import numpy as np
 
 from .. import storage
 from ..errors import OODScoreError
-from ..io import atomic_path, read_json, sha256_json, write_json_atomic
+from ..io import atomic_path, sha256_json
+from ..records import JsonRecord
+from ..resume import DoneMarker
 from .label_index import index_path, ood_scores_path, open_index, open_npz
 
 
@@ -66,7 +68,7 @@ class ClassBalancer:
 
 
 @dataclass
-class Selection:
+class Selection(JsonRecord):
     """Which pseudo-labeled samples a student reads, and how many times each: per shard, a repeat
     count for every row of its index (0 = not read), held in ``arrays`` or stored in ``store``."""
 
@@ -82,6 +84,19 @@ class Selection:
     @property
     def total(self) -> int:
         return int(sum(self.kept_per_class))
+
+    def to_json(self) -> dict:
+        """The summary kept in ``selection.json`` (the repeat counts live beside it)."""
+        return {k: v for k, v in super().to_json().items() if k not in ("store", "arrays")}
+
+    def metrics(self) -> dict[str, int]:
+        """What the selection kept, as MLflow metrics."""
+        return {
+            "pl_candidates": self.total_candidates,
+            "pl_kept_unique": self.kept_unique,
+            "pl_dropped_ood": self.dropped_ood,
+            "pl_kept_total": self.total,
+        }
 
     def kept_shards(self) -> list[str]:
         return [s for s, n in zip(self.shards, self.shard_totals) if n > 0]
@@ -161,74 +176,77 @@ class OODFilter:
         return keep
 
 
+@dataclass(frozen=True)
+class SelectionRule:
+    """How a student picks pseudo-labels (``pseudo_label.*`` in the config)."""
+
+    threshold: float = 0.0  # keep confidence >= threshold
+    balance: bool = False  # equalise classes (ClassBalancer)
+    per_class: int = 0  # balancing target per class (0 = the mean kept count)
+    seed: int = 0  # the balancer's draws
+    ood_score: str = ""  # drop the most out-of-distribution images by this analysis score ...
+    ood_drop_fraction: float = 0.0  # ... this share of them
+
+
 def select_pseudo_labels(
-    shards: list[str],
-    num_classes: int,
-    threshold: float,
-    balance: bool,
-    per_class: int = 0,
-    seed: int = 0,
-    ood_score: str = "",
-    ood_drop_fraction: float = 0.0,
-    store_dir: str | os.PathLike | None = None,
+    shards: list[str], num_classes: int, rule: SelectionRule, store_dir: str | os.PathLike | None = None
 ) -> Selection:
     """Threshold, optional OOD drop and balancing over every shard's labels and confidences.
 
     With ``store_dir`` the repeat counts go to ``store_dir/selection-<key>/`` (the key hashes the
-    parameters and the indexes' sizes and times), which a later call with the same inputs reuses;
+    rule and the indexes' sizes and times), which a later call with the same inputs reuses;
     without it they stay in memory.
     """
-    store = None
+    marker = None
     if store_dir is not None:
-        params = {
-            "shards": [[s, _index_stamp(s)] for s in shards],
-            "num_classes": num_classes,
-            "threshold": threshold,
-            "balance": balance,
-            "per_class": per_class,
-            "seed": seed,
-            "ood_score": ood_score,
-            "ood_drop_fraction": ood_drop_fraction,
-        }
-        store = Path(store_dir) / f"selection-{sha256_json(params)[:16]}"
-        if (store / "selection.json").is_file():
-            return Selection(**read_json(store / "selection.json"), store=str(store))
+        params = {"shards": [[s, _index_stamp(s)] for s in shards], "num_classes": num_classes, **asdict(rule)}
+        marker = DoneMarker(Path(store_dir) / f"selection-{sha256_json(params)[:16]}" / "selection.json", Selection)
+        found = marker.read()
+        if found is not None:
+            found.store = str(Path(marker.location).parent)
+            return found
     fields = [read_selection_fields(s) for s in shards]
     sizes = [len(lab) for lab, _ in fields]
     small = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
     labels = np.concatenate([lab.astype(small) for lab, _ in fields]) if fields else np.zeros(0, small)
     conf = np.concatenate([c for _, c in fields]) if fields else np.zeros(0, np.float32)
     del fields
-    keep = ConfidenceFilter(threshold)(conf)
-    dropped_ood = 0
-    if ood_score and ood_drop_fraction > 0 and shards:
-        in_dist = OODFilter(ood_drop_fraction)(np.concatenate([read_ood_scores(s, ood_score) for s in shards]))
-        dropped_ood = int((~in_dist).sum())
-        keep &= in_dist
-    if balance:
-        kept_idx = np.flatnonzero(keep)
-        repeats = np.zeros(len(labels), np.int32)
-        repeats[kept_idx] = ClassBalancer(per_class, seed)(labels[kept_idx], conf[kept_idx], num_classes)
-    else:
-        repeats = keep.astype(np.int32)
+    repeats, dropped_ood = _repeats(shards, labels, conf, num_classes, rule)
     kept = repeats > 0
     kept_per_class = np.bincount(labels[kept], weights=repeats[kept], minlength=num_classes).astype(int).tolist()
     per_shard = np.split(repeats, np.cumsum(sizes)[:-1]) if shards else []
-    summary = {
-        "shards": list(shards),
-        "kept_per_class": kept_per_class,
-        "total_candidates": int(len(labels)),
-        "kept_unique": int(kept.sum()),
-        "dropped_ood": dropped_ood,
-        "shard_totals": [int(r.sum()) for r in per_shard],
-    }
-    if store is None:
-        return Selection(**summary, arrays={s: _compact(r) for s, r in zip(shards, per_shard)})
+    selection = Selection(
+        list(shards), kept_per_class, int(len(labels)), int(kept.sum()), dropped_ood, [int(r.sum()) for r in per_shard]
+    )
+    if marker is None:
+        selection.arrays = {s: _compact(r) for s, r in zip(shards, per_shard)}
+        return selection
+    store = Path(marker.location).parent
     for position, r in enumerate(per_shard):
         with atomic_path(store / _repeats_name(position)) as tmp, open(tmp, "wb") as fh:
             np.save(fh, _compact(r), allow_pickle=False)
-    write_json_atomic(store / "selection.json", summary)  # written last: its presence marks the store complete
-    return Selection(**summary, store=str(store))
+    marker.write(selection)  # last: its presence marks the store complete
+    selection.store = str(store)
+    return selection
+
+
+def _repeats(
+    shards: list[str], labels: np.ndarray, conf: np.ndarray, num_classes: int, rule: SelectionRule
+) -> tuple[np.ndarray, int]:
+    """Every candidate's repeat count (0 = dropped) under ``rule``, and how many the OOD filter dropped."""
+    keep = ConfidenceFilter(rule.threshold)(conf)
+    dropped_ood = 0
+    if rule.ood_score and rule.ood_drop_fraction > 0 and shards:
+        scores = np.concatenate([read_ood_scores(s, rule.ood_score) for s in shards])
+        in_dist = OODFilter(rule.ood_drop_fraction)(scores)
+        dropped_ood = int((~in_dist).sum())
+        keep &= in_dist
+    if not rule.balance:
+        return keep.astype(np.int32), dropped_ood
+    kept_idx = np.flatnonzero(keep)
+    repeats = np.zeros(len(labels), np.int32)
+    repeats[kept_idx] = ClassBalancer(rule.per_class, rule.seed)(labels[kept_idx], conf[kept_idx], num_classes)
+    return repeats, dropped_ood
 
 
 def _compact(repeats: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ a reason, unsafe member names are refused, and nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -26,6 +27,7 @@ from PIL import Image, ImageOps
 
 from .. import storage
 from ..errors import ShardError
+from ..records import JsonRecord
 from .tar_reader import Damage, Member, SampleAssembler, iter_members, open_shard
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm")
@@ -52,6 +54,16 @@ SAMPLE_REASONS = frozenset(
 
 
 @dataclass
+class SkipReport(JsonRecord):
+    """What a :class:`SkipCounter` counted, as it is saved in summaries and manifests."""
+
+    total: int = 0
+    samples_lost: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)
+
+
+@dataclass
 class SkipCounter:
     """Counts samples or members skipped while reading, by reason. Never drop silently."""
 
@@ -73,18 +85,12 @@ class SkipCounter:
         short loses an unknown number more after the cut (one ``truncated_tar`` event)."""
         return sum(n for r, n in self.reasons.items() if r in SAMPLE_REASONS)
 
-    def as_dict(self) -> dict:
-        return {
-            "total": self.total,
-            "samples_lost": self.samples_lost,
-            "by_reason": dict(self.reasons),
-            "examples": list(self.examples),
-        }
+    def report(self) -> SkipReport:
+        return SkipReport(self.total, self.samples_lost, dict(self.reasons), list(self.examples))
 
-    def merge(self, other: SkipCounter | dict) -> None:
-        d = other.as_dict() if isinstance(other, SkipCounter) else other
-        self.reasons.update(d.get("by_reason", {}))
-        self.examples.extend(d.get("examples", [])[: max(0, 20 - len(self.examples))])
+    def merge(self, other: SkipReport) -> None:
+        self.reasons.update(other.by_reason)
+        self.examples.extend(other.examples[: max(0, 20 - len(self.examples))])
 
 
 def expand_urls(spec: str | Iterable[str]) -> list[str]:
@@ -216,38 +222,53 @@ def _member_bytes(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True).encode()
 
 
-def write_shard(
-    path: str | os.PathLike,
-    samples: Iterable[dict[str, Any]],
-    offsets: dict[str, dict[str, tuple[int, int]]] | None = None,
-) -> int:
-    """Write samples to one tar shard atomically; returns the sample count.
+class ShardWriter:
+    """Writes samples into one tar shard, atomically (the shard appears when the writer closes
+    without error). :meth:`write` returns where each member's data landed, so an index can later
+    read a member with one seek instead of parsing the tar.
 
-    Each sample is ``{"__key__": str, ext: bytes | str | ndarray (-> .npy) | json-able}``.
-    Keys must not contain dots (a dot starts the extension in webdataset). If ``offsets`` is
-    given it receives ``key -> ext -> (byte offset, size)`` of every member's data, so an index
-    can later read a member with one seek instead of parsing the tar.
-    """
-    count = 0
-    with storage.atomic_output(path) as tmp:
-        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for sample in samples:
-                key = sample["__key__"]
-                if "." in os.path.basename(key):
-                    raise ValueError(f"sample key {key!r} contains a dot; webdataset keys must not")
-                for ext, value in sample.items():
-                    if ext.startswith("__"):
-                        continue
-                    data = _member_bytes(value)
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    info.mode = 0o444
-                    tar.addfile(info, io.BytesIO(data))
-                    if offsets is not None:  # tar.offset is now past the data's 512-byte padding
-                        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                        offsets.setdefault(key, {})[ext] = (tar.offset - padded, len(data))
-                count += 1
-    return count
+    Each sample is ``{"__key__": str, ext: bytes | str | ndarray (-> .npy) | json-able}``. Keys
+    must not contain dots (a dot starts the extension in webdataset)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self.count = path, 0
+        self._stack = contextlib.ExitStack()
+        self._tar: tarfile.TarFile | None = None
+
+    def __enter__(self) -> ShardWriter:
+        tmp = self._stack.enter_context(storage.atomic_output(self.path))
+        self._tar = self._stack.enter_context(tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self._stack.__exit__(*exc)
+
+    def write(self, sample: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """Append one sample; returns ``ext -> (byte offset, size)`` of each member's data."""
+        key = sample["__key__"]
+        if "." in os.path.basename(key):
+            raise ValueError(f"sample key {key!r} contains a dot; webdataset keys must not")
+        members = {}
+        for ext, value in sample.items():
+            if ext.startswith("__"):
+                continue
+            data = _member_bytes(value)
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mode = 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # tar.offset is past the padding
+            members[ext] = (self._tar.offset - padded, len(data))
+        self.count += 1
+        return members
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> int:
+    """Write samples to one tar shard atomically (see :class:`ShardWriter`); returns the count."""
+    with ShardWriter(path) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return writer.count
 
 
 def write_shards(

@@ -125,10 +125,6 @@ class BatchSource:
         reseed_augmentation(self.pseudo_loader.dataset.transform, int(torch.randint(0, 2**31 - 1, (1,)).item()))
         return iter(self.pseudo_loader)
 
-    def first_pass_record(self, rank: int) -> dict:
-        """What this rank reads in the current epoch's first pass (for the record, and the DDP test)."""
-        return {
-            "rank": rank,
-            "labeled_indices": self.sampler.first_pass(),
-            "pseudo_shards": self.pseudo._my_shards() if self.pseudo is not None else [],
-        }
+    def pseudo_shards(self) -> list[str]:
+        """The pseudo-labeled shards this rank reads in the current epoch (none for a teacher)."""
+        return self.pseudo._my_shards() if self.pseudo is not None else []

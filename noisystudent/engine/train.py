@@ -6,12 +6,18 @@ pseudo-labeled images (soft or hard targets), under input noise (RandAugment) an
 Each epoch ends with a validation pass, an MLflow metrics row and an atomic checkpoint, so a
 killed run resumes at the next epoch. Under torchrun each rank trains on its slice of the data
 with DDP; rank 0 alone validates into the log, checkpoints and writes the result.
+
+:func:`train_model` reads top to bottom: resume or start (:meth:`TrainingLoop.start`), then per
+epoch train (:meth:`TrainingLoop.train_epoch`), validate, checkpoint and log
+(:meth:`TrainingLoop.end_epoch`), then :meth:`TrainingLoop.finish`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,23 +25,30 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import Config, TrainConfig
+from ..data.geometry import create_eval_transform
 from ..data.imagefolder import LabeledImages
 from ..data.pseudo_stream import PseudoLabeledStream
-from ..io import read_json, remove_stale_temporaries, sha256_file, write_json_atomic
+from ..io import remove_stale_temporaries, sha256_file
 from ..models import ModelSpec, create_model, load_checkpoint, save_model, unwrap
-from ..noise import create_eval_transform
+from ..records import JsonRecord
+from ..resume import DoneMarker
 from . import distributed as ddp
 from .batches import Batch, BatchSource
 from .checkpoint import Checkpointer, Progress
 from .device import epoch_seed, resolve_device, rng_fingerprint, seed_everything
-from .evaluate import eval_loader, predict
 from .metrics import classification_report
 from .optim import NonFiniteGuard, Optimization
 from .precision import autocast, keep_fp32_where_cpu_bf16_fails, resolve_amp
+from .predict import eval_loader, predict
+
+#: Debug flag for the DDP tests: a directory where every rank writes what it read and drew first.
+DEBUG_RANKS_ENV = "NOISYSTUDENT_DEBUG_RANKS"
 
 
 @dataclass
-class TrainResult:
+class TrainResult(JsonRecord):
+    """A finished training run; ``result.json`` in its directory (its done marker)."""
+
     model_path: str
     sha256: str
     spec: dict
@@ -44,128 +57,203 @@ class TrainResult:
     best_val_top1: float = 0.0
     seconds: float = 0.0
     world_size: int = 1
-    data_by_rank: list = field(default_factory=list)  # under torchrun: what each rank read in its first epoch
-    epochs_by_rank: list = field(default_factory=list)  # under torchrun: the epochs each rank trained (all equal)
     weights_source: str = "random init"  # where the initial weights came from
 
+
+def result_marker(out_dir: str | Path) -> DoneMarker[TrainResult]:
+    return DoneMarker(Path(out_dir) / "result.json", TrainResult)
+
+
+@dataclass
+class TrainingJob:
+    """What one training run trains: a recipe and a model, on labeled (and, for a student,
+    pseudo-labeled) images, into ``out_dir``."""
+
+    recipe: TrainConfig
+    model_name: str
+    out_dir: Path
+    labeled: LabeledImages
+    val: LabeledImages | None = None
+    pseudo: PseudoLabeledStream | None = None  # a student's pseudo-labeled stream
+    init_from: str | None = None  # start from another checkpoint's weights
+    desc: str = "train"  # the progress bar's and log lines' prefix
+
+    def model_spec(self, cfg: Config) -> ModelSpec:
+        return ModelSpec(
+            name=self.model_name,
+            num_classes=len(self.labeled.class_names),
+            in_chans=cfg.data.channels,
+            image_size=cfg.data.image_size,
+            class_names=list(self.labeled.class_names),
+            mean=list(cfg.data.mean),
+            std=list(cfg.data.std),
+        )
+
+
+def train_model(job: TrainingJob, cfg: Config, tracker=None) -> TrainResult:
+    """Train (or resume) one model in ``job.out_dir``: ``model.pt``, then ``result.json`` last.
+    ``tracker`` receives one metrics row per epoch."""
+    done = result_marker(job.out_dir).read()
+    if done is not None:
+        return done
+    loop = TrainingLoop.start(job, cfg, tracker)
+    for epoch in range(loop.progress.epoch, job.recipe.epochs):
+        seed_everything(epoch_seed(cfg.seed, loop.env.rank, epoch))  # this rank's model and pseudo-label noise
+        row = loop.train_epoch(epoch)
+        row.update(loop.validate(epoch))
+        if loop.end_epoch(row):
+            break
+    return loop.finish()
+
+
+@dataclass
+class TrainingLoop:
+    """The state of one training run: the model, its data, optimizer and checkpoints."""
+
+    job: TrainingJob
+    cfg: Config
+    env: ddp.DistEnv
+    model: torch.nn.Module  # the trained module (its weights are saved)
+    net: torch.nn.Module  # what runs forward/backward: the model, or its DDP / compiled wrapper
+    batches: BatchSource
+    optimization: Optimization
+    checkpointer: Checkpointer
+    progress: Progress
+    spec: ModelSpec
+    guard: NonFiniteGuard
+    val: LabeledImages | None = None  # at this model's resolution (a ladder may change it per generation)
+    tracker: object | None = None
+    started: float = field(default_factory=time.time)
+    weights_source: str = "random init"
+    first_epoch: int = 0  # the epoch this session starts at (after a resume, not 0)
+
     @classmethod
-    def load(cls, out_dir: Path) -> TrainResult:
-        return cls(**read_json(out_dir / "result.json"))
-
-
-def train_model(
-    recipe: TrainConfig,
-    cfg: Config,
-    model_name: str,
-    out_dir: str | Path,
-    labeled: LabeledImages,
-    val: LabeledImages | None = None,
-    *,
-    pseudo: PseudoLabeledStream | None = None,
-    tracker=None,
-    init_from: str | None = None,
-    desc: str = "train",
-) -> TrainResult:
-    """Train (or resume) one model in ``out_dir``; writes ``model.pt`` and ``DONE`` at the end.
-
-    A student passes its ``pseudo``-labeled stream; ``init_from`` starts from another checkpoint's
-    weights; ``tracker`` receives one metrics row per epoch."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "DONE").is_file():
-        return TrainResult.load(out_dir)
-    env, device = _start_process(cfg, out_dir)
-    start = time.time()
-    spec = ModelSpec(
-        name=model_name,
-        num_classes=len(labeled.class_names),
-        in_chans=cfg.data.channels,
-        image_size=cfg.data.image_size,
-        class_names=list(labeled.class_names),
-        mean=list(cfg.data.mean),
-        std=list(cfg.data.std),
-    )
-    model, net = build_model(spec, recipe, cfg, device, env, init_from)
-    source = weights_source(recipe, init_from)
-    if tracker is not None and env.is_main:
-        tracker.set_tags({"weights_source": source})
-    batches = BatchSource(
-        recipe,
-        labeled,
-        pseudo,
-        seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-        channels_last=cfg.channels_last,
-        device=device,
-        env=env,
-    )
-    if val is not None:  # validate at this model's resolution (a ladder may change it per generation)
-        val = val.with_transform(create_eval_transform(cfg.data))
-    optimization = Optimization(model, recipe, batches.steps_per_epoch, cfg.amp, device)
-    checkpointer = Checkpointer(out_dir / "last.pt")
-    progress = checkpointer.resume(model, optimization)
-    if progress.epoch:
-        start -= progress.seconds
-        print(f"[{desc}] resuming after epoch {progress.epoch}/{recipe.epochs}")
-
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, model)
-    first_epoch, data_by_rank = progress.epoch, []
-    for epoch in range(first_epoch, recipe.epochs):
-        seed_everything(epoch_seed(cfg.seed, env.rank, epoch))  # this rank's model noise and pseudo-label augmentation
-        noise_draw = rng_fingerprint(device) if epoch == first_epoch and env.enabled else None
-        row = train_epoch(
-            net,
+    def start(cls, job: TrainingJob, cfg: Config, tracker=None) -> TrainingLoop:
+        """Join torchrun's group (if any), build the model and its data, resume from ``last.pt``."""
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        env, device = _start_process(cfg, job.out_dir)
+        spec = job.model_spec(cfg)
+        model, net = build_model(spec, job.recipe, cfg, device, env, job.init_from)
+        source = weights_source(job.recipe, job.init_from)
+        if tracker is not None and env.is_main:
+            tracker.set_tags({"weights_source": source})
+        batches = BatchSource(
+            job.recipe,
+            job.labeled,
+            job.pseudo,
+            seed=cfg.seed,
+            num_workers=cfg.data.num_workers,
+            channels_last=cfg.channels_last,
+            device=device,
+            env=env,
+        )
+        optimization = Optimization(model, job.recipe, batches.steps_per_epoch, cfg.amp, device)
+        checkpointer = Checkpointer(job.out_dir / "last.pt")
+        progress = checkpointer.resume(model, optimization)
+        guard = NonFiniteGuard(cfg.max_nonfinite_steps, model)
+        val = job.val.with_transform(create_eval_transform(cfg.data)) if job.val is not None else None
+        loop = cls(
+            job,
+            cfg,
+            env,
             model,
+            net,
             batches,
             optimization,
+            checkpointer,
+            progress,
+            spec,
             guard,
-            recipe,
-            epoch,
-            amp=cfg.amp,
-            log_every=cfg.log_every_steps,
-            desc=desc,
-            show_progress=env.is_main,
+            val,
+            tracker,
+            weights_source=source,
         )
-        if val is not None and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
-            # rank 0 validates its weights (ranks' BatchNorm statistics differ) and every rank records its metrics
-            row.update(
-                ddp.broadcast_object(validate(optimization.weights(model), val, device, cfg) if env.is_main else None)
-            )
-        if progress.record(row) and recipe.early_stop_patience > 0 and env.is_main:
-            save_model(out_dir / "best.pt", optimization.weights(model), spec)
-        if epoch == first_epoch and env.enabled:
-            data_by_rank = ddp.gather_objects({**batches.first_pass_record(env.rank), "noise_draw": noise_draw})
+        loop.first_epoch = progress.epoch
+        if progress.epoch:
+            loop.started -= progress.seconds
+            print(f"[{job.desc}] resuming after epoch {progress.epoch}/{job.recipe.epochs}")
+        return loop
+
+    def train_epoch(self, epoch: int) -> dict:
+        debug = bool(os.environ.get(DEBUG_RANKS_ENV)) and epoch == self.first_epoch
+        drawn = rng_fingerprint(self.batches.device) if debug else None  # before the epoch draws anything
+        row = train_epoch(self, epoch)
+        if debug:
+            first_pass = self.batches.sampler.first_pass()
+            self.debug_record(labeled_indices=first_pass, pseudo_shards=self.batches.pseudo_shards(), noise_draw=drawn)
+        return row
+
+    def validate(self, epoch: int) -> dict:
+        """Validation metrics at the epochs the recipe asks for (rank 0 validates its weights, as
+        ranks' BatchNorm statistics differ; every rank records them)."""
+        recipe = self.job.recipe
+        if self.val is None or not ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
+            return {}
+        weights = self.optimization.weights(self.model)
+        return ddp.broadcast_object(
+            validation_metrics(weights, self.val, self.batches.device, self.cfg) if self.env.is_main else None
+        )
+
+    def end_epoch(self, row: dict) -> bool:
+        """Record the epoch, keep the best weights, checkpoint, log; True to stop early."""
+        recipe, desc = self.job.recipe, self.job.desc
+        if self.progress.record(row) and recipe.early_stop_patience > 0 and self.env.is_main:
+            save_model(self.job.out_dir / "best.pt", self.optimization.weights(self.model), self.spec)
         # rank 0's decision on every rank: ranks that disagreed would hang at the next collective
         stop = ddp.broadcast_object(
-            recipe.early_stop_patience > 0 and epoch + 1 - progress.best_epoch >= recipe.early_stop_patience
+            recipe.early_stop_patience > 0 and row["epoch"] - self.progress.best_epoch >= recipe.early_stop_patience
         )
-        if env.is_main:
-            print(
-                f"[{desc}] epoch {epoch + 1}/{recipe.epochs} "
-                + " ".join(
-                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"
-                )
+        if self.env.is_main:
+            shown = " ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "epoch"
             )
+            print(f"[{desc}] epoch {row['epoch']}/{recipe.epochs} {shown}")
             # checkpoint first: if the tracking server is gone, the epoch is still safe on disk
-            checkpointer.save(model, optimization, progress, time.time() - start)
-            if tracker is not None:
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            self.checkpointer.save(self.model, self.optimization, self.progress, time.time() - self.started)
+            if self.tracker is not None:
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
             if stop:
                 print(f"[{desc}] early stop: no val improvement for {recipe.early_stop_patience} epochs")
         ddp.barrier()
-        if stop:
-            break
-    return finish(
-        out_dir,
-        optimization.weights(model),
-        spec,
-        recipe,
-        progress,
-        time.time() - start,
-        env,
-        {"data_by_rank": data_by_rank, "epochs_by_rank": ddp.gather_objects(progress.epoch), "weights_source": source},
-        checkpointer,
-    )
+        return stop
+
+    def finish(self) -> TrainResult:
+        """Write ``model.pt`` (the best epoch's weights under early stopping), then ``result.json``."""
+        out_dir, env = self.job.out_dir, self.env
+        self.debug_record(epochs=self.progress.epoch)
+        if not env.is_main:
+            ddp.barrier()  # rank 0 writes model.pt and result.json
+            return result_marker(out_dir).read()
+        model = self.optimization.weights(self.model)
+        if self.job.recipe.early_stop_patience > 0 and (out_dir / "best.pt").is_file():
+            unwrap(model).load_state_dict(load_checkpoint(out_dir / "best.pt")["model"])
+        sha = save_model(out_dir / "model.pt", model, self.spec, extra={"history": self.progress.history})
+        result = TrainResult(
+            model_path=str(out_dir / "model.pt"),
+            sha256=sha,
+            spec=self.spec.as_dict(),
+            params=sum(p.numel() for p in model.parameters()),
+            history=self.progress.history,
+            best_val_top1=self.progress.best_top1,
+            seconds=time.time() - self.started,
+            world_size=env.world_size,
+            weights_source=self.weights_source,
+        )
+        result_marker(out_dir).write(result)
+        self.checkpointer.remove()
+        ddp.barrier()
+        return result
+
+    def debug_record(self, **fields) -> None:
+        """Under ``$NOISYSTUDENT_DEBUG_RANKS`` (a directory; the DDP tests set it), each rank merges
+        ``fields`` into its ``rank-<r>.json`` there: what it read, what it drew, how far it went."""
+        where = os.environ.get(DEBUG_RANKS_ENV)
+        if not where:
+            return
+        path = Path(where) / f"rank-{self.env.rank}.json"
+        record = json.loads(path.read_text()) if path.is_file() else {"rank": self.env.rank}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**record, **fields}))
 
 
 def _start_process(cfg: Config, out_dir: Path) -> tuple[ddp.DistEnv, torch.device]:
@@ -242,23 +330,12 @@ def step_losses(logits: torch.Tensor, batch: Batch, recipe: TrainConfig) -> dict
     }
 
 
-def train_epoch(
-    net: torch.nn.Module,
-    model: torch.nn.Module,
-    batches: BatchSource,
-    optimization: Optimization,
-    guard: NonFiniteGuard,
-    recipe: TrainConfig,
-    epoch: int,
-    *,
-    amp: str,
-    log_every: int,
-    desc: str,
-    show_progress: bool,
-) -> dict:
+def train_epoch(loop: TrainingLoop, epoch: int) -> dict:
     """One epoch of steps; returns its metrics row (mean losses over every rank's applied steps,
     skipped steps, throughput, LR). The losses stay on the device and are read back every
     ``log_every`` steps for the progress bar, and once at the end."""
+    model, batches, optimization, recipe = loop.model, loop.batches, loop.optimization, loop.job.recipe
+    desc, show = loop.job.desc, loop.env.is_main
     model.train()
     epoch_start = time.time()
     sums: dict[str, torch.Tensor] = {}
@@ -268,28 +345,28 @@ def train_epoch(
         desc=f"[{desc}] epoch {epoch + 1}/{recipe.epochs}",
         leave=False,
         dynamic_ncols=True,
-        disable=not show_progress,
+        disable=not show,
     )
     for batch in batches.epoch(epoch):
-        guard.before_forward()
-        with autocast(batches.device, amp):
-            logits = net(batch.images).float()
+        loop.guard.before_forward()
+        with autocast(batches.device, loop.cfg.amp):
+            logits = loop.net(batch.images).float()
         losses = step_losses(logits, batch, recipe)
         finite = optimization.step(losses["train_loss"], model, step=epoch * batches.steps_per_epoch + steps)
         steps, seen = steps + 1, seen + batch.images.shape[0]
         if not finite:
             skipped += 1
             detail = _nonfinite_detail(losses, optimization, model)
-            if show_progress:
+            if show:
                 tqdm.write(f"[{desc}] epoch {epoch + 1} step {steps}: step skipped, {detail}")
-            guard.skipped(f"epoch {epoch + 1} step {steps}", detail)
+            loop.guard.skipped(f"epoch {epoch + 1} step {steps}", detail)
             continue
-        guard.passed()
+        loop.guard.passed()
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.detach().double()  # exact sums, as Python floats were
-        if show_progress and steps % log_every == 0:
+        if show and steps % loop.cfg.log_every_steps == 0:
             _refresh(bar, steps, sums, steps - skipped, optimization.lr)
-    if show_progress:
+    if show:
         _refresh(bar, steps, sums, steps - skipped, optimization.lr)
     bar.close()
     total = ddp.reduce_sums({"steps": steps - skipped, "seen": seen, **sums}, batches.device)
@@ -318,46 +395,9 @@ def _nonfinite_detail(losses: dict[str, torch.Tensor], optimization: Optimizatio
     return f"{values}; non-finite gradients: {', '.join(bad) if bad else 'none'}"
 
 
-def validate(model: torch.nn.Module, val: LabeledImages, device: torch.device, cfg: Config) -> dict:
+def validation_metrics(model: torch.nn.Module, val: LabeledImages, device: torch.device, cfg: Config) -> dict:
+    """The per-epoch validation row: top-1, loss (NLL) and ECE on the val split."""
     report = classification_report(
         *predict(model, eval_loader(val, device), device, cfg.amp, cfg.channels_last), len(val.class_names)
     )
     return {"val_top1": report.top1, "val_loss": report.nll, "val_ece": report.ece}
-
-
-def finish(
-    out_dir: Path,
-    model: torch.nn.Module,
-    spec: ModelSpec,
-    recipe: TrainConfig,
-    progress: Progress,
-    seconds: float,
-    env: ddp.DistEnv,
-    record: dict,
-    checkpointer: Checkpointer,
-) -> TrainResult:
-    """Write ``model.pt`` (the best epoch's weights under early stopping), ``result.json`` and ``DONE``."""
-    if not env.is_main:
-        ddp.barrier()  # rank 0 writes model.pt and result.json
-        return TrainResult.load(out_dir)
-    if recipe.early_stop_patience > 0 and (out_dir / "best.pt").is_file():
-        unwrap(model).load_state_dict(load_checkpoint(out_dir / "best.pt")["model"])
-    sha = save_model(out_dir / "model.pt", model, spec, extra={"history": progress.history})
-    result = TrainResult(
-        model_path=str(out_dir / "model.pt"),
-        sha256=sha,
-        spec=spec.as_dict(),
-        params=sum(p.numel() for p in model.parameters()),
-        history=progress.history,
-        best_val_top1=progress.best_top1,
-        seconds=seconds,
-        world_size=env.world_size,
-        data_by_rank=record["data_by_rank"],
-        epochs_by_rank=record["epochs_by_rank"] if env.enabled else [],
-        weights_source=record["weights_source"],
-    )
-    write_json_atomic(out_dir / "result.json", asdict(result))
-    (out_dir / "DONE").write_text("")
-    checkpointer.remove()
-    ddp.barrier()
-    return result

@@ -24,16 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..config import Config, flatten, to_dict
 from ..data.imagefolder import LabeledData, load_labeled_data
-from ..engine.train import train_model
-from ..io import read_json, write_json_atomic
-from ..labeling.job import load_manifest
+from ..data.label_manifest import LabelManifest
+from ..engine.train import TrainingJob, TrainResult, train_model
+from ..labeling.cluster import ClusterSession
 from ..noise import create_train_transform
 from ..plots import threshold_plot
-from ..stages.evaluate import evaluate_model
-from ..stages.student import select_for_student, train_student
-from ..tracking.stage_run import tracked_run
+from ..records import JsonRecord
+from ..resume import DoneMarker
+from ..stages.evaluate import EvaluateStage
+from ..stages.stage import StageBase, StageContext, run_stage
+from ..stages.student import StudentStage, select_for_student
+from ..tracking.stage_run import RunOptions, tracked_run
 
 NO_AUGMENT = {"num_ops": 0, "cutout": 0.0, "hflip": 0.0, "crop_pad": 0.0}
 
@@ -66,165 +70,207 @@ def default_cells(cfg: Config, thresholds: list[float], seeds: tuple) -> list[Ab
     return cells
 
 
-def _supervised_control(cfg: Config, data: LabeledData, out_dir: Path):
+@dataclass
+class CellResult(JsonRecord):
+    """One cell x seed, trained and evaluated (``cell.json``, its done marker)."""
+
+    cell: str
+    group: str
+    seed: int
+    overrides: dict
+    images_kept: int = 0
+    pl_kept_unique: int = 0
+    steps: int = 0
+    test_top1: float | None = None
+    val_top1: float | None = None
+    test_ece: float | None = None
+    minutes: float = 0.0
+    epochs: int = 0
+
+
+@dataclass
+class CellStage(StageBase):
+    """Train and evaluate one cell x seed from ``manifest``'s labels (made by ``teacher``)."""
+
+    cell: AblationCell
+    seed: int
+    teacher: str
+    manifest: LabelManifest
+    out_dir: Path
+    name: str = "ablation cell"
+    marker: DoneMarker = field(init=False)
+
+    def __post_init__(self):
+        self.marker = DoneMarker(self.out_dir / "cell.json", CellResult)
+
+    def run(self, ctx: StageContext) -> CellResult:
+        cfg = ctx.cfg.with_overrides({**self.cell.overrides, "seed": self.seed})
+        cell_ctx = StageContext(cfg, ctx.data, ctx.tracker.disabled(), ctx.cluster)  # logged once, by run_cell
+        start = time.time()
+        row = CellResult(
+            self.cell.name,
+            self.cell.group,
+            self.seed,
+            self.cell.overrides,
+            steps=cfg.student.steps_per_epoch * cfg.student.epochs,
+        )
+        if self.cell.supervised_only:
+            trained = _supervised_control(cfg, ctx.data, self.out_dir / "model")
+            row.images_kept = len(ctx.data.train)
+        else:
+            student = run_stage(StudentStage(1, self.teacher, self.manifest, self.out_dir / "model"), cell_ctx)
+            trained, selection = student.trained, student.selection
+            row.images_kept, row.pl_kept_unique = len(ctx.data.train) + selection.total, selection.kept_unique
+        report = run_stage(EvaluateStage(trained.model_path, self.out_dir), cell_ctx)
+        row.test_top1, row.val_top1, row.test_ece = report.test_top1, report.val_top1, report.test_ece
+        row.minutes, row.epochs = (time.time() - start) / 60, len(trained.history)
+        return row
+
+    def metrics(self, record: CellResult) -> dict[str, float]:
+        keys = ("test_top1", "val_top1", "test_ece", "images_kept", "minutes")
+        return {k: getattr(record, k) for k in keys if getattr(record, k) is not None}
+
+    def artifacts(self, record: CellResult) -> list[Path]:
+        return []
+
+
+def _supervised_control(cfg: Config, data: LabeledData, out_dir: Path) -> TrainResult:
     """Labeled data only, with the student's noise, batch size and number of optimizer steps."""
     s = cfg.student
     batch = min(len(data.train), int(round(s.batch_size * (1 + s.unlabeled_ratio))))
     recipe = replace(s, batch_size=batch, eval_every=max(1, s.epochs), early_stop_patience=0)
     noise = create_train_transform(cfg.data, s.augment, seed=cfg.seed)
-    return train_model(
-        recipe, cfg, cfg.model_for_generation(1), out_dir, data.train.with_transform(noise), data.val, desc="control"
+    job = TrainingJob(
+        recipe, cfg.model_for_generation(1), out_dir, data.train.with_transform(noise), data.val, desc="control"
     )
+    return train_model(job, cfg)
 
 
-def budget_steps(cfg: Config, manifest: dict, num_classes: int) -> int:
+def budget_steps(cfg: Config, manifest: LabelManifest, num_classes: int) -> int:
     """Steps per epoch of a student at the base recipe: the budget every cell gets."""
     return max(1, select_for_student(cfg, manifest, num_classes).total // cfg.student.unlabeled_batch_size)
 
 
-def run_cell(
-    base: Config,
-    cell: AblationCell,
-    seed: int,
-    teacher: str,
-    manifest: dict,
-    data: LabeledData,
-    out_dir: Path,
-    tracker=None,
-) -> dict:
-    """Train and evaluate one cell x seed, or read it back if finished; log it to MLflow once.
+def run_cell(ctx: StageContext, stage: CellStage) -> CellResult:
+    """Train and evaluate one cell x seed, or read it back if finished, in its own nested MLflow run.
 
-    A cell finished by another process (e.g. several ``ablate.py`` runs splitting the cells with
-    tracking off) is logged by the first tracked run that reads it back.
-    """
-    done = out_dir / "cell.json"
-    if done.is_file():
-        row = read_json(done)
-    else:
-        row = _train_cell(base, cell, seed, teacher, manifest, data, out_dir)
-        write_json_atomic(done, row)
-    logged = out_dir / "mlflow_logged"
-    if tracker is not None and tracker.enabled and not logged.is_file():
-        with tracker.run(
-            out_dir / "mlflow_run_id",
-            f"{cell.name} seed {seed}",
-            {"cell": cell.name, "group": cell.group, "seed": seed},
-            nested=True,
-        ):
-            tracker.log_params(
-                {"cell": cell.name, "seed": seed, **{f"override.{k}": v for k, v in cell.overrides.items()}}
-            )
-            tracker.log_metrics(
-                {
-                    k: row[k]
-                    for k in ("test_top1", "val_top1", "test_ece", "images_kept", "minutes")
-                    if row.get(k) is not None
-                }
-            )
-        logged.write_text("")
-    return row
+    A cell finished by another process (several ``ablate`` runs splitting the cells with tracking
+    off) has no run yet: the first tracked run that reads it back logs it."""
+    found = stage.marker.read()
+    run_id_file = stage.out_dir / "mlflow_run_id"
+    if found is not None and (run_id_file.is_file() or not ctx.tracker.enabled):
+        return found
+    cell, seed = stage.cell, stage.seed
+    with ctx.tracker.run(
+        run_id_file, f"{cell.name} seed {seed}", {"cell": cell.name, "group": cell.group, "seed": seed}, nested=True
+    ):
+        ctx.tracker.log_params(
+            {"cell": cell.name, "seed": seed, **{f"override.{k}": v for k, v in cell.overrides.items()}}
+        )
+        if found is None:
+            return run_stage(stage, ctx)
+        ctx.tracker.log_metrics(stage.metrics(found))
+        return found
 
 
-def _train_cell(
-    base: Config, cell: AblationCell, seed: int, teacher: str, manifest: dict, data: LabeledData, out_dir: Path
-) -> dict:
-    cfg = base.with_overrides({**cell.overrides, "seed": seed})
-    start = time.time()
-    row = {"cell": cell.name, "group": cell.group, "seed": seed, "overrides": cell.overrides}
-    steps = cfg.student.steps_per_epoch * cfg.student.epochs
-    if cell.supervised_only:
-        result = _supervised_control(cfg, data, out_dir / "model")
-        row.update(images_kept=len(data.train), pl_kept_unique=0, steps=steps)
-    else:
-        result, selection = train_student(cfg, 1, teacher, manifest, out_dir / "model", data, None)
-        row.update(images_kept=len(data.train) + selection.total, pl_kept_unique=selection.kept_unique, steps=steps)
-    metrics = evaluate_model(result.model_path, cfg, data, out_dir)
-    row.update(
-        test_top1=metrics.get("test_top1"),
-        val_top1=metrics.get("val_top1"),
-        test_ece=metrics.get("test_ece"),
-        minutes=(time.time() - start) / 60,
-        epochs=len(result.history),
-    )
-    return row
+@dataclass
+class CellSummary(JsonRecord):
+    """One cell over its seeds: mean and spread (sample std, n) of test top-1."""
+
+    cell: str
+    group: str
+    images_kept: int
+    pl_kept_unique: int
+    steps: int
+    n: int
+    mean: float
+    std: float
+    min: float
+    max: float
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """One line per cell: mean and spread (sample std, n) of test top-1 over seeds."""
-    out: dict[str, dict] = {}
+def summarize(rows: list[CellResult]) -> list[CellSummary]:
+    by_cell: dict[str, list[CellResult]] = {}
     for r in rows:
-        c = out.setdefault(
-            r["cell"],
-            {
-                "cell": r["cell"],
-                "group": r["group"],
-                "top1": [],
-                "images_kept": r["images_kept"],
-                "pl_kept_unique": r.get("pl_kept_unique", 0),
-                "steps": r["steps"],
-            },
+        by_cell.setdefault(r.cell, []).append(r)
+    out = []
+    for name, runs in by_cell.items():
+        first, v = runs[0], np.asarray([r.test_top1 for r in runs], dtype=np.float64)
+        out.append(
+            CellSummary(
+                name,
+                first.group,
+                first.images_kept,
+                first.pl_kept_unique,
+                first.steps,
+                len(v),
+                float(v.mean()),
+                float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                float(v.min()),
+                float(v.max()),
+            )
         )
-        c["top1"].append(r["test_top1"])
-    for c in out.values():
-        v = np.asarray(c.pop("top1"), dtype=np.float64)
-        c.update(
-            n=len(v),
-            mean=float(v.mean()),
-            std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            min=float(v.min()),
-            max=float(v.max()),
-        )
-    return list(out.values())
+    return out
 
 
-def run_ablation(
-    cfg: Config,
-    teacher: str,
-    labels_dir: Path,
-    out_dir: Path,
-    thresholds: list[float],
-    seeds: tuple,
-    only: list[str] | None = None,
-    *,
-    allow_config_change: bool = False,
-) -> list[dict]:
+@dataclass
+class AblationPlan:
+    """Which cells to train from which teacher's labels, into which directory."""
+
+    teacher: str  # the model.pt that made the labels
+    labels_dir: Path  # its labeling pass (manifest.json)
+    out_dir: Path
+    thresholds: list[float]  # the confidence thresholds swept
+    seeds: tuple  # seeds of the headline cells (no noise, full noise, control)
+    only: list[str] = field(default_factory=list)  # cell names or groups ([] = every cell)
+
+
+def run_ablation(cfg: Config, plan: AblationPlan, allow_config_change: bool = False) -> list[CellSummary]:
     """Every cell x seed from one teacher's shards; writes ablation.json + threshold.png, logs to MLflow."""
     data = load_labeled_data(cfg.data)
-    manifest = load_manifest(labels_dir)
+    manifest = LabelManifest.load(plan.labels_dir)
     steps = cfg.student.steps_per_epoch or budget_steps(cfg, manifest, len(data.class_names))
     cfg = cfg.with_overrides({"student.steps_per_epoch": steps})
-    cells = [c for c in default_cells(cfg, thresholds, seeds) if not only or c.name in only or c.group in only]
-    rows: list[dict] = []
-    params = {**flatten(to_dict(cfg)), "ablation.steps_per_epoch": steps, "ablation.seeds": list(seeds)}
-    with tracked_run(
-        cfg,
-        out_dir,
-        "ablation",
-        {"role": "ablation", "teacher_sha256": manifest["teacher"]["sha256"]},
-        id_file="mlflow_parent_run_id",
-        params=params,
-        allow_config_change=allow_config_change,
-    ) as tracker:
-        for cell in cells:
-            for seed in cell.seeds:
-                slug = "".join(ch if ch.isalnum() else "-" for ch in cell.name.lower()).strip("-")
-                rows.append(run_cell(cfg, cell, seed, teacher, manifest, data, out_dir / f"{slug}-seed{seed}", tracker))
+    cells = [
+        c
+        for c in default_cells(cfg, plan.thresholds, plan.seeds)
+        if not plan.only or c.name in plan.only or c.group in plan.only
+    ]
+    params = {**flatten(to_dict(cfg)), "ablation.steps_per_epoch": steps, "ablation.seeds": list(plan.seeds)}
+    options = RunOptions(id_file="mlflow_parent_run_id", params=params, allow_config_change=allow_config_change)
+    tags = {"role": "ablation", "teacher_sha256": manifest.teacher.sha256}
+    with (
+        tracked_run(cfg, plan.out_dir, "ablation", tags, options=options) as tracker,
+        ClusterSession(cfg.cluster) as cluster,
+    ):
+        ctx = StageContext(cfg, data, tracker, cluster)
+        rows = [
+            run_cell(ctx, CellStage(cell, seed, plan.teacher, manifest, plan.out_dir / cell_dir(cell, seed)))
+            for cell in cells
+            for seed in cell.seeds
+        ]
         summary = summarize(rows)
-        write_json_atomic(
-            out_dir / "ablation.json",
+        budget = {
+            "steps_per_epoch": steps,
+            "epochs": cfg.student.epochs,
+            "batch": cfg.student.batch_size,
+            "unlabeled_ratio": cfg.student.unlabeled_ratio,
+        }
+        storage.write_json(
+            plan.out_dir / "ablation.json",
             {
-                "budget": {
-                    "steps_per_epoch": steps,
-                    "epochs": cfg.student.epochs,
-                    "batch": cfg.student.batch_size,
-                    "unlabeled_ratio": cfg.student.unlabeled_ratio,
-                },
-                "teacher": manifest["teacher"],
-                "rows": rows,
-                "summary": summary,
+                "budget": budget,
+                "teacher": manifest.teacher.to_json(),
+                "rows": [r.to_json() for r in rows],
+                "summary": [s.to_json() for s in summary],
             },
         )
-        threshold_plot(summary, cfg.pseudo_label.threshold, out_dir / "threshold.png")
+        threshold_plot([s.to_json() for s in summary], cfg.pseudo_label.threshold, plan.out_dir / "threshold.png")
         for name in ("ablation.json", "threshold.png"):
-            tracker.log_artifact(out_dir / name)
+            tracker.log_artifact(plan.out_dir / name)
     return summary
+
+
+def cell_dir(cell: AblationCell, seed: int) -> str:
+    slug = "".join(ch if ch.isalnum() else "-" for ch in cell.name.lower()).strip("-")
+    return f"{slug}-seed{seed}"

@@ -3,36 +3,39 @@ labels and the same budget, only the confidence threshold differs, each analysed
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from ..analysis.model import analyze_model
+from .. import storage
+from ..analysis.model import AnalysisStage
 from ..analysis.report import write_report
+from ..analysis.result import LOWEST, WithWithoutResult, WithWithoutRow
 from ..analysis.run import WITH_WITHOUT, model_labels
 from ..analysis.sections import with_without_section
 from ..config import Config
 from ..data.imagefolder import load_labeled_data
-from ..io import write_json_atomic
-from ..labeling.job import load_manifest
+from ..data.label_manifest import MANIFEST_FILE, LabelManifest
+from ..labeling.cluster import ClusterSession
 from ..stages.run_layout import RunLayout
-from ..tracking.stage_run import tracked_run
-from .ablation import AblationCell, budget_steps, run_cell
+from ..stages.stage import StageContext, run_stage
+from ..tracking.stage_run import RunOptions, tracked_run
+from ..tracking.tracker import Tracker
+from .ablation import AblationCell, CellStage, budget_steps, run_cell
 
 
-def _finding(rows: list[dict]) -> str:
+def _finding(rows: list[WithWithoutRow]) -> str:
     low, high = rows
-    diff = lambda k: 100 * (low[k] - high[k])  # noqa: E731
-    low_conf = "lowest confidence"
-    consistency = low["consistency"][low_conf]["mean_cosine"] - high["consistency"][low_conf]["mean_cosine"]
+    top1, probe = 100 * (low.test_top1 - high.test_top1), 100 * (low.probe_top1 - high.probe_top1)
+    consistency = low.consistency[LOWEST].mean_cosine - high.consistency[LOWEST].mean_cosine
     return (
-        f"Keeping the low-confidence images changed test top-1 by {diff('test_top1'):+.2f} points, probe top-1 by "
-        f"{diff('probe_top1'):+.2f} points, low-confidence consistency by "
-        f"{consistency:+.3f}"
-        f" and best OOD AUROC by {low['best_auroc'] - high['best_auroc']:+.3f} "
-        f"({low['pl_kept_unique']:,} vs {high['pl_kept_unique']:,} unique pseudo-labels)."
+        f"Keeping the low-confidence images changed test top-1 by {top1:+.2f} points, probe top-1 by "
+        f"{probe:+.2f} points, low-confidence consistency by {consistency:+.3f}"
+        f" and best OOD AUROC by {low.best_auroc - high.best_auroc:+.3f} "
+        f"({low.pl_kept_unique:,} vs {high.pl_kept_unique:,} unique pseudo-labels)."
     )
 
 
-def with_without(cfg: Config, run_dir: Path, generation: int = 1) -> dict:
+def with_without(cfg: Config, run_dir: Path, generation: int = 1) -> WithWithoutResult:
     """Students with (threshold 0) and without (threshold = analysis.high_threshold) the
     low-confidence images, from generation ``generation - 1``'s labels, equal budgets; each
     analysed like a generation. Resumable; writes ``with_without.json`` and ``report.html`` into
@@ -40,69 +43,67 @@ def with_without(cfg: Config, run_dir: Path, generation: int = 1) -> dict:
     layout = RunLayout(run_dir)
     out_dir = (layout.analysis / WITH_WITHOUT).parent
     teacher = layout.row(generation - 1)
-    labels_dir = layout.labels(generation)
-    manifest = (
-        load_manifest(labels_dir)
-        if (labels_dir / "manifest.json").is_file()
-        else model_labels(cfg.for_generation(generation), teacher.model_path, labels_dir)
-    )
     gcfg = cfg.for_generation(generation)
     data = load_labeled_data(gcfg.data)
-    steps = gcfg.student.steps_per_epoch or budget_steps(gcfg, manifest, len(data.class_names))
-    gcfg = gcfg.with_overrides({"student.steps_per_epoch": steps})
     high = cfg.analysis.high_threshold
     cells = [
         AblationCell("with low-confidence (threshold 0)", "with-without", {"pseudo_label.threshold": 0.0}),
         AblationCell(f"without (threshold {high:g})", "with-without", {"pseudo_label.threshold": high}),
     ]
-    rows = []
-    with tracked_run(
-        gcfg,
-        out_dir,
-        "with-without-low-confidence",
-        {"role": "analysis", "teacher_sha256": manifest["teacher"]["sha256"]},
-        id_file="mlflow_parent_run_id",
-    ) as tracker:
-        for cell, slug in zip(cells, ("with-low-confidence", "high-confidence-only")):
-            cell_dir = out_dir / slug
-            row = run_cell(gcfg, cell, gcfg.seed, teacher.model_path, manifest, data, cell_dir, tracker)
-            model_path = str(cell_dir / "model" / "model.pt")
-            student_labels = model_labels(gcfg, model_path, cell_dir / "labels")
-            with tracker.run(cell_dir / "mlflow_run_id", cell.name, nested=True):
-                summary = analyze_model(
-                    gcfg.with_overrides(cell.overrides),
-                    model_path,
-                    student_labels,
-                    data,
-                    cell_dir / "analysis",
-                    cell.name,
-                    tracker,
-                )
-            rows.append(
-                {
-                    **row,
-                    "threshold": cell.overrides["pseudo_label.threshold"],
-                    "probe_top1": summary["probe"].get("penultimate"),
-                    "consistency": summary["consistency"],
-                    "best_score": summary["best_score"],
-                    "best_auroc": summary["best_auroc"],
-                    "ood": summary["ood"],
-                }
-            )
-        result = {
-            "teacher": f"generation {generation - 1} ({teacher.model})",
-            "budget": f"{steps} steps/epoch x {gcfg.student.epochs} epochs, batch {gcfg.student.batch_size} labeled "
-            f"+ {gcfg.student.unlabeled_batch_size} pseudo-labeled",
-            "rows": rows,
-            "finding": _finding(rows),
-        }
-        write_json_atomic(out_dir / "with_without.json", result)
-        write_report(
-            out_dir / "report.html",
-            "With vs without low-confidence pseudo-labels",
-            [with_without_section(result)],
-            result["budget"],
+    with ClusterSession(cfg.cluster) as cluster:
+        ctx = StageContext(gcfg, data, Tracker(replace(cfg.tracking, enabled=False), out_dir), cluster)
+        labels_dir = layout.labels(generation)
+        manifest = (
+            LabelManifest.load(labels_dir)
+            if (labels_dir / MANIFEST_FILE).is_file()
+            else model_labels(ctx, teacher.model_path, labels_dir)
         )
-        tracker.log_artifact(out_dir / "report.html")
-        tracker.log_artifact(out_dir / "with_without.json")
+        steps = gcfg.student.steps_per_epoch or budget_steps(gcfg, manifest, len(data.class_names))
+        ctx.cfg = gcfg.with_overrides({"student.steps_per_epoch": steps})
+        tags = {"role": "analysis", "teacher_sha256": manifest.teacher.sha256}
+        options = RunOptions(id_file="mlflow_parent_run_id")
+        with tracked_run(ctx.cfg, out_dir, "with-without-low-confidence", tags, options=options) as tracker:
+            ctx.tracker = tracker
+            rows = [
+                _student_row(ctx, CellStage(cell, ctx.cfg.seed, teacher.model_path, manifest, out_dir / slug))
+                for cell, slug in zip(cells, ("with-low-confidence", "high-confidence-only"))
+            ]
+            s = ctx.cfg.student
+            budget = (
+                f"{steps} steps/epoch x {s.epochs} epochs, batch {s.batch_size} labeled "
+                f"+ {s.unlabeled_batch_size} pseudo-labeled"
+            )
+            result = WithWithoutResult(f"generation {generation - 1} ({teacher.model})", budget, rows, _finding(rows))
+            _write(result, out_dir, tracker)
     return result
+
+
+def _student_row(ctx: StageContext, stage: CellStage) -> WithWithoutRow:
+    """Train one cell's student (or read it back), then analyse it like a generation."""
+    row = run_cell(ctx, stage)
+    model_path = str(stage.out_dir / "model" / "model.pt")
+    student_labels = model_labels(ctx, model_path, stage.out_dir / "labels")
+    cell_ctx = StageContext(ctx.cfg.with_overrides(stage.cell.overrides), ctx.data, ctx.tracker, ctx.cluster)
+    with ctx.tracker.run(stage.out_dir / "mlflow_run_id", stage.cell.name, nested=True):
+        a = run_stage(AnalysisStage(model_path, student_labels, stage.out_dir / "analysis", stage.cell.name), cell_ctx)
+    return WithWithoutRow(
+        **row.to_json(),
+        threshold=stage.cell.overrides["pseudo_label.threshold"],
+        probe_top1=a.probe_top1,
+        consistency=a.consistency,
+        best_score=a.best_score,
+        best_auroc=a.best_auroc,
+        ood=a.ood,
+    )
+
+
+def _write(result: WithWithoutResult, out_dir: Path, tracker) -> None:
+    storage.write_json(out_dir / "with_without.json", result.to_json())
+    write_report(
+        out_dir / "report.html",
+        "With vs without low-confidence pseudo-labels",
+        [with_without_section(result)],
+        result.budget,
+    )
+    tracker.log_artifact(out_dir / "report.html")
+    tracker.log_artifact(out_dir / "with_without.json")

@@ -15,7 +15,6 @@ labeling task asks for ``GPU=1`` (:func:`task_resources`), so tasks never share 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 
 from ..config import ClusterConfig
@@ -116,53 +115,39 @@ def _kubernetes_cluster(cfg: ClusterConfig):
     return KubeCluster(**kwargs)
 
 
-class SharedCluster:
-    """One cluster for several labeling stages: started by the first :func:`create_client`, closed
-    by :func:`shared_cluster` on exit. Starting a LocalCluster and importing torch in each worker
-    costs seconds every generation, and a slurm/kubernetes cluster has to queue again."""
+class ClusterSession:
+    """Where one command's labeling passes and corpus scans run, passed to each of them.
 
-    def __init__(self, cfg: ClusterConfig, stack: contextlib.ExitStack):
-        self.cfg, self.client, self._stack = cfg, None, stack
+    With ``cluster.reuse`` the first pass starts the cluster and later passes share it until the
+    session closes: starting a LocalCluster and importing torch in each worker costs seconds every
+    generation, and a slurm/kubernetes cluster has to queue again. Without it, each pass starts
+    and closes its own (idle workers beside training cost the students throughput)."""
 
-    def get(self, cfg: ClusterConfig):
-        if cfg != self.cfg:  # a stage with a different cluster config gets its own cluster
-            return None
-        if self.client is None:
-            self.client = self._stack.enter_context(_new_client(cfg))
-        return self.client
+    def __init__(self, cfg: ClusterConfig):
+        self.cfg = cfg
+        self._stack = contextlib.ExitStack()
+        self._shared = None
 
+    def __enter__(self) -> ClusterSession:
+        return self
 
-_SHARED: contextvars.ContextVar[SharedCluster | None] = contextvars.ContextVar(
-    "noisystudent_shared_cluster", default=None
-)
+    def __exit__(self, *exc) -> None:
+        self.close()
 
+    def close(self) -> None:
+        self._shared = None
+        self._stack.close()
 
-@contextlib.contextmanager
-def shared_cluster(cfg: ClusterConfig) -> Iterator[None]:
-    """Within this block every ``create_client(cfg)`` shares one lazily started cluster (unless
-    ``cfg.reuse`` is false); it closes when the block ends, even on error."""
-    if not cfg.reuse:
-        yield
-        return
-    with contextlib.ExitStack() as stack:
-        token = _SHARED.set(SharedCluster(cfg, stack))
-        try:
-            yield
-        finally:
-            _SHARED.reset(token)
-
-
-@contextlib.contextmanager
-def create_client(cfg: ClusterConfig) -> Iterator[distributed.Client]:  # noqa: F821
-    """A connected ``distributed.Client`` for ``cfg.kind``; cluster and client close on exit
-    (inside :func:`shared_cluster`, at the end of that block instead)."""
-    shared = _SHARED.get()
-    client = shared.get(cfg) if shared is not None else None
-    if client is not None:
-        yield client
-        return
-    with _new_client(cfg) as client:
-        yield client
+    @contextlib.contextmanager
+    def client(self) -> Iterator[distributed.Client]:  # noqa: F821
+        """A connected ``distributed.Client`` for one pass."""
+        if not self.cfg.reuse:
+            with _new_client(self.cfg) as client:
+                yield client
+            return
+        if self._shared is None:
+            self._shared = self._stack.enter_context(_new_client(self.cfg))
+        yield self._shared
 
 
 @contextlib.contextmanager

@@ -8,41 +8,70 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .. import storage
-from ..config import DataConfig
-from ..data.label_index import META_EXT, PROBS_EXT, features_path, summary_path, write_index
+from ..data.geometry import EvalTransform, create_eval_transform
+from ..data.label_index import (
+    META_EXT,
+    PROBS_EXT,
+    IndexRows,
+    ShardIndexBuilder,
+    features_path,
+    summary_path,
+    write_index,
+)
 from ..data.shard_io import (
     EVAL_EXT,
+    ShardWriter,
     SkipCounter,
+    SkipReport,
     decode_image,
     image_bytes,
     input_identity,
     iter_samples,
-    write_shard,
 )
 from ..engine.precision import autocast
-from ..models import load_model, pooled_and_logits
-from ..noise import create_eval_transform
+from ..models import ModelSpec, load_model, pooled_and_logits
+from ..records import JsonRecord
+from ..resume import DoneMarker
+from .job import LabelingJob
 
-_TEACHERS: dict[str, tuple] = {}  # checkpoint sha256 -> (model, spec, transform); one per worker process
+
+@dataclass
+class LoadedTeacher:
+    """A teacher ready to label: its model in eval mode and the clean view it was trained on."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    transform: EvalTransform
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(getattr(self.model, "num_features", 0) or 0)
 
 
-def cached_teacher(checkpoint: str, sha256: str, data: DataConfig, threads: int = 0, channels_last: bool = False):
-    """Load the teacher once per process; later tasks in this process reuse it."""
-    if sha256 not in _TEACHERS:
-        if threads > 0:
-            torch.set_num_threads(threads)
-        model, spec = load_model(checkpoint, channels_last=channels_last)
+_TEACHERS: dict[str, LoadedTeacher] = {}  # checkpoint sha256 -> teacher; one per worker process
+
+
+def cached_teacher(job: LabelingJob) -> LoadedTeacher:
+    """Load the job's teacher once per process; later tasks in this process reuse it."""
+    if job.sha256 not in _TEACHERS:
+        if job.threads > 0:
+            torch.set_num_threads(job.threads)
+        model, spec = load_model(job.checkpoint, channels_last=job.channels_last)
         # the teacher sees images the way it was trained (its own resolution and normalisation),
         # whatever the student's generation uses
         _TEACHERS.clear()
-        _TEACHERS[sha256] = (model, spec, create_eval_transform(spec.data_config(data)))
-    return _TEACHERS[sha256]
+        _TEACHERS[job.sha256] = LoadedTeacher(model, spec, create_eval_transform(spec.data_config(job.data)))
+    return _TEACHERS[job.sha256]
 
 
 def release_teachers() -> None:
@@ -51,137 +80,163 @@ def release_teachers() -> None:
 
 
 @dataclass
-class ShardLabelSummary:
+class ShardLabelSummary(JsonRecord):
+    """What labeling one shard produced; saved last beside it (``<name>.summary.json``), so its
+    presence marks the shard done."""
+
     input: str
     output: str
     samples: int = 0
-    skipped: dict = field(default_factory=dict)
-    class_counts: list = field(default_factory=list)
-    confidence_hist: list = field(default_factory=list)
+    skipped: SkipReport = field(default_factory=SkipReport)
+    class_counts: list[int] = field(default_factory=list)
+    confidence_hist: list[int] = field(default_factory=list)
     seconds: float = 0.0
     worker: str = ""
     input_identity: dict = field(default_factory=dict)
     hidden_tags: int = 0  # samples with an eval.json: 0 lets the audit and analysis skip re-reading the input
 
 
-def _batches(samples: Iterator[dict], data: DataConfig, transform, batch_size: int, skips: SkipCounter, shard: str):
-    batch: list = []
-    for sample in samples:
+def summary_marker(output_path: str) -> DoneMarker[ShardLabelSummary]:
+    return DoneMarker(summary_path(output_path), ShardLabelSummary)
+
+
+@dataclass
+class InputSample:
+    key: str
+    ext: str  # the image member's extension, copied with its bytes
+    raw: bytes
+    image: torch.Tensor  # the clean view the teacher sees
+
+
+class InputReader:
+    """An input shard's decodable samples in batches, counting what it skips and how many
+    samples carry hidden evaluation tags."""
+
+    def __init__(self, input_url: str, transform: EvalTransform, job: LabelingJob):
+        self.url, self.transform, self.job = input_url, transform, job
+        self.name = storage.basename(input_url)
+        self.skips = SkipCounter()
+        self.hidden_tags = 0
+
+    def batches(self) -> Iterator[list[InputSample]]:
+        batch: list[InputSample] = []
+        for sample in iter_samples(self.url, self.skips):
+            self.hidden_tags += EVAL_EXT in sample
+            ready = self._prepare(sample)
+            if ready is not None:
+                batch.append(ready)
+            if len(batch) == self.job.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _prepare(self, sample: dict) -> InputSample | None:
+        where = f"{self.name}:{sample['__key__']}"
         found = image_bytes(sample)
         if found is None:
-            skips.skip("no_image_member", f"{shard}:{sample['__key__']}")
-            continue
+            self.skips.skip("no_image_member", where)
+            return None
         try:
-            img = decode_image(found[1], data.channels)
+            img = decode_image(found[1], self.job.data.channels)
         except ValueError as exc:
-            skips.skip("unreadable_image", f"{shard}:{sample['__key__']}: {exc}")
-            continue
-        batch.append((sample["__key__"], found[0], found[1], transform(img)))
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+            self.skips.skip("unreadable_image", f"{where}: {exc}")
+            return None
+        return InputSample(sample["__key__"], found[0], found[1], self.transform(img))
+
+
+@dataclass
+class BatchPrediction:
+    probs: np.ndarray  # float32 [n, classes]: the teacher's softmax
+    logsumexp: np.ndarray  # float32 [n]: of the logits (the energy OOD score)
+    pooled: np.ndarray | None  # float16 [n, dim]: pooled features, when the job keeps them
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(1)
+
+    @property
+    def entropy(self) -> np.ndarray:
+        return -(self.probs * np.log(np.clip(self.probs, 1e-12, None))).sum(1)
 
 
 @torch.inference_mode()
-def pseudo_label_shard(
-    input_url: str,
-    output_path: str,
-    model: torch.nn.Module,
-    transform,
-    data: DataConfig,
-    teacher_id: str,
-    batch_size: int = 512,
-    device: str = "cpu",
-    amp: str = "off",
-    tta_hflip: bool = False,
-    save_features: bool = False,
-) -> ShardLabelSummary:
+def predict(teacher: LoadedTeacher, images: list[torch.Tensor], job: LabelingJob) -> BatchPrediction:
+    """The clean teacher on one batch (with the mirrored view averaged in, if the job asks)."""
+    dev = torch.device(job.device)
+    x = torch.stack(images)
+    if dev.type == "cuda":  # page-locked host memory makes the copy asynchronous
+        x = x.pin_memory()
+    x = x.to(dev, non_blocking=True)
+    with autocast(dev, job.amp, inference=True):  # CPU labeling runs in fp32
+        pooled, logits = pooled_and_logits(teacher.model, x)
+        if job.tta_hflip:  # average with the mirrored view: a cleaner label, still no noise
+            pooled_m, logits_m = pooled_and_logits(teacher.model, torch.flip(x, dims=[3]))
+            pooled, logits = (pooled + pooled_m) / 2, (logits + logits_m) / 2
+    logits = logits.float()
+    features = pooled.float().cpu().numpy().astype(np.float16) if job.save_features else None
+    return BatchPrediction(
+        torch.softmax(logits, dim=1).cpu().numpy(), torch.logsumexp(logits, dim=1).cpu().numpy(), features
+    )
+
+
+def write_labeled_batch(
+    writer: ShardWriter, batch: list[InputSample], pred: BatchPrediction, teacher_id: str, source_shard: str
+) -> IndexRows:
+    """Write one batch of pseudo-labeled samples (image bytes verbatim, soft label, label record);
+    returns their index rows, each pointing at where its image member landed."""
+    conf, ent = pred.confidence, pred.entropy
+    labels = pred.probs.argmax(1)
+    members = []
+    for s, p, label, c, e in zip(batch, pred.probs, labels, conf, ent):
+        meta = {
+            "label": int(label),
+            "confidence": round(float(c), 6),
+            "entropy": round(float(e), 6),
+            "teacher": teacher_id,
+            "source_shard": source_shard,
+            "source_key": s.key,
+        }
+        placed = writer.write({"__key__": s.key, s.ext: s.raw, PROBS_EXT: p.astype(np.float16), META_EXT: meta})
+        members.append((s.ext, *placed[s.ext]))
+    keys = [s.key for s in batch]
+    return IndexRows(keys, labels, conf, ent, pred.logsumexp, pred.probs.astype(np.float16), members)
+
+
+def pseudo_label_shard(input_url: str, output_path: str, teacher: LoadedTeacher, job: LabelingJob) -> ShardLabelSummary:
     """Label one input shard into one output shard (+ index, + pooled features if asked),
     streaming with bounded memory (features are float16 rows: 1 KB per 512-d image).
 
     Outputs are published in order - tar, features, index, summary - each atomically (renamed
     locally, uploaded whole to an object store), so the summary's presence means the rest is there."""
     start = time.time()
-    skips = SkipCounter()
-    shard_name = storage.basename(input_url)
     identity = input_identity(input_url)  # before reading: a concurrent rewrite then shows up as a mismatch
-    keys: list[str] = []
-    labels: list[int] = []
-    confs: list[float] = []
-    ents: list[float] = []
-    probs_rows: list[np.ndarray] = []
-    lse: list[float] = []
-    feature_rows: list[np.ndarray] = []
-    image_ext: list[str] = []
-    dev = torch.device(device)
-    pin = dev.type == "cuda"
-    hidden_tags = 0
-
-    def counted(samples):
-        nonlocal hidden_tags
-        for sample in samples:
-            hidden_tags += EVAL_EXT in sample
-            yield sample
-
-    def labeled_samples():
-        for batch in _batches(counted(iter_samples(input_url, skips)), data, transform, batch_size, skips, shard_name):
-            x = torch.stack([b[3] for b in batch])
-            if pin:  # page-locked host memory makes the copy asynchronous
-                x = x.pin_memory()
-            x = x.to(dev, non_blocking=True)
-            with autocast(dev, amp, inference=True):  # CPU labeling runs in fp32
-                pooled, logits = pooled_and_logits(model, x)
-                if tta_hflip:  # average with the mirrored view: a cleaner label, still no noise
-                    pooled_m, logits_m = pooled_and_logits(model, torch.flip(x, dims=[3]))
-                    pooled, logits = (pooled + pooled_m) / 2, (logits + logits_m) / 2
-            logits = logits.float()
-            lse.extend(torch.logsumexp(logits, dim=1).cpu().tolist())
-            if save_features:
-                feature_rows.append(pooled.float().cpu().numpy().astype(np.float16))
-            probs = torch.softmax(logits, dim=1).cpu().numpy()
-            conf = probs.max(1)
-            ent = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
-            for (key, ext, raw, _), p, c, e in zip(batch, probs, conf, ent):
-                label = int(p.argmax())
-                keys.append(key), labels.append(label), confs.append(float(c)), ents.append(float(e))
-                probs_rows.append(p.astype(np.float16)), image_ext.append(ext)
-                yield {
-                    "__key__": key,
-                    ext: raw,
-                    PROBS_EXT: p.astype(np.float16),
-                    META_EXT: {
-                        "label": label,
-                        "confidence": round(float(c), 6),
-                        "entropy": round(float(e), 6),
-                        "teacher": teacher_id,
-                        "source_shard": shard_name,
-                        "source_key": key,
-                    },
-                }
-
-    offsets: dict = {}
-    n = write_shard(output_path, labeled_samples(), offsets=offsets)
-    members = [(ext, *offsets[key][ext]) for key, ext in zip(keys, image_ext)]
-    num_out = int(getattr(model, "num_classes", 0) or 0)
-    probs = np.stack(probs_rows) if probs_rows else np.zeros((0, num_out), np.float16)
-    if save_features:  # before the index: the index marks the shard complete
-        dim = int(getattr(model, "num_features", 0) or 0)
+    reader = InputReader(input_url, teacher.transform, job)
+    index = ShardIndexBuilder(teacher.num_classes)
+    features: list[np.ndarray] = []
+    with ShardWriter(output_path) as writer:
+        for batch in reader.batches():
+            pred = predict(teacher, [s.image for s in batch], job)
+            index.add(write_labeled_batch(writer, batch, pred, job.teacher_id, reader.name))
+            if pred.pooled is not None:
+                features.append(pred.pooled)
+    if job.save_features:  # before the index: the index marks the shard complete
         with storage.atomic_output(features_path(output_path)) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, np.concatenate(feature_rows) if feature_rows else np.zeros((0, dim), np.float16))
-    write_index(output_path, keys, labels, confs, ents, probs, members, logsumexp=lse)
-    num_classes = int(getattr(model, "num_classes", 0) or (max(labels) + 1 if labels else 0))
+            np.save(fh, np.concatenate(features) if features else np.zeros((0, teacher.feature_dim), np.float16))
+    write_index(output_path, index.rows())
+    labels = index.column("labels").astype(np.int64)
+    confidence = index.column("confidence").astype(np.float64)
+    num_classes = teacher.num_classes or (int(labels.max()) + 1 if len(labels) else 0)
     summary = ShardLabelSummary(
         input=input_url,
         output=str(output_path),
-        samples=n,
-        skipped=skips.as_dict(),
+        samples=writer.count,
+        skipped=reader.skips.report(),
         input_identity=identity,
-        class_counts=np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist(),
-        confidence_hist=np.histogram(np.asarray(confs), bins=10, range=(0.0, 1.0))[0].tolist(),
+        class_counts=np.bincount(labels, minlength=num_classes).tolist(),
+        confidence_hist=np.histogram(confidence, bins=10, range=(0.0, 1.0))[0].tolist(),
         seconds=time.time() - start,
-        hidden_tags=hidden_tags,
+        hidden_tags=reader.hidden_tags,
     )
-    storage.write_json(summary_path(output_path), asdict(summary))
+    summary_marker(output_path).write(summary)
     return summary

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from .. import storage
 from ..data.shard_io import encode_png, write_shards
-from ..io import read_json, write_json_atomic
 from .folder_to_shards import PrepareError
 from .ood_images import IMAGE_SIZE, ood_images
 
@@ -226,7 +226,7 @@ def prepare_fashion_mnist(
             "ood_per_source": dict(sorted(ood_per_source.items())),
         }
         summary = _summary(params, {**split_counts, "unlabeled": unlabeled}, shards, time.monotonic() - start)
-        write_json_atomic(tmp / PREPARED_NAME, summary)
+        storage.write_json(tmp / PREPARED_NAME, summary)
         _move_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -290,7 +290,7 @@ def _already_prepared(out_dir: Path, params: dict, force: bool) -> dict | None:
         raise PrepareError(f"{out_dir} exists and is not a directory; remove it or choose another --out")
     if out_dir.exists() and not force:
         if prepared.is_file():
-            existing = read_json(prepared)
+            existing = storage.read_json(prepared)
             if existing.get("parameters") == params:
                 return existing
             old = existing.get("parameters", {})

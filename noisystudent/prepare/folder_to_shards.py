@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from .. import storage
 from ..data.shard_io import IMAGE_EXTS, SkipCounter, decode_image, write_shards
 from ..errors import PrepareError
-from ..io import write_json_atomic
 
 MANIFEST_NAME = "MANIFEST.json"
 #: Longest key (UTF-8 bytes) such that ``<key>.eval.json`` fits a USTAR member name (100 bytes).
@@ -92,7 +92,7 @@ def folder_to_shards(
     total = sum(s["samples"] for s in shards)
     if total == 0:
         raise PrepareError(
-            f"none of the {len(files)} image files under {src} could be used ({skips.as_dict()['by_reason']})"
+            f"none of the {len(files)} image files under {src} could be used ({skips.report().by_reason})"
         )
     written = {Path(s["path"]).name for s in shards}
     removed = []
@@ -103,7 +103,7 @@ def folder_to_shards(
     manifest = {
         "shards": [{"path": Path(s["path"]).name, "samples": int(s["samples"])} for s in shards],
         "total_samples": int(total),
-        "skipped": skips.as_dict(),
+        "skipped": skips.report().to_json(),
         "extensions": dict(sorted(ext_counts.items())),
         "parameters": {
             "src_dir": str(src.resolve()),
@@ -118,7 +118,7 @@ def folder_to_shards(
         manifest["classes"] = dict(sorted(class_counts.items()))
     if removed:
         manifest["removed_stale_shards"] = removed
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    storage.write_json(out / MANIFEST_NAME, manifest)
     return manifest
 
 

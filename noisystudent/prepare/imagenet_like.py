@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .. import storage
 from ..data.shard_io import write_shards
 from ..errors import PrepareError
-from ..io import write_json_atomic
 
 #: Real ImageNet-1k wnids (the first classes of the 1k list), so paths look as users' do.
 WNIDS = (
@@ -162,7 +162,7 @@ def write_imagenet_like(
         "nested_folder": f"train/{WNIDS[0]}/extra",
         "seed": seed,
     }
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    storage.write_json(out / MANIFEST_NAME, manifest)
     return manifest
 
 

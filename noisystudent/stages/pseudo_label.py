@@ -2,38 +2,71 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..data.label_manifest import MANIFEST_FILE, LabelManifest
 from ..data.shard_io import expand_urls
 from ..engine.device import resolve_device
-from ..labeling.job import label_corpus
+from ..labeling.corpus import label_corpus
+from ..labeling.job import LabelingJob
+from .stage import StageBase, StageContext
 
 
-def pseudo_label(
-    cfg: Config,
-    teacher_checkpoint: str | Path,
-    out_dir: Path,
-    show_progress: bool = True,
-    teacher_run_id: str = "",
-    save_features: bool | None = None,
-) -> dict:
-    """The labeling pass's manifest. ``save_features`` overrides ``pseudo_label.save_features``
-    (the analysis needs the pooled features whatever the recipe says)."""
-    pl = cfg.pseudo_label
-    return label_corpus(
-        teacher_checkpoint,
-        expand_urls(cfg.data.unlabeled_shards),
-        out_dir,
+def labeling_job(cfg: Config, teacher: str | Path, teacher_run_id: str = "", save_features: bool | None = None):
+    """The labeling job of ``cfg`` for ``teacher``. ``save_features`` overrides
+    ``pseudo_label.save_features`` (the analysis needs the pooled features whatever the recipe says)."""
+    pl, cluster = cfg.pseudo_label, cfg.cluster
+    return LabelingJob.for_checkpoint(
+        teacher,
         cfg.data,
-        cfg.cluster,
-        pl.batch_size,
-        str(resolve_device(cfg.device)),
-        cfg.amp,
-        show_progress,
-        cache_dir=pl.cache_dir,
+        batch_size=pl.batch_size,
+        device=str(resolve_device(cfg.device)),
+        amp=cfg.amp,
+        threads=cluster.torch_threads or cluster.threads_per_worker,
         tta_hflip=pl.tta_hflip,
-        teacher_run_id=teacher_run_id,
         save_features=pl.save_features if save_features is None else save_features,
         channels_last=cfg.channels_last,
+        cache_dir=pl.cache_dir,
+        teacher_run_id=teacher_run_id,
     )
+
+
+@dataclass
+class PseudoLabelStage(StageBase):
+    """Label the corpus of ``ctx.cfg`` with ``teacher`` into ``out_dir`` (``manifest.json``). It
+    resumes shard by shard: every run checks each input and relabels only what changed."""
+
+    teacher: str | Path
+    out_dir: Path
+    teacher_run_id: str = ""
+    save_features: bool | None = None
+    show_progress: bool = True
+    name: str = "pseudo_label"
+
+    def run(self, ctx: StageContext) -> LabelManifest:
+        job = labeling_job(ctx.cfg, self.teacher, self.teacher_run_id, self.save_features)
+        shards = expand_urls(ctx.cfg.data.unlabeled_shards)
+        return label_corpus(job, shards, self.out_dir, ctx.cluster, self.show_progress)
+
+    def metrics(self, record: LabelManifest) -> dict[str, float | list[float]]:
+        return {**labeling_metrics(record), "pl_confidence_hist": list(record.confidence_hist)}
+
+    def tags(self, record: LabelManifest) -> dict[str, str]:
+        return {"teacher_sha256": record.teacher.sha256, "shard_manifest_hash": record.inputs_hash()[:16]}
+
+    def artifacts(self, record: LabelManifest) -> list[Path]:
+        return [self.out_dir / MANIFEST_FILE]
+
+
+def labeling_metrics(manifest: LabelManifest) -> dict[str, float]:
+    """A labeling pass's MLflow metrics."""
+    return {
+        "pl_samples": manifest.total_samples,
+        "pl_skipped": manifest.skipped.total,
+        "pl_samples_lost": manifest.skipped.samples_lost,
+        "pl_shards_reused": manifest.shards_reused,
+        "pl_wall_seconds": manifest.wall_seconds,
+        "pl_throughput_img_s": manifest.throughput_img_s or 0.0,
+    }

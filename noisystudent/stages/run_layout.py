@@ -1,11 +1,12 @@
-"""Where a run keeps what it produces, and the typed row each generation leaves behind::
+"""Where a run keeps what it produces::
 
 runs/<name>/config.yaml           resolved config
-runs/<name>/gen-0/teacher/        checkpoints, model.pt, result.json, DONE
+runs/<name>/gen-0/teacher/        checkpoints, model.pt, result.json (training's done marker)
 runs/<name>/gen-<g>/labels/       manifest.json of the labeling pass (shards live in the label cache)
-runs/<name>/gen-<g>/student/      checkpoints, model.pt, result.json, DONE
-runs/<name>/gen-<g>/summary.json  the generation's GenerationRow (its DONE marker)
-runs/<name>/gen-<g>/analysis/     report.html, summary.json
+runs/<name>/gen-<g>/student/      checkpoints, model.pt, result.json, selection-<key>/
+runs/<name>/gen-<g>/eval.json     val and test metrics (the evaluation's done marker), pictures
+runs/<name>/gen-<g>/summary.json  the generation's GenerationRow (its done marker)
+runs/<name>/gen-<g>/analysis/     report.html, summary.json (the analysis' done marker)
 runs/<name>/analysis/             the run-level comparison report
 runs/<name>/results.json          every GenerationRow
 runs/<name>/mlflow.db, mlartifacts/   default MLflow store
@@ -13,53 +14,11 @@ runs/<name>/mlflow.db, mlartifacts/   default MLflow store
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..io import read_json, write_json_atomic
-
-
-@dataclass
-class GenerationRow:
-    """One generation's line of the final table."""
-
-    generation: int
-    role: str  # "teacher" or "student"
-    model: str
-    params: int
-    images_kept: int  # labeled images plus selected pseudo-labels after balancing (duplicates count)
-    model_path: str = ""
-    sha256: str = ""
-    minutes: float = 0.0
-    test_top1: float | None = None
-    test_ece: float | None = None
-    val_top1: float | None = None
-    mlflow_run_id: str = ""
-    model_version: str | None = None  # registered model version (None: not logged)
-    # students only: the labels they learned from, audited against the corpus' hidden tags
-    pl_acc: float | None = None
-    pl_acc_kept: float | None = None
-    pl_ood_share_kept: float | None = None
-    pl_kept_unique: int | None = None
-    pl_kept_per_class: list[int] | None = None
-    pl_skipped: int | None = None
-    pl_agreement_prev_gen: float | None = None  # from generation 2 on: labels unchanged since the previous teacher
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> GenerationRow:
-        return cls(**values)
-
-
-@dataclass
-class StageSummary:
-    """The one-screen summary a stage shows when it finishes."""
-
-    title: str
-    fields: dict[str, Any] = field(default_factory=dict)
+from .. import storage
+from ..tracking.generation_row import GenerationRow
 
 
 @dataclass(frozen=True)
@@ -111,7 +70,5 @@ class RunLayout:
         return self.summary(g).is_file()
 
     def row(self, g: int) -> GenerationRow:
-        return GenerationRow.from_dict(read_json(self.summary(g)))
-
-    def save_row(self, row: GenerationRow) -> None:
-        write_json_atomic(self.summary(row.generation), row.as_dict())
+        """Generation ``g``'s row (it must be finished)."""
+        return GenerationRow.from_json(storage.read_json(self.summary(g)))

@@ -1,122 +1,127 @@
 """One stage on its own (``noisystudent teacher | pseudo-label | student``), tracked as its own
-MLflow run, with the resolved config beside its outputs. Returns what the console summary shows."""
+MLflow run, with the resolved config beside its outputs. The stages are the ones the loop runs
+(same metrics, same artifacts); this returns what the console summary shows."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import Config, ConfigError, flatten, to_dict
 from ..data.imagefolder import load_labeled_data
+from ..data.label_manifest import LabelManifest
 from ..engine import distributed as ddp
-from ..labeling.job import load_manifest
+from ..engine.train import TrainResult
+from ..labeling.cluster import ClusterSession
 from ..tracking.registry import resolve_teacher
-from ..tracking.stage_run import tracked_run
+from ..tracking.stage_run import RunOptions, tracked_run
 from ..tracking.tracker import Tracker
-from .evaluate import evaluate_model, final_metrics
-from .pseudo_label import pseudo_label
-from .run_layout import StageSummary
-from .student import train_student
-from .teacher import train_teacher
-
-Stage = Literal["teacher", "pseudo_label", "student"]
+from .evaluate import EvalReport, EvaluateStage
+from .pseudo_label import PseudoLabelStage
+from .stage import StageContext, run_stage
+from .student import StudentStage
+from .teacher import TeacherStage
 
 
-def run_single_stage(
-    cfg: Config,
-    stage: Stage,
-    out_dir: Path,
-    teacher: str | None = None,
-    labels: str | None = None,
-    generation: int = 1,
-    *,
-    allow_config_change: bool = False,
-) -> StageSummary | None:
-    """Run ``stage`` into ``out_dir``; None on torchrun ranks other than 0 (they train their slice only)."""
+@dataclass
+class StageSummary:
+    """The one-screen summary a stage shows when it finishes."""
+
+    title: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageRequest:
+    """A single-stage command: which stage, into which directory, from which inputs."""
+
+    stage: Literal["teacher", "pseudo_label", "student"]
+    out_dir: Path
+    teacher: str | None = None  # model.pt or an MLflow run id (pseudo-label), model.pt (student)
+    labels: str | None = None  # the labeling output directory a student learns from
+    generation: int = 1  # a student's generation: its ladder entry and generation overrides
+
+
+def run_single_stage(cfg: Config, request: StageRequest, allow_config_change: bool = False) -> StageSummary | None:
+    """Run one stage into ``request.out_dir``; None on torchrun ranks other than 0 (they train
+    their slice only)."""
     env = ddp.init_distributed()  # torchrun: every rank trains its data slice, rank 0 tracks and reports
-    if stage == "pseudo_label":
+    if request.stage == "pseudo_label":
         if env.enabled:
             raise ConfigError(
                 "pseudo-labeling scales with Dask (cluster.*), not torchrun: run pseudo-label as one process"
             )
-        return _pseudo_label_stage(cfg, teacher, out_dir)
-    if stage == "student":  # the generation's overrides, as iterate applies them (the dump is resolved)
-        cfg = cfg.for_generation(generation)
-    data = load_labeled_data(cfg.data)
+        return _pseudo_label_command(cfg, request)
+    if request.stage == "student":  # the generation's overrides, as iterate applies them (the dump is resolved)
+        cfg = cfg.for_generation(request.generation)
+    out_dir = request.out_dir
     tracker = Tracker(cfg.tracking if env.is_main else replace(cfg.tracking, enabled=False), out_dir)
-    with tracked_run(
-        cfg,
-        out_dir,
-        f"{stage}-{out_dir.name}",
-        {"role": stage, "world_size": env.world_size},
-        tracker=tracker,
-        write_config=env.is_main,
-        allow_config_change=allow_config_change,
+    tags = {"role": request.stage, "world_size": env.world_size}
+    options = RunOptions(write_config=env.is_main, allow_config_change=allow_config_change)
+    with (
+        tracked_run(cfg, out_dir, f"{request.stage}-{out_dir.name}", tags, tracker, options),
+        ClusterSession(cfg.cluster) as cluster,
     ):
-        if stage == "teacher":
-            result = train_teacher(cfg, out_dir, data, tracker)
+        ctx = StageContext(cfg, load_labeled_data(cfg.data), tracker, cluster, is_main=env.is_main)
+        if request.stage == "teacher":
+            trained = run_stage(TeacherStage(out_dir), ctx)
         else:
-            result, _ = train_student(cfg, generation, teacher, load_manifest(labels), out_dir, data, tracker)
+            manifest = LabelManifest.load(request.labels)
+            trained = run_stage(StudentStage(request.generation, request.teacher, manifest, out_dir), ctx).trained
         if not env.is_main:
             return None
-        metrics = evaluate_model(result.model_path, cfg, data, out_dir)
-        tracker.log_metrics(final_metrics(metrics))
-        tracker.log_artifact(out_dir / "eval.json")
-        tracker.log_artifact(result.model_path)
+        report = run_stage(EvaluateStage(trained.model_path, out_dir), ctx)
+    return _trained_summary(request.stage, trained, report, env.world_size)
+
+
+def _trained_summary(stage: str, trained: TrainResult, report: EvalReport, ranks: int) -> StageSummary:
     return StageSummary(
         f"{stage} finished",
         {
-            "model": f"{result.spec['name']} ({result.params / 1e6:.2f}M params)",
-            "checkpoint": result.model_path,
-            "epochs": len(result.history),
-            "minutes": f"{result.seconds / 60:.1f}",
-            "ranks": env.world_size,
-            "val top-1": metrics.get("val_top1"),
-            "test top-1": metrics.get("test_top1"),
-            "test ECE": metrics.get("test_ece"),
+            "model": f"{trained.spec['name']} ({trained.params / 1e6:.2f}M params)",
+            "checkpoint": trained.model_path,
+            "epochs": len(trained.history),
+            "minutes": f"{trained.seconds / 60:.1f}",
+            "ranks": ranks,
+            "val top-1": report.val_top1,
+            "test top-1": report.test_top1,
+            "test ECE": report.test_ece,
         },
     )
 
 
-def _pseudo_label_stage(cfg: Config, teacher: str, out_dir: Path) -> StageSummary:
+def _pseudo_label_command(cfg: Config, request: StageRequest) -> StageSummary:
     """The labeling pass alone, its manifest attached to its run; the teacher may be an MLflow run id."""
+    out_dir = request.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.tracking, out_dir)
-    checkpoint, teacher_run_id = resolve_teacher(teacher, tracker, out_dir / "teacher")
+    checkpoint, teacher_run_id = resolve_teacher(request.teacher, tracker, out_dir / "teacher")
     params = {k: v for k, v in flatten(to_dict(cfg)).items() if k.split(".")[0] in ("data", "pseudo_label", "cluster")}
-    with tracked_run(
-        cfg,
-        out_dir,
-        f"pseudo_label-{out_dir.name}",
-        {"role": "pseudo_label", "teacher_run_id": teacher_run_id},
-        tracker=tracker,
-        params=params,
-        check_config=False,
+    tags = {"role": "pseudo_label", "teacher_run_id": teacher_run_id}
+    options = RunOptions(params=params, check_config=False)
+    with (
+        tracked_run(cfg, out_dir, f"pseudo_label-{out_dir.name}", tags, tracker, options),
+        ClusterSession(cfg.cluster) as cluster,
     ):
-        manifest = pseudo_label(cfg, checkpoint, out_dir, teacher_run_id=teacher_run_id)
-        tracker.set_tags({"teacher_sha256": manifest["teacher"]["sha256"]})
-        tracker.log_metrics(
-            {
-                "pl_samples": manifest["total_samples"],
-                "pl_skipped": manifest["skipped"]["total"],
-                "pl_samples_lost": manifest["skipped"].get("samples_lost", 0),
-                "pl_shards_reused": manifest["shards_reused"],
-                "pl_wall_seconds": manifest["wall_seconds"],
-                "pl_throughput_img_s": manifest["throughput_img_s"] or 0.0,
-            }
-        )
-        tracker.log_artifact(out_dir / "manifest.json")
+        ctx = StageContext(cfg, None, tracker, cluster)
+        manifest = run_stage(PseudoLabelStage(checkpoint, out_dir, teacher_run_id), ctx)
+        tracker.set_tags({"teacher_sha256": manifest.teacher.sha256})
+    return labeling_summary(manifest, out_dir)
+
+
+def labeling_summary(manifest: LabelManifest, out_dir: Path) -> StageSummary:
+    skipped = manifest.skipped
     return StageSummary(
         "pseudo-labeling finished",
         {
-            "samples": f"{manifest['total_samples']:,}",
-            "shards": f"{len(manifest['shards'])} ({manifest['shards_reused']} reused)",
-            "skipped": f"{manifest['skipped'].get('samples_lost', 0)} sample(s) lost; "
-            f"counts by reason (samples and damage events) {manifest['skipped']['by_reason'] or '{}'}",
-            "throughput img/s": manifest["throughput_img_s"],
-            "wall seconds": manifest["wall_seconds"],
-            "shards in": manifest["shard_dir"],
+            "samples": f"{manifest.total_samples:,}",
+            "shards": f"{len(manifest.shards)} ({manifest.shards_reused} reused)",
+            "skipped": f"{skipped.samples_lost} sample(s) lost; "
+            f"counts by reason (samples and damage events) {skipped.by_reason or '{}'}",
+            "throughput img/s": manifest.throughput_img_s,
+            "wall seconds": manifest.wall_seconds,
+            "shards in": manifest.shard_dir,
             "manifest": str(out_dir / "manifest.json"),
         },
     )

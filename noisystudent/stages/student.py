@@ -3,88 +3,100 @@ optional labeled-only fine-tune at the end."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import Config
+from ..data.audit import LabelAudit, audit_pseudo_labels
 from ..data.imagefolder import DataError, LabeledData
+from ..data.label_manifest import LabelManifest
 from ..data.pseudo_stream import PseudoLabeledStream
-from ..data.selection import Selection, select_pseudo_labels
-from ..engine.train import TrainResult, train_model
-from ..labeling.job import manifest_outputs
+from ..data.selection import Selection, SelectionRule, select_pseudo_labels
+from ..engine.train import TrainingJob, TrainResult, train_model
 from ..models import load_checkpoint
-from ..noise import ImageTransform, create_train_transform
+from ..noise import TrainTransform, create_train_transform
+from ..records import JsonRecord
+from .stage import StageBase, StageContext
+from .teacher import trained_model_artifacts
 
 
-def select_for_student(cfg: Config, manifest: dict, num_classes: int, store_dir: Path | None = None) -> Selection:
+def selection_rule(cfg: Config) -> SelectionRule:
+    pl = cfg.pseudo_label
+    return SelectionRule(pl.threshold, pl.balance, pl.per_class, cfg.seed, pl.ood_score, pl.ood_drop_fraction)
+
+
+def select_for_student(cfg: Config, manifest: LabelManifest, num_classes: int, store_dir: Path | None = None):
     """The pseudo-labels a student of ``cfg`` reads from a labeling pass, and how often each
     (repeat counts stored under ``store_dir`` when given)."""
-    pl = cfg.pseudo_label
-    return select_pseudo_labels(
-        manifest_outputs(manifest),
-        num_classes,
-        pl.threshold,
-        pl.balance,
-        pl.per_class,
-        cfg.seed,
-        ood_score=pl.ood_score,
-        ood_drop_fraction=pl.ood_drop_fraction,
-        store_dir=store_dir,
-    )
+    return select_pseudo_labels(manifest.outputs, num_classes, selection_rule(cfg), store_dir)
 
 
-def selection_metrics(selection: Selection) -> dict[str, int]:
-    return {
-        "pl_candidates": selection.total_candidates,
-        "pl_kept_unique": selection.kept_unique,
-        "pl_dropped_ood": selection.dropped_ood,
-        "pl_kept_total": selection.total,
-    }
+@dataclass
+class StudentResult(JsonRecord):
+    """A trained student, what it selected, and (where the corpus has hidden tags) how good that was."""
+
+    trained: TrainResult
+    selection: Selection
+    audit: LabelAudit | None = None
+
+    def metrics(self, class_names: list[str]) -> dict[str, float]:
+        out = {**self.selection.metrics(), **(self.audit.metrics() if self.audit else {})}
+        out.update({f"pl_kept_{name}": n for name, n in zip(class_names, self.selection.kept_per_class)})
+        return out
 
 
-def train_student(
-    cfg: Config,
-    generation: int,
-    teacher_checkpoint: str | Path,
-    manifest: dict,
-    out_dir: Path,
-    data: LabeledData,
-    tracker=None,
-) -> tuple[TrainResult, Selection]:
-    """Select pseudo-labels at read time and train the noised student."""
-    check_same_classes(teacher_checkpoint, data)
-    pl = cfg.pseudo_label
-    num_classes = len(data.class_names)
-    selection = select_for_student(cfg, manifest, num_classes, store_dir=out_dir)
-    noise = create_train_transform(cfg.data, cfg.student.augment, seed=cfg.seed + generation)
-    stream = PseudoLabeledStream(
-        selection,
-        cfg.data.channels,
-        num_classes,
-        noise,
-        soft=pl.soft,
-        temperature=pl.temperature,
-        buffer_size=pl.shuffle_buffer,
-        seed=cfg.seed + generation,
-    )
-    init_from = str(teacher_checkpoint) if cfg.student.init == "teacher" else None
-    if tracker is not None:
-        tracker.log_metrics(selection_metrics(selection))
-    result = train_model(
-        cfg.student,
-        cfg,
-        cfg.model_for_generation(generation),
-        out_dir,
-        data.train.with_transform(noise),
-        data.val,
-        pseudo=stream,
-        tracker=tracker,
-        init_from=init_from,
-        desc=f"gen {generation} student",
-    )
-    if cfg.student.finetune_epochs > 0:
-        result = finetune_on_labeled(cfg, generation, result, out_dir / "finetune", data, noise)
-    return result, selection
+@dataclass
+class StudentStage(StageBase):
+    """Train generation ``generation``'s student into ``out_dir`` on the labels of ``manifest``
+    (made by ``teacher``). Training resumes from its last epoch and selection from its store; the
+    stage logs each time it runs."""
+
+    generation: int
+    teacher: str
+    manifest: LabelManifest
+    out_dir: Path
+    name: str = "student"
+
+    def run(self, ctx: StageContext) -> StudentResult:
+        cfg, data = ctx.cfg, ctx.data
+        check_same_classes(self.teacher, data)
+        selection = select_for_student(cfg, self.manifest, len(data.class_names), store_dir=self.out_dir)
+        noise = create_train_transform(cfg.data, cfg.student.augment, seed=cfg.seed + self.generation)
+        trained = train_model(self._training_job(cfg, data, selection, noise), cfg, ctx.tracker)
+        if cfg.student.finetune_epochs > 0:
+            trained = finetune_on_labeled(cfg, self.generation, trained, self.out_dir / "finetune", data, noise)
+        # the audit re-reads the corpus' hidden tags: once, on the rank that reports
+        audit = audit_pseudo_labels(self.manifest, data.class_names, selection) if ctx.is_main else None
+        return StudentResult(trained, selection, audit)
+
+    def _training_job(self, cfg: Config, data: LabeledData, selection: Selection, noise: TrainTransform):
+        pl, g = cfg.pseudo_label, self.generation
+        stream = PseudoLabeledStream(
+            selection,
+            cfg.data.channels,
+            len(data.class_names),
+            noise,
+            soft=pl.soft,
+            temperature=pl.temperature,
+            buffer_size=pl.shuffle_buffer,
+            seed=cfg.seed + g,
+        )
+        return TrainingJob(
+            cfg.student,
+            cfg.model_for_generation(g),
+            self.out_dir,
+            data.train.with_transform(noise),
+            data.val,
+            pseudo=stream,
+            init_from=self.teacher if cfg.student.init == "teacher" else None,
+            desc=f"gen {g} student",
+        )
+
+    def metrics(self, record: StudentResult) -> dict[str, float]:
+        return record.metrics(list(record.trained.spec["class_names"]))
+
+    def artifacts(self, record: StudentResult) -> list[Path]:
+        return trained_model_artifacts(record.trained, f"gen {self.generation} student")
 
 
 def check_same_classes(teacher_checkpoint: str | Path, data: LabeledData) -> None:
@@ -102,7 +114,7 @@ def check_same_classes(teacher_checkpoint: str | Path, data: LabeledData) -> Non
 
 
 def finetune_on_labeled(
-    cfg: Config, generation: int, trained: TrainResult, out_dir: Path, data: LabeledData, noise: ImageTransform
+    cfg: Config, generation: int, trained: TrainResult, out_dir: Path, data: LabeledData, noise: TrainTransform
 ) -> TrainResult:
     """Optional last step of a student: a short, low-LR fine-tune on the labeled data alone."""
     s = cfg.student
@@ -115,9 +127,8 @@ def finetune_on_labeled(
         drop_path_rate=0.0,
         ema_decay=0.0,
     )
-    return train_model(
+    job = TrainingJob(
         recipe,
-        cfg,
         cfg.model_for_generation(generation),
         out_dir,
         data.train.with_transform(noise),
@@ -125,3 +136,4 @@ def finetune_on_labeled(
         init_from=trained.model_path,
         desc=f"gen {generation} fine-tune",
     )
+    return train_model(job, cfg)

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..plots import generations_png
+from .generation_row import GenerationRow
 from .tracker import TrackingError
-
-#: metric keys read per generation run, and the table column they fill
-COLUMNS = {
-    "test_top1": "test top-1",
-    "test_top5": "test top-5",
-    "test_ece": "ECE",
-    "pl_acc_all": "PL acc",
-    "images_kept": "images kept",
-    "pl_agreement_prev_gen": "PL agree prev",
-}
 
 
 def find_parent_run(client, experiment: str, parent_run_id: str = "") -> str:
@@ -36,27 +28,29 @@ def find_parent_run(client, experiment: str, parent_run_id: str = "") -> str:
     return runs[0].info.run_id
 
 
-def generation_rows(client, parent_run_id: str) -> list[dict]:
+def generation_rows(client, parent_run_id: str) -> tuple[list[GenerationRow], dict[int, str]]:
+    """The parent run's generation rows as MLflow has them, and each generation's teacher run id."""
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
     )
-    rows = []
+    rows, teachers = [], {}
     for run in children:
-        tags, m = run.data.tags, run.data.metrics
-        if "generation" not in tags:
+        if "generation" not in run.data.tags:
             continue
-        row = {
-            "generation": int(tags["generation"]),
-            "role": tags.get("role", ""),
-            "model": tags.get("model", ""),
-            "run_id": run.info.run_id,
-            "teacher_run_id": tags.get("teacher_run_id", ""),
-            "status": run.info.status,
-        }
-        row.update({k: m.get(k) for k in COLUMNS})
+        row = GenerationRow.from_mlflow(run.data.tags, run.data.params, run.data.metrics, run.info.run_id)
         rows.append(row)
-    return sorted(rows, key=lambda r: r["generation"])
+        teachers[row.generation] = run.data.tags.get("teacher_run_id", "")
+    return sorted(rows, key=lambda r: r.generation), teachers
+
+
+@dataclass
+class Comparison:
+    """The generations of one iterate run, as MLflow has them."""
+
+    parent_run_id: str
+    rows: list[GenerationRow]
+    teacher_run_ids: dict[int, str]  # generation -> the run of the model that labeled its data
 
 
 def compare(
@@ -65,14 +59,14 @@ def compare(
     parent_run_id: str = "",
     out_png: str | Path = "",
     log_to_parent: bool = True,
-) -> tuple[str, list[dict]]:
+) -> Comparison:
     """Rows per generation (+ a PNG chart, logged to the parent run) for one iterate run."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     try:
         parent = find_parent_run(client, experiment, parent_run_id)
-        rows = generation_rows(client, parent)
+        rows, teachers = generation_rows(client, parent)
     except TrackingError:
         raise
     except Exception as exc:
@@ -80,9 +74,7 @@ def compare(
     if not rows:
         raise TrackingError(f"parent run {parent} has no generation runs yet")
     if out_png:
-        generations_png(
-            [{**r, "pl_acc": r.get("pl_acc_all")} for r in rows], out_png, title=f"generations of run {parent[:8]}"
-        )
+        generations_png([r.to_json() for r in rows], out_png, title=f"generations of run {parent[:8]}")
         if log_to_parent:
             client.log_artifact(parent, str(out_png))
-    return parent, rows
+    return Comparison(parent, rows, teachers)

@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 
 from ..config import DataConfig
+from ..data.geometry import create_eval_transform
 from ..data.shard_io import decode_image
 from ..models import ModelSpec, load_model
-from ..noise import create_eval_transform
 
 IMAGE_COLUMN = "image"
 

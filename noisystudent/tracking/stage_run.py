@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,36 +48,40 @@ def check_stored_config(cfg: Config, out_dir: Path, allow_config_change: bool) -
     return {CONFIG_CHECK_TAG: "changed, continued (--allow-config-change)", CONFIG_CHANGES_TAG: diff[:_TAG_LIMIT]}
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How an entry point opens its run (the defaults suit a command that owns its directory)."""
+
+    id_file: str = "mlflow_run_id"  # where the run id is kept in the directory, so a rerun re-attaches
+    params: dict[str, Any] | None = None  # what to log as params (None: the whole flattened config)
+    write_config: bool = True  # False leaves config.yaml alone (a run re-attached to, torchrun ranks > 0)
+    allow_config_change: bool = False  # continue a directory whose stored recipe differs
+    # False for a stage whose outputs are verified item by item on reuse (the labeling pass keys
+    # every shard by its teacher and preprocessing)
+    check_config: bool = True
+
+
 @contextlib.contextmanager
 def tracked_run(
     cfg: Config,
     out_dir: Path,
     name: str,
     tags: dict[str, Any] | None = None,
-    *,
     tracker: Tracker | None = None,
-    id_file: str = "mlflow_run_id",
-    params: dict[str, Any] | None = None,
-    write_config: bool = True,
-    allow_config_change: bool = False,
-    check_config: bool = True,
+    options: RunOptions = RunOptions(),
 ) -> Iterator[Tracker]:
-    """Open the stage's run in ``out_dir`` (its id is kept in ``out_dir/id_file``, so a rerun
-    re-attaches); yields the tracker. ``params`` defaults to the whole flattened config;
-    ``write_config=False`` leaves an existing ``config.yaml`` alone (a run re-attached to later,
-    or a torchrun rank other than 0). A rerun whose recipe differs from the stored one is refused
-    unless ``allow_config_change`` (:func:`check_stored_config`); ``check_config=False`` is for a
-    stage whose outputs are verified item by item on reuse (the labeling pass keys every shard by
-    its teacher and preprocessing)."""
+    """Open the stage's run in ``out_dir`` (its id is kept in ``out_dir/<options.id_file>``, so a
+    rerun re-attaches); yields the tracker. A rerun whose recipe differs from the stored one is
+    refused unless ``options.allow_config_change`` (:func:`check_stored_config`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tags = {"git_commit": git_commit(), **(tags or {})}
-    if write_config and check_config:
-        tags.update(check_stored_config(cfg, out_dir, allow_config_change))
+    if options.write_config and options.check_config:
+        tags.update(check_stored_config(cfg, out_dir, options.allow_config_change))
     tracker = tracker if tracker is not None else Tracker(cfg.tracking, out_dir)
-    if write_config:
+    if options.write_config:
         write_bytes_atomic(out_dir / "config.yaml", dump_config(cfg).encode())
-    with tracker.run(out_dir / id_file, name, tags):
-        tracker.log_params(flatten(to_dict(cfg)) if params is None else params)
-        if write_config:
+    with tracker.run(out_dir / options.id_file, name, tags):
+        tracker.log_params(flatten(to_dict(cfg)) if options.params is None else options.params)
+        if options.write_config:
             tracker.log_artifact(out_dir / "config.yaml")
         yield tracker

@@ -9,6 +9,7 @@ directory so a resumed loop re-attaches to the same parent and generation runs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import re
@@ -147,6 +148,12 @@ class Tracker:
                 "start it, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false"
             ) from exc
 
+    def disabled(self) -> Tracker:
+        """A copy that logs nothing: for work whose results are logged once, elsewhere."""
+        quiet = copy.copy(self)
+        quiet.enabled = False
+        return quiet
+
     # -------------------------------------------------------------- runs
     @contextlib.contextmanager
     def run(
@@ -163,19 +170,15 @@ class Tracker:
                 mlflow.get_run(run_id)
             except Exception:
                 run_id = None
+        tags = {k: str(v) for k, v in (tags or {}).items()}
         try:
-            active = mlflow.start_run(
-                run_id=run_id,
-                run_name=None if run_id else name,
-                experiment_id=self.experiment_id,
-                nested=nested,
-                tags={k: str(v) for k, v in (tags or {}).items()},
-            )
+            if not run_id:  # create it, and keep its id at once: a rerun then re-attaches, whatever fails next
+                run_id = self._create_run(name, tags, nested)
+                id_file.parent.mkdir(parents=True, exist_ok=True)
+                id_file.write_text(run_id + "\n")
+            active = mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id, nested=nested, tags=tags)
         except Exception as exc:
             raise _lost_error(self.uri, exc) from exc
-        if not run_id:
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(active.info.run_id + "\n")
         status = "FINISHED"
         try:
             yield active.info.run_id
@@ -185,9 +188,20 @@ class Tracker:
         finally:
             try:
                 mlflow.end_run(status=status)
-            except Exception:
-                if status == "FINISHED":
-                    raise
+            except Exception as exc:
+                if status == "FINISHED":  # else the error that failed the run is the one to show
+                    raise _lost_error(self.uri, exc) from exc
+
+    def _create_run(self, name: str, tags: dict[str, str], nested: bool) -> str:
+        """A new run with the tags MLflow's ``start_run`` would give it (source, user, git) and,
+        when nested, its parent: the active run."""
+        from mlflow.tracking.context.registry import resolve_tags
+
+        run_tags = resolve_tags(tags)
+        parent = self.mlflow.active_run()
+        if nested and parent is not None:
+            run_tags["mlflow.parentRunId"] = parent.info.run_id
+        return self.mlflow.MlflowClient().create_run(self.experiment_id, tags=run_tags, run_name=name).info.run_id
 
     @_lost_server
     def log_params(self, params: dict[str, Any]) -> None:
@@ -215,6 +229,12 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled and Path(path).exists():
             self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    @_lost_server
+    def log_json(self, obj: Any, artifact_file: str) -> None:
+        """``obj`` as a JSON artifact named ``artifact_file`` (no file of ours is needed)."""
+        if self.enabled:
+            self.mlflow.log_dict(obj, artifact_file)
 
     @_lost_server
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Inference over a labeled split: softmax probabilities and targets, in eval mode."""
+"""Inference over a labeled split: softmax probabilities and targets, in eval mode (what validation,
+the evaluate stage and the analysis run)."""
 
 from __future__ import annotations
 
