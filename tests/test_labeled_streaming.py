@@ -15,6 +15,7 @@ from PIL import Image
 from noisystudent.config import AugmentConfig, Config, TrainConfig, load_config
 from noisystudent.data.geometry import create_eval_transform
 from noisystudent.data.imagefolder import LabeledImages, cache_plan, load_labeled_data, scan_image_folder
+from noisystudent.data.sampler import BatchReader, BatchRequest
 from noisystudent.engine.batches import BatchSource
 from noisystudent.engine.distributed import DistEnv
 from noisystudent.errors import DataError
@@ -38,8 +39,9 @@ def test_streamed_and_cached_splits_give_the_same_tensors(smoke_data, tmp_path):
         lambda: create_train_transform(streamed_cfg, noise, seed=3),
     ):
         a, b = streamed.train.with_transform(make()), cached.train.with_transform(make())
-        for i in (0, 7, len(a) - 1):
-            assert torch.equal(a[(i, 11)][0], b[(i, 11)][0])  # same image, same batch seed: same tensor
+        request = BatchRequest([0, 7, len(a) - 1], seed=11)
+        for (x, _), (y, _) in zip(BatchReader(a).__getitems__(request), BatchReader(b).__getitems__(request)):
+            assert torch.equal(x, y)  # same images, same batch seed: same tensors
 
 
 def test_auto_caches_only_under_the_memory_budget(smoke_data, tmp_path):

@@ -1,5 +1,5 @@
-"""EpochSampler: shuffled passes, rank slices, per-batch augmentation seeds, and noise that does
-not depend on how many (persistent) loader workers produce it."""
+"""EpochSampler, SeededBatches, BatchReader: shuffled passes, rank slices, per-batch augmentation
+seeds, and noise that does not depend on how many (persistent) loader workers produce it."""
 
 from __future__ import annotations
 
@@ -10,21 +10,19 @@ from torch.utils.data import DataLoader
 
 from noisystudent.config import AugmentConfig, DataConfig
 from noisystudent.data.imagefolder import LabeledImages
-from noisystudent.data.sampler import EpochSampler
+from noisystudent.data.sampler import BatchReader, EpochSampler, SeededBatches
 from noisystudent.noise import create_train_transform
 
 
 def test_an_epoch_is_whole_shuffled_passes_with_one_seed_per_batch():
     s = EpochSampler(dataset_size=10, batch_size=4, batches=6, seed=3)
-    draws = list(s)
-    assert len(draws) == len(s) == 24
-    idx = [i for i, _ in draws]
+    idx = list(s)
+    assert len(idx) == len(s) == 24 and all(isinstance(i, int) for i in idx)  # plain indices
     assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))  # passes 1 and 2
     assert idx[:10] != idx[10:20]  # each pass reshuffled
-    seeds = [sd for _, sd in draws]
-    batches = [seeds[b * 4 : (b + 1) * 4] for b in range(6)]
-    assert all(len(set(b)) == 1 for b in batches)
-    assert len({b[0] for b in batches}) == 6
+    batches = list(SeededBatches(s))
+    assert [i for b in batches for i in b.indices] == idx and all(len(b.indices) == 4 for b in batches)
+    assert len({b.seed for b in batches}) == 6
 
 
 def test_epochs_are_reproducible_and_distinct():
@@ -43,10 +41,10 @@ def test_ranks_read_disjoint_slices_of_every_pass():
     ranks = [EpochSampler(20, 5, 4, seed=0, rank=r, world_size=2) for r in range(2)]
     first = [r.first_pass() for r in ranks]
     assert not set(first[0]) & set(first[1]) and sorted(first[0] + first[1]) == list(range(20))
-    epoch = [[i for i, _ in r] for r in ranks]
+    epoch = [list(r) for r in ranks]
     for p in range(2):  # both passes of the epoch (20 draws per rank = 2 passes of 10)
         assert sorted(epoch[0][p * 10 : (p + 1) * 10] + epoch[1][p * 10 : (p + 1) * 10]) == list(range(20))
-    seeds = [[sd for _, sd in r] for r in ranks]
+    seeds = [[b.seed for b in SeededBatches(r)] for r in ranks]
     assert seeds[0] != seeds[1]  # ranks do not share noise streams
 
 
@@ -66,9 +64,8 @@ def _epoch_batches(workers: int, epochs: int = 2) -> list[torch.Tensor]:
     data = LabeledImages.from_arrays(images, [i % 10 for i in range(40)], [str(c) for c in range(10)], transform)
     sampler = EpochSampler(len(data), 8, 7, seed=0)
     loader = DataLoader(
-        data,
-        batch_size=8,
-        sampler=sampler,
+        BatchReader(data),
+        batch_sampler=SeededBatches(sampler),
         num_workers=workers,
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(0),

@@ -122,17 +122,7 @@ class LabeledImages(Dataset):
                     self.skips.skip("unreadable_image", f"{self.paths[j]}: {exc}")
         raise DataError(f"no readable image among the {len(self.paths)} files of this split")
 
-    def __getitem__(self, item):
-        """``item`` is an index, or ``(index, batch seed)`` from an :class:`EpochSampler`: the
-        augmentation restarts at the seed when a new batch begins (reseeding per image would
-        triple augmentation cost)."""
-        if isinstance(item, tuple):
-            i, seed = item
-            if seed != getattr(self, "_batch_seed", None) and hasattr(self.transform, "reseed"):
-                self.transform.reseed(seed)
-                self._batch_seed = seed
-        else:
-            i = item
+    def __getitem__(self, i: int):
         image = self.image(i)
         x = image if self.transform is None else self.transform(image)
         return x, torch.tensor(self.targets[i])
@@ -154,7 +144,6 @@ class LabeledImages(Dataset):
         clone = object.__new__(LabeledImages)
         clone.__dict__.update(self.__dict__)
         clone.transform = transform
-        clone.__dict__.pop("_batch_seed", None)
         return clone
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import random
 from collections.abc import Callable, Iterator
@@ -99,15 +100,23 @@ class PseudoLabeledStream(IterableDataset):
     def __len__(self) -> int:
         return self.length // self.world_size
 
-    def _my_shards(self) -> list[str]:
+    def for_rank(self, rank: int, world_size: int) -> PseudoLabeledStream:
+        """This stream as one torchrun rank reads it: its own share of the shards."""
+        reader = copy.copy(self)
+        reader.rank, reader.world_size = rank, world_size
+        return reader
+
+    def shards_for(self, worker: int = 0, workers: int = 1) -> list[str]:
+        """The shards this rank's loader worker ``worker`` of ``workers`` reads in the current
+        epoch: the epoch's shuffled order, split by rank, then by worker."""
         rng = random.Random(self.seed + self.epoch)
         shards = list(self.shards)
         rng.shuffle(shards)
-        shards = shards[self.rank :: self.world_size]
+        return shards[self.rank :: self.world_size][worker::workers]
+
+    def _worker_shards(self) -> list[str]:
         info = get_worker_info()
-        if info is not None:
-            shards = shards[info.id :: info.num_workers]
-        return shards
+        return self.shards_for(info.id, info.num_workers) if info is not None else self.shards_for()
 
     def target(self, probs: np.ndarray) -> torch.Tensor:
         probs = probs.astype(np.float32)
@@ -155,7 +164,7 @@ class PseudoLabeledStream(IterableDataset):
             (self.seed + 1) * 1_000_003 + self.epoch * 1009 + (info.id if info else 0) + 7919 * self.rank
         )
         buffer: list = []
-        for item in self._samples(self._my_shards()):
+        for item in self._samples(self._worker_shards()):
             if len(buffer) < self.buffer_size:
                 buffer.append(item)
                 continue

@@ -1,10 +1,12 @@
-"""Epoch sampling of a map-style dataset: shuffled passes, rank slices and augmentation seeds.
+"""Epoch sampling of a map-style dataset: shuffled passes, rank slices, and the seed each batch's
+augmentation starts from.
 
-One ``EpochSampler`` iteration is one training *epoch* of ``batches * batch_size`` draws: as many
-shuffled passes over the dataset as that takes. Each draw is ``(index, seed)``, where ``seed`` is
-shared by the draws of one batch; the dataset restarts its augmentation stream at that seed when
-the batch begins (:meth:`LabeledImages.__getitem__`). Everything is a function of
-``(seed, epoch)`` alone, computed in the main process, so:
+:class:`EpochSampler` yields plain indices: one training *epoch* of ``batches * batch_size``
+draws, as many shuffled passes over the dataset as that takes. :class:`SeededBatches` groups
+them into :class:`BatchRequest` s, each with the seed its augmentation starts from, and
+:class:`BatchReader` reads a request (the loader's ``__getitems__``), restarting the dataset's
+augmentation at that seed. Everything is a function of ``(seed, epoch, rank, batch)``, computed
+in the main process, so:
 
 * DataLoader workers can be persistent: a 1,000-image labeled set is one pass every 15 steps,
   and re-forking its worker for every pass stalled training for a fraction of a second each time;
@@ -17,12 +19,22 @@ the batch begins (:meth:`LabeledImages.__getitem__`). Everything is a function o
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 
-class EpochSampler(Sampler):
+@dataclass(frozen=True)
+class BatchRequest:
+    """One training batch as the loader fetches it: which samples, and the seed their
+    augmentation starts from."""
+
+    indices: list[int]
+    seed: int
+
+
+class EpochSampler(Sampler[int]):
     def __init__(self, dataset_size: int, batch_size: int, batches: int, seed: int, rank: int = 0, world_size: int = 1):
         if dataset_size // world_size < batch_size:
             raise ValueError(
@@ -53,13 +65,50 @@ class EpochSampler(Sampler):
         """The indices this rank reads in the epoch's first pass (for the record)."""
         return self.pass_indices(self._generator())
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def epoch_plan(self) -> tuple[list[int], list[int]]:
+        """This rank's indices for the epoch and the augmentation seed of each of its batches."""
         g = self._generator()
         need = len(self)
         indices: list[int] = []
         while len(indices) < need:
             indices += self.pass_indices(g)
         batch_seeds = torch.randint(0, 2**31 - 1, (self.batches,), generator=g).tolist()
-        for i in range(need):
-            # ranks draw the same seeds; offset them so ranks do not share noise streams
-            yield indices[i], (batch_seeds[i // self.batch_size] + 7919 * self.rank) % (2**31 - 1)
+        # ranks draw the same seeds; offset them so ranks do not share noise streams
+        return indices[:need], [(s + 7919 * self.rank) % (2**31 - 1) for s in batch_seeds]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_plan()[0])
+
+
+class SeededBatches(Sampler[BatchRequest]):
+    """The loader's batch sampler: an :class:`EpochSampler`'s epoch in batches, each with its seed."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return self.sampler.batches
+
+    def __iter__(self) -> Iterator[BatchRequest]:
+        indices, seeds = self.sampler.epoch_plan()
+        size = self.sampler.batch_size
+        for b, seed in enumerate(seeds):
+            yield BatchRequest(indices[b * size : (b + 1) * size], seed)
+
+
+class BatchReader(Dataset):
+    """A map-style dataset read a batch at a time: :meth:`__getitems__` restarts the dataset's
+    augmentation at the request's seed, then reads its samples in order (reseeding per image
+    would triple the augmentation's cost)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, request: BatchRequest) -> list:
+        reseed = getattr(self.dataset.transform, "reseed", None)
+        if reseed is not None:
+            reseed(request.seed)
+        return [self.dataset[i] for i in request.indices]

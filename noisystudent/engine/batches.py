@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..config import ConfigError, TrainConfig
 from ..data.imagefolder import LabeledImages
 from ..data.pseudo_stream import PseudoLabeledStream
-from ..data.sampler import EpochSampler
+from ..data.sampler import BatchReader, EpochSampler, SeededBatches
 from ..noise import reseed_augmentation, reseed_worker
 from .device import resolve_num_workers
 from .distributed import DistEnv
@@ -57,7 +57,7 @@ class BatchSource:
         if pseudo is None:  # a teacher's epoch: one pass over the labeled images (EpochSampler refuses < 1 batch)
             one_pass = len(labeled) // env.world_size // max(1, lab_bs)
         else:
-            pseudo.rank, pseudo.world_size = env.rank, env.world_size
+            pseudo = self.pseudo = pseudo.for_rank(env.rank, env.world_size)
             unl_bs = recipe.unlabeled_batch_size
             # workers are forked per pass (one per epoch) and inherit the freshly reseeded augmentation
             self.pseudo_loader = DataLoader(
@@ -83,10 +83,8 @@ class BatchSource:
         # its own generator: creating the (persistent) worker iterator draws a base seed, which must
         # not come from the global torch RNG that dropout uses and checkpoints restore
         self.labeled_loader = DataLoader(
-            labeled,
-            batch_size=lab_bs,
-            sampler=self.sampler,
-            drop_last=True,
+            BatchReader(labeled),
+            batch_sampler=SeededBatches(self.sampler),
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=workers > 0,
@@ -127,4 +125,4 @@ class BatchSource:
 
     def pseudo_shards(self) -> list[str]:
         """The pseudo-labeled shards this rank reads in the current epoch (none for a teacher)."""
-        return self.pseudo._my_shards() if self.pseudo is not None else []
+        return self.pseudo.shards_for() if self.pseudo is not None else []
