@@ -29,6 +29,7 @@ from .models import check_ladder
 from .noise import augmentation_grid, create_train_transform
 from .plots import augmentation_grid_png, generations_png
 from .resume import DoneMarker
+from .seeds import Seeds, Stream
 from .stages.evaluate import EvalReport, EvaluateStage
 from .stages.pseudo_label import PseudoLabelStage
 from .stages.run_layout import RunLayout
@@ -227,6 +228,6 @@ def mark_best(tracker: Tracker, registered_name: str, rows: list[GenerationRow])
 
 def save_augmentation_grid(cfg: Config, data: LabeledData, path: Path) -> None:
     """A few labeled images next to views under the student's noise: what the student sees."""
-    t = create_train_transform(cfg.data, cfg.student.augment, seed=cfg.seed)
+    t = create_train_transform(cfg.data, cfg.student.augment, seed=Seeds(cfg.seed, 1)(Stream.VIEW_NOISE))
     picks = [data.train.image(i) for i in range(0, len(data.train), max(1, len(data.train) // 6))][:6]
     augmentation_grid_png(augmentation_grid(picks, t), path)

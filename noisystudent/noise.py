@@ -16,7 +16,6 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
 
 from .config import AugmentConfig, DataConfig
 from .data.geometry import EvalTransform
@@ -210,7 +209,8 @@ class TrainTransform(EvalTransform):
             self.pipeline = A.Compose(steps, seed=seed, is_check_shapes=False)
 
     def reseed(self, seed: int) -> None:
-        """Restart the augmentation random stream at ``seed`` (see :func:`reseed_augmentation`)."""
+        """Restart the augmentation random stream at ``seed`` (training does, per labeled batch and
+        per pass over the pseudo-labels: :mod:`noisystudent.seeds`)."""
         self.seed = int(seed)
         if self.pipeline is not None:
             self.pipeline.set_random_seed(self.seed)
@@ -228,23 +228,6 @@ class TrainTransform(EvalTransform):
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.normalize(self.augment(image))
-
-
-def reseed_augmentation(transform, seed: int) -> None:
-    """Reseed a dataset's augmentation if it has one. Training reseeds from torch's RNG (saved in
-    every checkpoint) before each pass over the data, and each DataLoader worker adds its id, so
-    the noise a model saw is a function of the seed alone: a resumed run sees exactly the noise an
-    uninterrupted run would have, with any number of loader workers."""
-    if hasattr(transform, "reseed"):
-        transform.reseed(seed)
-
-
-def reseed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: distinct, reproducible noise per worker."""
-    dataset = get_worker_info().dataset
-    transform = getattr(dataset, "transform", None)
-    if transform is not None and getattr(transform, "seed", None) is not None:
-        reseed_augmentation(transform, transform.seed + 7919 * (worker_id + 1))
 
 
 def create_train_transform(data: DataConfig, augment: AugmentConfig, seed: int | None = None) -> TrainTransform:

@@ -20,6 +20,7 @@ from noisystudent.engine.batches import BatchSource
 from noisystudent.engine.distributed import DistEnv
 from noisystudent.errors import DataError
 from noisystudent.noise import create_train_transform
+from noisystudent.seeds import Seeds
 
 
 def _data(smoke_data, tmp_path, *extra):
@@ -75,7 +76,7 @@ def test_each_rank_decodes_only_its_own_slice(smoke_data, tmp_path):
             recipe,
             images,
             None,
-            seed=0,
+            seeds=Seeds(0),
             num_workers=0,
             channels_last=False,
             device=torch.device("cpu"),

@@ -12,10 +12,11 @@ from noisystudent.config import AugmentConfig, DataConfig
 from noisystudent.data.imagefolder import LabeledImages
 from noisystudent.data.sampler import BatchReader, EpochSampler, SeededBatches
 from noisystudent.noise import create_train_transform
+from noisystudent.seeds import Seeds
 
 
 def test_an_epoch_is_whole_shuffled_passes_with_one_seed_per_batch():
-    s = EpochSampler(dataset_size=10, batch_size=4, batches=6, seed=3)
+    s = EpochSampler(dataset_size=10, batch_size=4, batches=6, seeds=Seeds(3))
     idx = list(s)
     assert len(idx) == len(s) == 24 and all(isinstance(i, int) for i in idx)  # plain indices
     assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))  # passes 1 and 2
@@ -26,19 +27,19 @@ def test_an_epoch_is_whole_shuffled_passes_with_one_seed_per_batch():
 
 
 def test_epochs_are_reproducible_and_distinct():
-    a, b = EpochSampler(50, 8, 5, seed=0), EpochSampler(50, 8, 5, seed=0)
+    a, b = EpochSampler(50, 8, 5, seeds=Seeds(0)), EpochSampler(50, 8, 5, seeds=Seeds(0))
     a.set_epoch(2)
     b.set_epoch(2)
     assert list(a) == list(b)
     b.set_epoch(3)
     assert list(a) != list(b)
-    c = EpochSampler(50, 8, 5, seed=1)
+    c = EpochSampler(50, 8, 5, seeds=Seeds(1))
     c.set_epoch(2)
     assert list(a) != list(c)
 
 
 def test_ranks_read_disjoint_slices_of_every_pass():
-    ranks = [EpochSampler(20, 5, 4, seed=0, rank=r, world_size=2) for r in range(2)]
+    ranks = [EpochSampler(20, 5, 4, seeds=Seeds(0), rank=r, world_size=2) for r in range(2)]
     first = [r.first_pass() for r in ranks]
     assert not set(first[0]) & set(first[1]) and sorted(first[0] + first[1]) == list(range(20))
     epoch = [list(r) for r in ranks]
@@ -50,7 +51,7 @@ def test_ranks_read_disjoint_slices_of_every_pass():
 
 def test_too_small_for_one_batch_is_a_clear_error():
     with pytest.raises(ValueError, match="less than one batch"):
-        EpochSampler(dataset_size=6, batch_size=4, batches=1, seed=0, world_size=2)
+        EpochSampler(dataset_size=6, batch_size=4, batches=1, seeds=Seeds(0), world_size=2)
 
 
 def _epoch_batches(workers: int, epochs: int = 2) -> list[torch.Tensor]:
@@ -62,7 +63,7 @@ def _epoch_batches(workers: int, epochs: int = 2) -> list[torch.Tensor]:
         seed=0,
     )
     data = LabeledImages.from_arrays(images, [i % 10 for i in range(40)], [str(c) for c in range(10)], transform)
-    sampler = EpochSampler(len(data), 8, 7, seed=0)
+    sampler = EpochSampler(len(data), 8, 7, Seeds(0))
     loader = DataLoader(
         BatchReader(data),
         batch_sampler=SeededBatches(sampler),

@@ -21,7 +21,11 @@ from noisystudent.errors import NonFiniteTrainingError
 from noisystudent.models import load_checkpoint
 from noisystudent.noise import create_train_transform
 
-STAGE = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=0.0, augment=AugmentConfig(num_ops=1, magnitude=4))
+# No horizontal flips: the label is which quadrant is bright, and a flip swaps left and right, which
+# caps what any model can reach at 0.5 (the bf16 tests' bar); with flips they passed by the seed's luck.
+STAGE = TrainConfig(
+    epochs=2, batch_size=16, lr=3e-3, warmup_epochs=0.0, augment=AugmentConfig(num_ops=1, magnitude=4, hflip=0.0)
+)
 
 
 def _data(cfg: Config, n: int = 96) -> tuple[LabeledImages, LabeledImages]:
@@ -80,7 +84,7 @@ def _learns_in_bf16(tmp_path, stage: TrainConfig) -> list[int]:
     train, val = _data(cfg)
     result = train_model(TrainingJob(stage, "resnet10t", tmp_path, train, val), cfg)
     assert all(np.isfinite(row["train_loss"]) for row in result.history)
-    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1]["train_loss"] < 0.6 * result.history[0]["train_loss"]  # it learns, not just drifts
     assert result.history[-1]["val_top1"] > 0.5  # 4 classes: chance is 0.25
     weights = _weights(result.model_path)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
@@ -93,9 +97,10 @@ BF16_NAN_SETTINGS = replace(STAGE, epochs=4, grad_clip=1.0, warmup_epochs=0.5)
 
 
 def test_bf16_autocast_on_cpu_learns_with_clipping_and_short_warmup(tmp_path):
-    # at 16 px resnet10t's layer4.0.conv1 (stride 2) sees a 1x1 map: its bf16 weight gradient was
-    # garbage on AVX512-BF16 CPUs, so steps were skipped (or clipped to nothing) and val_top1 fell below
-    # 0.5. The strict zero-skip check is the slow test below: bf16 kernels differ between CPU types
+    # bf16 training learns. At 16 px resnet10t's layer4.0.conv1 (stride 2) sees a 1x1 map, whose bf16
+    # weight gradient is garbage on AVX512-BF16 CPUs: the fix (keep_fp32_where_cpu_bf16_fails) is
+    # guarded by the gradient test below and, strictly (zero skipped steps), by the slow test, since
+    # bf16 kernels differ between CPU types. Without it 9 of these 24 steps are skipped here.
     skipped = _learns_in_bf16(tmp_path, BF16_NAN_SETTINGS)
     print("bf16 skipped steps per epoch:", skipped)  # kept in the log: > 0 means the guard caught a NaN
 

@@ -19,6 +19,7 @@ from ..data.label_manifest import LabelManifest
 from ..engine.device import resolve_device
 from ..models import load_model
 from ..noise import TrainTransform, create_train_transform
+from ..seeds import Seeds, Stream
 from ..stages.stage import StageContext
 from .corpus_scan import CorpusScan, rows_of_ranks, scan_corpus
 from .features import SplitFeatures, extract_split, view_consistency
@@ -48,27 +49,32 @@ class LabeledFeatures:
     heldout_split: str
 
 
-def measure_model(ctx: StageContext, model_path: str, manifest: LabelManifest, title: str, out_dir: Path):
-    """Measure one model; ``manifest`` is that model's labeling pass over the corpus (with features)."""
+def measure_model(
+    ctx: StageContext, model_path: str, manifest: LabelManifest, title: str, out_dir: Path, generation: int = 0
+):
+    """Measure one model (of ``generation``: it picks the seeds); ``manifest`` is that model's
+    labeling pass over the corpus (with features)."""
     cfg, a = ctx.cfg, ctx.cfg.analysis
     start = time.time()
-    rng = np.random.default_rng(cfg.seed)
+    seeds = Seeds(cfg.seed, generation)
+    rng = np.random.default_rng(seeds(Stream.ANALYSIS))
     device = resolve_device(cfg.device)
     model, spec = load_model(model_path, device, cfg.channels_last)
     own = spec.data_config(cfg.data)
     names = list(spec.class_names)
     feats = labeled_features(model, ctx, own, device)
-    scorers = OODScorers.fit(feats.train.pooled, feats.train.targets, len(names), a.knn_k, a.knn_bank_size, cfg.seed)
+    train = feats.train
+    scorers = OODScorers.fit(train.pooled, train.targets, len(names), a.knn_k, a.knn_bank_size, seeds(Stream.KNN_BANK))
     corpus = scan_corpus(manifest, scorers, names, a, ctx.cluster, show_progress=True)
     is_ood = corpus.is_ood
     tagged = bool(is_ood is not None and is_ood.any() and (~is_ood).any())
     ood = {k: Detection(**v) for k, v in detection_metrics(corpus.scores, is_ood).items()} if tagged else {}
     best = max(ood, key=lambda k: ood[k].auroc) if ood else "mahalanobis"
     probe = linear_probes(feats.train, feats.heldout)
-    noise = create_train_transform(own, cfg.student.augment, seed=cfg.seed)
+    noise = create_train_transform(own, cfg.student.augment, seed=seeds(Stream.VIEW_NOISE))
     consistency = noise_consistency(model, corpus, tagged, noise, a.consistency_samples, cfg.data.channels, device, rng)
     emb_rows = _embedding_rows(corpus, a.embedding_points, rng)
-    emb = embeddings_2d(corpus.features(emb_rows), a.tsne, cfg.seed)
+    emb = embeddings_2d(corpus.features(emb_rows), a.tsne, seeds(Stream.EMBEDDING))
     galleries = {
         n: corpus.ranked[n].rows[: a.gallery_size]
         for n in ("lowest_confidence", f"highest_{best}", "confident_but_wrong")

@@ -23,6 +23,7 @@ class AnalysisStage(StageBase):
     manifest: LabelManifest
     out_dir: Path
     title: str
+    generation: int = 0  # the analysed model's generation (its seeds)
     name: str = "analysis"
     artifact_dir: str = "analysis"
     marker: DoneMarker = field(init=False)
@@ -33,7 +34,7 @@ class AnalysisStage(StageBase):
 
     def run(self, ctx: StageContext) -> AnalysisResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        measured = measure_model(ctx, self.model_path, self.manifest, self.title, self.out_dir)
+        measured = measure_model(ctx, self.model_path, self.manifest, self.title, self.out_dir, self.generation)
         self.drawn = draw(measured, self.out_dir, ctx.cfg.data.channels)
         return measured.result
 

@@ -41,9 +41,8 @@ def model_labels(ctx: StageContext, model_path: str, labels_dir: Path, teacher_r
 def analyze_generation(ctx: StageContext, g: int, layout: RunLayout) -> GenerationAnalysis:
     """Analyse generation g's model inside its MLflow run; writes gen-<g>/analysis/."""
     row = layout.row(g)
-    stage = AnalysisStage(
-        row.model_path, None, layout.generation_analysis(g), f"generation {g} {row.role} ({row.model})"
-    )
+    title = f"generation {g} {row.role} ({row.model})"
+    stage = AnalysisStage(row.model_path, None, layout.generation_analysis(g), title, generation=g)
     if not stage.marker.done():  # its labeling pass, outside the run: the next generation logs that
         stage.manifest = model_labels(_for(ctx, g + 1), row.model_path, layout.labels(g + 1), row.mlflow_run_id)
     name = layout.run_name(g, row.role, row.model)

@@ -437,7 +437,10 @@ class Config:
         "1 = stop at the first.",
         results=False,
     )
-    seed: int = setting(0, "Seed for model init, data order and augmentation.")
+    seed: int = setting(
+        0,
+        "Seed for model init, data order and augmentation (>= 0; every stream is derived from it and the generation).",
+    )
     generation_overrides: dict = setting(
         {},
         'Per-generation changes, e.g. `{2: {"student.init": "teacher", '
@@ -508,6 +511,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' {msg}")
 
     need(cfg.generations >= 0, "generations", "must be >= 0")
+    need(cfg.seed >= 0, "seed", "must be >= 0 (every random stream is derived from it: noisystudent.seeds)")
     need(len(cfg.ladder) >= 1, "ladder", "must be a non-empty list of timm model names")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "device", "must be auto, cpu or cuda")
     need(

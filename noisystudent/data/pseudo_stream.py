@@ -13,6 +13,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .. import storage
 from ..errors import DataError
+from ..seeds import Seeds, Stream
 from .label_index import ShardIndex, read_index
 from .selection import Selection
 from .shard_io import SkipCounter, decode_image
@@ -81,21 +82,24 @@ class PseudoLabeledStream(IterableDataset):
         soft: bool = True,
         temperature: float = 1.0,
         buffer_size: int = 4096,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        seeds: Seeds | None = None,
     ):
         self.shards = sorted(selection.kept_shards())
         self.selection = selection  # small: each worker loads its own shards' repeat arrays
         self.channels, self.num_classes, self.transform = channels, num_classes, transform
         self.soft, self.temperature = soft, temperature
-        self.buffer_size, self.seed, self.rank, self.world_size = buffer_size, seed, rank, world_size
-        self.epoch = 0
+        self.buffer_size, self.seeds = buffer_size, seeds or Seeds(0)
+        self.rank, self.world_size = 0, 1  # one reader per rank: for_rank
+        self.epoch = self.pass_index = 0
         self.skips = SkipCounter()
         self.length = selection.total
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.pass_index = epoch, 0
+
+    def next_pass(self) -> None:
+        """Another pass in the same epoch (the step budget outlasted the first): new noise, same order."""
+        self.pass_index += 1
 
     def __len__(self) -> int:
         return self.length // self.world_size
@@ -109,7 +113,7 @@ class PseudoLabeledStream(IterableDataset):
     def shards_for(self, worker: int = 0, workers: int = 1) -> list[str]:
         """The shards this rank's loader worker ``worker`` of ``workers`` reads in the current
         epoch: the epoch's shuffled order, split by rank, then by worker."""
-        rng = random.Random(self.seed + self.epoch)
+        rng = random.Random(self.seeds(Stream.PSEUDO_ORDER, epoch=self.epoch))
         shards = list(self.shards)
         rng.shuffle(shards)
         return shards[self.rank :: self.world_size][worker::workers]
@@ -160,9 +164,11 @@ class PseudoLabeledStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        rng = random.Random(
-            (self.seed + 1) * 1_000_003 + self.epoch * 1009 + (info.id if info else 0) + 7919 * self.rank
-        )
+        worker = info.id if info is not None else 0
+        at = {"epoch": self.epoch, "rank": self.rank, "worker": worker}
+        if hasattr(self.transform, "reseed"):  # this worker's pass: its own noise, whatever the worker count
+            self.transform.reseed(self.seeds(Stream.PSEUDO_NOISE, **at, batch=self.pass_index))
+        rng = random.Random(self.seeds(Stream.PSEUDO_BUFFER, **at, batch=self.pass_index))
         buffer: list = []
         for item in self._samples(self._worker_shards()):
             if len(buffer) < self.buffer_size:

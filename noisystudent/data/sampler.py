@@ -5,8 +5,8 @@ augmentation starts from.
 draws, as many shuffled passes over the dataset as that takes. :class:`SeededBatches` groups
 them into :class:`BatchRequest` s, each with the seed its augmentation starts from, and
 :class:`BatchReader` reads a request (the loader's ``__getitems__``), restarting the dataset's
-augmentation at that seed. Everything is a function of ``(seed, epoch, rank, batch)``, computed
-in the main process, so:
+augmentation at that seed. Everything is a function of ``(seed, epoch, rank, batch)``
+(:mod:`noisystudent.seeds`), computed in the main process, so:
 
 * DataLoader workers can be persistent: a 1,000-image labeled set is one pass every 15 steps,
   and re-forking its worker for every pass stalled training for a fraction of a second each time;
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..seeds import Seeds, Stream
+
 
 @dataclass(frozen=True)
 class BatchRequest:
@@ -35,13 +37,15 @@ class BatchRequest:
 
 
 class EpochSampler(Sampler[int]):
-    def __init__(self, dataset_size: int, batch_size: int, batches: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, dataset_size: int, batch_size: int, batches: int, seeds: Seeds, rank: int = 0, world_size: int = 1
+    ):
         if dataset_size // world_size < batch_size:
             raise ValueError(
                 f"{dataset_size} images across {world_size} rank(s) is less than one batch of {batch_size}"
             )
         self.dataset_size, self.batch_size, self.batches = dataset_size, batch_size, batches
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seeds, self.rank, self.world_size = seeds, rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -51,9 +55,8 @@ class EpochSampler(Sampler[int]):
         return self.batches * self.batch_size
 
     def _generator(self) -> torch.Generator:
-        # distinct streams per (seed, epoch); the rank is not mixed in: every rank draws the same
-        # permutations and takes its own slice of each
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # the rank is not mixed in: every rank draws the same permutations and takes its own slice of each
+        return torch.Generator().manual_seed(self.seeds(Stream.LABELED_ORDER, epoch=self.epoch))
 
     def pass_indices(self, g: torch.Generator) -> list[int]:
         """This rank's slice of one shuffled pass (equal length on every rank)."""
@@ -72,9 +75,10 @@ class EpochSampler(Sampler[int]):
         indices: list[int] = []
         while len(indices) < need:
             indices += self.pass_indices(g)
-        batch_seeds = torch.randint(0, 2**31 - 1, (self.batches,), generator=g).tolist()
-        # ranks draw the same seeds; offset them so ranks do not share noise streams
-        return indices[:need], [(s + 7919 * self.rank) % (2**31 - 1) for s in batch_seeds]
+        seeds = [
+            self.seeds(Stream.LABELED_NOISE, epoch=self.epoch, rank=self.rank, batch=b) for b in range(self.batches)
+        ]
+        return indices[:need], seeds
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_plan()[0])

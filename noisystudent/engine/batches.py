@@ -16,7 +16,7 @@ from ..config import ConfigError, TrainConfig
 from ..data.imagefolder import LabeledImages
 from ..data.pseudo_stream import PseudoLabeledStream
 from ..data.sampler import BatchReader, EpochSampler, SeededBatches
-from ..noise import reseed_augmentation, reseed_worker
+from ..seeds import Seeds, Stream
 from .device import resolve_num_workers
 from .distributed import DistEnv
 
@@ -34,9 +34,9 @@ class Batch:
 
 class BatchSource:
     """Loaders and the step budget of one stage. Labeled batches come from an :class:`EpochSampler`
-    (shuffling, rank slices and augmentation seeds are functions of (seed, epoch), so its workers
-    persist); pseudo-labeled batches from the student's :class:`PseudoLabeledStream`, each rank
-    reading its own shards."""
+    (shuffling, rank slices and augmentation seeds are functions of (seed, epoch, rank, batch), so
+    its workers persist); pseudo-labeled batches from the student's :class:`PseudoLabeledStream`,
+    each rank reading its own shards, each pass of each worker noised from its own seed."""
 
     def __init__(
         self,
@@ -44,7 +44,7 @@ class BatchSource:
         labeled: LabeledImages,
         pseudo: PseudoLabeledStream | None,
         *,
-        seed: int,
+        seeds: Seeds,
         num_workers: int,
         channels_last: bool,
         device: torch.device,
@@ -59,7 +59,8 @@ class BatchSource:
         else:
             pseudo = self.pseudo = pseudo.for_rank(env.rank, env.world_size)
             unl_bs = recipe.unlabeled_batch_size
-            # workers are forked per pass (one per epoch) and inherit the freshly reseeded augmentation
+            # workers are forked per pass (one per epoch, or more if a pass runs out): each pass of each
+            # worker reseeds its augmentation from (epoch, rank, worker, pass) when it starts
             self.pseudo_loader = DataLoader(
                 pseudo,
                 batch_size=unl_bs,
@@ -67,7 +68,6 @@ class BatchSource:
                 num_workers=min(workers, max(1, len(pseudo.shards))),
                 pin_memory=pin,
                 persistent_workers=False,
-                worker_init_fn=reseed_worker,
             )
             if len(pseudo) < unl_bs:
                 raise ConfigError(
@@ -79,7 +79,7 @@ class BatchSource:
         # A pass over the pseudo-labels that runs out early (skipped samples) ends the epoch, unless the
         # step budget is fixed or ranks hold different shard counts: then another pass starts.
         self.restart_pseudo_pass = env.enabled or bool(recipe.steps_per_epoch)
-        self.sampler = EpochSampler(len(labeled), lab_bs, self.steps_per_epoch, seed, env.rank, env.world_size)
+        self.sampler = EpochSampler(len(labeled), lab_bs, self.steps_per_epoch, seeds, env.rank, env.world_size)
         # its own generator: creating the (persistent) worker iterator draws a base seed, which must
         # not come from the global torch RNG that dropout uses and checkpoints restore
         self.labeled_loader = DataLoader(
@@ -88,7 +88,7 @@ class BatchSource:
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seeds(Stream.LOADER)),
         )
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
@@ -98,7 +98,7 @@ class BatchSource:
         pseudo = None
         if self.pseudo is not None:
             self.pseudo.set_epoch(epoch)
-            pseudo = self._start_pseudo_pass()
+            pseudo = iter(self.pseudo_loader)
         for _ in range(self.steps_per_epoch):
             x, y = next(labeled)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -109,19 +109,14 @@ class BatchSource:
                 except StopIteration:
                     if not self.restart_pseudo_pass:
                         return
-                    pseudo = self._start_pseudo_pass()
+                    self.pseudo.next_pass()
+                    pseudo = iter(self.pseudo_loader)
                     xu, soft = next(pseudo)
                 x = torch.cat([x, xu.to(self.device, non_blocking=True)])
                 soft = soft.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield Batch(x, y, soft)
-
-    def _start_pseudo_pass(self) -> Iterator:
-        """A new pass over the pseudo-labeled stream with its augmentation reseeded from torch's RNG
-        (saved in checkpoints) first; its workers are forked per pass and inherit the seed."""
-        reseed_augmentation(self.pseudo_loader.dataset.transform, int(torch.randint(0, 2**31 - 1, (1,)).item()))
-        return iter(self.pseudo_loader)
 
     def pseudo_shards(self) -> list[str]:
         """The pseudo-labeled shards this rank reads in the current epoch (none for a teacher)."""

@@ -35,14 +35,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """The seed of one rank's model noise (dropout, stochastic depth) and pseudo-label augmentation
-    in one epoch. Every rank gets its own stream, so ranks do not draw the same dropout masks, and
-    every epoch restarts from (seed, rank, epoch), so a run resumed at an epoch boundary draws what
-    an uninterrupted one would have."""
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
-
-
 def rng_fingerprint(device: torch.device) -> list[float]:
     """The first numbers the model noise would draw on ``device`` now (dropout masks come from this
     stream), drawn from a copy of the generator: the run's own stream is untouched. For the record

@@ -32,10 +32,11 @@ from ..io import remove_stale_temporaries, sha256_file
 from ..models import ModelSpec, create_model, load_checkpoint, save_model, unwrap
 from ..records import JsonRecord
 from ..resume import DoneMarker
+from ..seeds import Seeds, Stream
 from . import distributed as ddp
 from .batches import Batch, BatchSource
 from .checkpoint import Checkpointer, Progress
-from .device import epoch_seed, resolve_device, rng_fingerprint, seed_everything
+from .device import resolve_device, rng_fingerprint, seed_everything
 from .metrics import classification_report
 from .optim import NonFiniteGuard, Optimization
 from .precision import autocast, keep_fp32_where_cpu_bf16_fails, resolve_amp
@@ -77,6 +78,7 @@ class TrainingJob:
     pseudo: PseudoLabeledStream | None = None  # a student's pseudo-labeled stream
     init_from: str | None = None  # start from another checkpoint's weights
     desc: str = "train"  # the progress bar's and log lines' prefix
+    generation: int = 0  # which generation's seeds it draws (noisystudent.seeds)
 
     def model_spec(self, cfg: Config) -> ModelSpec:
         return ModelSpec(
@@ -98,7 +100,9 @@ def train_model(job: TrainingJob, cfg: Config, tracker=None) -> TrainResult:
         return done
     loop = TrainingLoop.start(job, cfg, tracker)
     for epoch in range(loop.progress.epoch, job.recipe.epochs):
-        seed_everything(epoch_seed(cfg.seed, loop.env.rank, epoch))  # this rank's model and pseudo-label noise
+        # this rank's model noise in this epoch: restarted from (seed, generation, epoch, rank), so a
+        # resumed run draws what an uninterrupted one would, and ranks draw different dropout masks
+        seed_everything(loop.seeds(Stream.MODEL_NOISE, epoch=epoch, rank=loop.env.rank))
         row = loop.train_epoch(epoch)
         row.update(loop.validate(epoch))
         if loop.end_epoch(row):
@@ -131,7 +135,7 @@ class TrainingLoop:
     def start(cls, job: TrainingJob, cfg: Config, tracker=None) -> TrainingLoop:
         """Join torchrun's group (if any), build the model and its data, resume from ``last.pt``."""
         job.out_dir.mkdir(parents=True, exist_ok=True)
-        env, device = _start_process(cfg, job.out_dir)
+        env, device = _start_process(cfg, job.out_dir, Seeds(cfg.seed, job.generation))
         spec = job.model_spec(cfg)
         model, net = build_model(spec, job.recipe, cfg, device, env, job.init_from)
         source = weights_source(job.recipe, job.init_from)
@@ -141,7 +145,7 @@ class TrainingLoop:
             job.recipe,
             job.labeled,
             job.pseudo,
-            seed=cfg.seed,
+            seeds=Seeds(cfg.seed, job.generation),
             num_workers=cfg.data.num_workers,
             channels_last=cfg.channels_last,
             device=device,
@@ -173,6 +177,10 @@ class TrainingLoop:
             loop.started -= progress.seconds
             print(f"[{job.desc}] resuming after epoch {progress.epoch}/{job.recipe.epochs}")
         return loop
+
+    @property
+    def seeds(self) -> Seeds:
+        return Seeds(self.cfg.seed, self.job.generation)
 
     def train_epoch(self, epoch: int) -> dict:
         debug = bool(os.environ.get(DEBUG_RANKS_ENV)) and epoch == self.first_epoch
@@ -256,8 +264,9 @@ class TrainingLoop:
         path.write_text(json.dumps({**record, **fields}))
 
 
-def _start_process(cfg: Config, out_dir: Path) -> tuple[ddp.DistEnv, torch.device]:
-    """Join torchrun's process group (if any), pick the device, clear stale temporaries, seed."""
+def _start_process(cfg: Config, out_dir: Path, seeds: Seeds) -> tuple[ddp.DistEnv, torch.device]:
+    """Join torchrun's process group (if any), pick the device, clear stale temporaries, seed the
+    model's initial weights."""
     env = ddp.init_distributed()
     device = resolve_device(cfg.device)
     if env.enabled and device.type == "cuda":
@@ -266,7 +275,7 @@ def _start_process(cfg: Config, out_dir: Path) -> tuple[ddp.DistEnv, torch.devic
         remove_stale_temporaries(out_dir)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    seed_everything(seeds(Stream.MODEL_INIT))
     return env, device
 
 

@@ -34,6 +34,7 @@ from ..noise import create_train_transform
 from ..plots import threshold_plot
 from ..records import JsonRecord
 from ..resume import DoneMarker
+from ..seeds import Seeds, Stream
 from ..stages.evaluate import EvaluateStage
 from ..stages.stage import StageBase, StageContext, run_stage
 from ..stages.student import StudentStage, select_for_student
@@ -139,16 +140,22 @@ def _supervised_control(cfg: Config, data: LabeledData, out_dir: Path) -> TrainR
     s = cfg.student
     batch = min(len(data.train), int(round(s.batch_size * (1 + s.unlabeled_ratio))))
     recipe = replace(s, batch_size=batch, eval_every=max(1, s.epochs), early_stop_patience=0)
-    noise = create_train_transform(cfg.data, s.augment, seed=cfg.seed)
+    noise = create_train_transform(cfg.data, s.augment, seed=Seeds(cfg.seed, 1)(Stream.VIEW_NOISE))
     job = TrainingJob(
-        recipe, cfg.model_for_generation(1), out_dir, data.train.with_transform(noise), data.val, desc="control"
+        recipe,
+        cfg.model_for_generation(1),
+        out_dir,
+        data.train.with_transform(noise),
+        data.val,
+        desc="control",
+        generation=1,
     )
     return train_model(job, cfg)
 
 
 def budget_steps(cfg: Config, manifest: LabelManifest, num_classes: int) -> int:
     """Steps per epoch of a student at the base recipe: the budget every cell gets."""
-    return max(1, select_for_student(cfg, manifest, num_classes).total // cfg.student.unlabeled_batch_size)
+    return max(1, select_for_student(cfg, 1, manifest, num_classes).total // cfg.student.unlabeled_batch_size)
 
 
 def run_cell(ctx: StageContext, stage: CellStage) -> CellResult:

@@ -3,6 +3,7 @@ labels and the same budget, only the confidence threshold differs, each analysed
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -84,8 +85,9 @@ def _student_row(ctx: StageContext, stage: CellStage) -> WithWithoutRow:
     model_path = str(stage.out_dir / "model" / "model.pt")
     student_labels = model_labels(ctx, model_path, stage.out_dir / "labels")
     cell_ctx = StageContext(ctx.cfg.with_overrides(stage.cell.overrides), ctx.data, ctx.tracker, ctx.cluster)
-    with ctx.tracker.run(stage.out_dir / "mlflow_run_id", stage.cell.name, nested=True):
-        a = run_stage(AnalysisStage(model_path, student_labels, stage.out_dir / "analysis", stage.cell.name), cell_ctx)
+    analysis = AnalysisStage(model_path, student_labels, stage.out_dir / "analysis", stage.cell.name, generation=1)
+    nested = functools.partial(ctx.tracker.run, stage.out_dir / "mlflow_run_id", stage.cell.name, nested=True)
+    a = run_stage(analysis, cell_ctx, within=nested)
     return WithWithoutRow(
         **row.to_json(),
         threshold=stage.cell.overrides["pseudo_label.threshold"],

@@ -16,19 +16,21 @@ from ..engine.train import TrainingJob, TrainResult, train_model
 from ..models import load_checkpoint
 from ..noise import TrainTransform, create_train_transform
 from ..records import JsonRecord
+from ..seeds import Seeds, Stream
 from .stage import StageBase, StageContext
 from .teacher import trained_model_artifacts
 
 
-def selection_rule(cfg: Config) -> SelectionRule:
+def selection_rule(cfg: Config, generation: int) -> SelectionRule:
     pl = cfg.pseudo_label
-    return SelectionRule(pl.threshold, pl.balance, pl.per_class, cfg.seed, pl.ood_score, pl.ood_drop_fraction)
+    balancing = Seeds(cfg.seed, generation)(Stream.BALANCING)
+    return SelectionRule(pl.threshold, pl.balance, pl.per_class, balancing, pl.ood_score, pl.ood_drop_fraction)
 
 
-def select_for_student(cfg: Config, manifest: LabelManifest, num_classes: int, store_dir: Path | None = None):
-    """The pseudo-labels a student of ``cfg`` reads from a labeling pass, and how often each
-    (repeat counts stored under ``store_dir`` when given)."""
-    return select_pseudo_labels(manifest.outputs, num_classes, selection_rule(cfg), store_dir)
+def select_for_student(cfg: Config, generation: int, manifest: LabelManifest, num_classes: int, store_dir=None):
+    """The pseudo-labels generation ``generation``'s student of ``cfg`` reads from a labeling pass,
+    and how often each (repeat counts stored under ``store_dir`` when given)."""
+    return select_pseudo_labels(manifest.outputs, num_classes, selection_rule(cfg, generation), store_dir)
 
 
 @dataclass
@@ -60,8 +62,9 @@ class StudentStage(StageBase):
     def run(self, ctx: StageContext) -> StudentResult:
         cfg, data = ctx.cfg, ctx.data
         check_same_classes(self.teacher, data)
-        selection = select_for_student(cfg, self.manifest, len(data.class_names), store_dir=self.out_dir)
-        noise = create_train_transform(cfg.data, cfg.student.augment, seed=cfg.seed + self.generation)
+        selection = select_for_student(cfg, self.generation, self.manifest, len(data.class_names), self.out_dir)
+        seeds = Seeds(cfg.seed, self.generation)
+        noise = create_train_transform(cfg.data, cfg.student.augment, seed=seeds(Stream.VIEW_NOISE))
         trained = train_model(self._training_job(cfg, data, selection, noise), cfg, ctx.tracker)
         if cfg.student.finetune_epochs > 0:
             trained = finetune_on_labeled(cfg, self.generation, trained, self.out_dir / "finetune", data, noise)
@@ -79,7 +82,7 @@ class StudentStage(StageBase):
             soft=pl.soft,
             temperature=pl.temperature,
             buffer_size=pl.shuffle_buffer,
-            seed=cfg.seed + g,
+            seeds=Seeds(cfg.seed, g),
         )
         return TrainingJob(
             cfg.student,
@@ -90,6 +93,7 @@ class StudentStage(StageBase):
             pseudo=stream,
             init_from=self.teacher if cfg.student.init == "teacher" else None,
             desc=f"gen {g} student",
+            generation=g,
         )
 
     def metrics(self, record: StudentResult) -> dict[str, float]:
@@ -135,5 +139,6 @@ def finetune_on_labeled(
         data.val,
         init_from=trained.model_path,
         desc=f"gen {generation} fine-tune",
+        generation=generation,
     )
     return train_model(job, cfg)

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..engine.train import TrainingJob, TrainResult, train_model
 from ..noise import create_train_transform
 from ..plots import learning_curves_png
+from ..seeds import Seeds, Stream
 from .stage import StageBase, StageContext
 
 
@@ -21,7 +22,7 @@ class TeacherStage(StageBase):
 
     def run(self, ctx: StageContext) -> TrainResult:
         cfg = ctx.cfg
-        noise = create_train_transform(cfg.data, cfg.teacher.augment, seed=cfg.seed)
+        noise = create_train_transform(cfg.data, cfg.teacher.augment, seed=Seeds(cfg.seed, 0)(Stream.VIEW_NOISE))
         job = TrainingJob(
             cfg.teacher,
             cfg.model_for_generation(0),
