@@ -248,13 +248,15 @@ def dask_local_gpu(data: Path, bf16_run: Path, out: Path) -> dict:
         overrides=cmd_overrides,
         timeout=300,
     )
-    manifest = json.loads((out / "manifest.json").read_text())
+    from noisystudent.data.label_manifest import LabelManifest
+
+    manifest = LabelManifest.load(out)
     return {
-        "samples": manifest["total_samples"],
-        "skipped": manifest["skipped"]["total"],
-        "throughput_img_s": manifest["throughput_img_s"],
-        "wall_s": manifest["wall_seconds"],
-        "cluster": manifest.get("cluster"),
+        "samples": manifest.total_samples,
+        "skipped": manifest.skipped.total,
+        "throughput_img_s": manifest.throughput_img_s,
+        "wall_s": manifest.wall_seconds,
+        "cluster": manifest.cluster.to_json(),
     }
 
 
@@ -275,17 +277,46 @@ class TensorBatches:
             yield self.batch
 
 
+def tensor_loop(job, cfg, env, model, batches: TensorBatches, optimization, guard):
+    """Our training loop's state around ``model`` on pre-made batches. train_epoch reads the model, net,
+    batches, optimization, guard, the job's recipe and desc, env.is_main and the config's amp and
+    log_every_steps; it never touches the checkpointer, progress or spec."""
+    from noisystudent.engine.checkpoint import Checkpointer, Progress
+    from noisystudent.engine.train import TrainingLoop
+
+    return TrainingLoop(
+        job=job,
+        cfg=cfg,
+        env=env,
+        model=model,
+        net=model,
+        batches=batches,
+        optimization=optimization,
+        checkpointer=Checkpointer(job.out_dir / "unused-last.pt"),
+        progress=Progress(),
+        spec=None,
+        guard=guard,
+    )
+
+
 def throughput_224(torch, batch: int = 128, steps: int = 30) -> dict:
+    import dataclasses
+
     import timm
     import torch.nn.functional as F
 
-    from noisystudent.config import TrainConfig
+    from noisystudent.config import Config, TrainConfig
+    from noisystudent.engine.distributed import DistEnv
     from noisystudent.engine.optim import NonFiniteGuard, Optimization, create_optimizer
-    from noisystudent.engine.train import train_epoch
+    from noisystudent.engine.train import TrainingJob, train_epoch
 
     device = torch.device("cuda")
     out = {"batch": batch, "steps": steps, "amp": "bf16", "channels_last": True}
     recipe = TrainConfig(epochs=1, batch_size=batch, warmup_epochs=0.0)
+    cfg = dataclasses.replace(Config(), device="cuda", amp="bf16", channels_last=True, log_every_steps=50)
+    # train_epoch reads env.is_main only to show its progress bar: a non-main rank (in a world of one,
+    # so nothing is reduced across ranks) runs the epoch without it, as show_progress=False did before
+    quiet = DistEnv(rank=1)
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
     for name in ("resnet50", "efficientnet_b0"):
@@ -307,41 +338,18 @@ def throughput_224(torch, batch: int = 128, steps: int = 30) -> dict:
         bare(5)  # cudnn autotuning and allocator warm-up
         bare_img_s = bare(steps)
         optimization = Optimization(model, recipe, steps, "bf16", device)
-        batches = TensorBatches(x, y, steps)
         guard = NonFiniteGuard(20, model)
-        train_epoch(
-            model,
-            model,
-            TensorBatches(x, y, 5),
-            optimization,
-            guard,
-            recipe,
-            0,
-            amp="bf16",
-            log_every=50,
-            desc="warm-up",
-            show_progress=False,
-        )
-        row = train_epoch(
-            model,
-            model,
-            batches,
-            optimization,
-            guard,
-            recipe,
-            0,
-            amp="bf16",
-            log_every=50,
-            desc="bench",
-            show_progress=False,
-        )
+        for steps_now, desc in ((5, "warm-up"), (steps, "bench")):
+            job = TrainingJob(recipe, name, Path(tempfile.gettempdir()), labeled=None, desc=desc)
+            loop = tensor_loop(job, cfg, quiet, model, TensorBatches(x, y, steps_now), optimization, guard)
+            row = train_epoch(loop, 0)
         out[name] = {
             "bare_img_s": round(bare_img_s, 1),
             "pipeline_img_s": round(row["images_per_sec"], 1),
             "pipeline_over_bare": round(row["images_per_sec"] / bare_img_s, 3),
             "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         }
-        del model, opt, optimization
+        del model, opt, optimization, loop
         torch.cuda.empty_cache()
     return out
 
@@ -357,6 +365,7 @@ def loader_224(torch, jpeg_dir: Path, parts: dict, images: int = 768, batch: int
     from noisystudent.engine.device import resolve_num_workers
     from noisystudent.engine.distributed import DistEnv
     from noisystudent.noise import create_train_transform
+    from noisystudent.seeds import Seeds
 
     cfg = load_config(REPO / "configs" / "imagenet.yaml", ["data.num_workers=-1"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -373,7 +382,7 @@ def loader_224(torch, jpeg_dir: Path, parts: dict, images: int = 768, batch: int
     workers = resolve_num_workers(-1, device)
     recipe = type(cfg.student)(**{**cfg.student.__dict__, "batch_size": batch, "steps_per_epoch": 0})
     batches = BatchSource(
-        recipe, labeled, None, seed=0, num_workers=workers, channels_last=True, device=device, env=DistEnv()
+        recipe, labeled, None, seeds=Seeds(0), num_workers=workers, channels_last=True, device=device, env=DistEnv()
     )
     for epoch in range(2):  # epoch 0 starts the workers; epoch 1 is timed
         t0 = time.perf_counter()

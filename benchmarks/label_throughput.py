@@ -27,15 +27,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _label_one_in_fresh_worker(checkpoint: str, shard: str, out: str, data: dict, threads: int) -> dict:
+def _label_one_in_fresh_worker(shard: str, out: str, job) -> dict:
     """Runs inside a fresh Dask worker: label one shard, report the worker's peak RSS."""
-    from noisystudent.io import sha256_file
-    from noisystudent.labeling.job import _label_task
+    from noisystudent.labeling.corpus import _label_task
 
     rss_before = _peak_rss_mb()
-    summary = _label_task(shard, out, checkpoint, sha256_file(checkpoint), data, 256, "cpu", "off", threads)
+    summary = _label_task(shard, out, job)
     return {
-        "samples": summary["samples"],
+        "samples": summary.samples,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "rss_before_mb": round(rss_before, 1),
     }
@@ -52,15 +51,15 @@ def main() -> int:
     args = p.parse_args()
     cfg = cli.config_from_args(args)
 
-    from dataclasses import asdict
-
     import torch
     from distributed import Client, LocalCluster
 
+    from noisystudent.data.geometry import create_eval_transform
     from noisystudent.data.shard_io import decode_image, expand_urls, image_bytes, iter_samples, write_shard
-    from noisystudent.labeling.job import label_corpus
+    from noisystudent.labeling.cluster import ClusterSession
+    from noisystudent.labeling.corpus import label_corpus
+    from noisystudent.labeling.job import LabelingJob
     from noisystudent.models import ModelSpec, create_model, load_model, save_model
-    from noisystudent.noise import create_eval_transform
 
     urls = expand_urls(args.shards or cfg.data.unlabeled_shards)[: args.max_shards]
     threads = cfg.cluster.n_workers * cfg.cluster.threads_per_worker
@@ -98,19 +97,18 @@ def main() -> int:
                     n += len(batch)
         bare = n / (time.perf_counter() - t0)
 
-        # (b) the real stage through a LocalCluster
-        manifest = label_corpus(
+        # (b) the real stage through a LocalCluster: the clean teacher on the CPU, no TTA, no features, no cache
+        job = LabelingJob.for_checkpoint(
             checkpoint,
-            urls,
-            tmp / "labels",
             cfg.data,
-            cfg.cluster,
-            cfg.pseudo_label.batch_size,
-            show_progress=False,
+            batch_size=cfg.pseudo_label.batch_size,
+            threads=cfg.cluster.torch_threads or cfg.cluster.threads_per_worker,
             channels_last=cfg.channels_last,
         )
-        dask_img_s = manifest["throughput_img_s"]
-        assert manifest["total_samples"] == n, "the stage labeled a different number of samples than the bare loop"
+        with ClusterSession(cfg.cluster) as cluster:
+            manifest = label_corpus(job, urls, tmp / "labels", cluster, show_progress=False)
+        dask_img_s = manifest.throughput_img_s
+        assert manifest.total_samples == n, "the stage labeled a different number of samples than the bare loop"
 
         # (c) memory: one shard vs a 10x larger shard, each in a fresh single-worker cluster
         samples = list(iter_samples(urls[0]))[:500]
@@ -118,6 +116,7 @@ def main() -> int:
         write_shard(small, samples)
         write_shard(big, ({**s, "__key__": f"{s['__key__']}r{r}"} for r in range(10) for s in samples))
         memory = {}
+        one_thread = LabelingJob.for_checkpoint(checkpoint, cfg.data, batch_size=256, threads=1)
         for name, shard in (("shard_500", small), ("shard_5000", big)):
             with (
                 LocalCluster(
@@ -126,13 +125,7 @@ def main() -> int:
                 Client(cluster) as client,
             ):
                 memory[name] = client.submit(
-                    _label_one_in_fresh_worker,
-                    checkpoint,
-                    str(shard),
-                    str(tmp / f"out-{name}.tar"),
-                    asdict(cfg.data),
-                    1,
-                    pure=False,
+                    _label_one_in_fresh_worker, str(shard), str(tmp / f"out-{name}.tar"), one_thread, pure=False
                 ).result()
 
     print(
@@ -147,7 +140,7 @@ def main() -> int:
                 "bare_img_s": round(bare, 1),
                 "dask_stage_img_s": dask_img_s,
                 "dask_over_bare": round(dask_img_s / bare, 3) if dask_img_s else None,
-                "dask_wall_seconds": manifest["wall_seconds"],
+                "dask_wall_seconds": manifest.wall_seconds,
                 "worker_memory": memory,
                 "peak_rss_growth_10x_shard_mb": round(
                     memory["shard_5000"]["peak_rss_mb"] - memory["shard_500"]["peak_rss_mb"], 1

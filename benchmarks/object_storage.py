@@ -72,13 +72,13 @@ def _shard(path: Path, size_mb: int, member_kb: int) -> Path:
     """A shard of incompressible ``png`` members (random bytes: nothing decodes them here)."""
     import numpy as np
 
-    from noisystudent.data.shard_io import write_shard
+    from noisystudent.data.shard_io import ShardWriter
 
     rng = np.random.default_rng(size_mb)
     n = max(1, size_mb * 1024 // member_kb)
-    offsets: dict = {}
-    write_shard(path, ({"__key__": f"s{i:06d}", "png": rng.bytes(member_kb * 1024)} for i in range(n)), offsets=offsets)
-    np.save(path.with_suffix(".offsets.npy"), np.array([offsets[f"s{i:06d}"]["png"] for i in range(n)], np.int64))
+    with ShardWriter(path) as writer:  # (offset, size) of each png member's data, in tar order
+        offsets = [writer.write({"__key__": f"s{i:06d}", "png": rng.bytes(member_kb * 1024)})["png"] for i in range(n)]
+    np.save(path.with_suffix(".offsets.npy"), np.array(offsets, np.int64))
     return path
 
 

@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = 2000
@@ -90,6 +91,48 @@ def _self_peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _typed_api() -> bool:
+    """True for a checkout with typed records (``LabelManifest``, ``SelectionRule``, ``AnalysisResult``);
+    False for one before them (a ``--baseline`` such as 0a71ee7, whose manifests and summaries are dicts)."""
+    import importlib.util
+
+    # found, not imported: importing it would load torch and Dask into the selection children, whose
+    # peak RSS is what they measure
+    return importlib.util.find_spec("noisystudent.labeling.corpus") is not None
+
+
+def _attrs(path: Path) -> SimpleNamespace:
+    """A JSON record written by a checkout before typed records, read by attribute as the typed ones are."""
+    return json.loads(Path(path).read_text(), object_hook=lambda d: SimpleNamespace(**d))
+
+
+def _manifest(source: str | Path):
+    """A labeling pass' manifest (its directory or the file), by attribute under either API."""
+    if _typed_api():
+        from noisystudent.data.label_manifest import LabelManifest
+
+        return LabelManifest.load(source)
+    path = Path(source)
+    return _attrs(path if path.suffix == ".json" else path / "manifest.json")
+
+
+def _select(shards: list[str], num_classes: int, threshold: float, store_dir: str | None = None):
+    """Read-time selection with class balancing (to the mean class count, seed 0) under either API."""
+    import inspect
+
+    from noisystudent.data.selection import select_pseudo_labels
+
+    if _typed_api():
+        from noisystudent.data.selection import SelectionRule
+
+        rule = SelectionRule(threshold=threshold, balance=True, per_class=0, seed=0)
+        return select_pseudo_labels(shards, num_classes, rule, store_dir=store_dir)
+    takes_store = store_dir is not None and "store_dir" in inspect.signature(select_pseudo_labels).parameters
+    return select_pseudo_labels(
+        shards, num_classes, threshold, True, 0, 0, **({"store_dir": store_dir} if takes_store else {})
+    )
+
+
 def _config(corpus: str, cache: str = ""):
     from noisystudent.config import load_config
 
@@ -112,11 +155,21 @@ def child_label(corpus: str, model: str, out: str) -> dict:
     """The analysed model's labeling pass (with features), alone: the analysis then reuses it."""
     from noisystudent.analysis.run import model_labels
 
-    with ChildPeaks() as peaks:
-        manifest = model_labels(_config(corpus, str(Path(out) / "cache")), model, Path(out) / "labels")
+    cfg, labels = _config(corpus, str(Path(out) / "cache")), Path(out) / "labels"
+    if _typed_api():
+        from noisystudent.labeling.cluster import ClusterSession
+        from noisystudent.stages.stage import StageContext
+        from noisystudent.tracking.tracker import Tracker
+
+        with ChildPeaks() as peaks, ClusterSession(cfg.cluster) as cluster:
+            model_labels(StageContext(cfg, None, Tracker(cfg.tracking, out), cluster), model, labels)
+    else:
+        with ChildPeaks() as peaks:
+            model_labels(cfg, model, labels)
+    manifest = _manifest(labels)
     return {
-        "samples": manifest["total_samples"],
-        "labeling_img_s": manifest["throughput_img_s"],
+        "samples": manifest.total_samples,
+        "labeling_img_s": manifest.throughput_img_s,
         "labeling_worker_peak_rss_mb": peaks.largest(),
     }
 
@@ -128,17 +181,26 @@ def child_analyze(corpus: str, model: str, out: str) -> dict:
     cfg = _config(corpus, str(Path(out) / "cache"))
     t0 = time.perf_counter()
     with ChildPeaks() as peaks:
-        summary = analyze_checkpoint(cfg, model, Path(out))
+        analyze_checkpoint(cfg, model, Path(out))
     analysis_s = time.perf_counter() - t0
-    manifest = json.loads((Path(out) / "labels" / "manifest.json").read_text())
-    assert manifest["shards_labeled"] == 0, "the analysis relabeled the corpus: its seconds would include labeling"
+    manifest = _manifest(Path(out) / "labels")
+    assert manifest.shards_labeled == 0, "the analysis relabeled the corpus: its seconds would include labeling"
+    if _typed_api():
+        from noisystudent.analysis.result import AnalysisResult
+        from noisystudent.resume import DoneMarker
+
+        summary = DoneMarker(Path(out) / "summary.json", AnalysisResult).read()
+        ood = summary.ood
+    else:
+        summary = _attrs(Path(out) / "summary.json")
+        ood = vars(summary.ood)
     return {
         "analysis_seconds": round(analysis_s, 1),
-        "analysis_img_s": round(manifest["total_samples"] / analysis_s, 1),
+        "analysis_img_s": round(manifest.total_samples / analysis_s, 1),
         "analysis_driver_peak_rss_mb": _self_peak_mb(),
         "analysis_worker_peak_rss_mb": peaks.largest(),
-        "best_auroc": summary.get("best_auroc"),
-        "auroc": {k: v["auroc"] for k, v in summary["ood"].items()},
+        "best_auroc": getattr(summary, "best_auroc", None),
+        "auroc": {k: v.auroc for k, v in ood.items()},
         "gathered_bytes_per_sample": _gathered_bytes(),
     }
 
@@ -152,16 +214,12 @@ def _gathered_bytes() -> int | None:
     return BYTES_PER_SAMPLE
 
 
-def child_select(labels: str, store: str) -> dict:
-    import inspect
-
-    from noisystudent.data.selection import select_pseudo_labels
-
-    manifest = json.loads((Path(labels) / "manifest.json").read_text())
-    shards = [s["output"] for s in manifest["shards"]]
-    kwargs = {"store_dir": store} if "store_dir" in inspect.signature(select_pseudo_labels).parameters else {}
+def child_select(store: str, *shards: str) -> dict:
+    """Selection over the labeled shards (listed by the parent: reading the manifest here would load the
+    typed records' imports into the process whose peak RSS is measured)."""
+    shards = list(shards)
     t0 = time.perf_counter()
-    sel = select_pseudo_labels(shards, 10, THRESHOLD, True, 0, 0, **kwargs)
+    sel = _select(shards, 10, THRESHOLD, store)
     return {
         "selection_seconds": round(time.perf_counter() - t0, 2),
         "selection_peak_rss_mb": _self_peak_mb(),
@@ -170,18 +228,12 @@ def child_select(labels: str, store: str) -> dict:
     }
 
 
-def child_stream(labels: str, store: str) -> dict:
-    import inspect
-
+def child_stream(store: str, *shards: str) -> dict:
     import torch
 
     from noisystudent.data.pseudo_stream import PseudoLabeledStream
-    from noisystudent.data.selection import select_pseudo_labels
 
-    manifest = json.loads((Path(labels) / "manifest.json").read_text())
-    shards = [s["output"] for s in manifest["shards"]]
-    kwargs = {"store_dir": store} if "store_dir" in inspect.signature(select_pseudo_labels).parameters else {}
-    sel = select_pseudo_labels(shards, 10, THRESHOLD, True, 0, 0, **kwargs)
+    sel = _select(list(shards), 10, THRESHOLD, store)
     stream = PseudoLabeledStream(sel, 1, 10, lambda img: torch.from_numpy(img.astype("float32")), buffer_size=512)
     loader = torch.utils.data.DataLoader(stream, batch_size=100, num_workers=1)
     drawn = 0
@@ -196,11 +248,9 @@ def child_stream(labels: str, store: str) -> dict:
 
 def child_select_index(root: str, classes: str) -> dict:
     """Selection alone over synthetic indexes (no tars): peak RSS and seconds."""
-    from noisystudent.data.selection import select_pseudo_labels
-
     shards = sorted(str(p).replace(".index.npz", ".tar") for p in Path(root).glob("*.index.npz"))
     t0 = time.perf_counter()
-    sel = select_pseudo_labels(shards, int(classes), 0.3, True, 0, 0)
+    sel = _select(shards, int(classes), 0.3)
     return {
         "selection_seconds": round(time.perf_counter() - t0, 2),
         "selection_peak_rss_mb": _self_peak_mb(),
@@ -214,7 +264,7 @@ def child_scan(manifest_path: str, dim: str, classes: str) -> dict:
     the old in-driver path (gather every shard, score in the driver)."""
     import numpy as np
 
-    manifest = json.loads(Path(manifest_path).read_text())
+    manifest = _manifest(manifest_path)
     dim, classes = int(dim), int(classes)
     names = [f"c{i}" for i in range(classes)]
     rng = np.random.default_rng(0)
@@ -229,15 +279,23 @@ def child_scan(manifest_path: str, dim: str, classes: str) -> dict:
             from noisystudent.analysis.features import load_corpus_features, save_scores_beside_shards
             from noisystudent.analysis.model import ood_scores
 
-            corpus = load_corpus_features(manifest, names)
+            as_dict = json.loads(Path(manifest_path).read_text())  # what this old code reads
+            corpus = load_corpus_features(as_dict, names)
             save_scores_beside_shards(corpus, ood_scores(corpus, train, targets, classes, cfg.analysis.knn_k))
             code = "in-driver"
         else:
             scorers = OODScorers.fit(train, targets, classes, cfg.analysis.knn_k, cfg.analysis.knn_bank_size, cfg.seed)
-            scan_corpus(manifest, scorers, names, cfg.analysis, cfg.cluster, show_progress=False)
+            if _typed_api():
+                from noisystudent.labeling.cluster import ClusterSession
+
+                with ClusterSession(cfg.cluster) as cluster:
+                    scan_corpus(manifest, scorers, names, cfg.analysis, cluster, show_progress=False)
+            else:
+                as_dict = json.loads(Path(manifest_path).read_text())  # what this old code reads
+                scan_corpus(as_dict, scorers, names, cfg.analysis, cfg.cluster, show_progress=False)
             code = "streaming"
     seconds = time.perf_counter() - t0
-    total = sum(s["samples"] for s in manifest["shards"])
+    total = sum(s.samples for s in manifest.shards)
     return {
         "scan": code,
         "scan_seconds": round(seconds, 1),
@@ -252,7 +310,8 @@ def _synthetic_labels(root: Path, n: int, classes: int, dim: int, per_shard: int
     features) and its manifest, without images; every input is an empty tar, counted as untagged."""
     import numpy as np
 
-    from noisystudent.data.label_index import features_path, write_index
+    from noisystudent.data.label_index import IndexRows, features_path, write_index
+    from noisystudent.data.label_manifest import LabelManifest, ShardEntry, TeacherRef
 
     rng = np.random.default_rng(n)
     root.mkdir(parents=True)
@@ -264,21 +323,17 @@ def _synthetic_labels(root: Path, n: int, classes: int, dim: int, per_shard: int
         lse = np.log(probs.sum(1)) + logits.max(1)
         probs /= probs.sum(1, keepdims=True)
         out = root / f"shard-{s:06d}.tar"
-        write_index(
-            out,
-            [f"k{start + i:010d}" for i in range(m)],
-            probs.argmax(1).tolist(),
-            probs.max(1).tolist(),
-            [0.0] * m,
-            probs=probs,
-            logsumexp=lse.tolist(),
+        keys = [f"k{start + i:010d}" for i in range(m)]
+        rows = IndexRows(
+            keys, probs.argmax(1).tolist(), probs.max(1).tolist(), [0.0] * m, logsumexp=lse.tolist(), probs=probs
         )
+        write_index(out, rows)
         np.save(features_path(out), rng.normal(size=(m, dim)).astype(np.float16))
         empty = root / f"input-{s:06d}.tar"
         empty.write_bytes(bytes(1024))  # a valid, empty tar: the old path stats and reads it for tags
-        shards.append({"input": str(empty), "output": str(out), "samples": m, "hidden_tags": 0})
-    (root / "manifest.json").write_text(json.dumps({"shards": shards}))
-    return str(root / "manifest.json")
+        shards.append(ShardEntry(input=str(empty), output=str(out), samples=m, hidden_tags=0))
+    manifest = LabelManifest(TeacherRef("synthetic", ""), str(root), shards, total_samples=n)
+    return str(manifest.save(root))  # the same JSON layout as a baseline checkout's manifests
 
 
 def _synthetic_indexes(root: Path, n: int, classes: int, per_shard: int = 50_000) -> str:
@@ -286,7 +341,7 @@ def _synthetic_indexes(root: Path, n: int, classes: int, per_shard: int = 50_000
     ``classes``-wide float16 soft labels), without the tars: selection never opens them."""
     import numpy as np
 
-    from noisystudent.data.label_index import write_index
+    from noisystudent.data.label_index import IndexRows, write_index
 
     rng = np.random.default_rng(n)
     root.mkdir(parents=True)
@@ -295,14 +350,9 @@ def _synthetic_indexes(root: Path, n: int, classes: int, per_shard: int = 50_000
         logits = rng.normal(size=(m, classes)).astype(np.float32) * 2
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
-        write_index(
-            root / f"shard-{s:06d}.tar",
-            [f"k{start + i:010d}" for i in range(m)],
-            probs.argmax(1).tolist(),
-            probs.max(1).tolist(),
-            [0.0] * m,
-            probs=probs,
-        )
+        keys = [f"k{start + i:010d}" for i in range(m)]
+        rows = IndexRows(keys, probs.argmax(1).tolist(), probs.max(1).tolist(), [0.0] * m, probs=probs)
+        write_index(root / f"shard-{s:06d}.tar", rows)
     return str(root)
 
 
@@ -374,6 +424,8 @@ def main() -> int:
             )
         )
         return 0
+    from noisystudent.data.label_manifest import LabelManifest  # this checkout's: the parent reads manifests
+
     trees = {"new": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
     rows, index_rows, scan_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -402,9 +454,10 @@ def main() -> int:
                 work = tmp / f"{name}-{n}"
                 row = {"code": name, **_child("label", tree, corpus, teacher, str(work / "analysis"))}
                 row.update(_child("analyze", tree, corpus, teacher, str(work / "analysis")))
-                labels = str(work / "analysis" / "labels")
-                row.update(_child("select", tree, labels, str(work / "student")))
-                row.update(_child("stream", tree, labels, str(work / "student")))
+                # the labeled shards, from the manifest either checkout writes (the same layout)
+                shards = LabelManifest.load(work / "analysis" / "labels").outputs
+                row.update(_child("select", tree, str(work / "student"), *shards))
+                row.update(_child("stream", tree, str(work / "student"), *shards))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
     out = {

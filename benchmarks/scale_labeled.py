@@ -146,8 +146,14 @@ def child(root: Path, size: int, steps: int, batch: int) -> int:
     spec = ModelSpec("resnet10t", len(labeled.class_names), 3, size, labeled.class_names, cfg.data.mean, cfg.data.std)
     model = create_model(spec).to(memory_format=torch.channels_last).train()
     device = torch.device("cpu")
+    try:  # this tree derives every seed in noisystudent.seeds; a baseline before it took one int
+        from noisystudent.seeds import Seeds
+
+        seeding = {"seeds": Seeds(0)}
+    except ImportError:
+        seeding = {"seed": 0}
     batches = BatchSource(
-        recipe, labeled, None, seed=0, num_workers=1, channels_last=True, device=device, env=DistEnv()
+        recipe, labeled, None, num_workers=1, channels_last=True, device=device, env=DistEnv(), **seeding
     )
     optimization = Optimization(model, recipe, steps, "off", device)
     first_step_s, t_rest = None, None

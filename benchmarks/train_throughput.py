@@ -47,7 +47,7 @@ def main() -> int:
     from noisystudent.engine.device import resolve_num_workers
     from noisystudent.engine.optim import create_optimizer
     from noisystudent.engine.precision import resolve_amp
-    from noisystudent.engine.train import train_model
+    from noisystudent.engine.train import TrainingJob, train_model
     from noisystudent.noise import create_train_transform
 
     stage = getattr(cfg, args.stage)
@@ -107,7 +107,8 @@ def main() -> int:
     def pipeline_run() -> float:
         # the loop's per-epoch lines go to stderr: stdout is the JSON alone
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
-            result = train_model(bench_stage, cfg, model_name, Path(tmp), labeled, pseudo=pseudo, desc="bench")
+            job = TrainingJob(bench_stage, model_name, Path(tmp), labeled, pseudo=pseudo, desc="bench")
+            result = train_model(job, cfg)
         return result.history[-1]["images_per_sec"]
 
     bare_runs, pipeline_runs = [bare_run()], []
@@ -151,11 +152,11 @@ def pseudo_stream(cfg, images, model_name: str, out_dir: Path, transform):
     import torch
 
     from noisystudent.data.pseudo_stream import PseudoLabeledStream
-    from noisystudent.data.selection import select_pseudo_labels
+    from noisystudent.data.selection import SelectionRule, select_pseudo_labels
     from noisystudent.data.shard_io import encode_png, write_shard
-    from noisystudent.labeling.shard import pseudo_label_shard
-    from noisystudent.models import ModelSpec, create_model
-    from noisystudent.noise import create_eval_transform
+    from noisystudent.labeling.job import LabelingJob
+    from noisystudent.labeling.shard import cached_teacher, pseudo_label_shard
+    from noisystudent.models import ModelSpec, create_model, save_model
 
     source, labeled_shard = out_dir / "unlabeled.tar", out_dir / "labeled.tar"
     write_shard(source, ({"__key__": f"img{i:06d}", "png": encode_png(img)} for i, img in enumerate(images)))
@@ -168,10 +169,12 @@ def pseudo_stream(cfg, images, model_name: str, out_dir: Path, transform):
         mean=list(cfg.data.mean),
         std=list(cfg.data.std),
     )
-    teacher = create_model(spec).eval()
+    checkpoint = out_dir / "teacher.pt"  # a labeling job reads its teacher from a checkpoint
+    save_model(checkpoint, create_model(spec).eval(), spec)
+    job = LabelingJob.for_checkpoint(checkpoint, cfg.data)
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        pseudo_label_shard(str(source), str(labeled_shard), teacher, create_eval_transform(cfg.data), cfg.data, "bench")
-    selection = select_pseudo_labels([str(labeled_shard)], 10, threshold=0.0, balance=False)
+        pseudo_label_shard(str(source), str(labeled_shard), cached_teacher(job), job)
+    selection = select_pseudo_labels([str(labeled_shard)], 10, SelectionRule(threshold=0.0, balance=False))
     return PseudoLabeledStream(selection, cfg.data.channels, 10, transform, soft=True, seed=cfg.seed)
 
 
