@@ -122,20 +122,14 @@ def environment(torch) -> dict:
 
 def smoke_data(out: Path) -> Path:
     """The tests' smoke dataset (prepared once per work dir)."""
-    from noisystudent.prepare.fashion_mnist import prepare_fashion_mnist
+    from noisystudent.prepare.fashion_mnist import FashionMnistRecipe, prepare_fashion_mnist
 
     if not (out / "data" / "labeled").is_dir():
         source = FMNIST if (FMNIST / "train-images-idx3-ubyte.gz").is_file() else synthetic_idx(out / "src")
-        prepare_fashion_mnist(
-            out / "data",
-            source_dir=source,
-            labels_per_class=10,
-            val_per_class=5,
-            shard_size=125,
-            ood_fraction=0.06,
-            seed=0,
-            show_progress=False,
+        recipe = FashionMnistRecipe(
+            source_dir=source, labels_per_class=10, val_per_class=5, shard_size=125, ood_fraction=0.06, seed=0
         )
+        prepare_fashion_mnist(out / "data", recipe, show_progress=False)
     return out / "data"
 
 

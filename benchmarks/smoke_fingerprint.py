@@ -62,19 +62,13 @@ def main() -> int:
     helpers = runpy.run_path(str(REPO / "tests" / "conftest.py"))
     data = work / "data"
     if not (data / "PREPARED.json").is_file():
-        from noisystudent.prepare.fashion_mnist import prepare_fashion_mnist
+        from noisystudent.prepare.fashion_mnist import FashionMnistRecipe, prepare_fashion_mnist
 
         src = helpers["make_fmnist_slice"](work / "src", train_per_class=60, n_test=200)
-        prepare_fashion_mnist(
-            data,
-            source_dir=src,
-            labels_per_class=10,
-            val_per_class=5,
-            shard_size=125,
-            ood_fraction=0.06,
-            seed=0,
-            show_progress=False,
+        recipe = FashionMnistRecipe(
+            source_dir=src, labels_per_class=10, val_per_class=5, shard_size=125, ood_fraction=0.06, seed=0
         )
+        prepare_fashion_mnist(data, recipe, show_progress=False)
     run = work / "run"
     cmd = [sys.executable, str(REPO / "pipelines" / "iterate.py"), "--config", str(REPO / "configs" / "smoke.yaml")]
     for override in helpers["smoke_overrides"](data, run):

@@ -15,18 +15,20 @@ The training, labeling and analysis commands import their stage when they run, s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from . import console
 from .config import Config, ConfigError, dump_config, load_config
 from .errors import UserError
-from .prepare.fashion_mnist import DEFAULT_SOURCE_DIR, prepare_fashion_mnist
-from .prepare.folder_to_shards import folder_to_shards
-from .prepare.imagenet_like import write_imagenet_like
+from .prepare.fashion_mnist import DEFAULT_SOURCE_DIR, FashionMnistRecipe, prepare_fashion_mnist
+from .prepare.folder_to_shards import ShardingOptions, folder_to_shards
+from .prepare.imagenet_like import ImageNetLikeRecipe, write_imagenet_like
 from .tracking.compare import compare
 
 #: Errors that are the user's to fix: printed as one line, exit code 2, no traceback.
@@ -34,6 +36,7 @@ USER_ERRORS = (UserError, FileNotFoundError)
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 #: Run from a checkout, config-driven commands default to the shipped embedded-demo config.
 _CHECKOUT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+_Options = TypeVar("_Options")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -268,18 +271,14 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _options_from(cls: type[_Options], args: argparse.Namespace) -> _Options:
+    """The options dataclass ``cls`` from the flags named like its fields; a field without a flag keeps its default."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
 def _prepare(args: argparse.Namespace) -> None:
-    summary = prepare_fashion_mnist(
-        args.out,
-        source_dir=args.source_dir,
-        labels_per_class=args.labels_per_class,
-        val_per_class=args.val_per_class,
-        shard_size=args.shard_size,
-        ood_fraction=args.ood_fraction,
-        seed=args.seed,
-        force=args.force,
-        show_progress=not args.quiet,
-    )
+    recipe = _options_from(FashionMnistRecipe, args)
+    summary = prepare_fashion_mnist(args.out, recipe, force=args.force, show_progress=not args.quiet)
     console.print_prepared(summary, Path(args.out))
 
 
@@ -300,17 +299,8 @@ def _make_shards_args(p: argparse.ArgumentParser) -> None:
 
 
 def _make_shards(args: argparse.Namespace) -> None:
-    manifest = folder_to_shards(
-        args.src_dir,
-        args.out_dir,
-        shard_size=args.shard_size,
-        shuffle=args.shuffle,
-        seed=args.seed,
-        class_from_parent=args.class_from_parent,
-        prefix=args.prefix,
-        overwrite=args.overwrite,
-        show_progress=not args.quiet,
-    )
+    options = _options_from(ShardingOptions, args)
+    manifest = folder_to_shards(args.src_dir, args.out_dir, options, show_progress=not args.quiet)
     console.print_shards_written(manifest, Path(args.out_dir))
 
 
@@ -331,14 +321,7 @@ def _imagenet_like_args(p: argparse.ArgumentParser) -> None:
 
 
 def _imagenet_like(args: argparse.Namespace) -> None:
-    manifest = write_imagenet_like(
-        args.out_dir,
-        classes=args.classes,
-        train_per_class=args.train_per_class,
-        unlabeled_per_class=args.unlabeled_per_class,
-        ood=args.ood,
-        seed=args.seed,
-    )
+    manifest = write_imagenet_like(args.out_dir, _options_from(ImageNetLikeRecipe, args))
     print(
         f"wrote an ImageNet-like tree to {args.out_dir}: {manifest['labeled']} labeled, "
         f"{manifest['unlabeled']['total']} unlabeled in {manifest['unlabeled']['shards']} shards; formats "

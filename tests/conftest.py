@@ -88,20 +88,14 @@ def make_fmnist_slice(dst: Path, train_per_class: int, n_test: int) -> Path:
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> Path:
     """A prepared smoke dataset: 100 labeled, 50 val, 200 test, ~450 unlabeled + OOD in 4 shards."""
-    from noisystudent.prepare.fashion_mnist import prepare_fashion_mnist
+    from noisystudent.prepare.fashion_mnist import FashionMnistRecipe, prepare_fashion_mnist
 
     root = tmp_path_factory.mktemp("smoke")
     src = make_fmnist_slice(root / "src", train_per_class=60, n_test=200)
-    prepare_fashion_mnist(
-        root / "data",
-        source_dir=src,
-        labels_per_class=10,
-        val_per_class=5,
-        shard_size=125,
-        ood_fraction=0.06,
-        seed=0,
-        show_progress=False,
+    recipe = FashionMnistRecipe(
+        source_dir=src, labels_per_class=10, val_per_class=5, shard_size=125, ood_fraction=0.06, seed=0
     )
+    prepare_fashion_mnist(root / "data", recipe, show_progress=False)
     return root / "data"
 
 

@@ -25,7 +25,7 @@ from noisystudent.data.geometry import create_eval_transform
 from noisystudent.data.imagefolder import load_labeled_data
 from noisystudent.data.label_manifest import LabelManifest
 from noisystudent.errors import DataError
-from noisystudent.prepare.imagenet_like import WNIDS, write_imagenet_like
+from noisystudent.prepare.imagenet_like import WNIDS, ImageNetLikeRecipe, write_imagenet_like
 from noisystudent.resume import DoneMarker
 
 IMAGENET = REPO / "configs" / "imagenet.yaml"
@@ -73,7 +73,7 @@ def _paths(root: Path, run_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("imagenet-like") / "tree"
-    write_imagenet_like(root, seed=0)
+    write_imagenet_like(root, ImageNetLikeRecipe(seed=0))
     return root
 
 

@@ -127,6 +127,28 @@ def violations(edges: dict[str, set[str]]) -> list[str]:
     return bad
 
 
+#: The size rules of the library: a function reads in one screen, and takes few enough arguments
+#: that a call names what it passes (group the rest into a typed record).
+MAX_FUNCTION_LINES, MAX_PARAMETERS = 60, 8
+
+
+def oversized_functions() -> list[str]:
+    """Functions of the package longer than MAX_FUNCTION_LINES (``def`` to last line) or with more
+    than MAX_PARAMETERS parameters (``self``/``cls`` not counted; ``*args``/``**kwargs`` count one each)."""
+    found = []
+    for name, path in sorted(modules().items()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, [a.vararg, a.kwarg])]
+            count = len(params) - (1 if a.args and a.args[0].arg in ("self", "cls") else 0)
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES or count > MAX_PARAMETERS:
+                found.append(f"{name}.{node.name}: {lines} lines, {count} parameters")
+    return found
+
+
 def test_every_module_has_a_layer():
     assert [m for m in modules() if layer_of(m)[0] < 0] == []
 
@@ -137,6 +159,10 @@ def test_no_import_cycles_counting_imports_inside_functions():
 
 def test_each_layer_imports_only_the_layers_below_it():
     assert violations(graph()) == []
+
+
+def test_no_function_is_longer_than_a_screen_or_takes_more_than_eight_parameters():
+    assert oversized_functions() == []
 
 
 def test_the_checker_sees_a_function_level_cycle(tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ from conftest import REAL_SOURCE, read_real, write_idx
 from PIL import Image
 
 from noisystudent.data.shard_io import decode_image, iter_samples
-from noisystudent.prepare.fashion_mnist import FASHION_MNIST_CLASSES, prepare_fashion_mnist
-from noisystudent.prepare.folder_to_shards import PrepareError, folder_to_shards
+from noisystudent.prepare.fashion_mnist import FASHION_MNIST_CLASSES, FashionMnistRecipe, prepare_fashion_mnist
+from noisystudent.prepare.folder_to_shards import PrepareError, ShardingOptions, folder_to_shards
 
 PER_CLASS_TRAIN = 6  # tiny train set: 6 images per class = 60
 N_TEST = 20
@@ -54,15 +54,13 @@ def tiny_source(tmp_path_factory) -> Path:
     return src
 
 
-SMALL = {
-    "labels_per_class": 2,
-    "val_per_class": 1,
-    "shard_size": 7,
-    "ood_fraction": 0.3,
-    "seed": 3,
-    "show_progress": False,
-}
+SMALL = {"labels_per_class": 2, "val_per_class": 1, "shard_size": 7, "ood_fraction": 0.3, "seed": 3}
 # 60 - 10 * (2 + 1) = 30 in-distribution unlabeled; round(0.3 * 30) = 9 OOD
+
+
+def _small(source: Path, **changes) -> FashionMnistRecipe:
+    """The tiny recipe of these tests, from ``source``, with ``changes``."""
+    return FashionMnistRecipe(source_dir=source, **{**SMALL, **changes})
 
 
 def _read_shards(out: Path, summary: dict) -> list[dict]:
@@ -84,7 +82,7 @@ def _keys(folder: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def prepared(tiny_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "default"
-    summary = prepare_fashion_mnist(out, source_dir=tiny_source, **SMALL)
+    summary = prepare_fashion_mnist(out, _small(tiny_source), show_progress=False)
     return out, summary
 
 
@@ -168,13 +166,13 @@ def test_idempotent_and_deterministic(prepared, tiny_source, tmp_path):
     out, summary = prepared
     mtime = (out / "PREPARED.json").stat().st_mtime_ns
     shard_mtime = (out / summary["shards"][0]["path"]).stat().st_mtime_ns
-    again = prepare_fashion_mnist(out, source_dir=tiny_source, **SMALL)
+    again = prepare_fashion_mnist(out, _small(tiny_source), show_progress=False)
     assert again == summary
     assert (out / "PREPARED.json").stat().st_mtime_ns == mtime
     assert (out / summary["shards"][0]["path"]).stat().st_mtime_ns == shard_mtime
 
     # same seed elsewhere -> identical content
-    other = prepare_fashion_mnist(tmp_path / "again", source_dir=tiny_source, **SMALL)
+    other = prepare_fashion_mnist(tmp_path / "again", _small(tiny_source), show_progress=False)
     assert other["splits"] == summary["splits"] and other["shards"] == summary["shards"]
     for a, b in zip(_read_shards(out, summary), _read_shards(tmp_path / "again", other)):
         assert a["__key__"] == b["__key__"] and a["png"] == b["png"] and a["eval.json"] == b["eval.json"]
@@ -183,12 +181,12 @@ def test_idempotent_and_deterministic(prepared, tiny_source, tmp_path):
 
 def test_different_parameters_and_force(tiny_source, tmp_path):
     out = tmp_path / "d"
-    first = prepare_fashion_mnist(out, source_dir=tiny_source, **SMALL)
-    changed = {**SMALL, "seed": 4}
+    first = prepare_fashion_mnist(out, _small(tiny_source), show_progress=False)
+    changed = _small(tiny_source, seed=4)
     with pytest.raises(PrepareError, match="different parameters.*seed.*--force"):
-        prepare_fashion_mnist(out, source_dir=tiny_source, **changed)
+        prepare_fashion_mnist(out, changed, show_progress=False)
     (out / "unlabeled" / "junk.txt").write_text("stale")
-    second = prepare_fashion_mnist(out, source_dir=tiny_source, force=True, **changed)
+    second = prepare_fashion_mnist(out, changed, force=True, show_progress=False)
     assert second["parameters"]["seed"] == 4
     assert json.loads((out / "PREPARED.json").read_text()) == second
     assert not (out / "unlabeled" / "junk.txt").exists(), "force replaces the whole directory"
@@ -197,9 +195,9 @@ def test_different_parameters_and_force(tiny_source, tmp_path):
 
 
 def test_max_ood_and_no_ood(tiny_source, tmp_path):
-    s = prepare_fashion_mnist(tmp_path / "a", source_dir=tiny_source, **{**SMALL, "max_ood": 2})
+    s = prepare_fashion_mnist(tmp_path / "a", _small(tiny_source, max_ood=2), show_progress=False)
     assert s["splits"]["unlabeled"]["ood"] == 2
-    s = prepare_fashion_mnist(tmp_path / "b", source_dir=tiny_source, **{**SMALL, "ood_fraction": 0.0})
+    s = prepare_fashion_mnist(tmp_path / "b", _small(tiny_source, ood_fraction=0.0), show_progress=False)
     assert s["splits"]["unlabeled"]["ood"] == 0 and s["splits"]["unlabeled"]["total"] == 30
 
 
@@ -207,17 +205,19 @@ def test_existing_dir_without_prepared_is_refused(tiny_source, tmp_path):
     out = tmp_path / "crashed"
     (out / "labeled").mkdir(parents=True)
     with pytest.raises(PrepareError, match="no PREPARED.json.*delete it or pass --force"):
-        prepare_fashion_mnist(out, source_dir=tiny_source, **SMALL)
-    assert prepare_fashion_mnist(out, source_dir=tiny_source, force=True, **SMALL)["splits"]["unlabeled"]["total"] == 39
+        prepare_fashion_mnist(out, _small(tiny_source), show_progress=False)
+    rebuilt = prepare_fashion_mnist(out, _small(tiny_source), force=True, show_progress=False)
+    assert rebuilt["splits"]["unlabeled"]["total"] == 39
     # an empty existing directory is fine
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert prepare_fashion_mnist(empty, source_dir=tiny_source, **SMALL) and (empty / "PREPARED.json").is_file()
+    assert prepare_fashion_mnist(empty, _small(tiny_source), show_progress=False)
+    assert (empty / "PREPARED.json").is_file()
 
 
 def test_missing_source_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        prepare_fashion_mnist(tmp_path / "out", source_dir=tmp_path / "nope", **SMALL)
+        prepare_fashion_mnist(tmp_path / "out", _small(tmp_path / "nope"), show_progress=False)
     msg = str(info.value)
     assert "\n" not in msg and str(tmp_path / "nope") in msg and "apt-get install dataset-fashion-mnist" in msg
     assert not (tmp_path / "out").exists()
@@ -231,9 +231,9 @@ def test_bad_idx_and_too_few_images(tiny_source, tmp_path):
     with gzip.open(bad / "train-labels-idx1-ubyte.gz", "wb") as fh:
         fh.write((0x0803).to_bytes(4, "big") + (3).to_bytes(4, "big") + b"\0\1\2")
     with pytest.raises(PrepareError, match="magic"):
-        prepare_fashion_mnist(tmp_path / "o1", source_dir=bad, **SMALL)
+        prepare_fashion_mnist(tmp_path / "o1", _small(bad), show_progress=False)
     with pytest.raises(PrepareError, match="fewer than labels_per_class"):
-        prepare_fashion_mnist(tmp_path / "o2", source_dir=tiny_source, **{**SMALL, "labels_per_class": 6})
+        prepare_fashion_mnist(tmp_path / "o2", _small(tiny_source, labels_per_class=6), show_progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert not any(p.name.startswith(".o") for p in tmp_path.iterdir()), "temporary directories cleaned up"
 
@@ -277,7 +277,9 @@ def _all_samples(out: Path, manifest: dict) -> list[dict]:
 def test_folder_to_shards_content(image_tree, tmp_path):
     src, files = image_tree
     out = tmp_path / "shards"
-    manifest = folder_to_shards(src, out, shard_size=2, seed=1, class_from_parent=True, show_progress=False)
+    manifest = folder_to_shards(
+        src, out, ShardingOptions(shard_size=2, seed=1, class_from_parent=True), show_progress=False
+    )
     assert json.loads((out / "MANIFEST.json").read_text()) == manifest
     assert manifest["total_samples"] == 5
     assert [s["samples"] for s in manifest["shards"]] == [2, 2, 1]
@@ -305,7 +307,7 @@ def test_folder_to_shards_content(image_tree, tmp_path):
 
 def test_folder_to_shards_shuffle_and_no_eval(image_tree, tmp_path):
     src, _ = image_tree
-    m1 = folder_to_shards(src, tmp_path / "o1", shuffle=False, show_progress=False)
+    m1 = folder_to_shards(src, tmp_path / "o1", ShardingOptions(shuffle=False), show_progress=False)
     keys1 = [s["__key__"] for s in _all_samples(tmp_path / "o1", m1)]
     assert keys1 == sorted(keys1) == ["cats__a", "cats__b_v2", "dogs__d", "dogs__puppy_one", "dogs__sub__c"]
     assert all("eval.json" not in s for s in _all_samples(tmp_path / "o1", m1))
@@ -314,7 +316,8 @@ def test_folder_to_shards_shuffle_and_no_eval(image_tree, tmp_path):
         [
             s["__key__"]
             for s in _all_samples(
-                tmp_path / f"s{i}", folder_to_shards(src, tmp_path / f"s{i}", seed=seed, show_progress=False)
+                tmp_path / f"s{i}",
+                folder_to_shards(src, tmp_path / f"s{i}", ShardingOptions(seed=seed), show_progress=False),
             )
         ]
         for i, seed in enumerate((0, 0, 5))
@@ -345,15 +348,15 @@ def test_folder_to_shards_errors(image_tree, tmp_path):
 def test_folder_to_shards_existing_shards_and_overwrite(image_tree, tmp_path):
     src, _ = image_tree
     out = tmp_path / "o"
-    folder_to_shards(src, out, shard_size=1, show_progress=False)
+    folder_to_shards(src, out, ShardingOptions(shard_size=1), show_progress=False)
     assert len(list(out.glob("shard-*.tar"))) == 5
     with pytest.raises(ValueError, match="already contains 5"):
-        folder_to_shards(src, out, shard_size=1, show_progress=False)
-    m = folder_to_shards(src, out, shard_size=3, overwrite=True, show_progress=False)
+        folder_to_shards(src, out, ShardingOptions(shard_size=1), show_progress=False)
+    m = folder_to_shards(src, out, ShardingOptions(shard_size=3, overwrite=True), show_progress=False)
     assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
     assert m["removed_stale_shards"] == ["shard-000002.tar", "shard-000003.tar", "shard-000004.tar"]
     # a different prefix coexists
-    m2 = folder_to_shards(src, out, prefix="extra", show_progress=False)
+    m2 = folder_to_shards(src, out, ShardingOptions(prefix="extra"), show_progress=False)
     assert m2["shards"] == [{"path": "extra-000000.tar", "samples": 5}]
 
 
@@ -363,7 +366,7 @@ def test_folder_to_shards_root_files_and_long_names(tmp_path):
     deep.mkdir(parents=True)
     (deep / ("f" * 80 + ".png")).write_bytes(_image_bytes("PNG", (9, 9, 9)))
     (src / "loose.png").write_bytes(_image_bytes("PNG", (8, 8, 8)))
-    m = folder_to_shards(src, tmp_path / "o", class_from_parent=True, show_progress=False)
+    m = folder_to_shards(src, tmp_path / "o", ShardingOptions(class_from_parent=True), show_progress=False)
     assert m["total_samples"] == 1 and m["skipped"]["by_reason"] == {"no_class_folder": 1}
     (s,) = _all_samples(tmp_path / "o", m)
     assert len(s["__key__"].encode()) <= 90 and "." not in s["__key__"]

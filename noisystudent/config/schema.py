@@ -266,11 +266,9 @@ class AnalysisConfig:
         "goes to every Dask worker: rows x feature width x 4 bytes (40 MB at 512-d).",
     )
     embedding_points: int = setting(
-        1500, "Points in the PCA / t-SNE embedding plots (a stratified random subsample of the corpus)."
+        1500, "Points in the embedding plots (a stratified random subsample of the corpus)."
     )
-    tsne: bool = setting(
-        True, "Also compute a t-SNE embedding (PCA is always drawn); seconds for a few thousand points."
-    )
+    tsne: bool = setting(True, "Also draw a t-SNE embedding beside the PCA one (seconds for a few thousand points).")
     consistency_samples: int = setting(
         500,
         "Unlabeled images per confidence group (lowest / highest confidence) for the "
@@ -505,78 +503,111 @@ class Config:
 
 def validate(cfg: Config) -> None:
     """Checks across fields, and ranges the types cannot express; the error names the key."""
+    _check_run(cfg)
+    _check_data(cfg.data)
+    for stage in ("teacher", "student"):
+        _check_stage(stage, getattr(cfg, stage))
+    _need(cfg.student.finetune_epochs >= 0, "student.finetune_epochs", "must be >= 0")
+    _check_pseudo_label(cfg.pseudo_label)
+    _check_analysis(cfg.analysis)
+    _check_cluster_workers(cfg.cluster)
+    _check_generation_overrides(cfg)
+    _need(
+        cfg.cluster.kind != "address" or bool(cfg.cluster.address),
+        "cluster.address",
+        "is required when cluster.kind=address",
+    )
 
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"config key '{key}' {msg}")
 
-    need(cfg.generations >= 0, "generations", "must be >= 0")
-    need(cfg.seed >= 0, "seed", "must be >= 0 (every random stream is derived from it: noisystudent.seeds)")
-    need(len(cfg.ladder) >= 1, "ladder", "must be a non-empty list of timm model names")
-    need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "device", "must be auto, cpu or cuda")
-    need(
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' {msg}")
+
+
+def _check_run(cfg: Config) -> None:
+    """The top-level keys: generations, seed, ladder, device, amp, step counters."""
+    _need(cfg.generations >= 0, "generations", "must be >= 0")
+    _need(cfg.seed >= 0, "seed", "must be >= 0 (every random stream is derived from it: noisystudent.seeds)")
+    _need(len(cfg.ladder) >= 1, "ladder", "must be a non-empty list of timm model names")
+    _need(
+        cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "device", "must be auto, cpu or cuda"
+    )
+    _need(
         not (cfg.amp == "fp16" and cfg.device == "cpu"),
         "amp",
         "is fp16, which needs a GPU (its GradScaler runs on CUDA); on CPU use amp=bf16 or amp=off",
     )
-    need(cfg.log_every_steps >= 1, "log_every_steps", "must be >= 1")
-    need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
-    need(len(cfg.data.mean) in (1, cfg.data.channels), "data.mean", "must have 1 or data.channels entries")
-    need(len(cfg.data.std) in (1, cfg.data.channels), "data.std", "must have 1 or data.channels entries")
-    need(cfg.data.image_size >= 8, "data.image_size", "must be >= 8")
-    need(cfg.data.num_workers >= -1, "data.num_workers", "must be >= 0, or -1 for auto")
-    need(cfg.data.cache_mb >= 0, "data.cache_mb", "must be >= 0")
-    need(0.0 < cfg.data.crop_pct <= 1.0, "data.crop_pct", "must be in (0, 1]")
-    for stage in ("teacher", "student"):
-        t: TrainConfig = getattr(cfg, stage)
-        need(t.steps_per_epoch >= 0, f"{stage}.steps_per_epoch", "must be >= 0")
-        need(t.epochs >= 1, f"{stage}.epochs", "must be >= 1")
-        need(t.batch_size >= 1, f"{stage}.batch_size", "must be >= 1")
-        need(t.eval_every >= 1, f"{stage}.eval_every", "must be >= 1")
-        need(0.0 <= t.ema_decay < 1.0, f"{stage}.ema_decay", "must be in [0, 1)")
-        need(0.0 <= t.drop_rate < 1.0, f"{stage}.drop_rate", "must be in [0, 1)")
-        need(0.0 <= t.drop_path_rate < 1.0, f"{stage}.drop_path_rate", "must be in [0, 1)")
-        need(0.0 <= t.augment.magnitude <= 10.0, f"{stage}.augment.magnitude", "must be in [0, 10]")
-        for key in ("rrc_scale", "rrc_ratio"):
-            pair = getattr(t.augment, key)
-            need(
-                len(pair) == 2 and 0 < pair[0] <= pair[1],
-                f"{stage}.augment.{key}",
-                "must be [low, high] with 0 < low <= high",
-            )
-        need(t.augment.rrc_scale[1] <= 1.0, f"{stage}.augment.rrc_scale", "cannot exceed 1.0 (the whole image)")
-    need(cfg.student.finetune_epochs >= 0, "student.finetune_epochs", "must be >= 0")
-    need(0.0 <= cfg.pseudo_label.threshold < 1.0, "pseudo_label.threshold", "must be in [0, 1)")
-    need(cfg.pseudo_label.temperature > 0, "pseudo_label.temperature", "must be > 0")
-    need(cfg.pseudo_label.shuffle_buffer >= 1, "pseudo_label.shuffle_buffer", "must be >= 1")
-    need(0.0 <= cfg.pseudo_label.ood_drop_fraction < 1.0, "pseudo_label.ood_drop_fraction", "must be in [0, 1)")
-    need(
-        cfg.pseudo_label.ood_drop_fraction == 0.0 or bool(cfg.pseudo_label.ood_score),
+    _need(cfg.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+    _need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+
+
+def _check_data(data: DataConfig) -> None:
+    _need(len(data.mean) in (1, data.channels), "data.mean", "must have 1 or data.channels entries")
+    _need(len(data.std) in (1, data.channels), "data.std", "must have 1 or data.channels entries")
+    _need(data.image_size >= 8, "data.image_size", "must be >= 8")
+    _need(data.num_workers >= -1, "data.num_workers", "must be >= 0, or -1 for auto")
+    _need(data.cache_mb >= 0, "data.cache_mb", "must be >= 0")
+    _need(0.0 < data.crop_pct <= 1.0, "data.crop_pct", "must be in (0, 1]")
+
+
+def _check_stage(stage: str, t: TrainConfig) -> None:
+    """One training stage (``teacher`` or ``student``), its augmentation included."""
+    _need(t.steps_per_epoch >= 0, f"{stage}.steps_per_epoch", "must be >= 0")
+    _need(t.epochs >= 1, f"{stage}.epochs", "must be >= 1")
+    _need(t.batch_size >= 1, f"{stage}.batch_size", "must be >= 1")
+    _need(t.eval_every >= 1, f"{stage}.eval_every", "must be >= 1")
+    _need(0.0 <= t.ema_decay < 1.0, f"{stage}.ema_decay", "must be in [0, 1)")
+    _need(0.0 <= t.drop_rate < 1.0, f"{stage}.drop_rate", "must be in [0, 1)")
+    _need(0.0 <= t.drop_path_rate < 1.0, f"{stage}.drop_path_rate", "must be in [0, 1)")
+    _need(0.0 <= t.augment.magnitude <= 10.0, f"{stage}.augment.magnitude", "must be in [0, 10]")
+    for key in ("rrc_scale", "rrc_ratio"):
+        pair = getattr(t.augment, key)
+        _need(
+            len(pair) == 2 and 0 < pair[0] <= pair[1],
+            f"{stage}.augment.{key}",
+            "must be [low, high] with 0 < low <= high",
+        )
+    _need(t.augment.rrc_scale[1] <= 1.0, f"{stage}.augment.rrc_scale", "cannot exceed 1.0 (the whole image)")
+
+
+def _check_pseudo_label(pl: PseudoLabelConfig) -> None:
+    _need(0.0 <= pl.threshold < 1.0, "pseudo_label.threshold", "must be in [0, 1)")
+    _need(pl.temperature > 0, "pseudo_label.temperature", "must be > 0")
+    _need(pl.shuffle_buffer >= 1, "pseudo_label.shuffle_buffer", "must be >= 1")
+    _need(0.0 <= pl.ood_drop_fraction < 1.0, "pseudo_label.ood_drop_fraction", "must be in [0, 1)")
+    _need(
+        pl.ood_drop_fraction == 0.0 or bool(pl.ood_score),
         "pseudo_label.ood_score",
         "must name a score when pseudo_label.ood_drop_fraction > 0",
     )
-    need(cfg.analysis.knn_k >= 1, "analysis.knn_k", "must be >= 1")
-    need(cfg.analysis.knn_bank_size >= cfg.analysis.knn_k, "analysis.knn_bank_size", "must be >= analysis.knn_k")
-    need(0.0 < cfg.analysis.high_threshold < 1.0, "analysis.high_threshold", "must be in (0, 1)")
-    need(cfg.cluster.n_workers >= 1, "cluster.n_workers", "must be >= 1")
-    need(cfg.cluster.threads_per_worker >= 1, "cluster.threads_per_worker", "must be >= 1")
-    need(cfg.cluster.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be >= 0")
+
+
+def _check_analysis(a: AnalysisConfig) -> None:
+    _need(a.knn_k >= 1, "analysis.knn_k", "must be >= 1")
+    _need(a.knn_bank_size >= a.knn_k, "analysis.knn_bank_size", "must be >= analysis.knn_k")
+    _need(0.0 < a.high_threshold < 1.0, "analysis.high_threshold", "must be in (0, 1)")
+
+
+def _check_cluster_workers(c: ClusterConfig) -> None:
+    """Worker counts; ``cluster.address`` is checked last, after the generation overrides."""
+    _need(c.n_workers >= 1, "cluster.n_workers", "must be >= 1")
+    _need(c.threads_per_worker >= 1, "cluster.threads_per_worker", "must be >= 1")
+    _need(c.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be >= 0")
+
+
+def _check_generation_overrides(cfg: Config) -> None:
+    """Keys are generation numbers, values dotted-key maps; each generation's config must build."""
     for gen, changes in cfg.generation_overrides.items():
-        need(
+        _need(
             str(gen).isdigit() and int(gen) >= 0,
             "generation_overrides",
             f"keys must be generation numbers, got {gen!r}",
         )
-        need(isinstance(changes, dict), f"generation_overrides.{gen}", "must map dotted keys to values")
-        need(
+        _need(isinstance(changes, dict), f"generation_overrides.{gen}", "must map dotted keys to values")
+        _need(
             not any(k.split(".")[0] in ("generation_overrides", "generations", "run_dir") for k in changes),
             f"generation_overrides.{gen}",
             "cannot change generation_overrides, generations or run_dir",
         )
     for gen in cfg.generation_overrides:
         cfg.for_generation(int(gen))  # unknown keys / wrong types fail now, not mid-run
-    need(
-        cfg.cluster.kind != "address" or bool(cfg.cluster.address),
-        "cluster.address",
-        "is required when cluster.kind=address",
-    )

@@ -24,8 +24,9 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -59,6 +60,38 @@ PREPARED_NAME = "PREPARED.json"
 FORMAT_VERSION = 1
 
 _IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned-byte data, 3 dims (images) / 1 dim (labels)
+
+
+@dataclass(frozen=True)
+class FashionMnistRecipe:
+    """What :func:`prepare_fashion_mnist` builds. PREPARED.json records every field (``source_dir``
+    made absolute), and a rerun with another recipe is refused unless forced."""
+
+    #: Directory holding the four official IDX files (the Debian package's by default).
+    source_dir: str | os.PathLike = DEFAULT_SOURCE_DIR
+    #: Labeled training images per class, drawn at random from the official train set (>= 1).
+    labels_per_class: int = 100
+    #: Validation images per class, from the official train set, disjoint from the labeled ones (>= 0).
+    val_per_class: int = 100
+    #: Samples per unlabeled shard (>= 1).
+    shard_size: int = 5000
+    #: OOD images as a fraction of the in-distribution unlabeled images, in [0, 1].
+    ood_fraction: float = 0.06
+    #: At most this many OOD images (None = no cap).
+    max_ood: int | None = None
+    #: Seed of the splits, the OOD images and the corpus order.
+    seed: int = 0
+
+
+class _Draw(NamedTuple):
+    """The random draws of one build: where each official train image goes, the OOD images, the corpus order."""
+
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    unlabeled_idx: np.ndarray
+    ood: list
+    #: The unlabeled corpus: in-distribution indices (>= 0) and OOD positions (encoded as -1 - j), shuffled.
+    order: np.ndarray
 
 
 def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
@@ -151,87 +184,96 @@ def _split_indices(labels: np.ndarray, labels_per_class: int, val_per_class: int
 
 def prepare_fashion_mnist(
     out_dir: str | os.PathLike,
+    recipe: FashionMnistRecipe = FashionMnistRecipe(),
     *,
-    source_dir: str | os.PathLike = DEFAULT_SOURCE_DIR,
-    labels_per_class: int = 100,
-    val_per_class: int = 100,
-    shard_size: int = 5000,
-    ood_fraction: float = 0.06,
-    max_ood: int | None = None,
-    seed: int = 0,
     force: bool = False,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Build the embedded default dataset (see the module docstring); returns PREPARED.json's content.
 
-    The number of OOD images is ``round(ood_fraction * <in-distribution unlabeled images>)``,
-    capped at ``max_ood`` if given. Idempotent: an ``out_dir`` already prepared with the same
-    parameters is returned as is (``force=True`` rebuilds and replaces it). The build happens in a
+    The number of OOD images is ``round(recipe.ood_fraction * <in-distribution unlabeled images>)``,
+    capped at ``recipe.max_ood`` if given. Idempotent: an ``out_dir`` already prepared with the same
+    recipe is returned as is (``force=True`` rebuilds and replaces it). The build happens in a
     temporary sibling directory renamed onto ``out_dir`` at the end, so ``out_dir`` is either
     absent or complete.
     """
     out_dir = Path(out_dir).absolute()
-    source_dir = Path(source_dir).absolute()
-    params = _parameters(source_dir, labels_per_class, val_per_class, shard_size, ood_fraction, max_ood, seed)
+    source_dir = Path(recipe.source_dir).absolute()
+    params = _parameters(source_dir, recipe)
     existing = _already_prepared(out_dir, params, force)
     if existing is not None:
         return existing
 
     start = time.monotonic()
-    train_x, train_y, test_x, test_y = _load_fashion_mnist(source_dir)
-    train_idx, val_idx = _split_indices(train_y, labels_per_class, val_per_class, seed)
-    taken = np.zeros(len(train_y), dtype=bool)
-    taken[train_idx] = True
-    taken[val_idx] = True
-    unl_idx = np.flatnonzero(~taken)
-    n_ood = int(round(ood_fraction * len(unl_idx)))
-    if max_ood is not None:
-        n_ood = min(n_ood, max_ood)
-    ood = ood_images(n_ood, seed)
-
-    # Unlabeled corpus: in-distribution indices (>= 0) and OOD positions (encoded as -1 - j), shuffled.
-    order = np.concatenate([unl_idx, -1 - np.arange(len(ood))])
-    order = np.random.default_rng([seed, 2]).permutation(order)
-
-    _remove_stale_tmp(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    total = len(train_idx) + len(val_idx) + len(test_y) + len(order)
+    images = _load_fashion_mnist(source_dir)
+    draw = _draw(images[1], recipe)
+    tmp = _fresh_tmp(out_dir)
     try:
         tmp.mkdir()
-        with tqdm(
-            total=total, desc="prepare fashion-mnist", unit="img", disable=not show_progress, mininterval=0.5
-        ) as bar:
-            split_counts = {
-                split: _write_split(tmp / "labeled" / split, images, labels, indices, key_format, bar)
-                for split, images, labels, indices, key_format in (
-                    ("train", train_x, train_y, train_idx, "fmnist-train-{:06d}"),
-                    ("val", train_x, train_y, val_idx, "fmnist-train-{:06d}"),
-                    ("test", test_x, test_y, np.arange(len(test_y)), "fmnist-test-{:05d}"),
-                )
-            }
-            unl_per_class: Counter = Counter()
-            ood_per_source: Counter = Counter()
-            (tmp / "unlabeled").mkdir()
-            samples = _unlabeled_samples(order, train_x, train_y, ood, unl_per_class, ood_per_source, bar)
-            shards = write_shards(samples, tmp / "unlabeled", maxcount=shard_size, prefix="shard")
-
-        unlabeled = {
-            "total": int(len(order)),
-            "in_distribution": int(len(unl_idx)),
-            "ood": int(len(ood)),
-            "per_class": {n: int(unl_per_class[n]) for n in FASHION_MNIST_CLASSES},
-            "ood_per_source": dict(sorted(ood_per_source.items())),
-        }
-        summary = _summary(params, {**split_counts, "unlabeled": unlabeled}, shards, time.monotonic() - start)
+        splits, shards = _write_dataset(tmp, images, draw, recipe.shard_size, show_progress)
+        summary = _summary(params, splits, shards, time.monotonic() - start)
         storage.write_json(tmp / PREPARED_NAME, summary)
         _move_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def _draw(train_y: np.ndarray, recipe: FashionMnistRecipe) -> _Draw:
+    """The labeled and validation indices, the OOD images and the shuffled corpus, in that order of draws."""
+    train_idx, val_idx = _split_indices(train_y, recipe.labels_per_class, recipe.val_per_class, recipe.seed)
+    taken = np.zeros(len(train_y), dtype=bool)
+    taken[train_idx] = True
+    taken[val_idx] = True
+    unl_idx = np.flatnonzero(~taken)
+    n_ood = int(round(recipe.ood_fraction * len(unl_idx)))
+    if recipe.max_ood is not None:
+        n_ood = min(n_ood, recipe.max_ood)
+    ood = ood_images(n_ood, recipe.seed)
+    order = np.concatenate([unl_idx, -1 - np.arange(len(ood))])
+    order = np.random.default_rng([recipe.seed, 2]).permutation(order)
+    return _Draw(train_idx, val_idx, unl_idx, ood, order)
+
+
+def _fresh_tmp(out_dir: Path) -> Path:
+    """This process' build directory beside ``out_dir`` (not created yet); crashed runs' leftovers are removed."""
+    _remove_stale_tmp(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _write_dataset(
+    tmp: Path, images: tuple[np.ndarray, ...], draw: _Draw, shard_size: int, show_progress: bool
+) -> tuple[dict[str, Any], list[dict]]:
+    """The labeled splits and the unlabeled shards under ``tmp``; returns PREPARED.json's ``splits`` and the shards."""
+    train_x, train_y, test_x, test_y = images
+    total = len(draw.train_idx) + len(draw.val_idx) + len(test_y) + len(draw.order)
+    with tqdm(total=total, desc="prepare fashion-mnist", unit="img", disable=not show_progress, mininterval=0.5) as bar:
+        splits = {
+            split: _write_split(tmp / "labeled" / split, x, y, indices, key_format, bar)
+            for split, x, y, indices, key_format in (
+                ("train", train_x, train_y, draw.train_idx, "fmnist-train-{:06d}"),
+                ("val", train_x, train_y, draw.val_idx, "fmnist-train-{:06d}"),
+                ("test", test_x, test_y, np.arange(len(test_y)), "fmnist-test-{:05d}"),
+            )
+        }
+        unl_per_class: Counter = Counter()
+        ood_per_source: Counter = Counter()
+        (tmp / "unlabeled").mkdir()
+        samples = _unlabeled_samples(draw.order, train_x, train_y, draw.ood, unl_per_class, ood_per_source, bar)
+        shards = write_shards(samples, tmp / "unlabeled", maxcount=shard_size, prefix="shard")
+    splits["unlabeled"] = {
+        "total": int(len(draw.order)),
+        "in_distribution": int(len(draw.unlabeled_idx)),
+        "ood": int(len(draw.ood)),
+        "per_class": {n: int(unl_per_class[n]) for n in FASHION_MNIST_CLASSES},
+        "ood_per_source": dict(sorted(ood_per_source.items())),
+    }
+    return splits, shards
 
 
 def _summary(params: dict, splits: dict, shards: list[dict], seconds: float) -> dict[str, Any]:
@@ -251,35 +293,28 @@ def _summary(params: dict, splits: dict, shards: list[dict], seconds: float) -> 
     }
 
 
-def _parameters(
-    source_dir: Path,
-    labels_per_class: int,
-    val_per_class: int,
-    shard_size: int,
-    ood_fraction: float,
-    max_ood: int | None,
-    seed: int,
-) -> dict[str, Any]:
+def _parameters(source_dir: Path, recipe: FashionMnistRecipe) -> dict[str, Any]:
     """The checked build parameters, as PREPARED.json records them (a rerun compares against them)."""
-    if labels_per_class < 1 or val_per_class < 0:
+    r = recipe
+    if r.labels_per_class < 1 or r.val_per_class < 0:
         raise PrepareError(
-            f"labels_per_class must be >= 1 and val_per_class >= 0 (got {labels_per_class}, {val_per_class})"
+            f"labels_per_class must be >= 1 and val_per_class >= 0 (got {r.labels_per_class}, {r.val_per_class})"
         )
-    if shard_size < 1:
-        raise PrepareError(f"shard_size must be >= 1 (got {shard_size})")
-    if not 0.0 <= ood_fraction <= 1.0:
-        raise PrepareError(f"ood_fraction must be in [0, 1] (got {ood_fraction})")
-    if max_ood is not None and max_ood < 0:
-        raise PrepareError(f"max_ood must be >= 0 (got {max_ood})")
+    if r.shard_size < 1:
+        raise PrepareError(f"shard_size must be >= 1 (got {r.shard_size})")
+    if not 0.0 <= r.ood_fraction <= 1.0:
+        raise PrepareError(f"ood_fraction must be in [0, 1] (got {r.ood_fraction})")
+    if r.max_ood is not None and r.max_ood < 0:
+        raise PrepareError(f"max_ood must be >= 0 (got {r.max_ood})")
     return {
         "format_version": FORMAT_VERSION,
         "source_dir": str(source_dir),
-        "labels_per_class": int(labels_per_class),
-        "val_per_class": int(val_per_class),
-        "shard_size": int(shard_size),
-        "ood_fraction": float(ood_fraction),
-        "max_ood": None if max_ood is None else int(max_ood),
-        "seed": int(seed),
+        "labels_per_class": int(r.labels_per_class),
+        "val_per_class": int(r.val_per_class),
+        "shard_size": int(r.shard_size),
+        "ood_fraction": float(r.ood_fraction),
+        "max_ood": None if r.max_ood is None else int(r.max_ood),
+        "seed": int(r.seed),
     }
 
 

@@ -21,6 +21,7 @@ import io
 import os
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,43 +125,57 @@ def encode(img: Image.Image, index: int) -> tuple[str, bytes, str]:
     return "JPEG", buf.getvalue(), "rgb-jpeg"
 
 
+@dataclass(frozen=True)
+class ImageNetLikeRecipe:
+    """The size and seed of the tree :func:`write_imagenet_like` draws."""
+
+    #: wnid class folders (1 to ``len(WNIDS)``).
+    classes: int = 4
+    #: Labeled images per class in ``train/`` (the first class keeps its last two in ``extra/``).
+    train_per_class: int = 16
+    #: Labeled images per class in ``val/``.
+    val_per_class: int = 4
+    #: Labeled images per class in ``test/``.
+    test_per_class: int = 6
+    #: Unlabeled images per class in the shards.
+    unlabeled_per_class: int = 24
+    #: Unlabeled images of no class (out of distribution) in the shards.
+    ood: int = 12
+    #: Samples per unlabeled shard.
+    shard_size: int = 32
+    #: Seed of every image and of the corpus order.
+    seed: int = 0
+
+
 def write_imagenet_like(
-    out_dir: str | os.PathLike,
-    *,
-    classes: int = 4,
-    train_per_class: int = 16,
-    val_per_class: int = 4,
-    test_per_class: int = 6,
-    unlabeled_per_class: int = 24,
-    ood: int = 12,
-    shard_size: int = 32,
-    seed: int = 0,
+    out_dir: str | os.PathLike, recipe: ImageNetLikeRecipe = ImageNetLikeRecipe()
 ) -> dict[str, Any]:
     """Write the tree (see the module docstring) and ``OUT/MANIFEST.json``; returns the manifest.
 
     The first class's train folder holds its last images in a nested ``extra/`` sub-folder.
     """
-    if not 1 <= classes <= len(WNIDS):
-        raise PrepareError(f"classes must be 1..{len(WNIDS)} (got {classes})")
+    r = recipe
+    if not 1 <= r.classes <= len(WNIDS):
+        raise PrepareError(f"classes must be 1..{len(WNIDS)} (got {r.classes})")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise PrepareError(f"{out} is not empty: choose a new directory for the ImageNet-like tree")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(r.seed)
     formats: Counter = Counter()
     counts: dict[str, int] = {}
-    for split, per_class in (("train", train_per_class), ("val", val_per_class), ("test", test_per_class)):
-        counts[split] = _write_split(out / split, classes, per_class, rng, formats, nest=split == "train")
-    samples = list(_unlabeled_samples(classes, unlabeled_per_class, ood, rng, formats))
+    for split, per_class in (("train", r.train_per_class), ("val", r.val_per_class), ("test", r.test_per_class)):
+        counts[split] = _write_split(out / split, r.classes, per_class, rng, formats, nest=split == "train")
+    samples = list(_unlabeled_samples(r.classes, r.unlabeled_per_class, r.ood, rng, formats))
     order = rng.permutation(len(samples))
     (out / "unlabeled").mkdir(parents=True)
-    shards = write_shards((samples[i] for i in order), out / "unlabeled", maxcount=shard_size)
+    shards = write_shards((samples[i] for i in order), out / "unlabeled", maxcount=r.shard_size)
     manifest = {
-        "classes": list(WNIDS[:classes]),
+        "classes": list(WNIDS[: r.classes]),
         "labeled": counts,
-        "unlabeled": {"total": len(samples), "ood": ood, "shards": len(shards)},
+        "unlabeled": {"total": len(samples), "ood": r.ood, "shards": len(shards)},
         "formats": dict(sorted(formats.items())),
         "nested_folder": f"train/{WNIDS[0]}/extra",
-        "seed": seed,
+        "seed": r.seed,
     }
     storage.write_json(out / MANIFEST_NAME, manifest)
     return manifest
