@@ -19,9 +19,8 @@ def draw(m: Measurements, out_dir: Path, channels: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     r, corpus = m.result, m.corpus
     is_ood = corpus.is_ood if m.tagged else None
-    ood = {k: v.to_json() for k, v in r.ood.items()}
     paths = [out_dir / "score_histograms.png", out_dir / "embeddings.png"]
-    score_histograms_png(corpus.scores, is_ood, paths[0], f"{r.title}: OOD scores (higher = more OOD)", ood)
+    score_histograms_png(corpus.scores, is_ood, paths[0], f"{r.title}: OOD scores (higher = more OOD)", r.ood)
     embedding_png(
         m.embedding,
         corpus.confidence[m.embedding_rows],

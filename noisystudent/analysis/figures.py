@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..plots import pyplot, save_figure
+from .result import Detection, GenerationAnalysis
 
 
 def score_histograms_png(
@@ -14,7 +15,7 @@ def score_histograms_png(
     is_ood: np.ndarray | None,
     path: str | Path,
     title: str = "",
-    metrics: dict | None = None,
+    detection: dict[str, Detection] | None = None,
 ) -> None:
     """One panel per score: in-distribution vs OOD histograms (density), AUROC in the title."""
     plt = pyplot()
@@ -28,7 +29,7 @@ def score_histograms_png(
         else:
             ax.hist(v[~is_ood], bins=bins, density=True, alpha=0.6, color="tab:blue", label="in-distribution")
             ax.hist(v[is_ood], bins=bins, density=True, alpha=0.6, color="tab:red", label="OOD")
-        auc = (metrics or {}).get(name, {}).get("auroc")
+        auc = detection[name].auroc if detection and name in detection else None
         ax.set_title(f"{name}" + (f"  AUROC {auc:.3f}" if auc is not None and auc == auc else ""), fontsize=9)
         ax.tick_params(labelsize=7)
     if is_ood is not None:
@@ -78,14 +79,16 @@ def gallery_png(
     save_figure(fig, path, title)
 
 
-def scores_by_generation_png(rows: list[dict], path: str | Path, title: str = "OOD detection by generation") -> None:
-    """AUROC of every score per generation (rows: {"generation", "ood": {score: {"auroc"}}})."""
+def scores_by_generation_png(
+    rows: list[GenerationAnalysis], path: str | Path, title: str = "OOD detection by generation"
+) -> None:
+    """AUROC of every score per generation."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    gens = [r["generation"] for r in rows]
-    names = list(rows[0]["ood"]) if rows else []
+    gens = [r.generation for r in rows]
+    names = list(rows[0].analysis.ood) if rows else []
     for name in names:
-        ax.plot(gens, [r["ood"][name]["auroc"] for r in rows], marker="o", label=name)
+        ax.plot(gens, [r.analysis.ood[name].auroc for r in rows], marker="o", label=name)
     ax.set_xlabel("generation")
     ax.set_ylabel("ID vs OOD AUROC")
     ax.set_xticks(gens)

@@ -91,26 +91,19 @@ class GenerationAnalysis(JsonRecord):
 
 @dataclass
 class WithWithoutRow(JsonRecord):
-    """One student of the with/without experiment: its ablation cell and its analysis' headlines."""
+    """One student of the with/without experiment: its cell, budget and analysis' headlines (the
+    cell's whole record is its ``cell.json``)."""
 
     cell: str
     threshold: float
     pl_kept_unique: int
+    steps: int  # the budget both students share
     test_top1: float | None
     probe_top1: float | None
     consistency: dict[str, Consistency]
     best_score: str
     best_auroc: float | None
     ood: dict[str, Detection]
-    group: str = ""
-    seed: int = 0
-    overrides: dict = field(default_factory=dict)
-    images_kept: int = 0
-    steps: int = 0
-    val_top1: float | None = None
-    test_ece: float | None = None
-    minutes: float = 0.0
-    epochs: int = 0
 
 
 @dataclass

@@ -82,7 +82,7 @@ def report_across_generations(rows: list[GenerationAnalysis], out_dir: Path) -> 
 
 
 def _ood_section(rows: list[GenerationAnalysis], out_dir: Path) -> Section:
-    scores_by_generation_png([r.to_json() for r in rows], out_dir / "scores_by_generation.png")
+    scores_by_generation_png(rows, out_dir / "scores_by_generation.png")
     sec = Section("ood", "OOD detection across generations (ID vs OOD AUROC / FPR95)")
     header = ["generation"] + [f"{s} AUROC" for s in OOD_SCORES] + [f"{s} FPR95" for s in OOD_SCORES]
     table = [

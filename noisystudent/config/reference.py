@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .compare import key_changes_results
+from .changes import key_changes_results
 from .schema import Config, help_of
 
 

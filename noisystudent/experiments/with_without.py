@@ -89,8 +89,11 @@ def _student_row(ctx: StageContext, stage: CellStage) -> WithWithoutRow:
     nested = functools.partial(ctx.tracker.run, stage.out_dir / "mlflow_run_id", stage.cell.name, nested=True)
     a = run_stage(analysis, cell_ctx, within=nested)
     return WithWithoutRow(
-        **row.to_json(),
+        cell=row.cell,
         threshold=stage.cell.overrides["pseudo_label.threshold"],
+        pl_kept_unique=row.pl_kept_unique,
+        steps=row.steps,
+        test_top1=row.test_top1,
         probe_top1=a.probe_top1,
         consistency=a.consistency,
         best_score=a.best_score,

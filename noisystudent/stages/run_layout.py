@@ -21,26 +21,24 @@ from .. import storage
 from ..tracking.generation_row import GenerationRow
 
 
+class _UnderRoot:
+    """A fixed path inside the run directory, declared by name on :class:`RunLayout`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, layout: RunLayout, owner: type) -> Path:
+        return layout.root / self.name
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "results.json"
-
-    @property
-    def analysis(self) -> Path:
-        """The run-level analysis (comparison across generations, the with/without experiment)."""
-        return self.root / "analysis"
-
-    @property
-    def parent_run_id(self) -> Path:
-        return self.root / "mlflow_parent_run_id"
+    config = _UnderRoot("config.yaml")  # the resolved config
+    results = _UnderRoot("results.json")  # every GenerationRow
+    analysis = _UnderRoot("analysis")  # the run-level analysis (across generations, the with/without experiment)
+    parent_run_id = _UnderRoot("mlflow_parent_run_id")  # the loop's MLflow run
 
     def generation(self, g: int) -> Path:
         return self.root / f"gen-{g}"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, dump_config, flatten, to_dict, yaml_load
-from ..config.compare import result_changes
+from ..config.changes import result_changes
 from ..io import write_bytes_atomic
 from .tracker import Tracker, git_commit
 
