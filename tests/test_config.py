@@ -192,7 +192,7 @@ def test_amp_auto_resolves_per_device():
 
 
 def test_keys_that_change_results_are_the_recipe_data_and_models_not_the_machinery():
-    from noisystudent.config.compare import key_changes_results, result_changes
+    from noisystudent.config.changes import key_changes_results, result_changes
 
     for key in (
         "student.lr",

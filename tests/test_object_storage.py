@@ -15,21 +15,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3  # s3fs, boto3, moto[server], gcsfs and gcp-storage-emulator are in [dev]
 import numpy as np
 import pytest
+from conftest import REPO, dask_processes, run_script, smoke_overrides, wait_for_http
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
-boto3 = pytest.importorskip("boto3")
-
-from conftest import REPO, dask_processes, run_script, smoke_overrides, wait_for_http  # noqa: E402
-
-from noisystudent import storage  # noqa: E402
-from noisystudent.data.label_index import read_feature_rows, read_index  # noqa: E402
-from noisystudent.data.label_manifest import LabelManifest  # noqa: E402
-from noisystudent.data.shard_io import encode_png, expand_urls, iter_samples, write_shard  # noqa: E402
-from noisystudent.errors import ShardError, StorageError  # noqa: E402
-from noisystudent.models import ModelSpec, create_model, save_model  # noqa: E402
+from noisystudent import storage
+from noisystudent.data.label_index import read_feature_rows, read_index
+from noisystudent.data.label_manifest import LabelManifest
+from noisystudent.data.shard_io import encode_png, expand_urls, iter_samples, write_shard
+from noisystudent.errors import ShardError, StorageError
+from noisystudent.models import ModelSpec, create_model, save_model
 
 #: The secret key the tests give the S3 client: it must appear in no output, log or MLflow record.
 SECRET = "nsTestSecret-7f3c9a1e5b2d4c6e8a0f"
@@ -336,8 +332,6 @@ def test_gcs_labels_bucket_to_bucket_and_a_rerun_reuses_every_shard(smoke_data, 
     import shutil
     import urllib.parse
 
-    pytest.importorskip("gcsfs")
-    pytest.importorskip("gcp_storage_emulator")
     port = _free_port()
     emulator = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent))
     proc = subprocess.Popen(

@@ -7,20 +7,17 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pytest
+import webdataset as wds
+from conftest import REPO
 from PIL import Image
 
-wds = pytest.importorskip("webdataset")
-
-from conftest import REPO  # noqa: E402
-
-from noisystudent.config import load_config  # noqa: E402
-from noisystudent.data.label_index import read_index  # noqa: E402
-from noisystudent.data.label_manifest import LabelManifest  # noqa: E402
-from noisystudent.labeling.cluster import ClusterSession  # noqa: E402
-from noisystudent.labeling.corpus import label_corpus  # noqa: E402
-from noisystudent.labeling.job import LabelingJob  # noqa: E402
-from noisystudent.models import ModelSpec, create_model, save_model  # noqa: E402
+from noisystudent.config import load_config
+from noisystudent.data.label_index import read_index
+from noisystudent.data.label_manifest import LabelManifest
+from noisystudent.labeling.cluster import ClusterSession
+from noisystudent.labeling.corpus import label_corpus
+from noisystudent.labeling.job import LabelingJob
+from noisystudent.models import ModelSpec, create_model, save_model
 
 
 def _image(fmt: str, seed: int) -> bytes:

@@ -199,7 +199,6 @@ def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_ch
 
 
 def test_slurm_job_script_requests_gpus_and_dask_resources():
-    pytest.importorskip("dask_jobqueue")
     from noisystudent.config import load_config
     from noisystudent.labeling.cluster import slurm_cluster, task_resources
 

@@ -1,6 +1,6 @@
 """Chaos: a 10,000-sample corpus labeled while a Dask worker is SIGKILLed every few seconds.
 
-Slow (several minutes on 2 cores: every restart re-imports torch): ``pytest -m slow tests/test_chaos_labeling.py``.
+Slow (several minutes on 2 cores: every restart re-imports torch): ``pytest -m slow tests/test_labeling_chaos.py``.
 A real ``dask scheduler`` and two nanny-supervised ``dask worker`` processes; the nannies restart
 killed workers, the scheduler reschedules their tasks, and the job must end with every sample
 labeled exactly once, nothing skipped and no temporary file left.

@@ -1,5 +1,6 @@
-"""EpochSampler, SeededBatches, BatchReader: shuffled passes, rank slices, per-batch augmentation
-seeds, and noise that does not depend on how many (persistent) loader workers produce it."""
+"""Seeds and sampling: every stream derived from (seed, stream, generation, epoch, rank, worker,
+batch); EpochSampler, SeededBatches, BatchReader: shuffled passes, rank slices, per-batch
+augmentation seeds, and noise that does not depend on how many (persistent) loader workers produce it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from noisystudent.config import AugmentConfig, DataConfig
 from noisystudent.data.imagefolder import LabeledImages
 from noisystudent.data.sampler import BatchReader, EpochSampler, SeededBatches
 from noisystudent.noise import create_train_transform
-from noisystudent.seeds import Seeds
+from noisystudent.seeds import Seeds, Stream
 
 
 def test_an_epoch_is_whole_shuffled_passes_with_one_seed_per_batch():
@@ -85,3 +86,20 @@ def test_noise_is_the_same_with_zero_one_or_two_persistent_workers():
     for workers in (1, 2):
         batches = _epoch_batches(workers)
         assert all(torch.equal(a, b) for a, b in zip(inline, batches)), f"{workers} workers changed the noise"
+
+
+def test_every_seed_coordinate_gives_its_own_stream_and_values_never_change():
+    at = {"epoch": 1, "rank": 0, "worker": 0, "batch": 0}
+    base = Seeds(5, 1)(Stream.PSEUDO_ORDER, **at)
+    moved = [
+        Seeds(6, 1)(Stream.PSEUDO_ORDER, **at),
+        Seeds(5, 2)(Stream.PSEUDO_ORDER, **at),
+        Seeds(5, 1)(Stream.PSEUDO_BUFFER, **at),
+    ]
+    moved += [Seeds(5, 1)(Stream.PSEUDO_ORDER, **{**at, k: at[k] + 1}) for k in at]
+    assert len({base, *moved}) == 1 + len(moved) and all(0 <= s < 2**32 for s in moved)
+    # the old shard order (seed + generation + epoch) made generation 2's first epoch repeat generation 1's second
+    assert Seeds(0, 2)(Stream.PSEUDO_ORDER, epoch=0) != Seeds(0, 1)(Stream.PSEUDO_ORDER, epoch=1)
+    # every run's results depend on these numbers: a change here changes every trained model
+    assert Seeds(0)(Stream.MODEL_INIT) == 2051643344
+    assert Seeds(0, 1)(Stream.LABELED_NOISE, epoch=2, rank=1, batch=3) == 4227933799
