@@ -41,6 +41,8 @@ def _clean(x):
 
 
 def fingerprint(run: Path) -> dict:
+    from noisystudent.data.label_manifest import LabelManifest
+
     out = {"results": _clean(json.loads((run / "results.json").read_text()))}
     for g in sorted(run.glob("gen-*")):
         for stage in ("teacher", "student"):
@@ -52,8 +54,13 @@ def fingerprint(run: Path) -> dict:
             if path.is_file():
                 out[f"{g.name}/{name}"] = _clean(json.loads(path.read_text()))
         if (g / "labels" / "manifest.json").is_file():
-            m = json.loads((g / "labels" / "manifest.json").read_text())
-            out[f"{g.name}/labels"] = {k: m[k] for k in ("total_samples", "class_counts", "confidence_hist", "skipped")}
+            m = LabelManifest.load(g / "labels")
+            counts = {
+                "total_samples": m.total_samples,
+                "class_counts": m.class_counts,
+                "confidence_hist": m.confidence_hist,
+            }
+            out[f"{g.name}/labels"] = {**counts, "skipped": m.skipped.to_json()}
     return out
 
 

@@ -158,12 +158,8 @@ def test_s3_round_trip_bucket_to_bucket_student_trains_from_it_and_a_rerun_reuse
         env=s3.env,
         overrides=[*smoke_overrides(smoke_data, tmp_path / "rerun-run"), *remote, "tracking.enabled=false"],
     )
-    again = json.loads((tmp_path / "rerun" / "manifest.json").read_text())
-    assert (
-        again["shards_reused"] == 4
-        and again["shards_labeled"] == 0
-        and [s["output"] for s in again["shards"]] == outputs
-    )
+    again = LabelManifest.load(tmp_path / "rerun")
+    assert again.shards_reused == 4 and again.shards_labeled == 0 and again.outputs == outputs
     assert {k: v["ETag"] for k, v in s3.keys("labels", "cache/").items()} == before  # nothing rewritten
     # the credentials: in no file of the run (config, MLflow store, logs), no object, no output line
     assert _no_secret_in(run) == [] and _no_secret_in(tmp_path / "rerun") == []
@@ -383,12 +379,12 @@ def test_gcs_labels_bucket_to_bucket_and_a_rerun_reuses_every_shard(smoke_data, 
             env=env,
             overrides=[*smoke_overrides(smoke_data, tmp_path / "r"), *remote],
         )
-        first, again = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("first", "again"))
-        assert first["shards_labeled"] == 4 and again["shards_reused"] == 4 and again["shards_labeled"] == 0
-        assert all("generation" in s["input_identity"] for s in first["shards"])
+        first, again = (LabelManifest.load(tmp_path / d) for d in ("first", "again"))
+        assert first.shards_labeled == 4 and again.shards_reused == 4 and again.shards_labeled == 0
+        assert all("generation" in s.input_identity for s in first.shards)
         listed = {o["name"] for o in _gcs_api(host, "GET", "/storage/v1/b/gcs-out/o")["items"]}
-        for p, shard in zip(local, first["shards"]):
-            name = shard["output"][len("gs://gcs-out/") :]
+        for p, shard in zip(local, first.shards):
+            name = shard.output[len("gs://gcs-out/") :]
             assert {name, name[:-4] + ".index.npz", name[:-4] + ".features.npy", name[:-4] + ".summary.json"} <= listed
             copy = tmp_path / Path(name).name
             copy.write_bytes(

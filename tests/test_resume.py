@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from conftest import REPO, smoke_overrides
 
+from noisystudent.analysis.result import AnalysisResult
 from noisystudent.data.label_index import ood_scores_path
 from noisystudent.data.label_manifest import LabelManifest
+from noisystudent.resume import DoneMarker
 
 
 def _iterate_cmd(overrides):
@@ -269,9 +271,9 @@ def test_kill_9_during_analysis_then_rerun_finishes_it(smoke_data, tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "gen 0: already done" in r.stdout and teacher.stat().st_mtime_ns == before  # nothing retrained
-    summary = json.loads((analysis / "summary.json").read_text())
+    summary = DoneMarker(analysis / "summary.json", AnalysisResult).read()
     manifest = LabelManifest.load(run_dir / "gen-1" / "labels")
-    assert summary["samples"] == manifest.total_samples  # every corpus image scored once
+    assert summary.samples == manifest.total_samples  # every corpus image scored once
     for shard in manifest.shards:
         with np.load(ood_scores_path(shard.output)) as z:
             assert len(z["keys"]) == shard.samples and len(set(z["keys"].tolist())) == shard.samples

@@ -7,6 +7,10 @@ import json
 from conftest import run_script as _run
 from conftest import smoke_overrides
 
+from noisystudent.analysis.result import AnalysisResult
+from noisystudent.data.label_manifest import LabelManifest
+from noisystudent.resume import DoneMarker
+
 
 def test_teacher_label_student_scripts(smoke_data, tmp_path):
     over = smoke_overrides(smoke_data, tmp_path / "unused") + ["tracking.enabled=false", "cluster.n_workers=1"]
@@ -16,17 +20,17 @@ def test_teacher_label_student_scripts(smoke_data, tmp_path):
 
     labels = tmp_path / "labels"
     _run("pseudo_label.py", "--teacher", str(tmp_path / "teacher" / "model.pt"), "--out", str(labels), overrides=over)
-    first = json.loads((labels / "manifest.json").read_text())
-    assert first["shards_labeled"] == len(first["shards"]) and first["shards_reused"] == 0
+    first = LabelManifest.load(labels)
+    assert first.shards_labeled == len(first.shards) and first.shards_reused == 0
     mtimes = {p: p.stat().st_mtime_ns for p in labels.glob("*.tar")}
 
     again = _run(
         "pseudo_label.py", "--teacher", str(tmp_path / "teacher" / "model.pt"), "--out", str(labels), overrides=over
     )
-    second = json.loads((labels / "manifest.json").read_text())
-    assert second["shards_reused"] == len(second["shards"]) and second["shards_labeled"] == 0
+    second = LabelManifest.load(labels)
+    assert second.shards_reused == len(second.shards) and second.shards_labeled == 0
     assert {p: p.stat().st_mtime_ns for p in labels.glob("*.tar")} == mtimes
-    assert second["total_samples"] == first["total_samples"]
+    assert second.total_samples == first.total_samples
     assert "pseudo-labeling finished" in again.stdout
 
     s = _run(
@@ -55,6 +59,6 @@ def test_teacher_label_student_scripts(smoke_data, tmp_path):
         overrides=over,
     )
     assert "Analysis: ID-vs-OOD AUROC" in a.stdout and "report:" in a.stdout
-    summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
-    assert set(summary["ood"]) == {"msp", "entropy", "energy", "mahalanobis", "knn"}
+    summary = DoneMarker(tmp_path / "analysis" / "summary.json", AnalysisResult).read()
+    assert set(summary.ood) == {"msp", "entropy", "energy", "mahalanobis", "knn"}
     assert (tmp_path / "analysis" / "report.html").stat().st_size > 10_000
