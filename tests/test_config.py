@@ -87,7 +87,7 @@ def test_every_config_key_has_help_and_docs_config_md_is_current():
     from noisystudent.config import config_reference, config_reference_markdown
 
     for key, _default, doc in config_reference():
-        assert doc, f"config key {key} has no help text (setting(default, help) in config/schema.py)"
+        assert doc, f"config key {key} has no help text (setting(default, help) in noisystudent/config/)"
     assert (REPO / "docs" / "config.md").read_text() == config_reference_markdown() + "\n", (
         "docs/config.md is stale: regenerate with python -m noisystudent.config > docs/config.md"
     )

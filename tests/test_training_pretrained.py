@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from noisystudent.config import Config, TrainConfig
+from noisystudent.engine.build import build_model
 from noisystudent.engine.distributed import DistEnv
-from noisystudent.engine.train import build_model
 from noisystudent.errors import CheckpointError
 from noisystudent.models import ModelSpec
 

@@ -2,27 +2,23 @@
 
 Loaded from YAML (``--config``) with dotted overrides (``--set student.drop_path_rate=0.2``);
 unknown keys and wrong types are errors naming the key. Every field's default and help text
-live in :mod:`.schema`; ``docs/config.md`` is generated from them.
+live in :mod:`.schema`, :mod:`.sections` and :mod:`.runtime`; ``docs/config.md`` is generated from them.
 """
 
 from .fields import ConfigError, flatten, to_dict
 from .loading import dump_config, load_config, parse_override, yaml_load
 from .reference import config_reference, config_reference_markdown
-from .schema import (
+from .runtime import ClusterConfig, KubernetesConfig, SlurmConfig, TrackingConfig
+from .schema import Config, validate
+from .sections import (
     OOD_SCORES,
     AnalysisConfig,
     AugmentConfig,
-    ClusterConfig,
-    Config,
     DataConfig,
-    KubernetesConfig,
     OODScore,
     PseudoLabelConfig,
-    SlurmConfig,
     StudentConfig,
-    TrackingConfig,
     TrainConfig,
-    validate,
 )
 
 __all__ = [

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .fields import flatten, to_dict
-from .schema import Config, changes_results
+from .schema import Config
+from .setting import changes_results
 
 _ABSENT = "(absent)"
 

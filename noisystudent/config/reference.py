@@ -6,7 +6,8 @@ import dataclasses
 from typing import Any
 
 from .changes import key_changes_results
-from .schema import Config, help_of
+from .schema import Config
+from .setting import help_of
 
 
 def config_reference() -> list[tuple[str, Any, str]]:
@@ -39,7 +40,8 @@ def config_reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from the fields of `noisystudent/config/schema.py` by `python -m noisystudent.config > "
+        "Generated from the fields of `noisystudent/config/` (schema.py, sections.py, runtime.py) by "
+        "`python -m noisystudent.config > "
         "docs/config.md`; a test keeps it current. Set any key in a YAML file (`--config`) or on the command line "
         "(`--set student.lr=0.001`). Unknown keys and wrong types are errors naming the key.",
         "",

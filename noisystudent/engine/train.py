@@ -28,18 +28,18 @@ from ..config import Config, TrainConfig
 from ..data.geometry import create_eval_transform
 from ..data.imagefolder import LabeledImages
 from ..data.pseudo_stream import PseudoLabeledStream
-from ..io import remove_stale_temporaries, sha256_file
-from ..models import ModelSpec, create_model, load_checkpoint, save_model, unwrap
+from ..models import ModelSpec, load_checkpoint, save_model, unwrap
 from ..records import JsonRecord
 from ..resume import DoneMarker
 from ..seeds import Seeds, Stream
 from . import distributed as ddp
 from .batches import Batch, BatchSource
+from .build import build_model, start_process, weights_source
 from .checkpoint import Checkpointer, Progress
-from .device import resolve_device, rng_fingerprint, seed_everything
+from .device import rng_fingerprint, seed_everything
 from .metrics import classification_report
 from .optim import NonFiniteGuard, Optimization
-from .precision import autocast, keep_fp32_where_cpu_bf16_fails, resolve_amp
+from .precision import autocast
 from .predict import eval_loader, predict
 
 #: Debug flag for the DDP tests: a directory where every rank writes what it read and drew first.
@@ -135,7 +135,7 @@ class TrainingLoop:
     def start(cls, job: TrainingJob, cfg: Config, tracker=None) -> TrainingLoop:
         """Join torchrun's group (if any), build the model and its data, resume from ``last.pt``."""
         job.out_dir.mkdir(parents=True, exist_ok=True)
-        env, device = _start_process(cfg, job.out_dir, Seeds(cfg.seed, job.generation))
+        env, device = start_process(cfg, job.out_dir, Seeds(cfg.seed, job.generation))
         spec = job.model_spec(cfg)
         model, net = build_model(spec, job.recipe, cfg, device, env, job.init_from)
         source = weights_source(job.recipe, job.init_from)
@@ -262,64 +262,6 @@ class TrainingLoop:
         record = json.loads(path.read_text()) if path.is_file() else {"rank": self.env.rank}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**record, **fields}))
-
-
-def _start_process(cfg: Config, out_dir: Path, seeds: Seeds) -> tuple[ddp.DistEnv, torch.device]:
-    """Join torchrun's process group (if any), pick the device, clear stale temporaries, seed the
-    model's initial weights."""
-    env = ddp.init_distributed()
-    device = resolve_device(cfg.device)
-    if env.enabled and device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
-    if env.is_main:  # rank 0 alone writes here: a temp file left now is from a writer killed mid-write
-        remove_stale_temporaries(out_dir)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(seeds(Stream.MODEL_INIT))
-    return env, device
-
-
-def build_model(
-    spec: ModelSpec, recipe: TrainConfig, cfg: Config, device: torch.device, env: ddp.DistEnv, init_from: str | None
-) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The timm model with this stage's model noise, and the module that runs forward/backward
-    (DDP averages gradients across ranks; ``compile`` wraps it)."""
-    starts_from_weights = not init_from  # init_from replaces every weight: fetching pretrained ones would be wasted
-    model = create_model(
-        spec,
-        drop_rate=recipe.drop_rate,
-        drop_path_rate=recipe.drop_path_rate,
-        pretrained=recipe.pretrained and starts_from_weights,
-        pretrained_file=recipe.pretrained_file if starts_from_weights else "",
-    )
-    if init_from:
-        missing = model.load_state_dict(load_checkpoint(init_from)["model"], strict=False)
-        if missing.missing_keys:
-            raise ValueError(
-                f"student.init=teacher needs the same architecture; missing keys e.g. {missing.missing_keys[:3]}"
-            )
-    model.to(device)
-    if device.type == "cpu" and resolve_amp(cfg.amp, device) == "bf16":
-        keep_fp32_where_cpu_bf16_fails(model)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = (
-        torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
-        if env.enabled
-        else model
-    )
-    if cfg.compile:
-        net = torch.compile(net)
-    return model, net
-
-
-def weights_source(recipe: TrainConfig, init_from: str | None) -> str:
-    """Where a stage's initial weights come from, for result.json and the MLflow tag ``weights_source``."""
-    if init_from:
-        return f"checkpoint {init_from}"
-    if recipe.pretrained_file:
-        return f"file {recipe.pretrained_file} (sha256 {sha256_file(recipe.pretrained_file)[:16]})"
-    return "timm pretrained (hub)" if recipe.pretrained else "random init"
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
