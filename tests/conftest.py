@@ -121,6 +121,16 @@ def smoke_config(smoke_data, tmp_path):
     return make
 
 
+def script_command(
+    script: str, *args: str, config: str = "configs/smoke.yaml", overrides=(), launcher=None
+) -> list[str]:
+    """The command line of ``pipelines/<script>`` with ``config``, ``args`` and ``--set`` overrides."""
+    cmd = [*(launcher or [sys.executable]), f"pipelines/{script}", "--config", config, *args]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
 def run_script(
     script: str,
     *args: str,
@@ -132,11 +142,8 @@ def run_script(
 ):
     """Run ``pipelines/<script>`` with the smoke config and ``--set`` overrides; assert it succeeded."""
     import subprocess
-    import sys
 
-    cmd = [*(launcher or [sys.executable]), f"pipelines/{script}", "--config", config, *args]
-    for o in overrides:
-        cmd += ["--set", o]
+    cmd = script_command(script, *args, config=config, overrides=overrides, launcher=launcher)
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r

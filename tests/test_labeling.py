@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, dask_processes
+from conftest import REPO, dask_processes, script_command
 
 from noisystudent.data.label_manifest import LabelManifest
 from noisystudent.data.shard_io import iter_samples, write_shard
@@ -46,20 +45,16 @@ def corpus(smoke_data, tmp_path_factory):
 
 
 def _label_cmd(root: Path, out: Path, *overrides: str) -> list[str]:
-    cmd = [
-        sys.executable,
-        "pipelines/pseudo_label.py",
-        "--config",
-        "configs/smoke.yaml",
+    cmd = script_command(
+        "pseudo_label.py",
         "--teacher",
         str(root / "teacher.pt"),
         "--shards",
         str(root / "in" / "part-*.tar"),
         "--out",
         str(out),
-    ]
-    for o in ["tracking.enabled=false", *SLOW, *overrides]:
-        cmd += ["--set", o]
+        overrides=["tracking.enabled=false", *SLOW, *overrides],
+    )
     return cmd
 
 

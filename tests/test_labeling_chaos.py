@@ -12,12 +12,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 
 import pytest
-from conftest import REPO, dask_processes
+from conftest import REPO, dask_processes, script_command
 
 from noisystudent.data.label_manifest import LabelManifest
 from noisystudent.data.shard_io import iter_samples, write_shard
@@ -55,11 +54,8 @@ def test_10k_samples_labeled_exactly_once_while_workers_are_killed(smoke_data, t
     kills = 0
     out = tmp_path / "labels"
     with dask_processes(tmp_path, ("a", "b"), ENV, nanny=True) as (address, _):
-        cmd = [
-            sys.executable,
-            "pipelines/pseudo_label.py",
-            "--config",
-            "configs/smoke.yaml",
+        cmd = script_command(
+            "pseudo_label.py",
             "--teacher",
             str(tmp_path / "teacher.pt"),
             "--shards",
@@ -68,15 +64,14 @@ def test_10k_samples_labeled_exactly_once_while_workers_are_killed(smoke_data, t
             str(out),
             "--scheduler",
             address,
-        ]
-        for o in (
-            "tracking.enabled=false",
-            "data.image_size=64",
-            "pseudo_label.batch_size=50",
-            "cluster.task_retries=100",
-            "cluster.torch_threads=1",
-        ):
-            cmd += ["--set", o]
+            overrides=(
+                "tracking.enabled=false",
+                "data.image_size=64",
+                "pseudo_label.batch_size=50",
+                "cluster.task_retries=100",
+                "cluster.torch_threads=1",
+            ),
+        )
         with Client(address, timeout="30s") as monitor:
             monitor.wait_for_workers(2, timeout=120)
             job = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3  # s3fs, boto3, moto[server], gcsfs and gcp-storage-emulator are in [dev]
 import numpy as np
 import pytest
-from conftest import REPO, dask_processes, run_script, smoke_overrides, wait_for_http
+from conftest import REPO, dask_processes, run_script, script_command, smoke_overrides, wait_for_http
 
 from noisystudent import storage
 from noisystudent.data.label_index import read_feature_rows, read_index
@@ -193,11 +193,8 @@ def test_a_worker_killed_mid_upload_leaves_no_partial_object_and_the_retry_publi
     with dask_processes(tmp_path, ("uploader",), s3.env, nanny=True) as (address, _procs):
         with Client(address, timeout="30s") as monitor:
             monitor.wait_for_workers(1, timeout=120)
-            cmd = [
-                sys.executable,
-                "pipelines/pseudo_label.py",
-                "--config",
-                "configs/smoke.yaml",
+            cmd = script_command(
+                "pseudo_label.py",
                 "--teacher",
                 str(tmp_path / "teacher.pt"),
                 "--shards",
@@ -206,17 +203,16 @@ def test_a_worker_killed_mid_upload_leaves_no_partial_object_and_the_retry_publi
                 str(tmp_path / "labels"),
                 "--scheduler",
                 address,
-            ]
-            for o in [
-                "tracking.enabled=false",
-                "data.channels=3",
-                "data.mean=[0.5]",
-                "data.std=[0.25]",
-                "pseudo_label.cache_dir=s3://big-out/cache",
-                "pseudo_label.save_features=false",
-                "cluster.task_retries=2",
-            ]:
-                cmd += ["--set", o]
+                overrides=[
+                    "tracking.enabled=false",
+                    "data.channels=3",
+                    "data.mean=[0.5]",
+                    "data.std=[0.25]",
+                    "pseudo_label.cache_dir=s3://big-out/cache",
+                    "pseudo_label.save_features=false",
+                    "cluster.task_retries=2",
+                ],
+            )
             job = subprocess.Popen(cmd, cwd=REPO, env=s3.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             deadline = time.time() + 240
             while not s3.unfinished_uploads("big-out"):

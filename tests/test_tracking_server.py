@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, smoke_overrides, wait_for_http
+from conftest import REPO, script_command, smoke_overrides, wait_for_http
 
 from noisystudent.data.label_manifest import LabelManifest
 
@@ -73,23 +73,20 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tracked_run(mlflow_server, smoke_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tracked") / "run"
-    cmd = [
-        sys.executable,
-        "pipelines/iterate.py",
-        "--config",
-        "configs/smoke.yaml",
+    cmd = script_command(
+        "iterate.py",
         "--generations",
         "2",
         "--tracking-uri",
         mlflow_server,
-    ]
-    for o in smoke_overrides(smoke_data, run_dir) + [
-        "cluster.n_workers=1",
-        "analysis.enabled=false",
-        "tracking.experiment=server-test",
-        "tracking.registered_model=smoke-student",
-    ]:
-        cmd += ["--set", o]
+        overrides=smoke_overrides(smoke_data, run_dir)
+        + [
+            "cluster.n_workers=1",
+            "analysis.enabled=false",
+            "tracking.experiment=server-test",
+            "tracking.registered_model=smoke-student",
+        ],
+    )
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     return mlflow_server, run_dir
@@ -272,23 +269,20 @@ def test_server_lost_mid_run_then_resume_reattaches(smoke_data, tmp_path):
     port = _free_port()
     server, uri = _start_server(tmp_path / "server", port)
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "pipelines/iterate.py",
-        "--config",
-        "configs/smoke.yaml",
+    cmd = script_command(
+        "iterate.py",
         "--generations",
         "1",
         "--tracking-uri",
         uri,
-    ]
-    for o in smoke_overrides(smoke_data, run_dir) + [
-        "cluster.n_workers=1",
-        "student.epochs=3",
-        "tracking.log_models=false",
-        "analysis.enabled=false",
-    ]:
-        cmd += ["--set", o]
+        overrides=smoke_overrides(smoke_data, run_dir)
+        + [
+            "cluster.n_workers=1",
+            "student.epochs=3",
+            "tracking.log_models=false",
+            "analysis.enabled=false",
+        ],
+    )
     try:
         job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 600
