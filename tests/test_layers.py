@@ -149,6 +149,25 @@ def oversized_functions() -> list[str]:
     return found
 
 
+def unresolved_relative_imports() -> list[str]:
+    """Relative imports (at the top or inside a function) that name no module of the package: they
+    fail only when that line runs, which for a command's lazy import is at the command."""
+    known = modules()
+    found = []
+    for name, path in sorted(known.items()):
+        base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                parts = base[: len(base) - node.level + 1] + ([node.module] if node.module else [])
+                if ".".join(parts) not in known:
+                    found.append(f"{name}: from {'.' * node.level}{node.module or ''} import ...")
+    return found
+
+
+def test_every_relative_import_names_a_module_of_the_package():
+    assert unresolved_relative_imports() == []
+
+
 def test_every_module_has_a_layer():
     assert [m for m in modules() if layer_of(m)[0] < 0] == []
 

@@ -36,8 +36,8 @@ def analyze_args(p: argparse.ArgumentParser) -> None:
 
 
 def analyze_command(args: argparse.Namespace) -> None:
-    from .analysis.run import analyze_checkpoint, analyze_run
-    from .experiments.with_without import with_without
+    from ..analysis.run import analyze_checkpoint, analyze_run
+    from ..experiments.with_without import with_without
 
     cfg = config_from_args(args)
     if args.model:
@@ -70,7 +70,7 @@ def ablate_args(p: argparse.ArgumentParser) -> None:
 
 
 def ablate_command(args: argparse.Namespace) -> None:
-    from .experiments.ablation import AblationPlan, run_ablation
+    from ..experiments.ablation import AblationPlan, run_ablation
 
     cfg = config_from_args(args)
     plan = AblationPlan(

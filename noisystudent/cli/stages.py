@@ -18,7 +18,7 @@ def iterate_args(p: argparse.ArgumentParser) -> None:
 
 
 def iterate_command(args: argparse.Namespace) -> None:
-    from .loop import iterate
+    from ..loop import iterate
 
     extra = [f"generations={args.generations}"] if args.generations is not None else []
     extra += [f"run_dir={args.run_dir}"] if args.run_dir else []
@@ -36,7 +36,7 @@ def teacher_args(p: argparse.ArgumentParser) -> None:
 
 
 def teacher_command(args: argparse.Namespace) -> None:
-    from .stages.runner import StageRequest, run_single_stage
+    from ..stages.runner import StageRequest, run_single_stage
 
     request = StageRequest("teacher", Path(args.out))
     print_summary(run_single_stage(config_from_args(args), request, args.allow_config_change))
@@ -55,7 +55,7 @@ def pseudo_label_args(p: argparse.ArgumentParser) -> None:
 
 
 def pseudo_label_command(args: argparse.Namespace) -> None:
-    from .stages.runner import StageRequest, run_single_stage
+    from ..stages.runner import StageRequest, run_single_stage
 
     extra = [f"data.unlabeled_shards={args.shards}"] if args.shards else []
     extra += ["cluster.kind=address", f"cluster.address={args.scheduler}"] if args.scheduler else []
@@ -73,7 +73,7 @@ def student_args(p: argparse.ArgumentParser) -> None:
 
 
 def student_command(args: argparse.Namespace) -> None:
-    from .stages.runner import StageRequest, run_single_stage
+    from ..stages.runner import StageRequest, run_single_stage
 
     request = StageRequest("student", Path(args.out), args.teacher, args.labels, args.generation)
     print_summary(run_single_stage(config_from_args(args), request, args.allow_config_change))
