@@ -46,6 +46,14 @@ def init_distributed() -> DistEnv:
     return env
 
 
+def shutdown() -> None:
+    """Leave the process group together, then destroy it: a rank that exits while another still
+    uses the group (rank 0 evaluating, say) can make the process group abort at exit (SIGABRT)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def current() -> DistEnv:
     if dist.is_available() and dist.is_initialized():
         return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -53,6 +53,14 @@ def run_single_stage(cfg: Config, request: StageRequest, allow_config_change: bo
                 "pseudo-labeling scales with Dask (cluster.*), not torchrun: run pseudo-label as one process"
             )
         return _pseudo_label_command(cfg, request)
+    try:
+        return _training_command(cfg, request, env, allow_config_change)
+    finally:
+        ddp.shutdown()  # every rank, once rank 0 has evaluated and reported
+
+
+def _training_command(cfg: Config, request: StageRequest, env: ddp.DistEnv, allow_config_change: bool):
+    """``teacher`` or ``student``: train (every rank its slice), then evaluate (rank 0)."""
     if request.stage == "student":  # the generation's overrides, as iterate applies them (the dump is resolved)
         cfg = cfg.for_generation(request.generation)
     out_dir = request.out_dir
