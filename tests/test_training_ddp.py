@@ -1,9 +1,11 @@
 """Training under torchrun (2 processes, gloo): disjoint data per rank, one checkpoint, one MLflow
 run; the logged loss is the mean over every rank's batches, ranks draw their own noise and stop
-together."""
+together; and the collectives, which run in any process group (one rank included) on the device
+their backend needs."""
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -11,11 +13,13 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import REPO, smoke_overrides
 from conftest import run_script as _script
 
 from noisystudent.data.label_manifest import LabelManifest
+from noisystudent.engine import distributed as ddp
 from noisystudent.engine.train import DEBUG_RANKS_ENV
 
 
@@ -70,6 +74,8 @@ def test_torchrun_logs_the_mean_loss_over_ranks_draws_noise_per_rank_and_stops_t
     from noisystudent.config import load_config
     from noisystudent.data.geometry import create_eval_transform
     from noisystudent.data.imagefolder import load_labeled_data
+    from noisystudent.engine.metrics import classification_report
+    from noisystudent.engine.predict import eval_loader, predict
     from noisystudent.models import load_model
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
@@ -98,6 +104,15 @@ def test_torchrun_logs_the_mean_loss_over_ranks_draws_noise_per_rank_and_stops_t
     assert [row["epoch"] for row in result["history"]] == [1, 2]
     assert [d["epochs"] for d in records] == [2, 2]
     assert result["history"][0]["val_top1"] == result["history"][1]["val_top1"]
+
+    # validation is sharded over the ranks, each predicting with rank 0's BatchNorm statistics: the
+    # row equals the saved (best: epoch 1) model's on the whole split, scored here in one process
+    cpu = torch.device("cpu")
+    val = load_labeled_data(cfg.data).val.with_transform(create_eval_transform(cfg.data))
+    model, _ = load_model(out / "model.pt")  # again: the forward passes above moved its BatchNorm statistics
+    report = classification_report(*predict(model, eval_loader(val, cpu), cpu, "off", False), len(val.class_names))
+    assert result["history"][0]["val_top1"] == report.top1
+    assert math.isclose(result["history"][0]["val_loss"], report.nll, rel_tol=1e-5)
 
 
 def test_torchrun_two_ranks_split_data_and_rank0_alone_writes(smoke_data, tmp_path):
@@ -153,3 +168,49 @@ def test_torchrun_two_ranks_split_data_and_rank0_alone_writes(smoke_data, tmp_pa
     runs = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
     assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
+
+
+_COLLECTIVES = ("all_reduce", "broadcast", "broadcast_object_list", "all_gather_object", "gather_object", "barrier")
+
+
+def test_every_collective_runs_in_a_one_rank_group_on_its_backends_device(tmp_path, monkeypatch):
+    """NCCL refuses torch.device("cpu") tensors; the GPU check runs every collective in a 1-rank NCCL group, which
+    only works if they run at world size 1 at all. Here: a real 1-rank gloo group."""
+    assert ddp.device_for_backend("nccl") == torch.device("cuda")
+    assert ddp.device_for_backend("gloo") == torch.device("cpu")
+    calls: list[tuple[str, list[torch.device]]] = []
+
+    def recorded(name):
+        real = getattr(dist, name)
+
+        def call(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            calls.append((name, [t.device for t in tensors]))
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in _COLLECTIVES:
+        monkeypatch.setattr(dist, name, recorded(name))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        assert ddp.collective_device() == torch.device("cpu")
+        assert ddp.reduce_sums({"a": 1.0, "b": torch.tensor(2.0)}) == {"a": 1.0, "b": 2.0}
+        assert ddp.reduce_max(3.5) == 3.5
+        assert ddp.all_ranks_true(torch.tensor(True)).item() and not ddp.all_ranks_true(torch.tensor(False)).item()
+        assert ddp.broadcast_object({"x": 1}) == {"x": 1}
+        assert ddp.gather_objects(7) == [7] and ddp.gather_to_main(8) == [8]
+        ddp.broadcast_buffers(torch.nn.BatchNorm1d(3))  # running mean, var and count
+        ddp.barrier()
+    finally:
+        ddp.shutdown()
+    assert not dist.is_initialized()
+    assert collections.Counter(name for name, _ in calls) == {
+        "all_reduce": 4,
+        "broadcast_object_list": 1,
+        "all_gather_object": 1,
+        "gather_object": 1,
+        "broadcast": 3,
+        "barrier": 2,  # ddp.barrier and shutdown's
+    }
+    assert all(device == ddp.device_for_backend("gloo") for _, devices in calls for device in devices)

@@ -63,6 +63,18 @@ class Config:
         "read back only then and at the end of the epoch: each read waits for the GPU.",
         results=False,
     )
+    cudnn_benchmark: bool = setting(
+        True,
+        "On GPUs: let cuDNN time its convolution algorithms once per input shape and keep the fastest "
+        "(training shapes are fixed, so this pays off after the first steps).",
+        results=False,
+    )
+    distributed_timeout_s: int = setting(
+        1800,
+        "Under torchrun: seconds a collective may wait for the other ranks before the job fails "
+        "with an error (instead of hanging on a rank that died or stalled).",
+        results=False,
+    )
     max_nonfinite_steps: int = setting(
         20,
         "A step whose loss or gradient is not finite is skipped (no update) and counted "
@@ -174,6 +186,7 @@ def _check_run(cfg: Config) -> None:
         "is fp16, which needs a GPU (its GradScaler runs on CUDA); on CPU use amp=bf16 or amp=off",
     )
     _need(cfg.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+    _need(cfg.distributed_timeout_s >= 1, "distributed_timeout_s", "must be >= 1 (seconds)")
     _need(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
 
 

@@ -19,10 +19,12 @@ from .precision import keep_fp32_where_cpu_bf16_fails, resolve_amp
 def start_process(cfg: Config, out_dir: Path, seeds: Seeds) -> tuple[ddp.DistEnv, torch.device]:
     """Join torchrun's process group (if any), pick the device, clear stale temporaries, seed the
     model's initial weights."""
-    env = ddp.init_distributed()
+    env = ddp.init_distributed(cfg.distributed_timeout_s)
     device = resolve_device(cfg.device)
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if env.is_main:  # rank 0 alone writes here: a temp file left now is from a writer killed mid-write
         remove_stale_temporaries(out_dir)
     if cfg.threads > 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -32,85 +33,128 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed() -> DistEnv:
-    """Join the torchrun process group (idempotent); a world of one without torchrun."""
+def init_distributed(timeout_s: int = 1800) -> DistEnv:
+    """Join the torchrun process group (idempotent); a world of one without torchrun. On GPUs the
+    group is bound to this rank's device (``device_id``: NCCL sets up its communicator at once, and
+    never on another rank's GPU), and a collective that waits longer than ``timeout_s`` fails with
+    an error instead of hanging the job."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv()
     env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         use_nccl = torch.cuda.is_available() and os.environ.get("NOISYSTUDENT_DIST_BACKEND", "") != "gloo"
+        device_id = None
         if use_nccl:
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+            device_id = torch.device("cuda", env.local_rank)
+        dist.init_process_group(
+            backend="nccl" if use_nccl else "gloo", timeout=timedelta(seconds=timeout_s), device_id=device_id
+        )
     return env
 
 
 def shutdown() -> None:
     """Leave the process group together, then destroy it: a rank that exits while another still
     uses the group (rank 0 evaluating, say) can make the process group abort at exit (SIGABRT)."""
-    if dist.is_available() and dist.is_initialized():
+    if _grouped():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def current() -> DistEnv:
-    if dist.is_available() and dist.is_initialized():
+    if _grouped():
         return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return DistEnv()
 
 
+def _grouped() -> bool:
+    """A process group is up. The collectives below run whenever one is, a group of one rank
+    included (the GPU check runs them that way), and are no-ops otherwise."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def device_for_backend(backend: str) -> torch.device:
+    """Where a backend's collectives take their tensors: NCCL only moves CUDA tensors (a CPU tensor
+    is refused: "No backend type associated with device type cpu"), gloo works on the CPU."""
+    # "cuda" is the current device, which init_distributed set to this rank's
+    return torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    return device_for_backend(dist.get_backend()) if _grouped() else torch.device("cpu")
+
+
 def barrier() -> None:
-    if current().enabled:
+    if _grouped():
         dist.barrier()
 
 
-def reduce_sums(values: dict[str, float | torch.Tensor], device: torch.device | None = None) -> dict[str, float]:
-    """Sum each value over ranks; values may be numbers or one-element tensors on ``device``
-    (kept there, so the whole dict costs one all-reduce and one read back to the host)."""
+def reduce_sums(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Sum each value over ranks; values may be numbers or one-element tensors (on any device: they
+    are stacked on the backend's, so the whole dict costs one all-reduce and one read back)."""
     keys = sorted(values)
-    device = device or torch.device("cpu")
+    device = collective_device()
     t = (
-        torch.stack([torch.as_tensor(values[k], device=device).detach().reshape(()).to(torch.float64) for k in keys])
+        torch.stack([torch.as_tensor(values[k]).detach().to(device, torch.float64).reshape(()) for k in keys])
         if keys
         else torch.zeros(0, dtype=torch.float64)
     )
-    if current().enabled:
+    if _grouped():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
 
 
 def all_ranks_true(flag: torch.Tensor) -> torch.Tensor:
-    """``flag`` (a boolean tensor) and-ed over ranks, still on its device (no host sync)."""
-    if not current().enabled:
+    """``flag`` (a boolean tensor) and-ed over ranks, on its own device (no host sync)."""
+    if not _grouped():
         return flag
-    t = flag.to(torch.int32)
+    t = flag.to(collective_device(), torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t.bool()
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (``obj`` itself without torchrun)."""
-    if not current().enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return t.bool().to(flag.device)
 
 
 def reduce_max(value: float) -> float:
-    if not current().enabled:
+    if not _grouped():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without torchrun)."""
+    if not _grouped():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=collective_device())
+    return box[0]
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (a list of one without torchrun)."""
-    env = current()
-    if not env.enabled:
+    if not _grouped():
         return [obj]
-    out: list[Any] = [None] * env.world_size
+    out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on rank 0 (None on the others): one copy of a large
+    object (validation's probabilities) instead of one per rank."""
+    if not _grouped():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers on every rank. DDP keeps parameters equal (every rank applies the same
+    all-reduced gradient), but each rank's last forward pass of an epoch moves its own BatchNorm
+    statistics (and an EMA copy averages each rank's own)."""
+    if not _grouped():
+        return
+    for tensor in module.buffers():
+        dist.broadcast(tensor.data, src=0)

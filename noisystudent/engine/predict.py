@@ -11,14 +11,22 @@ from .device import resolve_num_workers
 from .precision import autocast
 
 
-def eval_loader(dataset: Dataset, device: torch.device, batch_size: int = 512, num_workers: int = -1) -> DataLoader:
+def eval_loader(
+    dataset: Dataset, device: torch.device, batch_size: int = 512, num_workers: int = -1, persistent: bool = False
+) -> DataLoader:
     """The loader every evaluation uses: fixed order, whole batches of ``batch_size``. On a GPU
     it decodes in ``num_workers`` processes (``data.num_workers``; -1 = auto) into pinned memory,
-    else one process would feed the GPU 50,000 images at 224 px. On a CPU the forward pass already
-    takes every core, so it decodes in the main process."""
+    else one process would feed the GPU 50,000 images at 224 px; ``persistent`` keeps them between
+    passes (validation every epoch). On a CPU the forward pass already takes every core, so it
+    decodes in the main process."""
     workers = resolve_num_workers(num_workers, device) if device.type == "cuda" else 0
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda"
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=persistent and workers > 0,
     )
 
 
@@ -40,4 +48,6 @@ def predict(
         probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
         targets.append(y.numpy())
     model.train(was_training)
+    if not probs:  # an empty share (a rank's slice of a split smaller than the world)
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(probs), np.concatenate(targets)

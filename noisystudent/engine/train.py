@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..config import Config, TrainConfig
@@ -126,6 +128,7 @@ class TrainingLoop:
     spec: ModelSpec
     guard: NonFiniteGuard
     val: LabeledImages | None = None  # at this model's resolution (a ladder may change it per generation)
+    val_loader: DataLoader | None = None  # this rank's share of it, its workers kept between epochs
     tracker: object | None = None
     started: float = field(default_factory=time.time)
     weights_source: str = "random init"
@@ -156,6 +159,7 @@ class TrainingLoop:
         progress = checkpointer.resume(model, optimization)
         guard = NonFiniteGuard(cfg.max_nonfinite_steps, model)
         val = job.val.with_transform(create_eval_transform(cfg.data)) if job.val is not None else None
+        val_loader = validation_loader(val, env, device) if val is not None else None
         loop = cls(
             job,
             cfg,
@@ -169,6 +173,7 @@ class TrainingLoop:
             spec,
             guard,
             val,
+            val_loader,
             tracker,
             weights_source=source,
         )
@@ -192,15 +197,18 @@ class TrainingLoop:
         return row
 
     def validate(self, epoch: int) -> dict:
-        """Validation metrics at the epochs the recipe asks for (rank 0 validates its weights, as
-        ranks' BatchNorm statistics differ; every rank records them)."""
+        """Validation metrics at the epochs the recipe asks for. Every rank predicts its share of
+        the split with rank 0's weights and BatchNorm statistics (ranks' statistics drift apart);
+        rank 0 scores the whole split and every rank records the row."""
         recipe = self.job.recipe
         if self.val is None or not ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
             return {}
         weights = self.optimization.weights(self.model)
-        return ddp.broadcast_object(
-            validation_metrics(weights, self.val, self.batches.device, self.cfg) if self.env.is_main else None
-        )
+        ddp.broadcast_buffers(weights)
+        cfg = self.cfg
+        predicted = predict(weights, self.val_loader, self.batches.device, cfg.amp, cfg.channels_last)
+        parts = ddp.gather_to_main(predicted)
+        return ddp.broadcast_object(validation_metrics(parts, len(self.val.class_names)) if parts else None)
 
     def end_epoch(self, row: dict) -> bool:
         """Record the epoch, keep the best weights, checkpoint, log; True to stop early."""
@@ -320,7 +328,7 @@ def train_epoch(loop: TrainingLoop, epoch: int) -> dict:
     if show:
         _refresh(bar, steps, sums, steps - skipped, optimization.lr)
     bar.close()
-    total = ddp.reduce_sums({"steps": steps - skipped, "seen": seen, **sums}, batches.device)
+    total = ddp.reduce_sums({"steps": steps - skipped, "seen": seen, **sums})
     per_step = max(1.0, total.pop("steps"))
     seconds = ddp.reduce_max(time.time() - epoch_start)
     return {
@@ -346,9 +354,16 @@ def _nonfinite_detail(losses: dict[str, torch.Tensor], optimization: Optimizatio
     return f"{values}; non-finite gradients: {', '.join(bad) if bad else 'none'}"
 
 
-def validation_metrics(model: torch.nn.Module, val: LabeledImages, device: torch.device, cfg: Config) -> dict:
-    """The per-epoch validation row: top-1, loss (NLL) and ECE on the val split."""
-    report = classification_report(
-        *predict(model, eval_loader(val, device), device, cfg.amp, cfg.channels_last), len(val.class_names)
-    )
+def validation_loader(val: LabeledImages, env: ddp.DistEnv, device: torch.device) -> DataLoader:
+    """This rank's share of the validation split (every ``world_size``-th image), in a loader whose
+    workers persist between epochs (forking them at every validation stalls a GPU)."""
+    share = Subset(val, range(env.rank, len(val), env.world_size)) if env.enabled else val
+    return eval_loader(share, device, persistent=True)
+
+
+def validation_metrics(parts: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> dict:
+    """The per-epoch validation row from every rank's (probabilities, targets): top-1, loss (NLL), ECE."""
+    parts = [part for part in parts if len(part[1])]
+    probs, targets = (np.concatenate([part[i] for part in parts]) for i in (0, 1))
+    report = classification_report(probs, targets, num_classes)
     return {"val_top1": report.top1, "val_loss": report.nll, "val_ece": report.ece}

@@ -46,7 +46,7 @@ class StageRequest:
 def run_single_stage(cfg: Config, request: StageRequest, allow_config_change: bool = False) -> StageSummary | None:
     """Run one stage into ``request.out_dir``; None on torchrun ranks other than 0 (they train
     their slice only)."""
-    env = ddp.init_distributed()  # torchrun: every rank trains its data slice, rank 0 tracks and reports
+    env = ddp.init_distributed(cfg.distributed_timeout_s)  # torchrun: every rank trains its slice, rank 0 reports
     if request.stage == "pseudo_label":
         if env.enabled:
             raise ConfigError(
