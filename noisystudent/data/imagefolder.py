@@ -141,7 +141,7 @@ class LabeledImages(Dataset):
 
     def with_transform(self, transform: Callable | None) -> LabeledImages:
         """The same images (and cache) under another transform (no re-decoding)."""
-        clone = object.__new__(LabeledImages)
+        clone = object.__new__(type(self))  # a subclass stays itself
         clone.__dict__.update(self.__dict__)
         clone.transform = transform
         return clone

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import cv2
 import torch
 from torch.utils.data import DataLoader
 
@@ -50,31 +51,17 @@ class BatchSource:
         device: torch.device,
         env: DistEnv,
     ):
-        self.device, self.channels_last, self.pseudo = device, channels_last, pseudo
-        pin = device.type == "cuda"
-        workers = resolve_num_workers(num_workers, device)
+        self.device, self.channels_last, self.pseudo = device, channels_last, None
         lab_bs = min(recipe.batch_size, len(labeled) // env.world_size)
+        unl_bs = recipe.unlabeled_batch_size if pseudo is not None else 0
+        lab_workers, unl_workers = split_loader_workers(num_workers, device, lab_bs, unl_bs)
+        # uint8 crosses to the device and is normalised there: a quarter of the bytes to copy
+        transform, self.normalize_labeled = device_normalized(labeled.transform)
+        labeled = labeled.with_transform(transform)
         if pseudo is None:  # a teacher's epoch: one pass over the labeled images (EpochSampler refuses < 1 batch)
             one_pass = len(labeled) // env.world_size // max(1, lab_bs)
         else:
-            pseudo = self.pseudo = pseudo.for_rank(env.rank, env.world_size)
-            unl_bs = recipe.unlabeled_batch_size
-            # workers are forked per pass (one per epoch, or more if a pass runs out): each pass of each
-            # worker reseeds its augmentation from (epoch, rank, worker, pass) when it starts
-            self.pseudo_loader = DataLoader(
-                pseudo,
-                batch_size=unl_bs,
-                drop_last=True,
-                num_workers=min(workers, max(1, len(pseudo.shards))),
-                pin_memory=pin,
-                persistent_workers=False,
-            )
-            if len(pseudo) < unl_bs:
-                raise ConfigError(
-                    f"only {len(pseudo)} pseudo-labeled samples selected per rank, fewer than one batch of "
-                    f"{unl_bs}: lower pseudo_label.threshold or student.unlabeled_ratio / student.batch_size"
-                )
-            one_pass = max(1, len(pseudo) // unl_bs)  # a student's epoch is one pass over its pseudo-labels
+            one_pass = self._pseudo_loader(pseudo, unl_bs, unl_workers, env)
         self.steps_per_epoch = recipe.steps_per_epoch or one_pass
         # A pass over the pseudo-labels that runs out early (skipped samples) ends the epoch, unless the
         # step budget is fixed or ranks hold different shard counts: then another pass starts.
@@ -85,11 +72,34 @@ class BatchSource:
         self.labeled_loader = DataLoader(
             BatchReader(labeled),
             batch_sampler=SeededBatches(self.sampler),
-            num_workers=workers,
-            pin_memory=pin,
-            persistent_workers=workers > 0,
+            num_workers=lab_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=lab_workers > 0,
             generator=torch.Generator().manual_seed(seeds(Stream.LOADER)),
+            worker_init_fn=quiet_worker,
         )
+
+    def _pseudo_loader(self, pseudo: PseudoLabeledStream, batch: int, workers: int, env: DistEnv) -> int:
+        """This rank's reader of the pseudo-labels and its loader; returns the steps of one pass."""
+        pseudo = self.pseudo = pseudo.for_rank(env.rank, env.world_size)
+        pseudo.transform, self.normalize_pseudo = device_normalized(pseudo.transform)
+        # workers are forked per pass (one per epoch, or more if a pass runs out): each pass of each
+        # worker reseeds its augmentation from (epoch, rank, worker, pass) when it starts
+        self.pseudo_loader = DataLoader(
+            pseudo,
+            batch_size=batch,
+            drop_last=True,
+            num_workers=min(workers, max(1, len(pseudo.shards))),
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            worker_init_fn=quiet_worker,
+        )
+        if len(pseudo) < batch:
+            raise ConfigError(
+                f"only {len(pseudo)} pseudo-labeled samples selected per rank, fewer than one batch of "
+                f"{batch}: lower pseudo_label.threshold or student.unlabeled_ratio / student.batch_size"
+            )
+        return max(1, len(pseudo) // batch)  # a student's epoch is one pass over its pseudo-labels
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch, ``steps_per_epoch`` of them (fewer if the pseudo-labels run out)."""
@@ -101,7 +111,7 @@ class BatchSource:
             pseudo = iter(self.pseudo_loader)
         for _ in range(self.steps_per_epoch):
             x, y = next(labeled)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.normalize_labeled(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
             soft = None
             if pseudo is not None:
                 try:
@@ -112,7 +122,7 @@ class BatchSource:
                     self.pseudo.next_pass()
                     pseudo = iter(self.pseudo_loader)
                     xu, soft = next(pseudo)
-                x = torch.cat([x, xu.to(self.device, non_blocking=True)])
+                x = torch.cat([x, self.normalize_pseudo(xu.to(self.device, non_blocking=True))])
                 soft = soft.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -121,3 +131,34 @@ class BatchSource:
     def pseudo_shards(self) -> list[str]:
         """The pseudo-labeled shards this rank reads in the current epoch (none for a teacher)."""
         return self.pseudo.shards_for() if self.pseudo is not None else []
+
+
+def split_loader_workers(
+    requested: int, device: torch.device, labeled_batch: int, pseudo_batch: int
+) -> tuple[int, int]:
+    """Loader workers of the labeled and the pseudo-labeled loader. ``data.num_workers`` >= 0 gives
+    each loader that many. Auto (-1) shares this rank's workers (its share of the node's cores:
+    :func:`.device.resolve_num_workers`) in proportion to the images each loader supplies per step
+    (a student reads three pseudo-labeled images per labeled one by default)."""
+    if requested >= 0:
+        return requested, requested if pseudo_batch else 0
+    workers = resolve_num_workers(requested, device)
+    if not pseudo_batch or workers == 0:
+        return workers, 0
+    labeled = min(workers - 1, max(1, round(workers * labeled_batch / (labeled_batch + pseudo_batch))))
+    return labeled, workers - labeled
+
+
+def device_normalized(transform) -> tuple:
+    """``transform`` as a loader's transform yielding uint8 pixels, and the function that normalises
+    their batch on the device; a transform of another kind (a test's, a user's) as it is."""
+    if hasattr(transform, "for_device_normalization"):
+        uint8 = transform.for_device_normalization()
+        return uint8, uint8.normalize_batch
+    return transform, lambda x: x
+
+
+def quiet_worker(worker_id: int) -> None:
+    """A loader worker decodes and augments with one OpenCV thread: its parallelism is the worker
+    count, and every worker's OpenCV spawning a thread per core oversubscribes the node."""
+    cv2.setNumThreads(1)

@@ -18,14 +18,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_num_workers(requested: int, device: torch.device) -> int:
-    """Loader workers for ``data.num_workers`` (-1 = auto). On CPU the train step already uses
+    """Loader workers of one rank for ``data.num_workers`` (-1 = auto). Auto gives each rank its
+    share of the node's cores (torchrun's ``LOCAL_WORLD_SIZE`` ranks share them): on a GPU all but
+    the one the rank's own process drives the GPU from; on a CPU the train step already uses
     torch's threads, so a worker only pays off on a core those threads leave free."""
     if requested >= 0:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if device.type == "cuda":
-        return max(0, min(8, cores - 1))
-    return max(0, min(8, cores - torch.get_num_threads()))
+        return max(0, per_rank - 1)
+    return max(0, min(8, per_rank - torch.get_num_threads()))
 
 
 def seed_everything(seed: int) -> None:
