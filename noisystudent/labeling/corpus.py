@@ -9,10 +9,11 @@ was skipped and how long it took.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from distributed import as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm import tqdm
@@ -23,8 +24,16 @@ from ..data.label_manifest import ClusterRef, LabelManifest, ShardEntry
 from ..data.shard_io import SkipCounter, input_identity
 from ..io import remove_stale_temporaries
 from .cluster import ClusterSession, task_resources
+from .gpus import task_device
 from .job import LabelingJob, output_name
-from .shard import ShardLabelSummary, cached_teacher, pseudo_label_shard, release_teachers, summary_marker
+from .shard import (
+    ShardLabelSummary,
+    cached_teacher,
+    preload_teacher,
+    pseudo_label_shard,
+    release_teachers,
+    summary_marker,
+)
 
 
 def finished_summary(
@@ -49,10 +58,13 @@ def finished_summary(
 
 
 def _label_task(input_url: str, output_path: str, job: LabelingJob) -> ShardLabelSummary:
-    """One Dask task: label one shard with this worker's cached teacher."""
-    teacher = cached_teacher(job)
-    teacher.model.to(job.device)
-    summary = pseudo_label_shard(input_url, output_path, teacher, job)
+    """One Dask task: label one shard with this worker's cached teacher, on a GPU of the worker's
+    own that no other task of it holds (:func:`~.gpus.task_device`)."""
+    with task_device(job.device) as device:
+        job = replace(job, device=device)
+        if device.startswith("cuda:"):  # kernels and allocations that follow the current device go there too
+            torch.cuda.set_device(device)
+        summary = pseudo_label_shard(input_url, output_path, cached_teacher(job), job)
     try:
         summary.worker = get_worker().address
     except ValueError:
@@ -69,7 +81,7 @@ class TeacherPlugin(WorkerPlugin):
         self.job = job
 
     def setup(self, worker) -> None:
-        cached_teacher(self.job)
+        preload_teacher(self.job)  # on the CPU: the worker's tasks place it on their GPUs
 
     def teardown(self, worker) -> None:
         release_teachers()
