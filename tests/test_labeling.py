@@ -340,3 +340,17 @@ def test_visible_gpus_follow_gpu_ids_then_cuda_visible_devices():
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1,2,3,4", "2,3,4,0,1"]
     capped = ClusterConfig(n_workers=1, gpus_per_worker=1)
     assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_gpu_envs(capped, {"CUDA_VISIBLE_DEVICES": "5,7"})] == ["5,7"]
+
+
+def test_a_slurm_or_kubernetes_driver_needs_no_gpu_of_its_own(tmp_path):
+    """infra/slurm/pseudo_label.sbatch and infra/kubernetes/label-job.yaml run the driver without a
+    GPU: the job passes `device` on for each worker to resolve. A local cluster resolves it at once."""
+    from noisystudent.config import load_config
+    from noisystudent.stages.pseudo_label import labeling_job
+
+    (tmp_path / "model.pt").write_bytes(b"any teacher: only hashed here")
+    for overlay in ("slurm-gpu.yaml", "kubernetes-gpu.yaml"):
+        cfg = load_config(REPO / "configs" / "imagenet.yaml", overlays=[REPO / "configs" / "cluster" / overlay])
+        assert labeling_job(cfg, tmp_path / "model.pt").device == "cuda"  # no RuntimeError on a CPU driver
+    local = load_config(REPO / "configs" / "default.yaml", overrides=["device=auto", "cluster.kind=local"])
+    assert labeling_job(local, tmp_path / "model.pt").device in ("cpu", "cuda")

@@ -22,6 +22,7 @@ from .. import storage
 from ..data.label_index import INDEX_VERSION, features_path, index_path, index_version, shard_stem
 from ..data.label_manifest import ClusterRef, LabelManifest, ShardEntry
 from ..data.shard_io import SkipCounter, input_identity
+from ..engine.device import resolve_device
 from ..io import remove_stale_temporaries
 from .cluster import ClusterSession, task_resources
 from .gpus import task_device
@@ -59,8 +60,9 @@ def finished_summary(
 
 def _label_task(input_url: str, output_path: str, job: LabelingJob) -> ShardLabelSummary:
     """One Dask task: label one shard with this worker's cached teacher, on a GPU of the worker's
-    own that no other task of it holds (:func:`~.gpus.task_device`)."""
-    with task_device(job.device) as device:
+    own that no other task of it holds (:func:`~.gpus.task_device`). The job's device is resolved
+    here, on the worker: a SLURM or Kubernetes driver passes ``cuda`` or ``auto`` on unchecked."""
+    with task_device(str(resolve_device(job.device))) as device:
         job = replace(job, device=device)
         if device.startswith("cuda:"):  # kernels and allocations that follow the current device go there too
             torch.cuda.set_device(device)
