@@ -254,3 +254,103 @@ def test_labeling_passes_of_one_cluster_session_reuse_its_workers(corpus, tmp_pa
     with ClusterSession(replace(cluster, reuse=False)) as session:
         d, e = label(session, teachers[0], "d"), label(session, teachers[1], "e")
     assert (workers(d), d.dashboard) != (workers(e), e.dashboard)
+
+
+def test_a_local_gpu_cluster_gives_every_worker_its_own_gpu_first():
+    """cluster.kind=local with gpus_per_worker=1 over GPUs 0, 1, 2: one worker process per GPU (n_workers
+    is only the most), each with its own GPU first in CUDA_VISIBLE_DEVICES as dask-cuda rotates them,
+    advertising GPU=1, and a labeling task there takes cuda:0, its own. Only environment: no GPU needed."""
+    from noisystudent.config import ClusterConfig
+    from noisystudent.labeling.gpus import task_device
+
+    def where_am_i() -> tuple[str, str]:
+        with task_device("cuda") as device:
+            return os.environ["CUDA_VISIBLE_DEVICES"], device
+
+    cfg = ClusterConfig(n_workers=8, gpus_per_worker=1, gpu_ids=[0, 1, 2], memory_limit="1GiB")
+    with ClusterSession(cfg) as session, session.client() as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        futures = [
+            client.submit(where_am_i, workers=[a], allow_other_workers=False, resources={"GPU": 1}, pure=False)
+            for a in workers
+        ]
+        seen = client.gather(futures)
+    assert [w["resources"] for w in workers.values()] == [{"GPU": 1}] * 3
+    assert sorted(seen) == [("0,1,2", "cuda:0"), ("1,2,0", "cuda:0"), ("2,0,1", "cuda:0")]
+
+
+def test_two_tasks_on_a_worker_owning_two_gpus_label_on_different_devices():
+    """A worker owning two GPUs (GPU=2, two threads) runs two labeling tasks at once: each holds a
+    different one of its devices until it ends. The selection gives device strings only, so no GPU
+    is touched; the tasks wait for each other so both hold theirs at the same time."""
+    from distributed import Event
+
+    from noisystudent.config import ClusterConfig
+    from noisystudent.labeling.cluster import task_resources
+    from noisystudent.labeling.gpus import task_device
+
+    def hold_a_device() -> tuple[str, str]:
+        with task_device("cuda") as device:
+            Event(f"holding-{device}").set()
+            Event("release").wait(120)
+            return os.environ["CUDA_VISIBLE_DEVICES"], device
+
+    cfg = ClusterConfig(n_workers=1, threads_per_worker=2, gpus_per_worker=2, gpu_ids=[0, 1], memory_limit="1GiB")
+    with ClusterSession(cfg) as session, session.client() as client:
+        futures = [client.submit(hold_a_device, resources=task_resources(cfg), pure=False) for _ in range(2)]
+        try:
+            held = [Event(f"holding-cuda:{i}", client=client).wait(120) for i in (0, 1)]
+        finally:
+            Event("release", client=client).set()
+        seen = client.gather(futures)
+        after = client.submit(hold_a_device, resources=task_resources(cfg), pure=False).result()
+    assert held == [True, True]  # both devices held at once
+    assert sorted(seen) == [("0,1", "cuda:0"), ("0,1", "cuda:1")]
+    assert after == ("0,1", "cuda:0")  # given back when the tasks ended
+
+
+def test_gpu_workers_without_a_visible_gpu_fail_with_one_line_naming_the_keys(monkeypatch):
+    from noisystudent.config import ClusterConfig
+    from noisystudent.errors import ClusterError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    for cfg, found in (
+        (ClusterConfig(gpus_per_worker=1), "no GPU is visible here (CUDA_VISIBLE_DEVICES='')"),
+        (ClusterConfig(gpus_per_worker=2, gpu_ids=[3]), "only 1 GPU(s) (3) are visible here (cluster.gpu_ids=[3])"),
+    ):
+        with ClusterSession(cfg) as session, pytest.raises(ClusterError) as err:
+            with session.client():
+                pass
+        message = str(err.value)
+        assert f"cluster.gpus_per_worker={cfg.gpus_per_worker} but {found}" in message
+        assert "cluster.gpu_ids" in message and "\n" not in message
+
+
+def test_visible_gpus_follow_gpu_ids_then_cuda_visible_devices():
+    from noisystudent.config import ClusterConfig
+    from noisystudent.labeling.gpus import visible_gpus, worker_gpu_envs
+
+    two = ClusterConfig(n_workers=8, gpus_per_worker=2)
+    assert visible_gpus(ClusterConfig(gpu_ids=[4, 6]), {"CUDA_VISIBLE_DEVICES": "0"}) == ["4", "6"]
+    assert visible_gpus(two, {"CUDA_VISIBLE_DEVICES": " 3, 1,GPU-8f2a "}) == ["3", "1", "GPU-8f2a"]
+    assert visible_gpus(two, {"CUDA_VISIBLE_DEVICES": "2,-1,3"}) == ["2"]  # CUDA stops at an invalid entry
+    assert visible_gpus(two, {"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    # two GPUs per worker: its own pair first; a fifth GPU left over stays unused; n_workers caps the count
+    envs = worker_gpu_envs(two, {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4"})
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1,2,3,4", "2,3,4,0,1"]
+    capped = ClusterConfig(n_workers=1, gpus_per_worker=1)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in worker_gpu_envs(capped, {"CUDA_VISIBLE_DEVICES": "5,7"})] == ["5,7"]
+
+
+def test_a_slurm_or_kubernetes_driver_needs_no_gpu_of_its_own(tmp_path):
+    """infra/slurm/pseudo_label.sbatch and infra/kubernetes/label-job.yaml run the driver without a
+    GPU: the job passes `device` on for each worker to resolve. A local cluster resolves it at once."""
+    from noisystudent.config import load_config
+    from noisystudent.stages.pseudo_label import labeling_job
+
+    (tmp_path / "model.pt").write_bytes(b"any teacher: only hashed here")
+    for overlay in ("slurm-gpu.yaml", "kubernetes-gpu.yaml"):
+        cfg = load_config(REPO / "configs" / "imagenet.yaml", overlays=[REPO / "configs" / "cluster" / overlay])
+        assert labeling_job(cfg, tmp_path / "model.pt").device == "cuda"  # no RuntimeError on a CPU driver
+    local = load_config(REPO / "configs" / "default.yaml", overrides=["device=auto", "cluster.kind=local"])
+    assert labeling_job(local, tmp_path / "model.pt").device in ("cpu", "cuda")

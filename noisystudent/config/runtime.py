@@ -60,10 +60,19 @@ class ClusterConfig:
     torch_threads: int = setting(0, "Torch threads per worker (0 = threads_per_worker).")
     gpus_per_worker: int = setting(
         0,
-        "GPUs per worker. >0 advertises the Dask resource GPU=n on each worker and every "
-        "labeling task asks for GPU=1, so tasks never share a GPU (local: "
-        "CUDA_VISIBLE_DEVICES per worker is up to you; slurm adds --gres=gpu:n; kubernetes "
-        "sets nvidia.com/gpu limits).",
+        "GPUs each worker owns (0 = CPU workers). >0 advertises the Dask resource GPU=n on each "
+        "worker and every labeling task asks for GPU=1 and labels on a free one of its worker's "
+        "own GPUs (cuda:0..n-1 as the worker sees them), so tasks never share a GPU. local: one "
+        "worker per n GPUs of cluster.gpu_ids (n_workers is then the most it starts), each with "
+        "its own GPUs first in CUDA_VISIBLE_DEVICES, as dask-cuda does; slurm adds --gres=gpu:n "
+        "and kubernetes the nvidia.com/gpu limit n, and the batch system shows each worker only "
+        "its own GPUs; address: start each worker with its own GPUs (e.g. `dask cuda worker`).",
+    )
+    gpu_ids: list[int] = setting(
+        [],
+        "GPUs a local cluster (kind=local, gpus_per_worker > 0) shares out, by the numbers "
+        "CUDA_VISIBLE_DEVICES takes: worker i gets ids[i*n:(i+1)*n]. [] = every GPU "
+        "visible here (CUDA_VISIBLE_DEVICES if set, else all torch sees). Ignored by other kinds.",
     )
     dashboard_address: str = setting(
         "127.0.0.1:0", "Dashboard address (bound to loopback by default; use 0.0.0.0:8787 to expose it)."

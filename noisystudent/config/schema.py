@@ -242,6 +242,8 @@ def _check_cluster_workers(c: ClusterConfig) -> None:
     _need(c.n_workers >= 1, "cluster.n_workers", "must be >= 1")
     _need(c.threads_per_worker >= 1, "cluster.threads_per_worker", "must be >= 1")
     _need(c.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be >= 0")
+    _need(min(c.gpu_ids, default=0) >= 0, "cluster.gpu_ids", f"must be GPU indices >= 0, got {c.gpu_ids}")
+    _need(len(set(c.gpu_ids)) == len(c.gpu_ids), "cluster.gpu_ids", f"lists a GPU twice: {c.gpu_ids}")
 
 
 def _check_generation_overrides(cfg: Config) -> None:

@@ -9,7 +9,9 @@
 * ``kubernetes``: the dask-kubernetes operator's ``KubeCluster`` (``pip install .[kubernetes]``).
 
 With ``cluster.gpus_per_worker > 0`` each worker advertises the Dask resource ``GPU`` and every
-labeling task asks for ``GPU=1`` (:func:`task_resources`), so tasks never share a device.
+labeling task asks for ``GPU=1`` (:func:`task_resources`) and takes a free one of its worker's own
+GPUs, so tasks never share a device; a local cluster starts one worker per ``gpus_per_worker`` GPUs,
+each seeing its own first, as dask-cuda does (:mod:`.gpus`).
 """
 
 from __future__ import annotations
@@ -150,9 +152,58 @@ class ClusterSession:
         yield self._shared
 
 
+def local_cluster(cfg: ClusterConfig):
+    """A LocalCluster of worker processes on this machine; with GPUs, one worker per
+    ``gpus_per_worker`` of them (at most ``n_workers``), each with its own ``CUDA_VISIBLE_DEVICES``."""
+    from distributed import LocalCluster
+
+    kwargs = {
+        "threads_per_worker": cfg.threads_per_worker,
+        "processes": True,
+        "memory_limit": cfg.memory_limit,
+        "dashboard_address": cfg.dashboard_address,
+        "host": "127.0.0.1",
+        "resources": worker_resources(cfg),
+    }
+    if cfg.gpus_per_worker == 0:
+        return LocalCluster(n_workers=cfg.n_workers, **kwargs)
+    from .gpus import GPULocalCluster, worker_gpu_envs
+
+    return GPULocalCluster(worker_gpu_envs(cfg), **kwargs)  # the GPUs are checked before any process starts
+
+
+def _start_cluster(cfg: ClusterConfig):
+    if cfg.kind == "local":
+        return local_cluster(cfg)
+    if cfg.kind == "slurm":
+        cluster = slurm_cluster(cfg)
+        cluster.scale(jobs=cfg.n_workers)
+        return cluster
+    if cfg.kind == "kubernetes":
+        return _kubernetes_cluster(cfg)
+    # validate() refuses other kinds; keep the error explicit anyway
+    raise ClusterError(f"config key 'cluster.kind' has unknown value {cfg.kind!r}")
+
+
+def _wait_for_workers(client, cluster, cfg: ClusterConfig) -> None:
+    """Batch queues can be slow: wait for the first worker, failing with a clear line rather than
+    hanging. A local cluster waits for all its workers (a GPU one scales up after it starts)."""
+    if cfg.kind == "local":
+        wanted, where = len(cluster.worker_spec), "check the worker logs above"
+    else:
+        wanted, where = 1, "check the queue/pods"
+    try:
+        client.wait_for_workers(wanted, timeout=cfg.wait_for_workers_s)
+    except TimeoutError as exc:
+        raise ClusterError(
+            f"fewer than {wanted} Dask worker(s) joined within {cfg.wait_for_workers_s}s "
+            f"(cluster.kind={cfg.kind}); {where} and cluster.wait_for_workers_s"
+        ) from exc
+
+
 @contextlib.contextmanager
 def _new_client(cfg: ClusterConfig) -> Iterator[distributed.Client]:  # noqa: F821
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if cfg.kind == "address":
         try:
@@ -166,33 +217,10 @@ def _new_client(cfg: ClusterConfig) -> Iterator[distributed.Client]:  # noqa: F8
         finally:
             client.close()
         return
-    if cfg.kind == "local":
-        cluster = LocalCluster(
-            n_workers=cfg.n_workers,
-            threads_per_worker=cfg.threads_per_worker,
-            processes=True,
-            memory_limit=cfg.memory_limit,
-            dashboard_address=cfg.dashboard_address,
-            host="127.0.0.1",
-            resources=worker_resources(cfg),
-        )
-    elif cfg.kind == "slurm":
-        cluster = slurm_cluster(cfg)
-        cluster.scale(jobs=cfg.n_workers)
-    elif cfg.kind == "kubernetes":
-        cluster = _kubernetes_cluster(cfg)
-    else:  # validate() refuses other kinds; keep the error explicit anyway
-        raise ClusterError(f"config key 'cluster.kind' has unknown value {cfg.kind!r}")
+    cluster = _start_cluster(cfg)
     client = Client(cluster)
     try:
-        if cfg.kind in ("slurm", "kubernetes"):
-            try:  # batch queues can be slow; fail with a clear line rather than hang forever
-                client.wait_for_workers(1, timeout=cfg.wait_for_workers_s)
-            except TimeoutError as exc:
-                raise ClusterError(
-                    f"no Dask worker joined within {cfg.wait_for_workers_s}s "
-                    f"(cluster.kind={cfg.kind}); check the queue/pods and cluster.wait_for_workers_s"
-                ) from exc
+        _wait_for_workers(client, cluster, cfg)
         yield client
     finally:
         client.close()

@@ -9,10 +9,11 @@ was skipped and how long it took.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from distributed import as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm import tqdm
@@ -21,10 +22,19 @@ from .. import storage
 from ..data.label_index import INDEX_VERSION, features_path, index_path, index_version, shard_stem
 from ..data.label_manifest import ClusterRef, LabelManifest, ShardEntry
 from ..data.shard_io import SkipCounter, input_identity
+from ..engine.device import resolve_device
 from ..io import remove_stale_temporaries
 from .cluster import ClusterSession, task_resources
+from .gpus import task_device
 from .job import LabelingJob, output_name
-from .shard import ShardLabelSummary, cached_teacher, pseudo_label_shard, release_teachers, summary_marker
+from .shard import (
+    ShardLabelSummary,
+    cached_teacher,
+    preload_teacher,
+    pseudo_label_shard,
+    release_teachers,
+    summary_marker,
+)
 
 
 def finished_summary(
@@ -49,10 +59,14 @@ def finished_summary(
 
 
 def _label_task(input_url: str, output_path: str, job: LabelingJob) -> ShardLabelSummary:
-    """One Dask task: label one shard with this worker's cached teacher."""
-    teacher = cached_teacher(job)
-    teacher.model.to(job.device)
-    summary = pseudo_label_shard(input_url, output_path, teacher, job)
+    """One Dask task: label one shard with this worker's cached teacher, on a GPU of the worker's
+    own that no other task of it holds (:func:`~.gpus.task_device`). The job's device is resolved
+    here, on the worker: a SLURM or Kubernetes driver passes ``cuda`` or ``auto`` on unchecked."""
+    with task_device(str(resolve_device(job.device))) as device:
+        job = replace(job, device=device)
+        if device.startswith("cuda:"):  # kernels and allocations that follow the current device go there too
+            torch.cuda.set_device(device)
+        summary = pseudo_label_shard(input_url, output_path, cached_teacher(job), job)
     try:
         summary.worker = get_worker().address
     except ValueError:
@@ -69,7 +83,7 @@ class TeacherPlugin(WorkerPlugin):
         self.job = job
 
     def setup(self, worker) -> None:
-        cached_teacher(self.job)
+        preload_teacher(self.job)  # on the CPU: the worker's tasks place it on their GPUs
 
     def teardown(self, worker) -> None:
         release_teachers()

@@ -1,11 +1,12 @@
 """Label one shard: the clean teacher (eval mode, eval transform, never noised) over every sample,
 streamed with bounded memory into one output shard plus its index (and pooled features).
 
-The model is loaded once per worker process (cached by checkpoint sha256) and reused by every task there.
+The model is loaded once per worker process and device (cached by checkpoint sha256) and reused by every task there.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,25 +59,51 @@ class LoadedTeacher:
         return int(getattr(self.model, "num_features", 0) or 0)
 
 
-_TEACHERS: dict[str, LoadedTeacher] = {}  # checkpoint sha256 -> teacher; one per worker process
+_TEACHERS: dict[tuple[str, str], LoadedTeacher] = {}  # (checkpoint sha256, device) -> teacher, per process
+_TEACHERS_LOCK = threading.Lock()  # a worker owning several GPUs runs a task on each at once
+
+
+def _load_teacher(job: LabelingJob) -> LoadedTeacher:
+    if job.threads > 0:
+        torch.set_num_threads(job.threads)
+    model, spec = load_model(job.checkpoint, channels_last=job.channels_last)
+    # the teacher sees images the way it was trained (its own resolution and normalisation),
+    # whatever the student's generation uses
+    return LoadedTeacher(model, spec, create_eval_transform(spec.data_config(job.data)))
+
+
+def _forget_other_teachers(sha256: str) -> None:
+    if any(sha != sha256 for sha, _ in _TEACHERS):
+        _TEACHERS.clear()  # a new teacher replaces the last one
+
+
+def preload_teacher(job: LabelingJob) -> None:
+    """Load the job's teacher on the CPU now (a worker joining), unless this process holds it already."""
+    with _TEACHERS_LOCK:
+        _forget_other_teachers(job.sha256)
+        if not any(sha == job.sha256 for sha, _ in _TEACHERS):
+            _TEACHERS[(job.sha256, "cpu")] = _load_teacher(job)
 
 
 def cached_teacher(job: LabelingJob) -> LoadedTeacher:
-    """Load the job's teacher once per process; later tasks in this process reuse it."""
-    if job.sha256 not in _TEACHERS:
-        if job.threads > 0:
-            torch.set_num_threads(job.threads)
-        model, spec = load_model(job.checkpoint, channels_last=job.channels_last)
-        # the teacher sees images the way it was trained (its own resolution and normalisation),
-        # whatever the student's generation uses
-        _TEACHERS.clear()
-        _TEACHERS[job.sha256] = LoadedTeacher(model, spec, create_eval_transform(spec.data_config(job.data)))
-    return _TEACHERS[job.sha256]
+    """The job's teacher on ``job.device``, loaded once per process and device; later tasks reuse it.
+    The copy preloaded on the CPU moves to the first GPU asked for (no host copy stays behind); a
+    worker owning several GPUs loads one more copy for each other GPU its tasks use."""
+    with _TEACHERS_LOCK:
+        _forget_other_teachers(job.sha256)
+        key = (job.sha256, job.device)
+        if key not in _TEACHERS:
+            preloaded = _TEACHERS.pop((job.sha256, "cpu"), None) if job.device != "cpu" else None
+            teacher = preloaded or _load_teacher(job)
+            teacher.model.to(job.device)
+            _TEACHERS[key] = teacher
+        return _TEACHERS[key]
 
 
 def release_teachers() -> None:
-    """Drop this process's cached teacher (a worker leaving the cluster)."""
-    _TEACHERS.clear()
+    """Drop this process's cached teachers (a worker leaving the cluster)."""
+    with _TEACHERS_LOCK:
+        _TEACHERS.clear()
 
 
 @dataclass

@@ -14,6 +14,13 @@ from ..labeling.job import LabelingJob
 from .stage import StageBase, StageContext
 
 
+def labeling_device(cfg: Config) -> str:
+    """The device labeling tasks ask for. A local cluster's workers share this machine, so its device
+    is resolved here (a missing GPU stops the run before any worker starts); other kinds pass
+    ``device`` on for each worker to resolve: a SLURM or Kubernetes driver has no GPU of its own."""
+    return str(resolve_device(cfg.device)) if cfg.cluster.kind == "local" else cfg.device
+
+
 def labeling_job(cfg: Config, teacher: str | Path, teacher_run_id: str = "", save_features: bool | None = None):
     """The labeling job of ``cfg`` for ``teacher``. ``save_features`` overrides
     ``pseudo_label.save_features`` (the analysis needs the pooled features whatever the recipe says)."""
@@ -22,7 +29,7 @@ def labeling_job(cfg: Config, teacher: str | Path, teacher_run_id: str = "", sav
         teacher,
         cfg.data,
         batch_size=pl.batch_size,
-        device=str(resolve_device(cfg.device)),
+        device=labeling_device(cfg),
         amp=cfg.amp,
         threads=cluster.torch_threads or cluster.threads_per_worker,
         tta_hflip=pl.tta_hflip,
