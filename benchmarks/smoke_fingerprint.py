@@ -10,6 +10,7 @@ slice through the real prepare step); the run uses ``configs/smoke.yaml``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import runpy
 import subprocess
@@ -65,7 +66,9 @@ def fingerprint(run: Path) -> dict:
 
 
 def main() -> int:
-    work = Path(sys.argv[1]).resolve()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("work_dir", help="where the smoke data and the run go (reused when present)")
+    work = Path(p.parse_args().work_dir).resolve()
     helpers = runpy.run_path(str(REPO / "tests" / "conftest.py"))
     data = work / "data"
     if not (data / "PREPARED.json").is_file():

@@ -157,6 +157,7 @@ def pseudo_stream(cfg, images, model_name: str, out_dir: Path, transform):
     from noisystudent.labeling.job import LabelingJob
     from noisystudent.labeling.shard import cached_teacher, pseudo_label_shard
     from noisystudent.models import ModelSpec, create_model, save_model
+    from noisystudent.seeds import Seeds
 
     source, labeled_shard = out_dir / "unlabeled.tar", out_dir / "labeled.tar"
     write_shard(source, ({"__key__": f"img{i:06d}", "png": encode_png(img)} for i, img in enumerate(images)))
@@ -175,7 +176,7 @@ def pseudo_stream(cfg, images, model_name: str, out_dir: Path, transform):
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         pseudo_label_shard(str(source), str(labeled_shard), cached_teacher(job), job)
     selection = select_pseudo_labels([str(labeled_shard)], 10, SelectionRule(threshold=0.0, balance=False))
-    return PseudoLabeledStream(selection, cfg.data.channels, 10, transform, soft=True, seed=cfg.seed)
+    return PseudoLabeledStream(selection, cfg.data.channels, 10, transform, soft=True, seeds=Seeds(cfg.seed))
 
 
 if __name__ == "__main__":

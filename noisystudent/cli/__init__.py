@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from ..errors import UserError
 from .analysis import ablate_args, ablate_command, analyze_args, analyze_command, compare_args, compare_command
-from .args import add_config_args
+from .args import add_config_args, config_from_args  # noqa: F401 - scripts (benchmarks/) build configs with it
 from .offline import (
     imagenet_like_args,
     imagenet_like_command,
