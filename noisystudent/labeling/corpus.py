@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from distributed import as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -69,6 +70,9 @@ class TeacherPlugin(WorkerPlugin):
         self.job = job
 
     def setup(self, worker) -> None:
+        # the task's prefetch thread decodes one image at a time: OpenCV's own pool would only
+        # compete with the teacher's torch threads for the worker's cores
+        cv2.setNumThreads(1)
         cached_teacher(self.job)
 
     def teardown(self, worker) -> None:

@@ -36,6 +36,7 @@ class LabelingJob:
     channels_last: bool = False
     cache_dir: str = ""  # label cache root ("": write the shards beside the manifest)
     teacher_run_id: str = ""
+    prefetch_batches: int = 2  # batches a background thread prepares ahead of inference (0: none, no thread)
 
     @classmethod
     def for_checkpoint(cls, checkpoint: str | os.PathLike, data: DataConfig, **settings) -> LabelingJob:

@@ -39,6 +39,7 @@ from ..models import ModelSpec, load_model, pooled_and_logits
 from ..records import JsonRecord
 from ..resume import DoneMarker
 from .job import LabelingJob
+from .prefetch import Prefetcher
 
 
 @dataclass
@@ -105,33 +106,44 @@ class InputSample:
     key: str
     ext: str  # the image member's extension, copied with its bytes
     raw: bytes
-    image: torch.Tensor  # the clean view the teacher sees
+
+
+@dataclass
+class InputBatch:
+    """One batch ready for the teacher: its samples and the clean views of their images."""
+
+    samples: list[InputSample]
+    inputs: torch.Tensor  # float32 [n, C, S, S] on the host (pinned for a GPU)
 
 
 class InputReader:
-    """An input shard's decodable samples in batches, counting what it skips and how many
-    samples carry hidden evaluation tags."""
+    """An input shard's decodable samples in batches of clean views, counting what it skips and
+    how many samples carry hidden evaluation tags."""
 
     def __init__(self, input_url: str, transform: EvalTransform, job: LabelingJob):
         self.url, self.transform, self.job = input_url, transform, job
         self.name = storage.basename(input_url)
         self.skips = SkipCounter()
         self.hidden_tags = 0
+        self.device = torch.device(job.device)
 
-    def batches(self) -> Iterator[list[InputSample]]:
-        batch: list[InputSample] = []
+    def batches(self) -> Iterator[InputBatch]:
+        pending: list[InputSample] = []
+        images: list[torch.Tensor] = []
         for sample in iter_samples(self.url, self.skips):
             self.hidden_tags += EVAL_EXT in sample
-            ready = self._prepare(sample)
+            ready = self._read(sample)
             if ready is not None:
-                batch.append(ready)
-            if len(batch) == self.job.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+                pending.append(ready[0])
+                images.append(ready[1])
+            if len(pending) == self.job.batch_size:
+                yield self._batch(pending, images)
+                pending, images = [], []
+        if pending:
+            yield self._batch(pending, images)
 
-    def _prepare(self, sample: dict) -> InputSample | None:
+    def _read(self, sample: dict) -> tuple[InputSample, torch.Tensor] | None:
+        """The sample and its clean view; None (counted) if it has no readable image."""
         where = f"{self.name}:{sample['__key__']}"
         found = image_bytes(sample)
         if found is None:
@@ -142,7 +154,12 @@ class InputReader:
         except ValueError as exc:
             self.skips.skip("unreadable_image", f"{where}: {exc}")
             return None
-        return InputSample(sample["__key__"], found[0], found[1], self.transform(img))
+        return InputSample(sample["__key__"], found[0], found[1]), self.transform(img)
+
+    def _batch(self, samples: list[InputSample], images: list[torch.Tensor]) -> InputBatch:
+        # numpy copies: torch.stack would queue behind inference for torch's threads
+        x = torch.from_numpy(np.stack([t.numpy() for t in images]))
+        return InputBatch(samples, x.pin_memory() if self.device.type == "cuda" else x)
 
 
 @dataclass
@@ -161,13 +178,10 @@ class BatchPrediction:
 
 
 @torch.inference_mode()
-def predict(teacher: LoadedTeacher, images: list[torch.Tensor], job: LabelingJob) -> BatchPrediction:
+def predict(teacher: LoadedTeacher, batch: InputBatch, job: LabelingJob) -> BatchPrediction:
     """The clean teacher on one batch (with the mirrored view averaged in, if the job asks)."""
     dev = torch.device(job.device)
-    x = torch.stack(images)
-    if dev.type == "cuda":  # page-locked host memory makes the copy asynchronous
-        x = x.pin_memory()
-    x = x.to(dev, non_blocking=True)
+    x = batch.inputs.to(dev, non_blocking=True)  # host inputs are page-locked for a GPU: the copy is asynchronous
     with autocast(dev, job.amp, inference=True):  # CPU labeling runs in fp32
         pooled, logits = pooled_and_logits(teacher.model, x)
         if job.tta_hflip:  # average with the mirrored view: a cleaner label, still no noise
@@ -207,29 +221,48 @@ def pseudo_label_shard(input_url: str, output_path: str, teacher: LoadedTeacher,
     """Label one input shard into one output shard (+ index, + pooled features if asked),
     streaming with bounded memory (features are float16 rows: 1 KB per 512-d image).
 
-    Outputs are published in order - tar, features, index, summary - each atomically (renamed
-    locally, uploaded whole to an object store), so the summary's presence means the rest is there."""
+    A background thread reads, decodes and prepares up to ``job.prefetch_batches`` batches ahead
+    while this one infers and writes (:mod:`.prefetch`). Outputs are published in order - tar,
+    features, index, summary - each atomically (renamed locally, uploaded whole to an object
+    store), so the summary's presence means the rest is there."""
     start = time.time()
     identity = input_identity(input_url)  # before reading: a concurrent rewrite then shows up as a mismatch
     reader = InputReader(input_url, teacher.transform, job)
     index = ShardIndexBuilder(teacher.num_classes)
     features: list[np.ndarray] = []
-    with ShardWriter(output_path) as writer:
-        for batch in reader.batches():
-            pred = predict(teacher, [s.image for s in batch], job)
-            index.add(write_labeled_batch(writer, batch, pred, job.teacher_id, reader.name))
+    with (
+        ShardWriter(output_path) as writer,
+        Prefetcher(reader.batches, job.prefetch_batches, name=f"prefetch {reader.name}") as batches,
+    ):
+        for batch in batches:
+            pred = predict(teacher, batch, job)
+            index.add(write_labeled_batch(writer, batch.samples, pred, job.teacher_id, reader.name))
             if pred.pooled is not None:
                 features.append(pred.pooled)
+    # the producer has finished here: its counts are final
     if job.save_features:  # before the index: the index marks the shard complete
         with storage.atomic_output(features_path(output_path)) as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.concatenate(features) if features else np.zeros((0, teacher.feature_dim), np.float16))
     write_index(output_path, index.rows())
+    summary = _summary(reader, index, teacher, writer, identity, start)
+    summary_marker(output_path).write(summary)
+    return summary
+
+
+def _summary(
+    reader: InputReader,
+    index: ShardIndexBuilder,
+    teacher: LoadedTeacher,
+    writer: ShardWriter,
+    identity: dict,
+    start: float,
+) -> ShardLabelSummary:
     labels = index.column("labels").astype(np.int64)
     confidence = index.column("confidence").astype(np.float64)
     num_classes = teacher.num_classes or (int(labels.max()) + 1 if len(labels) else 0)
-    summary = ShardLabelSummary(
-        input=input_url,
-        output=str(output_path),
+    return ShardLabelSummary(
+        input=reader.url,
+        output=str(writer.path),
         samples=writer.count,
         skipped=reader.skips.report(),
         input_identity=identity,
@@ -238,5 +271,3 @@ def pseudo_label_shard(input_url: str, output_path: str, teacher: LoadedTeacher,
         seconds=time.time() - start,
         hidden_tags=reader.hidden_tags,
     )
-    summary_marker(output_path).write(summary)
-    return summary

@@ -18,11 +18,12 @@ def labeling_job(cfg: Config, teacher: str | Path, teacher_run_id: str = "", sav
     """The labeling job of ``cfg`` for ``teacher``. ``save_features`` overrides
     ``pseudo_label.save_features`` (the analysis needs the pooled features whatever the recipe says)."""
     pl, cluster = cfg.pseudo_label, cfg.cluster
+    device = str(resolve_device(cfg.device))
     return LabelingJob.for_checkpoint(
         teacher,
         cfg.data,
         batch_size=pl.batch_size,
-        device=str(resolve_device(cfg.device)),
+        device=device,
         amp=cfg.amp,
         threads=cluster.torch_threads or cluster.threads_per_worker,
         tta_hflip=pl.tta_hflip,
@@ -30,6 +31,7 @@ def labeling_job(cfg: Config, teacher: str | Path, teacher_run_id: str = "", sav
         channels_last=cfg.channels_last,
         cache_dir=pl.cache_dir,
         teacher_run_id=teacher_run_id,
+        prefetch_batches=pl.prefetch_batches,
     )
 
 
