@@ -9,6 +9,7 @@ was skipped and how long it took.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,9 +171,10 @@ def build_manifest(
     job: LabelingJob, plan: CorpusPlan, ordered: list[ShardLabelSummary], wall: float, stale: int
 ) -> LabelManifest:
     """The pass's manifest: every shard's summary in input order, totals, skips and throughput."""
-    skipped = SkipCounter()
+    skipped, fallbacks = SkipCounter(), Counter()
     for s in ordered:
         skipped.merge(s.skipped)
+        fallbacks.update(s.decode_fallbacks)
     width = max((len(s.class_counts) for s in ordered), default=0)
     counts = [np.pad(s.class_counts, (0, width - len(s.class_counts))) for s in ordered]
     samples_now = sum(s.samples for s in ordered if s.output not in plan.finished)
@@ -187,6 +189,7 @@ def build_manifest(
         confidence_hist=np.sum([s.confidence_hist for s in ordered], axis=0).tolist() if ordered else [],
         confidence_bins=np.linspace(0.0, 1.0, 11).round(2).tolist(),
         skipped=skipped.report(),
+        decode_fallbacks=dict(fallbacks),
         shards_reused=len(plan.finished),
         shards_labeled=labeled_now,
         stale_temporaries_removed=stale,
@@ -207,4 +210,5 @@ def _entry(s: ShardLabelSummary) -> ShardEntry:
         seconds=round(s.seconds, 3),
         worker=s.worker,
         hidden_tags=s.hidden_tags,
+        decode_fallbacks=s.decode_fallbacks,
     )

@@ -10,7 +10,7 @@ from ..data.label_manifest import MANIFEST_FILE, LabelManifest
 from ..data.shard_io import expand_urls
 from ..engine.device import resolve_device
 from ..labeling.corpus import label_corpus
-from ..labeling.job import LabelingJob
+from ..labeling.job import LabelingJob, resolve_decode
 from .stage import StageBase, StageContext
 
 
@@ -31,6 +31,7 @@ def labeling_job(cfg: Config, teacher: str | Path, teacher_run_id: str = "", sav
         channels_last=cfg.channels_last,
         cache_dir=pl.cache_dir,
         teacher_run_id=teacher_run_id,
+        decode=resolve_decode(pl.decode, device),
         prefetch_batches=pl.prefetch_batches,
     )
 
@@ -71,4 +72,5 @@ def labeling_metrics(manifest: LabelManifest) -> dict[str, float]:
         "pl_shards_reused": manifest.shards_reused,
         "pl_wall_seconds": manifest.wall_seconds,
         "pl_throughput_img_s": manifest.throughput_img_s or 0.0,
+        "pl_decode_fallbacks": sum(manifest.decode_fallbacks.values()),
     }
