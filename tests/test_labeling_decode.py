@@ -158,3 +158,5 @@ def test_the_decode_setting_joins_the_cache_key_only_off_the_cpu_path():
 
     assert resolve_decode("auto", "cpu") == "cpu" and resolve_decode("cpu", "cpu") == "cpu"
     assert resolve_decode("gpu", "cpu") == "gpu"  # the batched path also runs on the CPU (these tests)
+    with pytest.raises(ValueError, match="cpu or gpu"):
+        job(data=DataConfig(), decode="auto")  # resolved for a device before a job is made

@@ -43,6 +43,10 @@ class LabelingJob:
     decode: str = "cpu"  # cpu: PIL/OpenCV on the host; gpu: batched decode_jpeg and the geometry on `device`
     prefetch_batches: int = 2  # batches a background thread prepares ahead of inference (0: none, no thread)
 
+    def __post_init__(self) -> None:
+        if self.decode not in ("cpu", "gpu"):  # "auto" is resolved for a device first: resolve_decode
+            raise ValueError(f"LabelingJob.decode must be cpu or gpu, got {self.decode!r}")
+
     @classmethod
     def for_checkpoint(cls, checkpoint: str | os.PathLike, data: DataConfig, **settings) -> LabelingJob:
         """A job for ``checkpoint`` (resolved to an absolute path and hashed once, here)."""
