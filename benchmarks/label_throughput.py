@@ -113,7 +113,8 @@ def run_child(tree: Path, work: Path, args: argparse.Namespace) -> dict:
     flags += ["--batch", args.batch, "--device", args.device, "--workers", args.workers, "--repeats", args.repeats]
     flags += ["--threads-per-worker", args.threads_per_worker, "--decode", *args.decode, "--prefetch", *args.prefetch]
     flags += ["--no-dask"] if args.no_dask else []
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    # the tree's package first; whatever else the path held (installed wheels) stays behind it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH", "")]))}
     cmd = [sys.executable, str(Path(__file__).resolve()), *map(str, flags), "--child", str(work)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree, timeout=3600)
     if r.returncode != 0:
