@@ -223,6 +223,7 @@ def _check_pseudo_label(pl: PseudoLabelConfig) -> None:
     _need(0.0 <= pl.threshold < 1.0, "pseudo_label.threshold", "must be in [0, 1)")
     _need(pl.temperature > 0, "pseudo_label.temperature", "must be > 0")
     _need(pl.shuffle_buffer >= 1, "pseudo_label.shuffle_buffer", "must be >= 1")
+    _need(pl.prefetch_batches >= 0, "pseudo_label.prefetch_batches", "must be >= 0 (0 = no prefetch thread)")
     _need(0.0 <= pl.ood_drop_fraction < 1.0, "pseudo_label.ood_drop_fraction", "must be in [0, 1)")
     _need(
         pl.ood_drop_fraction == 0.0 or bool(pl.ood_score),

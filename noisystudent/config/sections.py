@@ -221,6 +221,24 @@ class PseudoLabelConfig:
     ood_drop_fraction: float = setting(
         0.0, "Share of the corpus with the highest `ood_score` to drop (0.05 = the most OOD-looking 5%)."
     )
+    decode: Literal["cpu", "gpu", "auto"] = setting(
+        "cpu",
+        "Where the teacher's inputs are decoded and resized. cpu = PIL/OpenCV on the worker's cores, "
+        "one image after another (the labels of every earlier version). gpu = each batch's JPEGs in "
+        "one torchvision decode_jpeg call on the labeling device (nvJPEG on CUDA) and the same "
+        "geometry there, from uint8; PNG, WebP, CMYK and whatever that decoder refuses go "
+        "through the CPU decoder, counted by reason in each shard's summary and the manifest. "
+        "Labels agree with cpu's up to decoder rounding; a changed value gets its own label "
+        "cache entry. auto = gpu when the device is CUDA and torchvision was built with it, else cpu.",
+    )
+    prefetch_batches: int = setting(
+        2,
+        "Batches a background thread of each labeling task reads, decodes and prepares ahead "
+        "while the current one is inferred and written. Memory: up to this many prepared "
+        "batches wait, plus the one being made (float32 inputs: 308 MB per batch of 512 at "
+        "224 px RGB; on the device with decode=gpu). 0 = no thread, one step after another.",
+        results=False,
+    )
 
 
 @dataclass

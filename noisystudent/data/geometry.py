@@ -39,19 +39,29 @@ def eval_short_side(size: int, crop_pct: float) -> int:
     return int(round(size / crop_pct))
 
 
+def short_side_shape(h: int, w: int, short: int) -> tuple[int, int]:
+    """(height, width) of an ``h`` x ``w`` image scaled so that its shorter side is ``short`` px."""
+    scale = short / min(h, w)
+    return max(short, int(round(h * scale))), max(short, int(round(w * scale)))
+
+
 def resize_short_side(image: np.ndarray, short: int) -> np.ndarray:
     """``image`` scaled so that its shorter side is ``short`` px, aspect ratio kept."""
     h, w = image.shape[:2]
     if min(h, w) == short:
         return image
-    scale = short / min(h, w)
-    new_w, new_h = max(short, int(round(w * scale))), max(short, int(round(h * scale)))
+    new_h, new_w = short_side_shape(h, w, short)
     return cv2.resize(image, (new_w, new_h), interpolation=_interpolation(min(h, w), short))
+
+
+def center_offset(length: int, size: int) -> int:
+    """Where :func:`center_crop` starts along a side of ``length`` px."""
+    return max(0, (length - size) // 2)
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
-    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    top, left = center_offset(h, size), center_offset(w, size)
     return image[top : top + size, left : left + size]
 
 

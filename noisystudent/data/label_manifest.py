@@ -43,6 +43,7 @@ class ShardEntry(JsonRecord):
     seconds: float = 0.0
     worker: str = ""
     hidden_tags: int | None = None  # samples with an eval.json (None: counted by no earlier version)
+    decode_fallbacks: dict[str, int] = field(default_factory=dict)  # decode=gpu: images decoded on the CPU, by reason
 
     @property
     def may_have_hidden_tags(self) -> bool:
@@ -78,6 +79,7 @@ class LabelManifest(JsonRecord):
     confidence_hist: list[int] = field(default_factory=list)
     confidence_bins: list[float] = field(default_factory=list)
     skipped: SkipReport = field(default_factory=SkipReport)
+    decode_fallbacks: dict[str, int] = field(default_factory=dict)  # decode=gpu: images decoded on the CPU, by reason
     shards_reused: int = 0
     shards_labeled: int = 0
     stale_temporaries_removed: int = 0

@@ -9,9 +9,11 @@ was skipped and how long it took.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from distributed import as_completed, get_worker
@@ -26,7 +28,7 @@ from ..engine.device import resolve_device
 from ..io import remove_stale_temporaries
 from .cluster import ClusterSession, task_resources
 from .gpus import task_device
-from .job import LabelingJob, output_name
+from .job import LabelingJob, output_name, resolve_decode
 from .shard import (
     ShardLabelSummary,
     cached_teacher,
@@ -63,7 +65,8 @@ def _label_task(input_url: str, output_path: str, job: LabelingJob) -> ShardLabe
     own that no other task of it holds (:func:`~.gpus.task_device`). The job's device is resolved
     here, on the worker: a SLURM or Kubernetes driver passes ``cuda`` or ``auto`` on unchecked."""
     with task_device(str(resolve_device(job.device))) as device:
-        job = replace(job, device=device)
+        # the decode path was fixed by the driver (it keys the cache); here it is checked for this device
+        job = replace(job, device=device, decode=resolve_decode(job.decode, device))
         if device.startswith("cuda:"):  # kernels and allocations that follow the current device go there too
             torch.cuda.set_device(device)
         summary = pseudo_label_shard(input_url, output_path, cached_teacher(job), job)
@@ -83,6 +86,9 @@ class TeacherPlugin(WorkerPlugin):
         self.job = job
 
     def setup(self, worker) -> None:
+        # the task's prefetch thread decodes one image at a time: OpenCV's own pool would only
+        # compete with the teacher's torch threads for the worker's cores
+        cv2.setNumThreads(1)
         preload_teacher(self.job)  # on the CPU: the worker's tasks place it on their GPUs
 
     def teardown(self, worker) -> None:
@@ -180,9 +186,10 @@ def build_manifest(
     job: LabelingJob, plan: CorpusPlan, ordered: list[ShardLabelSummary], wall: float, stale: int
 ) -> LabelManifest:
     """The pass's manifest: every shard's summary in input order, totals, skips and throughput."""
-    skipped = SkipCounter()
+    skipped, fallbacks = SkipCounter(), Counter()
     for s in ordered:
         skipped.merge(s.skipped)
+        fallbacks.update(s.decode_fallbacks)
     width = max((len(s.class_counts) for s in ordered), default=0)
     counts = [np.pad(s.class_counts, (0, width - len(s.class_counts))) for s in ordered]
     samples_now = sum(s.samples for s in ordered if s.output not in plan.finished)
@@ -197,6 +204,7 @@ def build_manifest(
         confidence_hist=np.sum([s.confidence_hist for s in ordered], axis=0).tolist() if ordered else [],
         confidence_bins=np.linspace(0.0, 1.0, 11).round(2).tolist(),
         skipped=skipped.report(),
+        decode_fallbacks=dict(fallbacks),
         shards_reused=len(plan.finished),
         shards_labeled=labeled_now,
         stale_temporaries_removed=stale,
@@ -217,4 +225,5 @@ def _entry(s: ShardLabelSummary) -> ShardEntry:
         seconds=round(s.seconds, 3),
         worker=s.worker,
         hidden_tags=s.hidden_tags,
+        decode_fallbacks=s.decode_fallbacks,
     )

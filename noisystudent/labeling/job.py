@@ -13,10 +13,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .. import storage
 from ..config import DataConfig
+from ..data.batch_decode import device_jpeg_decoder_available
 from ..data.label_index import INDEX_VERSION, shard_stem
 from ..data.label_manifest import TeacherRef
+from ..errors import ConfigError
 from ..io import sha256_file, sha256_json
 
 
@@ -36,6 +40,12 @@ class LabelingJob:
     channels_last: bool = False
     cache_dir: str = ""  # label cache root ("": write the shards beside the manifest)
     teacher_run_id: str = ""
+    decode: str = "cpu"  # cpu: PIL/OpenCV on the host; gpu: batched decode_jpeg and the geometry on `device`
+    prefetch_batches: int = 2  # batches a background thread prepares ahead of inference (0: none, no thread)
+
+    def __post_init__(self) -> None:
+        if self.decode not in ("cpu", "gpu"):  # "auto" is resolved for a device first: resolve_decode
+            raise ValueError(f"LabelingJob.decode must be cpu or gpu, got {self.decode!r}")
 
     @classmethod
     def for_checkpoint(cls, checkpoint: str | os.PathLike, data: DataConfig, **settings) -> LabelingJob:
@@ -63,6 +73,8 @@ class LabelingJob:
             "tta_hflip": self.tta_hflip,
             "index_version": INDEX_VERSION,
             "features": self.save_features,
+            # only where it changes the labels: the cpu path's caches keep their key
+            **({"decode": self.decode} if self.decode != "cpu" else {}),
         }
 
     def shard_dir(self, out_dir: str | os.PathLike) -> str:
@@ -81,3 +93,17 @@ def output_name(input_url: str) -> str:
         storage.parent(input_url) if storage.is_url(input_url) else os.path.realpath(os.path.dirname(input_url) or ".")
     )[:8]
     return f"{stem}-{where}.tar"
+
+
+def resolve_decode(setting: str, device: str) -> str:
+    """``pseudo_label.decode`` for a job on ``device``: auto becomes gpu where the batched decoder
+    runs on that CUDA device, else cpu; gpu where it cannot is refused."""
+    cuda = torch.device(device).type == "cuda"
+    if setting == "auto":
+        return "gpu" if cuda and device_jpeg_decoder_available(device) else "cpu"
+    if setting == "gpu" and not device_jpeg_decoder_available(device):
+        raise ConfigError(
+            f"pseudo_label.decode=gpu needs torchvision's decode_jpeg on {device} (a CUDA build of torchvision); "
+            "use decode=auto or cpu"
+        )
+    return setting

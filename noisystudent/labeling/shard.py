@@ -6,6 +6,7 @@ The model is loaded once per worker process and device (cached by checkpoint sha
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 from .. import storage
+from ..data.batch_decode import BatchDecoder
+from ..data.device_geometry import DeviceEvalView
 from ..data.geometry import EvalTransform, create_eval_transform
 from ..data.label_index import (
     META_EXT,
@@ -40,6 +43,7 @@ from ..models import ModelSpec, load_model, pooled_and_logits
 from ..records import JsonRecord
 from ..resume import DoneMarker
 from .job import LabelingJob
+from .prefetch import Prefetcher
 
 
 @dataclass
@@ -121,6 +125,10 @@ class ShardLabelSummary(JsonRecord):
     worker: str = ""
     input_identity: dict = field(default_factory=dict)
     hidden_tags: int = 0  # samples with an eval.json: 0 lets the audit and analysis skip re-reading the input
+    decode: str = "cpu"  # where images were decoded and resized: cpu (PIL/OpenCV) or gpu (the job's device)
+    decoded_on_device: int = 0  # images the gpu path decoded on the device
+    # the gpu path's images that went to the CPU decoder, by reason
+    decode_fallbacks: dict[str, int] = field(default_factory=dict)
 
 
 def summary_marker(output_path: str) -> DoneMarker[ShardLabelSummary]:
@@ -132,44 +140,99 @@ class InputSample:
     key: str
     ext: str  # the image member's extension, copied with its bytes
     raw: bytes
-    image: torch.Tensor  # the clean view the teacher sees
+
+
+@dataclass
+class InputBatch:
+    """One batch ready for the teacher: its samples and the clean views of their images."""
+
+    samples: list[InputSample]
+    inputs: torch.Tensor  # float32 [n, C, S, S]: on the host (pinned for a GPU), or on the job's device
+    ready: torch.cuda.Event | None = None  # recorded where ``inputs`` was made on a side CUDA stream
 
 
 class InputReader:
-    """An input shard's decodable samples in batches, counting what it skips and how many
-    samples carry hidden evaluation tags."""
+    """An input shard's decodable samples in batches of clean views, counting what it skips, how
+    many samples carry hidden evaluation tags and, on the ``gpu`` decode path, which images went
+    to the CPU decoder and why.
+
+    ``decode=cpu``: each image decoded and transformed on the host, as it always was (PIL/OpenCV,
+    :class:`EvalTransform`). ``decode=gpu``: the encoded bytes of a whole batch go to the job's
+    device, JPEGs are decoded there in one call and the same geometry runs there
+    (:mod:`~noisystudent.data.batch_decode`, :mod:`~noisystudent.data.device_geometry`)."""
 
     def __init__(self, input_url: str, transform: EvalTransform, job: LabelingJob):
         self.url, self.transform, self.job = input_url, transform, job
         self.name = storage.basename(input_url)
         self.skips = SkipCounter()
         self.hidden_tags = 0
+        self.device = torch.device(job.device)
+        self.decoder = BatchDecoder(self.device, job.data.channels) if job.decode == "gpu" else None
+        self._view: DeviceEvalView | None = None
+        self._stream: torch.cuda.Stream | None = None
 
-    def batches(self) -> Iterator[list[InputSample]]:
-        batch: list[InputSample] = []
+    def batches(self) -> Iterator[InputBatch]:
+        pending: list[InputSample] = []
+        images: list[torch.Tensor] = []
         for sample in iter_samples(self.url, self.skips):
             self.hidden_tags += EVAL_EXT in sample
-            ready = self._prepare(sample)
+            ready = self._read(sample)
             if ready is not None:
-                batch.append(ready)
-            if len(batch) == self.job.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+                pending.append(ready[0])
+                images.append(ready[1])
+            if len(pending) == self.job.batch_size:
+                yield from self._batch(pending, images)
+                pending, images = [], []
+        if pending:
+            yield from self._batch(pending, images)
 
-    def _prepare(self, sample: dict) -> InputSample | None:
+    def _read(self, sample: dict) -> tuple[InputSample, torch.Tensor | None] | None:
+        """The sample and, on the cpu path, its clean view; None (counted) if it has no usable image."""
         where = f"{self.name}:{sample['__key__']}"
         found = image_bytes(sample)
         if found is None:
             self.skips.skip("no_image_member", where)
             return None
+        item = InputSample(sample["__key__"], found[0], found[1])
+        if self.decoder is not None:  # decoded with the whole batch
+            return item, None
         try:
             img = decode_image(found[1], self.job.data.channels)
         except ValueError as exc:
             self.skips.skip("unreadable_image", f"{where}: {exc}")
             return None
-        return InputSample(sample["__key__"], found[0], found[1], self.transform(img))
+        return item, self.transform(img)
+
+    def _batch(self, samples: list[InputSample], images: list) -> Iterator[InputBatch]:
+        if self.decoder is None:  # numpy copies: torch.stack would queue behind inference for torch's threads
+            x = torch.from_numpy(np.stack([t.numpy() for t in images]))
+            yield InputBatch(samples, x.pin_memory() if self.device.type == "cuda" else x)
+            return
+        # on a side stream, so that this batch's decoding and resizing overlap the current batch's inference
+        cuda = self.device.type == "cuda"
+        if cuda and self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream) if cuda else contextlib.nullcontext():
+            batch = self._decode_on_device(samples)
+            if batch is not None and cuda:
+                batch.ready = torch.cuda.Event()
+                batch.ready.record(self._stream)
+        if batch is not None:
+            yield batch
+
+    def _decode_on_device(self, samples: list[InputSample]) -> InputBatch | None:
+        kept, images = [], []
+        for s, img in zip(samples, self.decoder.decode([s.raw for s in samples])):
+            if isinstance(img, str):  # the CPU decoder could not read it either
+                self.skips.skip("unreadable_image", f"{self.name}:{s.key}: {img}")
+            else:
+                kept.append(s)
+                images.append(img)
+        if not kept:
+            return None
+        if self._view is None:
+            self._view = DeviceEvalView(self.transform, self.device)
+        return InputBatch(kept, self._view(images))
 
 
 @dataclass
@@ -188,13 +251,15 @@ class BatchPrediction:
 
 
 @torch.inference_mode()
-def predict(teacher: LoadedTeacher, images: list[torch.Tensor], job: LabelingJob) -> BatchPrediction:
+def predict(teacher: LoadedTeacher, batch: InputBatch, job: LabelingJob) -> BatchPrediction:
     """The clean teacher on one batch (with the mirrored view averaged in, if the job asks)."""
     dev = torch.device(job.device)
-    x = torch.stack(images)
-    if dev.type == "cuda":  # page-locked host memory makes the copy asynchronous
-        x = x.pin_memory()
-    x = x.to(dev, non_blocking=True)
+    x = batch.inputs
+    if batch.ready is not None:  # made on the reader's stream: wait for it, and keep its memory until used here
+        stream = torch.cuda.current_stream(dev)
+        stream.wait_event(batch.ready)
+        x.record_stream(stream)
+    x = x.to(dev, non_blocking=True)  # host inputs are page-locked for a GPU: the copy is asynchronous
     with autocast(dev, job.amp, inference=True):  # CPU labeling runs in fp32
         pooled, logits = pooled_and_logits(teacher.model, x)
         if job.tta_hflip:  # average with the mirrored view: a cleaner label, still no noise
@@ -234,29 +299,49 @@ def pseudo_label_shard(input_url: str, output_path: str, teacher: LoadedTeacher,
     """Label one input shard into one output shard (+ index, + pooled features if asked),
     streaming with bounded memory (features are float16 rows: 1 KB per 512-d image).
 
-    Outputs are published in order - tar, features, index, summary - each atomically (renamed
-    locally, uploaded whole to an object store), so the summary's presence means the rest is there."""
+    A background thread reads, decodes and prepares up to ``job.prefetch_batches`` batches ahead
+    while this one infers and writes (:mod:`.prefetch`). Outputs are published in order - tar,
+    features, index, summary - each atomically (renamed locally, uploaded whole to an object
+    store), so the summary's presence means the rest is there."""
     start = time.time()
     identity = input_identity(input_url)  # before reading: a concurrent rewrite then shows up as a mismatch
     reader = InputReader(input_url, teacher.transform, job)
     index = ShardIndexBuilder(teacher.num_classes)
     features: list[np.ndarray] = []
-    with ShardWriter(output_path) as writer:
-        for batch in reader.batches():
-            pred = predict(teacher, [s.image for s in batch], job)
-            index.add(write_labeled_batch(writer, batch, pred, job.teacher_id, reader.name))
+    with (
+        ShardWriter(output_path) as writer,
+        Prefetcher(reader.batches, job.prefetch_batches, name=f"prefetch {reader.name}") as batches,
+    ):
+        for batch in batches:
+            pred = predict(teacher, batch, job)
+            index.add(write_labeled_batch(writer, batch.samples, pred, job.teacher_id, reader.name))
             if pred.pooled is not None:
                 features.append(pred.pooled)
+    # the producer has finished here: its counts are final
     if job.save_features:  # before the index: the index marks the shard complete
         with storage.atomic_output(features_path(output_path)) as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.concatenate(features) if features else np.zeros((0, teacher.feature_dim), np.float16))
     write_index(output_path, index.rows())
+    summary = _summary(reader, index, teacher, writer, identity, start)
+    summary_marker(output_path).write(summary)
+    return summary
+
+
+def _summary(
+    reader: InputReader,
+    index: ShardIndexBuilder,
+    teacher: LoadedTeacher,
+    writer: ShardWriter,
+    identity: dict,
+    start: float,
+) -> ShardLabelSummary:
     labels = index.column("labels").astype(np.int64)
     confidence = index.column("confidence").astype(np.float64)
     num_classes = teacher.num_classes or (int(labels.max()) + 1 if len(labels) else 0)
-    summary = ShardLabelSummary(
-        input=input_url,
-        output=str(output_path),
+    decoder = reader.decoder
+    return ShardLabelSummary(
+        input=reader.url,
+        output=str(writer.path),
         samples=writer.count,
         skipped=reader.skips.report(),
         input_identity=identity,
@@ -264,6 +349,7 @@ def pseudo_label_shard(input_url: str, output_path: str, teacher: LoadedTeacher,
         confidence_hist=np.histogram(confidence, bins=10, range=(0.0, 1.0))[0].tolist(),
         seconds=time.time() - start,
         hidden_tags=reader.hidden_tags,
+        decode=reader.job.decode,
+        decoded_on_device=decoder.on_device if decoder else 0,
+        decode_fallbacks=dict(decoder.fallbacks) if decoder else {},
     )
-    summary_marker(output_path).write(summary)
-    return summary

@@ -10,26 +10,34 @@ from ..data.label_manifest import MANIFEST_FILE, LabelManifest
 from ..data.shard_io import expand_urls
 from ..engine.device import resolve_device
 from ..labeling.corpus import label_corpus
-from ..labeling.job import LabelingJob
+from ..labeling.job import LabelingJob, resolve_decode
 from .stage import StageBase, StageContext
 
 
-def labeling_device(cfg: Config) -> str:
-    """The device labeling tasks ask for. A local cluster's workers share this machine, so its device
-    is resolved here (a missing GPU stops the run before any worker starts); other kinds pass
-    ``device`` on for each worker to resolve: a SLURM or Kubernetes driver has no GPU of its own."""
-    return str(resolve_device(cfg.device)) if cfg.cluster.kind == "local" else cfg.device
+def labeling_device_and_decode(cfg: Config) -> tuple[str, str]:
+    """The device labeling tasks ask for and where they decode (``pseudo_label.decode``).
+
+    A local cluster's workers share this machine, so both are resolved here (a missing GPU stops
+    the run before any worker starts). Other kinds pass ``device`` on for each worker to resolve
+    (a SLURM or Kubernetes driver has no GPU of its own), but the decode path is fixed here, as it
+    keys the label cache: ``auto`` is ``gpu`` for a CUDA device, and each worker checks that it can."""
+    decode = cfg.pseudo_label.decode
+    if cfg.cluster.kind == "local":
+        device = str(resolve_device(cfg.device))
+        return device, resolve_decode(decode, device)
+    return cfg.device, ("gpu" if cfg.device.startswith("cuda") else "cpu") if decode == "auto" else decode
 
 
 def labeling_job(cfg: Config, teacher: str | Path, teacher_run_id: str = "", save_features: bool | None = None):
     """The labeling job of ``cfg`` for ``teacher``. ``save_features`` overrides
     ``pseudo_label.save_features`` (the analysis needs the pooled features whatever the recipe says)."""
     pl, cluster = cfg.pseudo_label, cfg.cluster
+    device, decode = labeling_device_and_decode(cfg)
     return LabelingJob.for_checkpoint(
         teacher,
         cfg.data,
         batch_size=pl.batch_size,
-        device=labeling_device(cfg),
+        device=device,
         amp=cfg.amp,
         threads=cluster.torch_threads or cluster.threads_per_worker,
         tta_hflip=pl.tta_hflip,
@@ -37,6 +45,8 @@ def labeling_job(cfg: Config, teacher: str | Path, teacher_run_id: str = "", sav
         channels_last=cfg.channels_last,
         cache_dir=pl.cache_dir,
         teacher_run_id=teacher_run_id,
+        decode=decode,
+        prefetch_batches=pl.prefetch_batches,
     )
 
 
@@ -76,4 +86,5 @@ def labeling_metrics(manifest: LabelManifest) -> dict[str, float]:
         "pl_shards_reused": manifest.shards_reused,
         "pl_wall_seconds": manifest.wall_seconds,
         "pl_throughput_img_s": manifest.throughput_img_s or 0.0,
+        "pl_decode_fallbacks": sum(manifest.decode_fallbacks.values()),
     }
