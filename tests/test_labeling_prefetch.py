@@ -42,17 +42,23 @@ def shard(tmp_path_factory) -> tuple[Path, Path, list[str]]:
 
 
 class CountingTransform(EvalTransform):
-    """The real eval transform, counting its calls; optionally slowed down, or failing at one call."""
+    """The real eval transform, counting its calls; optionally slowed down, or failing at one call.
+    The count is shared with the uint8-output copy the labeling reader makes of it
+    (``for_device_normalization``), which is the one that runs."""
 
     def __init__(self, data: DataConfig, delay_s: float = 0.0, fail_at: int = -1):
         super().__init__(data)
-        self.calls, self.delay_s, self.fail_at = 0, delay_s, fail_at
+        self.count, self.delay_s, self.fail_at = [0], delay_s, fail_at
+
+    @property
+    def calls(self) -> int:
+        return self.count[0]
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         if self.calls == self.fail_at:
             raise RuntimeError(f"transform failed at image {self.calls}")
         time.sleep(self.delay_s)
-        self.calls += 1
+        self.count[0] += 1
         return super().__call__(image)
 
 

@@ -235,8 +235,8 @@ class PseudoLabelConfig:
         2,
         "Batches a background thread of each labeling task reads, decodes and prepares ahead "
         "while the current one is inferred and written. Memory: up to this many prepared "
-        "batches wait, plus the one being made (float32 inputs: 308 MB per batch of 512 at "
-        "224 px RGB; on the device with decode=gpu). 0 = no thread, one step after another.",
+        "batches wait, plus the one being made (decode=cpu: uint8 views, 77 MB per batch of 512 "
+        "at 224 px RGB; decode=gpu: float32 on the device, 308 MB). 0 = no thread, one step after another.",
         results=False,
     )
 

@@ -147,7 +147,9 @@ class InputBatch:
     """One batch ready for the teacher: its samples and the clean views of their images."""
 
     samples: list[InputSample]
-    inputs: torch.Tensor  # float32 [n, C, S, S]: on the host (pinned for a GPU), or on the job's device
+    # uint8 [n, C, S, S] on the host (decode=cpu: pinned for a GPU, normalised on the device), or
+    # float32 on the job's device (decode=gpu)
+    inputs: torch.Tensor
     ready: torch.cuda.Event | None = None  # recorded where ``inputs`` was made on a side CUDA stream
 
 
@@ -163,6 +165,9 @@ class InputReader:
 
     def __init__(self, input_url: str, transform: EvalTransform, job: LabelingJob):
         self.url, self.transform, self.job = input_url, transform, job
+        # the cpu path's views cross to the device as uint8 (a quarter of float32's bytes, in the
+        # queue and in the copy) and predict() normalises them there: the same float32 numbers
+        self.host_view = transform.for_device_normalization()
         self.name = storage.basename(input_url)
         self.skips = SkipCounter()
         self.hidden_tags = 0
@@ -201,7 +206,7 @@ class InputReader:
         except ValueError as exc:
             self.skips.skip("unreadable_image", f"{where}: {exc}")
             return None
-        return item, self.transform(img)
+        return item, self.host_view(img)
 
     def _batch(self, samples: list[InputSample], images: list) -> Iterator[InputBatch]:
         if self.decoder is None:  # numpy copies: torch.stack would queue behind inference for torch's threads
@@ -260,6 +265,10 @@ def predict(teacher: LoadedTeacher, batch: InputBatch, job: LabelingJob) -> Batc
         stream.wait_event(batch.ready)
         x.record_stream(stream)
     x = x.to(dev, non_blocking=True)  # host inputs are page-locked for a GPU: the copy is asynchronous
+    if x.dtype == torch.uint8:  # the cpu path's views
+        x = teacher.transform.normalize_batch(x)
+    if job.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with autocast(dev, job.amp, inference=True):  # CPU labeling runs in fp32
         pooled, logits = pooled_and_logits(teacher.model, x)
         if job.tta_hflip:  # average with the mirrored view: a cleaner label, still no noise
