@@ -1,28 +1,34 @@
 #!/usr/bin/env python
-"""GPU check: what a CPU-only test suite cannot show, in one command and one JSON (at most ~8
-minutes on one GPU).
+"""GPU check: what a CPU-only test suite cannot show, in one command and one JSON, the decisive
+parts first (about 7 minutes on one H200, data preparation included; ``--budget-s`` stops it from
+starting a part it expects to overrun).
 
-    python benchmarks/gpu_check.py --out gpu_check.json [--budget-s 480]
+    python benchmarks/gpu_check.py --out gpu_check.json [--budget-s 420]
 
-Parts, each reported as {"status": "ok" | "skipped" | "failed", ...}:
+Parts, in order, each reported as {"status": "ok" | "skipped" | "failed", ...}; the JSON is
+rewritten atomically after each one, so a check killed at its time limit keeps what it finished:
 
-1. ``smoke_bf16``: the smoke config's whole loop (teacher, Dask labeling, student, analysis) on
-   CUDA with bf16 autocast; its results.json metrics.
-2. ``smoke_fp16``: the same loop with fp16 and the GradScaler (no analysis), and the steps the
-   scaler's overflows skipped.
-3. ``compile_channels_last``: a teacher with ``torch.compile`` and channels_last on CUDA.
-4. ``dask_local_gpu``: the labeling pass through the ``configs/cluster/local-gpu.yaml`` overlay (a
-   LocalCluster worker that owns the GPU, tasks asking for the Dask resource GPU=1).
-5. ``throughput_224``: training img/s at 224 px RGB, resnet50 and efficientnet_b0, of our training
-   loop (``engine.train.train_epoch``: guard, loss bookkeeping, schedule) against a bare timm loop,
-   both on the same tensors already on the GPU.
-6. ``loader_224``: our labeled loader (JPEG ImageFolder, the student's RandAugment at 224 px, the
-   configured workers, pinned memory) in img/s, against the GPU's resnet50 step rate of part 5:
-   the loader is the bottleneck when it is the smaller.
+1. ``nccl_collectives``: a 1-rank NCCL group (in a child process: NCCL refuses two ranks on one
+   GPU) runs every collective of ``engine/distributed.py`` with its results checked, and shows
+   that NCCL refuses a CPU tensor (the multi-GPU crash this guards against).
+2. ``labeling_224``: resnet50 and efficientnet_b0 (bf16, channels_last) over webdataset shards of
+   photo-size JPEGs (about 500x375), in img/s: the model alone on device tensors (the ceiling),
+   our ``pseudo_label_shard`` with ``decode=cpu`` and with ``decode=gpu`` (nvJPEG); the two
+   paths' agreement (equal argmax, mean confidence difference; the models are untrained, so
+   their logits are close together and this is a pessimistic bound).
+3. ``training_224``: our training loop (``engine.train.train_epoch``) against a bare timm loop,
+   both on the same device tensors (resnet50, efficientnet_b0, bf16, channels_last).
+4. ``student_input_224``: the real student input (JPEG labeled images plus the pseudo-labeled
+   shards of part 2, RandAugment, the auto worker split, uint8 across the copy) in steady state,
+   against the step rates of part 3.
+5. ``cudnn_compile``: resnet50's bare step with ``cudnn.benchmark`` off and on, and compiled.
+6. ``smoke_bf16`` / ``smoke_fp16``: the smoke config's loop end to end (teacher, Dask labeling
+   through ``configs/cluster/local-gpu.yaml``, student; analysis in bf16), its metrics.
+7. ``gpu_recipe``: ``configs/gpu.yaml`` for 3 generations, test top-1 per generation; only when
+   the budget allows it (it rarely does in a 15-minute lease).
 
-Without CUDA every CUDA part prints why it is skipped and only ``loader_224`` runs (on the CPU).
-The smoke data is prepared from the Fashion-MNIST files when the machine has them, else from a
-synthetic stand-in with the same layout (then accuracies mean nothing; the run still must work).
+It also records the driver, CUDA, cuDNN and nvJPEG. Without CUDA every part says why it is skipped.
+The smoke data is the synthetic Fashion-MNIST stand-in unless the machine has the real files.
 """
 
 from __future__ import annotations
@@ -37,59 +43,98 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gpu_check_parts import (  # noqa: E402
+    RIG,
+    PhotoCorpus,
+    cudnn_compile,
+    labeling_224,
+    nccl_collectives,
+    rehearse_on_cpu,
+    student_input_224,
+    training_224,
+)
+
+
+@dataclass
+class Part:
+    name: str
+    estimate_s: float  # not started when less than this is left of the budget
+    run: object
+    on_cpu: bool = True  # runs in a CPU rehearsal (fp16 and the recipe need a GPU)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check.json", help="JSON report path")
-    p.add_argument("--budget-s", type=float, default=480.0, help="stop starting parts after this many seconds")
+    p.add_argument("--budget-s", type=float, default=420.0, help="the seconds the whole check may take")
     p.add_argument("--work-dir", default="", help="scratch directory (default: a temporary one)")
+    p.add_argument(
+        "--rehearse-on-cpu",
+        action="store_true",
+        help="run every part on the CPU at toy sizes (gloo for NCCL): checks the script, measures nothing",
+    )
+    p.add_argument("--nccl-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rehearse_on_cpu:
+        rehearse_on_cpu()
+    if args.nccl_child:
+        print(json.dumps(nccl_collectives()))
+        return 0
 
     import torch
 
     start = time.time()
-    cuda = torch.cuda.is_available()
     report: dict = {"env": environment(torch), "parts": {}}
     with contextlib.ExitStack() as stack:
         work = Path(args.work_dir) if args.work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
-        data = smoke_data(work / "smoke")
-        parts = [
-            ("smoke_bf16", True, lambda: smoke_loop(data, work / "bf16", "bf16", analysis=True)),
-            ("smoke_fp16", True, lambda: smoke_loop(data, work / "fp16", "fp16", analysis=False)),
-            ("compile_channels_last", True, lambda: compile_teacher(data, work / "compile")),
-            ("dask_local_gpu", True, lambda: dask_local_gpu(data, work / "bf16", work / "local-gpu")),
-            ("throughput_224", True, lambda: throughput_224(torch)),
-            ("loader_224", False, lambda: loader_224(torch, work / "jpeg", report["parts"])),
-        ]
-        for name, needs_cuda, run in parts:
-            report["parts"][name] = run_part(name, needs_cuda, cuda, run, start, args.budget_s)
+        parts = report["parts"]
+        photos = PhotoCorpus(work / "photos", **({"shards": 3, "per_shard": 16, "labeled": 40} if not RIG.cuda else {}))
+        for part in (
+            Part("nccl_collectives", 30, lambda: nccl_in_child(args.rehearse_on_cpu)),
+            Part("labeling_224", 70, lambda: labeling_224(photos, work / "labeling")),
+            Part("training_224", 35, training_224),
+            Part("student_input_224", 40, lambda: student_input_224(photos, work / "labeling", parts)),
+            Part("cudnn_compile", 60, cudnn_compile),
+            Part("smoke_bf16", 60, lambda: smoke_loop(work, "bf16", analysis=True)),
+            Part("smoke_fp16", 45, lambda: smoke_loop(work, "fp16", analysis=False), on_cpu=False),
+            Part("gpu_recipe", 600, lambda: gpu_recipe(work), on_cpu=False),
+        ):
+            cuda = torch.cuda.is_available() or (args.rehearse_on_cpu and part.on_cpu)
+            parts[part.name] = run_part(part, cuda, start, args.budget_s)
             write_report(report, Path(args.out), start)
     print(json.dumps(report, indent=2))
     return 0 if all(part["status"] != "failed" for part in report["parts"].values()) else 1
 
 
-def run_part(name: str, needs_cuda: bool, cuda: bool, run, start: float, budget_s: float) -> dict:
-    if needs_cuda and not cuda:
-        print(f"[gpu_check] {name}: skipped, no CUDA device visible", file=sys.stderr)
-        return {"status": "skipped", "why": "no CUDA device visible"}
-    if time.time() - start > budget_s:
-        print(f"[gpu_check] {name}: skipped, time budget of {budget_s:.0f} s spent", file=sys.stderr)
-        return {"status": "skipped", "why": f"time budget of {budget_s:.0f} s spent"}
+def run_part(part: Part, cuda: bool, start: float, budget_s: float) -> dict:
+    left = budget_s - (time.time() - start)
+    why = (
+        "no CUDA device visible"
+        if not cuda
+        else f"{left:.0f} s of the {budget_s:.0f} s budget left, it needs about {part.estimate_s:.0f}"
+        if left < part.estimate_s
+        else ""
+    )
+    if why:
+        print(f"[gpu_check] {part.name}: skipped, {why}", file=sys.stderr)
+        return {"status": "skipped", "why": why}
     t0 = time.time()
-    print(f"[gpu_check] {name} ...", file=sys.stderr)
+    print(f"[gpu_check] {part.name} ...", file=sys.stderr)
     try:
-        result = {"status": "ok", **run()}
+        result = {"status": "ok", **part.run()}
     except Exception as exc:
         traceback.print_exc()
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[-2000:]}
     result["seconds"] = round(time.time() - t0, 1)
-    print(f"[gpu_check] {name}: {result['status']} in {result['seconds']} s", file=sys.stderr)
+    print(f"[gpu_check] {part.name}: {result['status']} in {result['seconds']} s", file=sys.stderr)
     return result
 
 
@@ -107,17 +152,60 @@ def environment(torch) -> dict:
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.is_available(),
     }
-    if env["cuda"]:
-        env.update(
-            gpu=torch.cuda.get_device_name(0),
-            gpus=torch.cuda.device_count(),
-            cuda_version=torch.version.cuda,
-            bf16_supported=torch.cuda.is_bf16_supported(),
-        )
+    if not env["cuda"]:
+        return env
+    env.update(
+        gpu=torch.cuda.get_device_name(0),
+        gpus=torch.cuda.device_count(),
+        cuda_version=torch.version.cuda,
+        cudnn_version=torch.backends.cudnn.version(),
+        bf16_supported=torch.cuda.is_bf16_supported(),
+        driver=_driver_version(),
+        nvjpeg=_nvjpeg(),
+    )
     return env
 
 
-# ------------------------------------------------------------------ the smoke loop on CUDA
+def _driver_version() -> str:
+    try:
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 else f"nvidia-smi exited {r.returncode}"
+    except (OSError, subprocess.TimeoutExpired, IndexError) as exc:
+        return f"unknown ({type(exc).__name__})"
+
+
+def _nvjpeg() -> str:
+    """Whether torchvision decodes a JPEG on the GPU here (nvJPEG)."""
+    from noisystudent.data.batch_decode import device_jpeg_decoder_available
+
+    return "available" if device_jpeg_decoder_available("cuda:0") else "unavailable"
+
+
+def nccl_in_child(rehearse: bool) -> dict:
+    """Part 1 in a child process: the group's set-up cannot leak into the parts after it, and a hang
+    costs at most the timeout."""
+    r = subprocess.run(
+        [sys.executable, __file__, "--nccl-child", *(["--rehearse-on-cpu"] if rehearse else [])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"the NCCL child exited {r.returncode}: {r.stderr[-1500:]}")
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    bad = {k: v for k, v in result["collectives"].items() if v != "ok"}
+    if bad:
+        raise RuntimeError(f"collectives failed in a 1-rank NCCL group: {bad}")
+    return result
+
+
+# ------------------------------------------------------------------ the smoke loop and the recipe
 
 
 def smoke_data(out: Path) -> Path:
@@ -172,8 +260,8 @@ def data_overrides(data: Path) -> list[str]:
     ]
 
 
-def noisystudent(*args: str, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "noisystudent", *args, "--config", str(REPO / "configs" / "smoke.yaml")]
+def noisystudent(*args: str, config: str, overrides: list[str], timeout: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "noisystudent", *args, "--config", str(REPO / "configs" / config)]
     for o in overrides:
         cmd += ["--set", o]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -182,222 +270,43 @@ def noisystudent(*args: str, overrides: list[str], timeout: int = 300) -> subpro
     return r
 
 
-def smoke_loop(data: Path, run_dir: Path, amp: str, analysis: bool) -> dict:
+def results_rows(run_dir: Path) -> list[dict]:
+    keep = ("generation", "model", "images_kept", "pl_acc", "pl_acc_kept", "test_top1", "test_ece", "val_top1")
+    return [{k: r.get(k) for k in keep} for r in json.loads((run_dir / "results.json").read_text())]
+
+
+def smoke_loop(work: Path, amp: str, analysis: bool) -> dict:
+    """Teacher, labeling on a one-GPU-per-worker local cluster, one student (and the analysis)."""
+    run_dir = work / f"smoke-{amp}"
     overrides = [
         f"run_dir={run_dir}",
-        "device=cuda",
+        f"device={RIG.device}",
         f"amp={amp}",
+        "generations=1",
         f"analysis.enabled={str(analysis).lower()}",
         "tracking.log_models=false",
-        *data_overrides(data),
+        *data_overrides(smoke_data(work / "smoke")),
     ]
+    overlay = ["--overlay", str(REPO / "configs" / "cluster" / "local-gpu.yaml")] if RIG.cuda else []
     t0 = time.time()
-    noisystudent("iterate", *([] if analysis else ["--generations", "1"]), overrides=overrides, timeout=300)
-    rows = json.loads((run_dir / "results.json").read_text())
-    keep = ("generation", "model", "images_kept", "pl_acc", "pl_acc_kept", "test_top1", "test_ece", "val_top1")
+    noisystudent("iterate", *overlay, config="smoke.yaml", overrides=overrides, timeout=RIG.smoke_timeout_s)
     histories = [json.loads(p.read_text())["history"] for p in sorted(run_dir.glob("gen-*/*/result.json"))]
+    manifests = [json.loads(p.read_text()) for p in sorted(run_dir.glob("gen-*/labels/manifest.json"))]
     return {
         "wall_s": round(time.time() - t0, 1),
-        "results": [{k: r.get(k) for k in keep} for r in rows],
+        "results": results_rows(run_dir),
         "skipped_steps": sum(h.get("skipped_steps", 0) for hist in histories for h in hist),
         "train_img_s_last_epoch": [hist[-1]["images_per_sec"] for hist in histories if hist],
+        "labeling_workers": [m.get("cluster") for m in manifests],
     }
 
 
-def compile_teacher(data: Path, out: Path) -> dict:
-    overrides = [
-        "device=cuda",
-        "amp=bf16",
-        "compile=true",
-        "channels_last=true",
-        "tracking.enabled=false",
-        "teacher.epochs=3",
-        *data_overrides(data),
-    ]
-    t0 = time.time()
-    noisystudent("teacher", "--out", str(out), overrides=overrides, timeout=300)
-    history = json.loads((out / "result.json").read_text())["history"]
-    return {
-        "wall_s": round(time.time() - t0, 1),
-        "img_s_by_epoch": [h["images_per_sec"] for h in history],
-        "val_top1": history[-1].get("val_top1"),
-        "train_loss": history[-1]["train_loss"],
-    }
-
-
-def dask_local_gpu(data: Path, bf16_run: Path, out: Path) -> dict:
-    teacher = bf16_run / "gen-0" / "teacher" / "model.pt"
-    if not teacher.is_file():
-        raise RuntimeError(f"{teacher} is missing: the smoke_bf16 part did not finish")
-    cmd_overrides = ["tracking.enabled=false", *data_overrides(data)]
-    overlay = str(REPO / "configs" / "cluster" / "local-gpu.yaml")
-    noisystudent(
-        "pseudo-label",
-        "--teacher",
-        str(teacher),
-        "--out",
-        str(out),
-        "--overlay",
-        overlay,
-        overrides=cmd_overrides,
-        timeout=300,
-    )
-    from noisystudent.data.label_manifest import LabelManifest
-
-    manifest = LabelManifest.load(out)
-    return {
-        "samples": manifest.total_samples,
-        "skipped": manifest.skipped.total,
-        "throughput_img_s": manifest.throughput_img_s,
-        "wall_s": manifest.wall_seconds,
-        "cluster": manifest.cluster.to_json(),
-    }
-
-
-# ------------------------------------------------------------------ 224 px throughput
-
-
-class TensorBatches:
-    """Pre-made tensors on the GPU in the shape of :class:`engine.batches.BatchSource`: the
-    training loop then measures compute and its own bookkeeping, not the input pipeline."""
-
-    def __init__(self, x, y, steps: int):
-        from noisystudent.engine.batches import Batch
-
-        self.batch, self.steps_per_epoch, self.device = Batch(x, y, None), steps, x.device
-
-    def epoch(self, epoch: int):
-        for _ in range(self.steps_per_epoch):
-            yield self.batch
-
-
-def tensor_loop(job, cfg, env, model, batches: TensorBatches, optimization, guard):
-    """Our training loop's state around ``model`` on pre-made batches. train_epoch reads the model, net,
-    batches, optimization, guard, the job's recipe and desc, env.is_main and the config's amp and
-    log_every_steps; it never touches the checkpointer, progress or spec."""
-    from noisystudent.engine.checkpoint import Checkpointer, Progress
-    from noisystudent.engine.train import TrainingLoop
-
-    return TrainingLoop(
-        job=job,
-        cfg=cfg,
-        env=env,
-        model=model,
-        net=model,
-        batches=batches,
-        optimization=optimization,
-        checkpointer=Checkpointer(job.out_dir / "unused-last.pt"),
-        progress=Progress(),
-        spec=None,
-        guard=guard,
-    )
-
-
-def throughput_224(torch, batch: int = 128, steps: int = 30) -> dict:
-    import dataclasses
-
-    import timm
-    import torch.nn.functional as F
-
-    from noisystudent.config import Config, TrainConfig
-    from noisystudent.engine.distributed import DistEnv
-    from noisystudent.engine.optim import NonFiniteGuard, Optimization, create_optimizer
-    from noisystudent.engine.train import TrainingJob, train_epoch
-
-    device = torch.device("cuda")
-    out = {"batch": batch, "steps": steps, "amp": "bf16", "channels_last": True}
-    recipe = TrainConfig(epochs=1, batch_size=batch, warmup_epochs=0.0)
-    cfg = dataclasses.replace(Config(), device="cuda", amp="bf16", channels_last=True, log_every_steps=50)
-    # train_epoch reads env.is_main only to show its progress bar: a non-main rank (in a world of one,
-    # so nothing is reduced across ranks) runs the epoch without it, as show_progress=False did before
-    quiet = DistEnv(rank=1)
-    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    for name in ("resnet50", "efficientnet_b0"):
-        model = timm.create_model(name, num_classes=1000).to(device).to(memory_format=torch.channels_last).train()
-        opt = create_optimizer(model, recipe)
-
-        def bare(n: int, model=model, opt=opt) -> float:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = F.cross_entropy(model(x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            torch.cuda.synchronize()
-            return n * batch / (time.perf_counter() - t0)
-
-        bare(5)  # cudnn autotuning and allocator warm-up
-        bare_img_s = bare(steps)
-        optimization = Optimization(model, recipe, steps, "bf16", device)
-        guard = NonFiniteGuard(20, model)
-        for steps_now, desc in ((5, "warm-up"), (steps, "bench")):
-            job = TrainingJob(recipe, name, Path(tempfile.gettempdir()), labeled=None, desc=desc)
-            loop = tensor_loop(job, cfg, quiet, model, TensorBatches(x, y, steps_now), optimization, guard)
-            row = train_epoch(loop, 0)
-        out[name] = {
-            "bare_img_s": round(bare_img_s, 1),
-            "pipeline_img_s": round(row["images_per_sec"], 1),
-            "pipeline_over_bare": round(row["images_per_sec"] / bare_img_s, 3),
-            "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        }
-        del model, opt, optimization, loop
-        torch.cuda.empty_cache()
-    return out
-
-
-def loader_224(torch, jpeg_dir: Path, parts: dict, images: int = 768, batch: int = 128) -> dict:
-    """Our labeled loader over JPEGs at 224 px with the student's noise, as a training run feeds it."""
-    import numpy as np
-    from PIL import Image
-
-    from noisystudent.config import load_config
-    from noisystudent.data.imagefolder import load_labeled
-    from noisystudent.engine.batches import BatchSource
-    from noisystudent.engine.device import resolve_num_workers
-    from noisystudent.engine.distributed import DistEnv
-    from noisystudent.noise import create_train_transform
-    from noisystudent.seeds import Seeds
-
-    cfg = load_config(REPO / "configs" / "imagenet.yaml", ["data.num_workers=-1"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not jpeg_dir.is_dir():
-        rng = np.random.default_rng(0)
-        for i in range(images):
-            cls = jpeg_dir / f"class{i % 10}"
-            cls.mkdir(parents=True, exist_ok=True)
-            base = np.linspace(0, 255, 320, dtype=np.float32)[None, :, None] * rng.uniform(0.3, 1.0, (1, 1, 3))
-            img = np.clip(base + rng.normal(0, 25, (320, 320, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(cls / f"{i:05d}.jpg", quality=90)
-    data = cfg.data
-    labeled = load_labeled(str(jpeg_dir), 3, create_train_transform(data, cfg.student.augment, seed=0))
-    workers = resolve_num_workers(-1, device)
-    recipe = type(cfg.student)(**{**cfg.student.__dict__, "batch_size": batch, "steps_per_epoch": 0})
-    batches = BatchSource(
-        recipe, labeled, None, seeds=Seeds(0), num_workers=workers, channels_last=True, device=device, env=DistEnv()
-    )
-    for epoch in range(2):  # epoch 0 starts the workers; epoch 1 is timed
-        t0 = time.perf_counter()
-        seen = 0
-        for b in batches.epoch(epoch):
-            seen += b.images.shape[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    out = {
-        "device": device.type,
-        "workers": workers,
-        "image_size": data.image_size,
-        "batch": batch,
-        "loader_img_s": round(seen / seconds, 1),
-    }
-    step = parts.get("throughput_224", {}).get("resnet50", {}).get("pipeline_img_s")
-    if step:
-        out["gpu_step_img_s_resnet50"] = step
-        out["input_bound"] = out["loader_img_s"] < step
-    return out
+def gpu_recipe(work: Path) -> dict:
+    """``configs/gpu.yaml``: the method at a scale where it works (a growing ladder, 3 generations)."""
+    run_dir = work / "gpu-recipe"
+    overrides = [f"run_dir={run_dir}", "tracking.log_models=false", *data_overrides(smoke_data(work / "smoke"))]
+    noisystudent("iterate", config="gpu.yaml", overrides=overrides, timeout=3000)
+    return {"results": results_rows(run_dir)}
 
 
 if __name__ == "__main__":

@@ -226,3 +226,19 @@ def test_keys_that_change_results_are_the_recipe_data_and_models_not_the_machine
     changed = Config()
     changed.student.lr, changed.cluster.n_workers, changed.generations = 0.01, 8, 5
     assert [(c.key, c.stored, c.requested) for c in result_changes(stored, changed)] == [("student.lr", 0.003, 0.01)]
+
+
+def test_every_shipped_config_and_cluster_overlay_loads():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+    for overlay in sorted((REPO / "configs" / "cluster").glob("*.yaml")):
+        load_config(REPO / "configs" / "default.yaml", overlays=[str(overlay)])
+
+
+def test_the_gpu_recipe_grows_its_students():
+    import timm
+
+    gpu = load_config(REPO / "configs" / "gpu.yaml")
+    sizes = [sum(p.numel() for p in timm.create_model(name, in_chans=1).parameters()) for name in gpu.ladder]
+    assert len(sizes) == 3 and sizes == sorted(set(sizes))  # every generation's student larger than its teacher
+    assert gpu.device == "cuda" and gpu.cluster.gpus_per_worker == 1 and gpu.pseudo_label.decode == "auto"

@@ -130,6 +130,8 @@ def test_kill_9_of_whole_job_then_rerun_labels_only_unfinished_shards(corpus, tm
     manifest = LabelManifest.load(out)
     assert manifest.shards_reused == len(finished_before)
     assert manifest.shards_labeled == 12 - len(finished_before)
+    # the workers that labeled this pass's shards (by the summaries' worker addresses), of the 2 started
+    assert 1 <= manifest.cluster.workers_used <= 2 and manifest.cluster.n_workers == 2
     assert {n: (out / n).stat().st_mtime_ns for n in finished_before} == finished_before  # not rewritten
     counts = _output_keys(manifest)
     assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}

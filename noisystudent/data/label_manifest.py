@@ -57,13 +57,14 @@ class ClusterRef(JsonRecord):
     """Where a pass ran."""
 
     kind: str = "local"
-    n_workers: int = 0
+    n_workers: int = 0  # as configured (for a local GPU cluster: at most; one worker per gpus_per_worker GPUs)
     threads_per_worker: int = 0
     gpus_per_worker: int = 0
+    workers_used: int = 0  # distinct workers that labeled a shard in this pass (0: every shard was reused)
 
     @classmethod
-    def of(cls, cfg: ClusterConfig) -> ClusterRef:
-        return cls(cfg.kind, cfg.n_workers, cfg.threads_per_worker, cfg.gpus_per_worker)
+    def of(cls, cfg: ClusterConfig, workers_used: int = 0) -> ClusterRef:
+        return cls(cfg.kind, cfg.n_workers, cfg.threads_per_worker, cfg.gpus_per_worker, workers_used)
 
 
 @dataclass

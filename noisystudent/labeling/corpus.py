@@ -137,16 +137,18 @@ def label_corpus(
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = CorpusPlan.make(job, input_urls, out_dir)
     start = time.time()
-    summaries, dashboard = dict(plan.finished), ""
+    summaries, dashboard, labeled = dict(plan.finished), "", {}
     if plan.todo:
         with cluster.client() as client:
             dashboard = client.dashboard_link or ""
             if show_progress and dashboard:
                 print(f"Dask dashboard: {dashboard}")
-            summaries.update(_run_tasks(client, job, plan.todo, cluster, show_progress))
+            labeled = dict(_run_tasks(client, job, plan.todo, cluster, show_progress))
+            summaries.update(labeled)
     stale = remove_stale_outputs(plan.shard_dir, [storage.basename(o) for o in plan.outputs])
     manifest = build_manifest(job, plan, [summaries[o] for o in plan.outputs], time.time() - start, stale)
-    manifest.dashboard, manifest.cluster = dashboard, ClusterRef.of(cluster.cfg)
+    workers_used = len({s.worker for s in labeled.values() if s.worker})
+    manifest.dashboard, manifest.cluster = dashboard, ClusterRef.of(cluster.cfg, workers_used)
     manifest.save(out_dir)
     return manifest
 
