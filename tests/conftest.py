@@ -44,6 +44,8 @@ SHARED_FIXTURE_GROUPS = ("smoke_run", "tracked_run")
 @pytest.hookimpl(tryfirst=True)  # before xdist turns the marks into node-id suffixes
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
+        if item.get_closest_marker("slow"):  # full-size runs take as long as they take
+            item.add_marker(pytest.mark.timeout(0))
         for name in SHARED_FIXTURE_GROUPS:
             if name in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(name))

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import cv2
 import torch
 from torch.utils.data import DataLoader
 
@@ -18,7 +17,7 @@ from ..data.imagefolder import LabeledImages
 from ..data.pseudo_stream import PseudoLabeledStream
 from ..data.sampler import BatchReader, EpochSampler, SeededBatches
 from ..seeds import Seeds, Stream
-from .device import resolve_num_workers
+from .device import resolve_num_workers, single_threaded_opencv_before_fork
 from .distributed import DistEnv
 
 
@@ -66,6 +65,7 @@ class BatchSource:
         # A pass over the pseudo-labels that runs out early (skipped samples) ends the epoch, unless the
         # step budget is fixed or ranks hold different shard counts: then another pass starts.
         self.restart_pseudo_pass = env.enabled or bool(recipe.steps_per_epoch)
+        single_threaded_opencv_before_fork(lab_workers + unl_workers)
         self.sampler = EpochSampler(len(labeled), lab_bs, self.steps_per_epoch, seeds, env.rank, env.world_size)
         # its own generator: creating the (persistent) worker iterator draws a base seed, which must
         # not come from the global torch RNG that dropout uses and checkpoints restore
@@ -76,7 +76,6 @@ class BatchSource:
             pin_memory=device.type == "cuda",
             persistent_workers=lab_workers > 0,
             generator=torch.Generator().manual_seed(seeds(Stream.LOADER)),
-            worker_init_fn=quiet_worker,
         )
 
     def _pseudo_loader(self, pseudo: PseudoLabeledStream, batch: int, workers: int, env: DistEnv) -> int:
@@ -92,7 +91,6 @@ class BatchSource:
             num_workers=min(workers, max(1, len(pseudo.shards))),
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
-            worker_init_fn=quiet_worker,
         )
         if len(pseudo) < batch:
             raise ConfigError(
@@ -156,9 +154,3 @@ def device_normalized(transform) -> tuple:
         uint8 = transform.for_device_normalization()
         return uint8, uint8.normalize_batch
     return transform, lambda x: x
-
-
-def quiet_worker(worker_id: int) -> None:
-    """A loader worker decodes and augments with one OpenCV thread: its parallelism is the worker
-    count, and every worker's OpenCV spawning a thread per core oversubscribes the node."""
-    cv2.setNumThreads(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 
+import cv2
 import numpy as np
 import torch
 
@@ -29,6 +30,16 @@ def resolve_num_workers(requested: int, device: torch.device) -> int:
     if device.type == "cuda":
         return max(0, per_rank - 1)
     return max(0, min(8, per_rank - torch.get_num_threads()))
+
+
+def single_threaded_opencv_before_fork(workers: int) -> None:
+    """Before a loader forks ``workers`` > 0 processes, OpenCV in this process goes single-threaded,
+    and the workers inherit that. Each worker's parallelism is the worker count, so an OpenCV thread
+    pool per worker would oversubscribe the node; and the pool cannot be resized inside a forked
+    worker: OpenCV's pool threads do not survive the fork, and ``cv2.setNumThreads`` there waited on
+    them forever (a hung test run). With one thread a worker never touches the pool at all."""
+    if workers > 0:
+        cv2.setNumThreads(1)
 
 
 def seed_everything(seed: int) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .device import resolve_num_workers
+from .device import resolve_num_workers, single_threaded_opencv_before_fork
 from .precision import autocast
 
 
@@ -20,6 +20,7 @@ def eval_loader(
     passes (validation every epoch). On a CPU the forward pass already takes every core, so it
     decodes in the main process."""
     workers = resolve_num_workers(num_workers, device) if device.type == "cuda" else 0
+    single_threaded_opencv_before_fork(workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,
