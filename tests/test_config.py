@@ -180,6 +180,25 @@ def test_yaml_1_2_booleans_keep_off_and_yes_as_strings(tmp_path):
     assert load_config(None, ["amp=bf16", "tracking.enabled=true"]).tracking.enabled is True
 
 
+def test_a_walltime_stays_a_time_in_a_file_and_in_set(tmp_path):
+    # YAML 1.1 reads 12:00:00 as the base-60 integer 43200, which the str key then refused
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster:\n  slurm:\n    walltime: 12:00:00\n")
+    assert load_config(path, []).cluster.slurm.walltime == "12:00:00"
+    assert load_config(None, ["cluster.slurm.walltime=01:30:00"]).cluster.slurm.walltime == "01:30:00"
+    assert load_config(None, ["data.image_size=64"]).data.image_size == 64  # plain numbers stay numbers
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("generations: 2\nstudent:\n  epochs: 3\n  epochs: 30\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [])
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "line 4" in message
+    assert "'epochs' is given twice (first at line 3)" in message
+
+
 def test_amp_auto_resolves_per_device():
     import torch
 

@@ -17,17 +17,42 @@ from .schema import Config, validate
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false are booleans, so ``amp: off`` or
-    ``--set amp=off`` stays the string "off" instead of YAML 1.1's False."""
+    """SafeLoader read as YAML 1.2 reads, where 1.1 surprises a config:
+    - only true/false are booleans, so ``amp: off`` or ``--set amp=off`` stays the string "off";
+    - no base-60 numbers, so ``walltime: 12:00:00`` stays a time, not the integer 43200;
+    - a key given twice in one mapping is an error naming it, not its last value silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"the key {key!r} is given twice (first at line {seen[key] + 1}): keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
+_INT_1_2 = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT_1_2 = re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+_REPLACED = {
+    "tag:yaml.org,2002:bool": re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    "tag:yaml.org,2002:int": _INT_1_2,
+    "tag:yaml.org,2002:float": _FLOAT_1_2,
+}
 _YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [
+        (tag, _REPLACED.get(tag, rx)) for tag, rx in resolvers if not (tag.endswith(":bool") and first not in "tTfF")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
 
 
 def yaml_load(text: str) -> Any:
@@ -52,6 +77,9 @@ def _read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {p}")
     try:
         loaded = yaml_load(p.read_text()) or {}
+    except yaml.MarkedYAMLError as exc:  # one line: where, and what is wrong there
+        where = f", line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise ConfigError(f"config file {p}{where} is not valid YAML: {exc.problem}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
     if not isinstance(loaded, dict):
