@@ -215,6 +215,28 @@ def test_slurm_job_script_requests_gpus_and_dask_resources():
     assert task_resources(cfg.cluster) == {"GPU": 1}
 
 
+def test_the_cpu_slurm_overlay_named_in_the_help_exists_and_its_workers_run_this_python():
+    import sys
+
+    from noisystudent.config import load_config
+    from noisystudent.labeling.cluster import slurm_cluster, task_resources
+
+    cfg = load_config(
+        REPO / "configs" / "default.yaml",
+        overlays=[REPO / "configs" / "cluster" / "slurm.yaml"],
+        overrides=["cluster.dashboard_address=127.0.0.1:0"],
+    )
+    cluster = slurm_cluster(cfg.cluster)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    # no GPU asked for, and no venv to activate: the worker runs the driver's own interpreter
+    assert "--gres" not in script and "activate" not in script and task_resources(cfg.cluster) is None
+    assert f"{sys.executable} -m distributed.cli.dask_worker" in script
+    assert f"#SBATCH --cpus-per-task={cfg.cluster.threads_per_worker}" in script
+
+
 def test_labeling_passes_of_one_cluster_session_reuse_its_workers(corpus, tmp_path):
     """iterate runs its generations in one ClusterSession: with cluster.reuse=true two labeling
     passes run on the same worker processes (one start-up, torch imported once); in another
