@@ -22,6 +22,27 @@ def test_unknown_config_key_exits_2_naming_it(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_flag_and_a_set_that_disagree_exit_2_naming_both(tmp_path):
+    # --shards once lost to --set data.unlabeled_shards silently, and the wrong corpus was labeled
+    r = run_script(
+        "pipelines/pseudo_label.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--teacher",
+        str(tmp_path / "model.pt"),
+        "--shards",
+        str(tmp_path / "wanted-*.tar"),
+        "--set",
+        f"data.unlabeled_shards={tmp_path / 'other-*.tar'}",
+        "--out",
+        str(tmp_path / "labels"),
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "other-*.tar" in line and "wanted-*.tar" in line and "data.unlabeled_shards" in line
+    assert not (tmp_path / "labels").exists()
+
+
 def test_missing_data_dir_exits_2_naming_it(tmp_path):
     missing = tmp_path / "nowhere"
     r = run_script(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .. import console
-from ..config import Config, dump_config, load_config
+from ..config import Config, ConfigError, dump_config, load_config, parse_override
 
 #: Run from a checkout, config-driven commands default to the shipped embedded-demo config.
 _CHECKOUT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
@@ -43,8 +43,19 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, *extra: str) -> Config:
-    """The config of ``--config`` / ``--overlay`` / ``--set``; command flags (``extra``) come first,
-    so an explicit ``--set`` wins."""
+    """The config of ``--config`` / ``--overlay`` / ``--set`` and the command's own flags
+    (``extra``, as ``key=value``). A flag and a ``--set`` of the same key that disagree are an
+    error: either winning silently would run on something the user did not ask for (a flag once
+    lost to ``--set`` and labeled the wrong corpus)."""
+    flags = [parse_override(item) for item in extra]
+    for given in args.overrides:
+        key, value = parse_override(given)
+        for flag_key, flag_value in flags:
+            if flag_key == key and flag_value != value:
+                raise ConfigError(
+                    f"--set {given} disagrees with the command's flag that sets {'.'.join(key)}={flag_value}: "
+                    "give one of them"
+                )
     cfg = load_config(args.config, [*extra, *args.overrides], args.overlays)
     if args.print_config:
         print(dump_config(cfg))
