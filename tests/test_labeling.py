@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -72,16 +74,55 @@ def _wait(cond, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@contextlib.contextmanager
+def _shard_writes(out: Path):
+    """Counts how often each label shard in ``out`` is written while the block runs: a shard is
+    published by an atomic rename, so every write shows as a new inode under the same name."""
+    seen: dict[str, set] = {}
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            for p in out.glob("*.tar") if out.exists() else []:
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                seen.setdefault(p.name, set()).add((st.st_ino, st.st_mtime_ns))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    writes = Counter()
+    try:
+        yield writes
+    finally:
+        stop.set()
+        watcher.join()
+        poll_once = [(p.name, p.stat()) for p in out.glob("*.tar")] if out.exists() else []
+        for name, st in poll_once:
+            seen.setdefault(name, set()).add((st.st_ino, st.st_mtime_ns))
+        writes.update({name: len(versions) for name, versions in seen.items()})
+
+
 def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpus, tmp_path):
-    """Real `dask scheduler` + two `dask worker` processes; SIGKILL one while it holds a task."""
+    """Real `dask scheduler` + two `dask worker` processes; SIGKILL one while it holds a task,
+    after shards are finished: each finished shard is written once (the dead worker's finished
+    results are not recomputed) and the survivor labels the rest."""
     from distributed import Client
 
     root, keys = corpus
-    with dask_processes(tmp_path, ("victim", "survivor"), ENV, nanny=False) as (address, procs):
+    out = tmp_path / "labels"
+    with (
+        _shard_writes(out) as writes,
+        dask_processes(tmp_path, ("victim", "survivor"), ENV, nanny=False) as (
+            address,
+            procs,
+        ),
+    ):
         with Client(address, timeout="30s") as monitor:
             monitor.wait_for_workers(2, timeout=120)
             victim = next(addr for addr, w in monitor.scheduler_info()["workers"].items() if w["name"] == "victim")
-            out = tmp_path / "labels"
             job = subprocess.Popen(
                 _label_cmd(root, out, "cluster.task_retries=3", "cluster.torch_threads=1") + ["--scheduler", address],
                 cwd=REPO,
@@ -91,11 +132,12 @@ def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpu
                 text=True,
             )
 
-            # kill the victim once it has finished something and is busy with a labeling task
+            # kill the victim once 4 shards are finished (2 workers share them: some are the victim's)
+            # and it is busy with a labeling task
             def victim_busy():
                 done = list(out.rglob("*.summary.json")) if out.exists() else []
                 busy = [k for k in monitor.processing().get(victim, []) if "label_task" in str(k)]
-                return busy if done and busy else None
+                return busy if len(done) >= 4 and busy else None
 
             killed_while = _wait(victim_busy, 240, "victim worker to be mid-task")
             os.kill(procs[1].pid, signal.SIGKILL)
@@ -109,6 +151,8 @@ def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpu
     workers = Counter(s.worker for s in manifest.shards)
     assert any(w != victim for w in workers)  # the survivor finished the victim's work
     assert not list(out.rglob("*.tmp"))  # no half-written shard left behind
+    assert sorted(writes) == sorted(Path(s.output).name for s in manifest.shards)
+    assert set(writes.values()) == {1}, f"shards written more than once: {writes}"
 
 
 def test_kill_9_of_whole_job_then_rerun_labels_only_unfinished_shards(corpus, tmp_path):

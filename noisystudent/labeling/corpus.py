@@ -165,9 +165,15 @@ def _run_tasks(client, job: LabelingJob, todo: list[tuple[str, str]], cluster: C
         retries=cluster.cfg.task_retries,
         resources=task_resources(cluster.cfg),
     )
-    with tqdm(total=len(futures), desc="pseudo-label shards", unit="shard", disable=not show_progress) as bar:
-        for fut in as_completed(futures):
+    # Each future is released as soon as its summary is here (the shard itself is already stored):
+    # a held future keeps its result wanted, and when the worker holding it dies the scheduler
+    # recomputes it, labeling a finished shard again. as_completed keeps each future until it is done.
+    pending = as_completed(futures)
+    del futures
+    with tqdm(total=len(todo), desc="pseudo-label shards", unit="shard", disable=not show_progress) as bar:
+        for fut in pending:
             summary = fut.result()
+            fut.release()
             yield summary.output, summary
             bar.update(1)
 
