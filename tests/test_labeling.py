@@ -155,6 +155,38 @@ def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpu
     assert set(writes.values()) == {1}, f"shards written more than once: {writes}"
 
 
+def test_a_pass_that_loses_every_worker_stops_with_one_line_and_keeps_its_shards(corpus, tmp_path):
+    """The only worker is SIGKILLed mid-corpus and none comes back: the pass stops after
+    cluster.wait_for_workers_s with one line naming the backend, instead of waiting forever."""
+    from distributed import Client
+
+    root, _ = corpus
+    out = tmp_path / "labels"
+    with dask_processes(tmp_path, ("only",), ENV, nanny=False) as (address, procs):
+        with Client(address, timeout="30s") as monitor:
+            monitor.wait_for_workers(1, timeout=120)
+        cmd = _label_cmd(root, out, "cluster.wait_for_workers_s=5", "cluster.torch_threads=1")
+        job = subprocess.Popen(
+            [*cmd, "--scheduler", address], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            _wait(lambda: len(list(out.glob("*.summary.json"))) >= 2 if out.exists() else False, 240, "2 shards")
+            os.kill(procs[1].pid, signal.SIGKILL)
+            killed_at = time.time()
+            _, stderr = job.communicate(timeout=120)  # the old code waited here forever
+        finally:
+            job.kill()
+    waited = time.time() - killed_at
+    assert job.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert "no Dask worker for 5s" in line and "cluster.kind=address" in line and "cluster.address" in line
+    assert "every shard finished so far is kept" in line
+    kept = len(list(out.glob("*.summary.json")))
+    assert 2 <= kept < 12  # (a killed writer leaves a .tmp: the rerun removes it)
+    assert 5 <= waited < 60
+    print(f"\nstopped {waited:.1f} s after the last worker died, {kept} shards kept")
+
+
 def test_kill_9_of_whole_job_then_rerun_labels_only_unfinished_shards(corpus, tmp_path):
     root, keys = corpus
     out = tmp_path / "labels"

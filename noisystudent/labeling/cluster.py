@@ -17,6 +17,10 @@ each seeing its own first, as dask-cuda does (:mod:`.gpus`).
 from __future__ import annotations
 
 import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 
 from ..config import ClusterConfig
@@ -65,6 +69,24 @@ def slurm_cluster(cfg: ClusterConfig):
     if s.interface:
         kwargs["interface"] = s.interface
     return SLURMCluster(**kwargs)
+
+
+def check_slurm_submission(job_script: str, cfg: ClusterConfig) -> None:
+    """``sbatch --test-only`` on the worker job: SLURM refuses an unknown partition, account or
+    gres at once (about 0.1 s, nothing submitted), where a submitted job would fail in the
+    background while the run waited ``cluster.wait_for_workers_s`` for workers that never come."""
+    if shutil.which("sbatch") is None:
+        raise ClusterError("cluster.kind=slurm needs SLURM's sbatch on this machine's PATH (run from a login node)")
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="dask-worker-") as script:
+        script.write(job_script)
+        script.flush()
+        r = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        said = " ".join((r.stderr or r.stdout).split()) or f"exit code {r.returncode}"
+        raise ClusterError(
+            f"SLURM refuses the worker job ({said}); check cluster.slurm.queue={cfg.slurm.queue!r}, "
+            f"cluster.slurm.account={cfg.slurm.account!r} and cluster.slurm.job_extra_directives"
+        )
 
 
 def kubernetes_cluster_spec(cfg: ClusterConfig) -> dict:
@@ -177,7 +199,14 @@ def _start_cluster(cfg: ClusterConfig):
         return local_cluster(cfg)
     if cfg.kind == "slurm":
         cluster = slurm_cluster(cfg)
-        cluster.scale(jobs=cfg.n_workers)
+        try:
+            check_slurm_submission(cluster.job_script(), cfg)
+            # adapt, not scale: scale(jobs=n) never replaces a job that ended (walltime, preemption,
+            # a node lost); adapt keeps n jobs queued or running until the cluster closes
+            cluster.adapt(minimum_jobs=cfg.n_workers, maximum_jobs=cfg.n_workers)
+        except BaseException:
+            cluster.close()
+            raise
         return cluster
     if cfg.kind == "kubernetes":
         return _kubernetes_cluster(cfg)
@@ -199,6 +228,42 @@ def _wait_for_workers(client, cluster, cfg: ClusterConfig) -> None:
             f"fewer than {wanted} Dask worker(s) joined within {cfg.wait_for_workers_s}s "
             f"(cluster.kind={cfg.kind}); {where} and cluster.wait_for_workers_s"
         ) from exc
+
+
+# What to check when a running pass has lost every worker, per backend
+_NO_WORKER_HINTS = {
+    "local": "check the worker logs above (a worker over cluster.memory_limit is killed)",
+    "address": "check the workers started against cluster.address",
+    "slurm": "check squeue and the job logs in cluster.slurm.log_directory (walltime, preemption, a lost node)",
+    "kubernetes": "check the worker pods (kubectl get pods; evictions, OOMKilled)",
+}
+
+
+class WorkerWatchdog:
+    """Stops a pass that has had no worker for ``cluster.wait_for_workers_s``. Start-up waits for
+    workers with the same limit; later, a batch system can end every worker (walltime,
+    preemption) and not start another, and the pass would wait for them forever, silently."""
+
+    def __init__(self, client, cfg: ClusterConfig, check_every_s: float = 1.0):
+        self.client, self.cfg, self.check_every_s = client, cfg, check_every_s
+        self.last_seen = self.last_check = time.monotonic()
+
+    def check(self) -> None:
+        """Raise :class:`ClusterError` once no worker has been seen for the limit. Every shard
+        stored so far stays (its summary is beside it), so a rerun labels only the rest."""
+        now = time.monotonic()
+        if now - self.last_check < self.check_every_s:
+            return
+        self.last_check = now
+        if self.client.scheduler_info(n_workers=1)["workers"]:
+            self.last_seen = now
+        elif now - self.last_seen > self.cfg.wait_for_workers_s:
+            raise ClusterError(
+                f"no Dask worker for {self.cfg.wait_for_workers_s}s in the middle of labeling "
+                f"(cluster.kind={self.cfg.kind}): {_NO_WORKER_HINTS.get(self.cfg.kind, 'check the workers')}; "
+                "every shard finished so far is kept and a rerun labels only the rest "
+                "(cluster.wait_for_workers_s sets the limit)"
+            )
 
 
 @contextlib.contextmanager

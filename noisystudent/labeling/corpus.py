@@ -26,7 +26,7 @@ from ..data.label_manifest import ClusterRef, LabelManifest, ShardEntry
 from ..data.shard_io import SkipCounter, input_identity
 from ..engine.device import resolve_device
 from ..io import remove_stale_temporaries
-from .cluster import ClusterSession, task_resources
+from .cluster import ClusterSession, WorkerWatchdog, task_resources
 from .gpus import task_device
 from .job import LabelingJob, output_name, resolve_decode
 from .shard import (
@@ -37,6 +37,9 @@ from .shard import (
     release_teachers,
     summary_marker,
 )
+
+# how often the driver looks for finished shards, and so for workers, while a pass runs
+_POLL_S = 0.2
 
 
 def finished_summary(
@@ -64,17 +67,18 @@ def _label_task(input_url: str, output_path: str, job: LabelingJob) -> ShardLabe
     """One Dask task: label one shard with this worker's cached teacher, on a GPU of the worker's
     own that no other task of it holds (:func:`~.gpus.task_device`). The job's device is resolved
     here, on the worker: a SLURM or Kubernetes driver passes ``cuda`` or ``auto`` on unchecked."""
+    # A shard already stored from this input by this job is returned as it is: the scheduler runs a
+    # task again when the worker holding its result dies before the driver has it, and another
+    # run sharing the label cache may have labeled it meanwhile.
+    found = finished_summary(output_path, input_identity(input_url), job.save_features)
+    if found is not None:
+        return found
     with task_device(str(resolve_device(job.device))) as device:
         # the decode path was fixed by the driver (it keys the cache); here it is checked for this device
         job = replace(job, device=device, decode=resolve_decode(job.decode, device))
         if device.startswith("cuda:"):  # kernels and allocations that follow the current device go there too
             torch.cuda.set_device(device)
-        summary = pseudo_label_shard(input_url, output_path, cached_teacher(job), job)
-    try:
-        summary.worker = get_worker().address
-    except ValueError:
-        pass
-    return summary
+        return pseudo_label_shard(input_url, output_path, cached_teacher(job), job, worker=get_worker().address)
 
 
 class TeacherPlugin(WorkerPlugin):
@@ -165,17 +169,28 @@ def _run_tasks(client, job: LabelingJob, todo: list[tuple[str, str]], cluster: C
         retries=cluster.cfg.task_retries,
         resources=task_resources(cluster.cfg),
     )
-    # Each future is released as soon as its summary is here (the shard itself is already stored):
-    # a held future keeps its result wanted, and when the worker holding it dies the scheduler
-    # recomputes it, labeling a finished shard again. as_completed keeps each future until it is done.
+    # A finished task's summary is read from storage, where the task put it beside its shard, not
+    # gathered from the worker: that worker may be dead by then, and the gather would wait for a
+    # new one. Each future is released at once: a held future keeps its result wanted, and when
+    # the worker holding it dies the scheduler runs the task again. as_completed holds each until done.
+    output_of = {fut.key: output for fut, (_, output) in zip(futures, todo)}
     pending = as_completed(futures)
     del futures
+    watchdog = WorkerWatchdog(client, cluster.cfg)
     with tqdm(total=len(todo), desc="pseudo-label shards", unit="shard", disable=not show_progress) as bar:
-        for fut in pending:
-            summary = fut.result()
-            fut.release()
-            yield summary.output, summary
-            bar.update(1)
+        while not pending.is_empty():
+            done = pending.next_batch(block=False)
+            if not done:
+                watchdog.check()
+                time.sleep(_POLL_S)
+            for fut in done:
+                if fut.status in ("error", "cancelled"):
+                    fut.result()  # raises the task's error (held by the scheduler, not a worker)
+                # stored before the task ended, even if its worker has died since (status "lost")
+                summary = summary_marker(output_of[fut.key]).read()
+                fut.release()
+                yield summary.output, summary
+                bar.update(1)
 
 
 def remove_stale_outputs(shard_dir: str, names: list[str]) -> int:

@@ -304,7 +304,9 @@ def write_labeled_batch(
     return IndexRows(keys, labels, conf, ent, pred.logsumexp, pred.probs.astype(np.float16), members)
 
 
-def pseudo_label_shard(input_url: str, output_path: str, teacher: LoadedTeacher, job: LabelingJob) -> ShardLabelSummary:
+def pseudo_label_shard(
+    input_url: str, output_path: str, teacher: LoadedTeacher, job: LabelingJob, worker: str = ""
+) -> ShardLabelSummary:
     """Label one input shard into one output shard (+ index, + pooled features if asked),
     streaming with bounded memory (features are float16 rows: 1 KB per 512-d image).
 
@@ -332,6 +334,7 @@ def pseudo_label_shard(input_url: str, output_path: str, teacher: LoadedTeacher,
             np.save(fh, np.concatenate(features) if features else np.zeros((0, teacher.feature_dim), np.float16))
     write_index(output_path, index.rows())
     summary = _summary(reader, index, teacher, writer, identity, start)
+    summary.worker = worker  # the Dask worker's address (the manifest counts them), "" in process
     summary_marker(output_path).write(summary)
     return summary
 
