@@ -17,7 +17,7 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "[setup] creating .venv with $($PY --version)"
   $PY -m venv .venv
 fi
-if ! .venv/bin/python -c "import noisystudent, torch, torchvision, timm, albumentations, webdataset, distributed, mlflow, skimage, pytest, xdist, dask_jobqueue, dask_kubernetes, s3fs, moto.server, gcsfs, gcp_storage_emulator, ruff" 2>/dev/null; then
+if ! .venv/bin/python -c "import noisystudent, torch, torchvision, timm, albumentations, webdataset, distributed, mlflow, skimage, pytest, xdist, pytest_timeout, dask_jobqueue, dask_kubernetes, s3fs, moto.server, gcsfs, gcp_storage_emulator, ruff" 2>/dev/null; then
   echo "[setup] installing noisystudent and its dependencies into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[dev]"

@@ -1,0 +1,135 @@
+"""Labeling on a real single-node SLURM (Debian's slurm-wlm, started by tests/local_slurm.py).
+
+The worker jobs are real SLURM jobs running ``dask worker`` under this interpreter; the driver is
+``pipelines/pseudo_label.py`` with ``cluster.kind=slurm``. Where SLURM cannot be started here (not
+root, no apt-get) every test skips with the reason.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import local_slurm
+import pytest
+from conftest import REPO, script_command
+from test_labeling import ENV, _output_keys, _shard_writes
+
+from noisystudent.data.label_manifest import LabelManifest
+from noisystudent.data.shard_io import iter_samples, write_shard
+from noisystudent.models import ModelSpec, create_model, save_model
+
+pytestmark = pytest.mark.xdist_group("slurm")  # one SLURM, one test at a time
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    started, reason = local_slurm.start()
+    if reason:
+        pytest.skip(f"no local SLURM: {reason}")
+    yield local_slurm.PARTITION
+    if started:
+        local_slurm.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_corpus(smoke_data, tmp_path_factory):
+    """24 shards x 125 real images, labeled by resnet18 at 224 px: about 1.5 minutes of work for one
+    worker on a fast 2-core machine, so that a 1-minute walltime ends its job mid-corpus."""
+    root = tmp_path_factory.mktemp("slurm-corpus")
+    samples = [s for p in sorted((smoke_data / "unlabeled").glob("shard-*.tar")) for s in iter_samples(str(p))]
+    keys = []
+    for shard in range(24):
+        batch = []
+        for i in range(125):
+            key = f"s{shard:02d}-{i:03d}"
+            keys.append(key)
+            batch.append({"__key__": key, "png": samples[(shard * 125 + i) % len(samples)]["png"]})
+        write_shard(root / "in" / f"part-{shard:03d}.tar", batch)
+    spec = ModelSpec("resnet18", 10, 1, 224, [str(c) for c in range(10)], [0.286], [0.353])
+    save_model(root / "teacher.pt", create_model(spec).eval(), spec)
+    return root, keys
+
+
+def _slurm_cmd(root, out, tmp_path, *overrides: str) -> list[str]:
+    return script_command(
+        "pseudo_label.py",
+        "--teacher",
+        str(root / "teacher.pt"),
+        "--shards",
+        str(root / "in" / "part-*.tar"),
+        "--out",
+        str(out),
+        overrides=[
+            "tracking.enabled=false",
+            "data.image_size=224",
+            "pseudo_label.batch_size=25",
+            "cluster.kind=slurm",
+            "cluster.n_workers=1",
+            "cluster.threads_per_worker=1",
+            "cluster.torch_threads=1",
+            "cluster.memory_limit=3GiB",
+            "cluster.dashboard_address=127.0.0.1:0",
+            "cluster.wait_for_workers_s=120",
+            f"cluster.slurm.log_directory={tmp_path / 'slurm-logs'}",
+            *overrides,
+        ],
+    )
+
+
+def test_a_worker_job_ended_by_its_walltime_is_replaced_and_every_shard_is_written_once(slurm, slow_corpus, tmp_path):
+    root, keys = slow_corpus
+    out = tmp_path / "labels"
+    seen_jobs: list[str] = []
+    stop = threading.Event()
+
+    def watch_queue():
+        while not stop.is_set():
+            seen_jobs.extend(j for j in local_slurm.jobs() if j not in seen_jobs)
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch_queue, daemon=True)
+    watcher.start()
+    start = time.time()
+    try:
+        with _shard_writes(out) as writes:
+            # a 1-minute walltime (SLURM's shortest) ends the only worker job mid-corpus
+            cmd = _slurm_cmd(root, out, tmp_path, f"cluster.slurm.queue={slurm}", "cluster.slurm.walltime=00:01:00")
+            r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    finally:
+        stop.set()
+        watcher.join()
+    wall = time.time() - start
+    assert r.returncode == 0, r.stderr[-3000:]
+    states = {j: local_slurm.job_state(j) for j in seen_jobs}
+    print(f"\nworker jobs {states}; {wall:.0f} s")
+    assert list(states.values()).count("TIMEOUT") >= 1 and len(states) >= 2  # ended by walltime, replaced
+    assert local_slurm.jobs() == []  # no job left behind
+    manifest = LabelManifest.load(out)
+    counts = _output_keys(manifest)
+    assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}
+    assert manifest.total_samples == len(keys) and manifest.skipped.total == 0
+    assert len(writes) == 24 and set(writes.values()) == {1}, writes
+    workers = Counter(s.worker for s in manifest.shards)
+    assert len(workers) >= 2, workers  # the first job's worker and its replacement's
+
+
+def test_a_partition_that_does_not_exist_fails_at_once_naming_the_key(slurm, slow_corpus, tmp_path):
+    root, _ = slow_corpus
+    start = time.time()
+    r = subprocess.run(
+        _slurm_cmd(root, tmp_path / "labels", tmp_path, "cluster.slurm.queue=no-such-partition"),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    took = time.time() - start
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert "cluster.slurm.queue='no-such-partition'" in line and "invalid partition" in line.lower()
+    assert took < 60 and local_slurm.jobs() == []  # not the 120 s wait for workers; nothing submitted
+    print(f"\nfailed in {took:.1f} s: {line}")
