@@ -27,23 +27,28 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1", "
 SLOW = ["data.image_size=96", "pseudo_label.batch_size=32"]
 
 
-@pytest.fixture(scope="module")
-def corpus(smoke_data, tmp_path_factory):
-    """12 shards x 60 real Fashion-MNIST/OOD images (re-sharded smoke corpus), unique keys."""
-    root = tmp_path_factory.mktemp("corpus")
+def make_corpus(root: Path, smoke_data: Path, shards: int, per_shard: int, image_size: int) -> list[str]:
+    """``shards`` x ``per_shard`` real Fashion-MNIST/OOD images (the smoke corpus re-sharded, unique
+    keys) in ``root/in``, and a random-weight resnet18 teacher at ``image_size`` in ``root``."""
     samples = [s for p in sorted((smoke_data / "unlabeled").glob("shard-*.tar")) for s in iter_samples(str(p))]
     keys = []
-    for shard in range(12):
+    for shard in range(shards):
         batch = []
-        for i in range(60):
-            s = samples[(shard * 60 + i) % len(samples)]
+        for i in range(per_shard):
             key = f"s{shard:02d}-{i:03d}"
             keys.append(key)
-            batch.append({"__key__": key, "png": s["png"]})
+            batch.append({"__key__": key, "png": samples[(shard * per_shard + i) % len(samples)]["png"]})
         write_shard(root / "in" / f"part-{shard:03d}.tar", batch)
-    spec = ModelSpec("resnet18", 10, 1, 96, [str(c) for c in range(10)], [0.286], [0.353])
+    spec = ModelSpec("resnet18", 10, 1, image_size, [str(c) for c in range(10)], [0.286], [0.353])
     save_model(root / "teacher.pt", create_model(spec).eval(), spec)
-    return root, keys
+    return keys
+
+
+@pytest.fixture(scope="module")
+def corpus(smoke_data, tmp_path_factory):
+    """12 shards x 60 images, labeled at 96 px."""
+    root = tmp_path_factory.mktemp("corpus")
+    return root, make_corpus(root, smoke_data, 12, 60, 96)
 
 
 def _label_cmd(root: Path, out: Path, *overrides: str) -> list[str]:
@@ -271,20 +276,27 @@ def test_label_cache_is_shared_by_teacher_and_preprocessing_and_follows_input_ch
     assert len(recs) == int((table.confidence >= float(np.median(table.confidence))).sum())
 
 
-def test_slurm_job_script_requests_gpus_and_dask_resources():
+def _slurm_job_script(config: str, overlay: str):
+    """The config of ``config`` + ``overlay``, and the worker job script its SLURMCluster renders."""
     from noisystudent.config import load_config
-    from noisystudent.labeling.cluster import slurm_cluster, task_resources
+    from noisystudent.labeling.cluster import slurm_cluster
 
     cfg = load_config(
-        REPO / "configs" / "imagenet.yaml",
-        overlays=[REPO / "configs" / "cluster" / "slurm-gpu.yaml"],
+        REPO / "configs" / config,
+        overlays=[REPO / "configs" / "cluster" / overlay],
         overrides=["cluster.dashboard_address=127.0.0.1:0"],
     )
     cluster = slurm_cluster(cfg.cluster)
     try:
-        script = cluster.job_script()
+        return cfg, cluster.job_script()
     finally:
         cluster.close()
+
+
+def test_slurm_job_script_requests_gpus_and_dask_resources():
+    from noisystudent.labeling.cluster import task_resources
+
+    cfg, script = _slurm_job_script("imagenet.yaml", "slurm-gpu.yaml")
     assert f"#SBATCH --gres=gpu:{cfg.cluster.gpus_per_worker}" in script
     assert f"--resources GPU={cfg.cluster.gpus_per_worker}" in script
     assert f"#SBATCH -p {cfg.cluster.slurm.queue}" in script
@@ -294,19 +306,9 @@ def test_slurm_job_script_requests_gpus_and_dask_resources():
 def test_the_cpu_slurm_overlay_named_in_the_help_exists_and_its_workers_run_this_python():
     import sys
 
-    from noisystudent.config import load_config
-    from noisystudent.labeling.cluster import slurm_cluster, task_resources
+    from noisystudent.labeling.cluster import task_resources
 
-    cfg = load_config(
-        REPO / "configs" / "default.yaml",
-        overlays=[REPO / "configs" / "cluster" / "slurm.yaml"],
-        overrides=["cluster.dashboard_address=127.0.0.1:0"],
-    )
-    cluster = slurm_cluster(cfg.cluster)
-    try:
-        script = cluster.job_script()
-    finally:
-        cluster.close()
+    cfg, script = _slurm_job_script("default.yaml", "slurm.yaml")
     # no GPU asked for, and no venv to activate: the worker runs the driver's own interpreter
     assert "--gres" not in script and "activate" not in script and task_resources(cfg.cluster) is None
     assert f"{sys.executable} -m distributed.cli.dask_worker" in script

@@ -14,12 +14,10 @@ from collections import Counter
 
 import local_slurm
 import pytest
-from conftest import REPO, script_command
-from test_labeling import ENV, _output_keys, _shard_writes
+from conftest import REPO
+from test_labeling import ENV, _label_cmd, _output_keys, _shard_writes, make_corpus
 
 from noisystudent.data.label_manifest import LabelManifest
-from noisystudent.data.shard_io import iter_samples, write_shard
-from noisystudent.models import ModelSpec, create_model, save_model
 
 pytestmark = pytest.mark.xdist_group("slurm")  # one SLURM, one test at a time
 
@@ -39,43 +37,25 @@ def slow_corpus(smoke_data, tmp_path_factory):
     """24 shards x 125 real images, labeled by resnet18 at 224 px: about 1.5 minutes of work for one
     worker on a fast 2-core machine, so that a 1-minute walltime ends its job mid-corpus."""
     root = tmp_path_factory.mktemp("slurm-corpus")
-    samples = [s for p in sorted((smoke_data / "unlabeled").glob("shard-*.tar")) for s in iter_samples(str(p))]
-    keys = []
-    for shard in range(24):
-        batch = []
-        for i in range(125):
-            key = f"s{shard:02d}-{i:03d}"
-            keys.append(key)
-            batch.append({"__key__": key, "png": samples[(shard * 125 + i) % len(samples)]["png"]})
-        write_shard(root / "in" / f"part-{shard:03d}.tar", batch)
-    spec = ModelSpec("resnet18", 10, 1, 224, [str(c) for c in range(10)], [0.286], [0.353])
-    save_model(root / "teacher.pt", create_model(spec).eval(), spec)
-    return root, keys
+    return root, make_corpus(root, smoke_data, 24, 125, 224)
 
 
 def _slurm_cmd(root, out, tmp_path, *overrides: str) -> list[str]:
-    return script_command(
-        "pseudo_label.py",
-        "--teacher",
-        str(root / "teacher.pt"),
-        "--shards",
-        str(root / "in" / "part-*.tar"),
-        "--out",
-        str(out),
-        overrides=[
-            "tracking.enabled=false",
-            "data.image_size=224",
-            "pseudo_label.batch_size=25",
-            "cluster.kind=slurm",
-            "cluster.n_workers=1",
-            "cluster.threads_per_worker=1",
-            "cluster.torch_threads=1",
-            "cluster.memory_limit=3GiB",
-            "cluster.dashboard_address=127.0.0.1:0",
-            "cluster.wait_for_workers_s=120",
-            f"cluster.slurm.log_directory={tmp_path / 'slurm-logs'}",
-            *overrides,
-        ],
+    """The pseudo_label command with one single-threaded SLURM worker job (later --set win)."""
+    return _label_cmd(
+        root,
+        out,
+        "data.image_size=224",
+        "pseudo_label.batch_size=25",
+        "cluster.kind=slurm",
+        "cluster.n_workers=1",
+        "cluster.threads_per_worker=1",
+        "cluster.torch_threads=1",
+        "cluster.memory_limit=3GiB",
+        "cluster.dashboard_address=127.0.0.1:0",
+        "cluster.wait_for_workers_s=120",
+        f"cluster.slurm.log_directory={tmp_path / 'slurm-logs'}",
+        *overrides,
     )
 
 
