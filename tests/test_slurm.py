@@ -113,3 +113,46 @@ def test_a_partition_that_does_not_exist_fails_at_once_naming_the_key(slurm, slo
     assert "cluster.slurm.queue='no-such-partition'" in line and "invalid partition" in line.lower()
     assert took < 60 and local_slurm.jobs() == []  # not the 120 s wait for workers; nothing submitted
     print(f"\nfailed in {took:.1f} s: {line}")
+
+
+def test_the_driver_sbatch_script_runs_as_written_with_extra_arguments(slurm, smoke_data, tmp_path):
+    """infra/slurm/pseudo_label.sbatch submitted with sbatch from the checkout: the driver job
+    labels a small corpus through its own worker job, with --set arguments passed through."""
+    root = tmp_path / "corpus"
+    keys = make_corpus(root, smoke_data, 4, 30, 64)
+    out = tmp_path / "labels"
+    overrides = [
+        "tracking.enabled=false",
+        "data.image_size=64",
+        "cluster.n_workers=1",
+        "cluster.threads_per_worker=1",
+        "cluster.torch_threads=1",
+        "cluster.memory_limit=2GiB",
+        "cluster.dashboard_address=127.0.0.1:0",
+        f"cluster.slurm.queue={slurm}",
+        f"cluster.slurm.log_directory={tmp_path / 'slurm-logs'}",
+    ]
+    extra = ["--shards", str(root / "in" / "part-*.tar"), *(arg for o in overrides for arg in ("--set", o))]
+    env = {**ENV, "NOISYSTUDENT_CONFIG": "configs/smoke.yaml", "NOISYSTUDENT_OVERLAY": "configs/cluster/slurm.yaml"}
+    r = subprocess.run(
+        ["sbatch", "--parsable", "infra/slurm/pseudo_label.sbatch", str(root / "teacher.pt"), str(out), *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    driver = r.stdout.strip().split(";")[0]
+    log = REPO / f"noisystudent-label-{driver}.out"
+    try:
+        deadline = time.time() + 300
+        while driver in local_slurm.jobs() and time.time() < deadline:
+            time.sleep(1)
+        state = local_slurm.job_state(driver)
+        assert state == "COMPLETED", f"driver job {state}: {log.read_text()[-3000:] if log.exists() else 'no log'}"
+        manifest = LabelManifest.load(out)
+        assert sorted(_output_keys(manifest)) == sorted(keys)
+        assert local_slurm.jobs() == []  # its worker job was cancelled at the end
+    finally:
+        log.unlink(missing_ok=True)
