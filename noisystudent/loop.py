@@ -21,7 +21,7 @@ from .config import Config, ConfigError, flatten, to_dict
 from .data.imagefolder import LabeledData, load_labeled_data
 from .data.label_manifest import LabelManifest
 from .data.pseudo_labels import label_agreement
-from .data.shard_io import expand_urls
+from .data.shard_io import check_local_shards, expand_urls
 from .engine.train import TrainResult
 from .io import sha256_json
 from .labeling.cluster import ClusterSession
@@ -59,7 +59,7 @@ def iterate(cfg: Config, *, allow_config_change: bool = False) -> LoopResult:
     layout = RunLayout(Path(cfg.run_dir))
     # Fail fast, before any training: data, shards, ladder, tracking server.
     data = load_labeled_data(cfg.data)
-    expand_urls(cfg.data.unlabeled_shards)
+    check_local_shards(expand_urls(cfg.data.unlabeled_shards))
     params = (
         check_ladder(cfg.ladder, cfg.generations, len(data.class_names), cfg.data.channels)
         if cfg.require_equal_or_larger

@@ -67,6 +67,24 @@ def test_missing_shards_fail_before_training(smoke_data, tmp_path):
     assert not (tmp_path / "run" / "gen-0").exists()
 
 
+@pytest.mark.parametrize("bad", ["directory", "random_bytes"])
+def test_a_shard_that_is_no_tar_fails_before_training_naming_it(smoke_data, tmp_path, bad):
+    # a directory was retried 4 times by Dask and ended in a traceback after the teacher had trained;
+    # random bytes named .tar.gz were counted as truncated_tar with "0 sample(s) lost"
+    shard = tmp_path / ("corpus.tar" if bad == "directory" else "corpus.tar.gz")
+    if bad == "directory":
+        shard.mkdir()
+    else:
+        shard.write_bytes(np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    over = smoke_overrides(smoke_data, tmp_path / "run")
+    over[-1] = f"data.unlabeled_shards={shard}"
+    r = run_script("pipelines/iterate.py", "--config", "configs/smoke.yaml", *sum((["--set", o] for o in over), []))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert str(shard) in line and ("is a directory" if bad == "directory" else "is not a tar file") in line
+    assert not (tmp_path / "run" / "gen-0").exists()  # nothing trained
+
+
 def test_empty_class_folder_is_named(smoke_data, tmp_path):
     from noisystudent.data.imagefolder import DataError, scan_image_folder
 

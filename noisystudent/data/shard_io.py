@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from .. import storage
 from ..errors import ShardError
 from ..records import JsonRecord
-from .tar_reader import Damage, Member, SampleAssembler, iter_members, open_shard
+from .tar_reader import Damage, Member, SampleAssembler, header_ok, iter_members, open_shard
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm")
 #: Evaluation-only member (true class name, OOD tag, source). Training code never reads it.
@@ -107,6 +107,37 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
     if not urls:
         raise ShardError(f"no shards match {spec!r}: check data.unlabeled_shards (brace pattern or glob)")
     return urls
+
+
+# How far into a local shard a header is looked for before it is called "not a tar": a shard whose
+# first header is damaged is still read (from its next header), and the next is within one member.
+_TAR_PROBE_BYTES = 1 << 20
+
+
+def check_local_shards(urls: list[str]) -> None:
+    """Errors no retry can fix, raised before anything trains or labels: a local shard path that
+    is a directory, or a file with no tar header in its first MiB (after gzip/bzip2/xz, if it is
+    one of those). Object-store URLs are checked when a task opens them (a request per shard here
+    would cost minutes on a large corpus)."""
+    for url in urls:
+        if storage.is_url(url):
+            continue
+        if os.path.isdir(url):
+            raise ShardError(f"shard {url} is a directory, not a tar file: check data.unlabeled_shards")
+        if not os.path.isfile(url):
+            raise ShardError(f"shard not found: {url}")
+        try:
+            with open(url, "rb") as fh:
+                head = open_shard(io.BufferedReader(fh)).read(_TAR_PROBE_BYTES)
+        except (OSError, EOFError, ValueError) as exc:  # a gzip/bzip2/xz stream that is not one
+            raise ShardError(f"shard {url} cannot be decompressed ({exc}): check data.unlabeled_shards") from exc
+        empty_archive = not head.strip(b"\0")  # nothing, or only end-of-archive zeros
+        blocks = (head[i : i + 512] for i in range(0, len(head) - 511, 512))
+        if not empty_archive and not any(header_ok(b) for b in blocks):
+            raise ShardError(
+                f"shard {url} is not a tar file (no tar header in its first {len(head):,} bytes): "
+                "check data.unlabeled_shards"
+            )
 
 
 def input_identity(url: str) -> dict:
