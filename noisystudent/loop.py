@@ -29,6 +29,7 @@ from .models import check_ladder
 from .noise import augmentation_grid, create_train_transform
 from .plots import augmentation_grid_png, generations_png
 from .resume import DoneMarker
+from .run_lock import run_directory_lock
 from .seeds import Seeds, Stream
 from .stages.evaluate import EvalReport, EvaluateStage
 from .stages.pseudo_label import PseudoLabelStage
@@ -69,6 +70,7 @@ def iterate(cfg: Config, *, allow_config_change: bool = False) -> LoopResult:
     options = RunOptions(id_file=layout.parent_run_id.name, allow_config_change=allow_config_change)
     result = LoopResult([])
     with (
+        run_directory_lock(layout.root, "iterate"),
         tracked_run(cfg, layout.root, f"iterate-{layout.root.name}", tags, options=options) as tracker,
         ClusterSession(cfg.cluster) as cluster,
     ):

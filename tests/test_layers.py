@@ -17,7 +17,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "noisystudent"
 LAYERS = [
     ("base", ["noisystudent", "noisystudent.errors", "noisystudent.io", "noisystudent.plots", "noisystudent.records"]),
     ("storage", ["noisystudent.storage"]),  # local paths and URLs (fsspec): every file the data layer opens
-    ("resume", ["noisystudent.resume"]),  # done markers: a record written last, locally or in object storage
+    (
+        "resume",
+        ["noisystudent.resume", "noisystudent.run_lock"],
+    ),  # done markers: a record written last, locally or in object storage
     ("config", ["noisystudent.config"]),
     ("data", ["noisystudent.data"]),
     ("models and noise", ["noisystudent.models", "noisystudent.noise", "noisystudent.prepare"]),

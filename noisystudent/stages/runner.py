@@ -4,6 +4,7 @@ MLflow run, with the resolved config beside its outputs. The stages are the ones
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from ..data.label_manifest import LabelManifest
 from ..engine import distributed as ddp
 from ..engine.train import TrainResult
 from ..labeling.cluster import ClusterSession
+from ..run_lock import run_directory_lock
 from ..tracking.registry import resolve_teacher
 from ..tracking.stage_run import RunOptions, tracked_run
 from ..tracking.tracker import Tracker
@@ -52,9 +54,13 @@ def run_single_stage(cfg: Config, request: StageRequest, allow_config_change: bo
             raise ConfigError(
                 "pseudo-labeling scales with Dask (cluster.*), not torchrun: run pseudo-label as one process"
             )
-        return _pseudo_label_command(cfg, request)
+        with run_directory_lock(request.out_dir, request.stage):
+            return _pseudo_label_command(cfg, request)
+    # rank 0 writes the directory; under torchrun the other ranks only read what it wrote
+    lock = run_directory_lock(request.out_dir, request.stage) if env.is_main else contextlib.nullcontext()
     try:
-        return _training_command(cfg, request, env, allow_config_change)
+        with lock:
+            return _training_command(cfg, request, env, allow_config_change)
     finally:
         ddp.shutdown()  # every rank, once rank 0 has evaluated and reported
 
