@@ -85,6 +85,41 @@ def test_a_shard_that_is_no_tar_fails_before_training_naming_it(smoke_data, tmp_
     assert not (tmp_path / "run" / "gen-0").exists()  # nothing trained
 
 
+def test_a_class_name_spelled_nfd_in_one_split_and_nfc_in_another_is_one_class(smoke_data, tmp_path):
+    # the two spellings look identical; the old check called the val folder "not one of the training classes"
+    import unicodedata
+
+    from noisystudent.data.imagefolder import scan_image_folder
+
+    image = next((smoke_data / "labeled" / "train").rglob("*.png"))
+    for split, form in (("train", "NFC"), ("val", "NFD")):
+        for name in ("Café", "Tea"):
+            folder = tmp_path / split / unicodedata.normalize(form, name)
+            folder.mkdir(parents=True)
+            shutil.copy(image, folder / "a.png")
+    train = scan_image_folder(tmp_path / "train")
+    val = scan_image_folder(tmp_path / "val", train.class_names)
+    assert train.class_names == val.class_names == [unicodedata.normalize("NFC", "Café"), "Tea"]
+    assert sorted(t for _, t in val.files) == [0, 1]
+
+
+def test_a_class_folder_linked_to_another_class_folder_is_named(smoke_data, tmp_path):
+    # it became an extra class full of duplicate images, with no warning
+    from noisystudent.data.imagefolder import DataError, scan_image_folder
+
+    root = tmp_path / "train"
+    shutil.copytree(smoke_data / "labeled" / "train", root)
+    first = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (root / "zz-copy").symlink_to(first, target_is_directory=True)
+    with pytest.raises(DataError, match=rf"class folder .*zz-copy is a link to .*{first.name}, another class folder"):
+        scan_image_folder(root)
+    outside = tmp_path / "elsewhere" / "extra"  # a link to a folder outside the root stays a class
+    shutil.copytree(first, outside)
+    (root / "zz-copy").unlink()
+    (root / "zz-extra").symlink_to(outside, target_is_directory=True)
+    assert "zz-extra" in scan_image_folder(root).class_names
+
+
 def test_empty_class_folder_is_named(smoke_data, tmp_path):
     from noisystudent.data.imagefolder import DataError, scan_image_folder
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,19 +44,38 @@ def scan_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DataError(f"no class folders in {root}: expected ImageFolder layout root/<class>/<image>")
-    names = class_names if class_names is not None else [p.name for p in folders]
+    _refuse_links_between_classes(root, folders)
+    # one spelling per name: macOS writes folder names decomposed (NFD), most tools composed (NFC),
+    # and the two look identical in every message
+    names = [_nfc(n) for n in class_names] if class_names is not None else [_nfc(p.name) for p in folders]
     lookup = {n: i for i, n in enumerate(names)}
     files: list[tuple[str, int]] = []
     for folder in folders:
-        if folder.name not in lookup:
+        if _nfc(folder.name) not in lookup:
             raise DataError(f"class folder {folder} is not one of the training classes {names}: remove it or relabel")
         images = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
         if not images:
             raise DataError(
                 f"empty class folder: {folder} has no images ({', '.join(IMAGE_EXTS)}); add images or remove the folder"
             )
-        files.extend((f, lookup[folder.name]) for f in images)
+        files.extend((f, lookup[_nfc(folder.name)]) for f in images)
     return ImageFolderIndex(root=root, class_names=list(names), files=files)
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def _refuse_links_between_classes(root: Path, folders: list[Path]) -> None:
+    """A class folder that links to another class folder of the same root would make its images a
+    second class of duplicates; a link to a folder elsewhere (a dataset kept on another disk) is fine."""
+    real = {f.resolve(): f for f in folders if not f.is_symlink()}
+    for folder in folders:
+        if folder.is_symlink() and folder.resolve() in real:
+            raise DataError(
+                f"class folder {folder} is a link to {real[folder.resolve()]}, another class folder of {root}: "
+                "its images would count twice, under two classes; remove the link"
+            )
 
 
 class LabeledImages(Dataset):
