@@ -130,3 +130,16 @@ def job_state(job_id: str) -> str:
     """A job's state (RUNNING, COMPLETED, TIMEOUT, CANCELLED, ...) while slurmctld remembers it."""
     out = _run("scontrol", "show", "job", job_id, timeout=10).stdout
     return next((f.split("=", 1)[1] for f in out.split() if f.startswith("JobState=")), "UNKNOWN")
+
+
+def job_pids(job_id: str) -> list[int]:
+    """The processes of a running job on this node (the batch script and what it started)."""
+    host = _run("hostname", "-s").stdout.strip()
+    lines = _run("scontrol", "listpids", job_id, host, timeout=10).stdout.splitlines()[1:]
+    return [int(line.split()[0]) for line in lines if line.split() and line.split()[0].isdigit()]
+
+
+def known_jobs() -> list[str]:
+    """Every job slurmctld still remembers (finished ones for MinJobAge, 300 s by default)."""
+    out = _run("scontrol", "show", "job", "-o", timeout=10).stdout
+    return [f.split("=", 1)[1] for line in out.splitlines() for f in line.split()[:1] if f.startswith("JobId=")]
