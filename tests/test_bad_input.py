@@ -83,6 +83,19 @@ def test_a_shard_that_is_no_tar_fails_before_training_naming_it(smoke_data, tmp_
     line = r.stderr.strip().splitlines()[-1]
     assert str(shard) in line and ("is a directory" if bad == "directory" else "is not a tar file") in line
     assert not (tmp_path / "run" / "gen-0").exists()  # nothing trained
+    # the pseudo-label command alone refuses it too, before it looks for its teacher
+    r = run_script(
+        "pipelines/pseudo_label.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--teacher",
+        str(tmp_path / "model.pt"),
+        "--shards",
+        str(shard),
+        "--out",
+        str(tmp_path / "labels"),
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line
 
 
 def test_a_class_name_spelled_nfd_in_one_split_and_nfc_in_another_is_one_class(smoke_data, tmp_path):

@@ -128,7 +128,11 @@ def check_local_shards(urls: list[str]) -> None:
             raise ShardError(f"shard not found: {url}")
         try:
             with open(url, "rb") as fh:
-                head = open_shard(io.BufferedReader(fh)).read(_TAR_PROBE_BYTES)
+                stream = open_shard(io.BufferedReader(fh))
+                head = stream.read(512)
+                if header_ok(head):  # the usual shard: one block read, not a MiB per shard of a large corpus
+                    continue
+                head += stream.read(_TAR_PROBE_BYTES - 512)
         except (OSError, EOFError, ValueError) as exc:  # a gzip/bzip2/xz stream that is not one
             raise ShardError(f"shard {url} cannot be decompressed ({exc}): check data.unlabeled_shards") from exc
         empty_archive = not head.strip(b"\0")  # nothing, or only end-of-archive zeros

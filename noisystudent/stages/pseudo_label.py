@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..data.label_manifest import MANIFEST_FILE, LabelManifest
-from ..data.shard_io import check_local_shards, expand_urls
+from ..data.shard_io import expand_urls
 from ..engine.device import resolve_device
 from ..labeling.corpus import label_corpus
 from ..labeling.job import LabelingJob, resolve_decode
@@ -64,8 +64,7 @@ class PseudoLabelStage(StageBase):
 
     def run(self, ctx: StageContext) -> LabelManifest:
         job = labeling_job(ctx.cfg, self.teacher, self.teacher_run_id, self.save_features)
-        shards = expand_urls(ctx.cfg.data.unlabeled_shards)
-        check_local_shards(shards)
+        shards = expand_urls(ctx.cfg.data.unlabeled_shards)  # checked once, before the command ran any stage
         return label_corpus(job, shards, self.out_dir, ctx.cluster, self.show_progress)
 
     def metrics(self, record: LabelManifest) -> dict[str, float | list[float]]:

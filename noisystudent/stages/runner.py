@@ -12,6 +12,7 @@ from typing import Any, Literal
 from ..config import Config, ConfigError, flatten, to_dict
 from ..data.imagefolder import load_labeled_data
 from ..data.label_manifest import LabelManifest
+from ..data.shard_io import check_local_shards, expand_urls
 from ..engine import distributed as ddp
 from ..engine.train import TrainResult
 from ..labeling.cluster import ClusterSession
@@ -107,6 +108,7 @@ def _trained_summary(stage: str, trained: TrainResult, report: EvalReport, ranks
 
 def _pseudo_label_command(cfg: Config, request: StageRequest) -> StageSummary:
     """The labeling pass alone, its manifest attached to its run; the teacher may be an MLflow run id."""
+    check_local_shards(expand_urls(cfg.data.unlabeled_shards))  # fail fast, as iterate does
     out_dir = request.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.tracking, out_dir)
