@@ -51,14 +51,15 @@ def scan_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
     lookup = {n: i for i, n in enumerate(names)}
     files: list[tuple[str, int]] = []
     for folder in folders:
-        if _nfc(folder.name) not in lookup:
+        name = _nfc(folder.name)
+        if name not in lookup:
             raise DataError(f"class folder {folder} is not one of the training classes {names}: remove it or relabel")
         images = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
         if not images:
             raise DataError(
                 f"empty class folder: {folder} has no images ({', '.join(IMAGE_EXTS)}); add images or remove the folder"
             )
-        files.extend((f, lookup[_nfc(folder.name)]) for f in images)
+        files.extend((f, lookup[name]) for f in images)
     return ImageFolderIndex(root=root, class_names=list(names), files=files)
 
 
@@ -71,9 +72,10 @@ def _refuse_links_between_classes(root: Path, folders: list[Path]) -> None:
     second class of duplicates; a link to a folder elsewhere (a dataset kept on another disk) is fine."""
     real = {f.resolve(): f for f in folders if not f.is_symlink()}
     for folder in folders:
-        if folder.is_symlink() and folder.resolve() in real:
+        target = real.get(folder.resolve()) if folder.is_symlink() else None
+        if target is not None:
             raise DataError(
-                f"class folder {folder} is a link to {real[folder.resolve()]}, another class folder of {root}: "
+                f"class folder {folder} is a link to {target}, another class folder of {root}: "
                 "its images would count twice, under two classes; remove the link"
             )
 

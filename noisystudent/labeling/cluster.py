@@ -214,29 +214,27 @@ def _start_cluster(cfg: ClusterConfig):
     raise ClusterError(f"config key 'cluster.kind' has unknown value {cfg.kind!r}")
 
 
+# Where to look when workers are missing, at start-up or in the middle of a pass, per backend
+_NO_WORKER_HINTS = {
+    "local": "check the worker logs above (a worker over cluster.memory_limit is killed)",
+    "address": "check the workers started against cluster.address",
+    "slurm": "check squeue and the job logs in cluster.slurm.log_directory "
+    "(still queued, walltime, preemption, a lost node)",
+    "kubernetes": "check the worker pods (kubectl get pods: pending, evicted, OOMKilled)",
+}
+
+
 def _wait_for_workers(client, cluster, cfg: ClusterConfig) -> None:
     """Batch queues can be slow: wait for the first worker, failing with a clear line rather than
     hanging. A local cluster waits for all its workers (a GPU one scales up after it starts)."""
-    if cfg.kind == "local":
-        wanted, where = len(cluster.worker_spec), "check the worker logs above"
-    else:
-        wanted, where = 1, "check the queue/pods"
+    wanted = len(cluster.worker_spec) if cfg.kind == "local" else 1
     try:
         client.wait_for_workers(wanted, timeout=cfg.wait_for_workers_s)
     except TimeoutError as exc:
         raise ClusterError(
             f"fewer than {wanted} Dask worker(s) joined within {cfg.wait_for_workers_s}s "
-            f"(cluster.kind={cfg.kind}); {where} and cluster.wait_for_workers_s"
+            f"(cluster.kind={cfg.kind}); {_NO_WORKER_HINTS[cfg.kind]}, and cluster.wait_for_workers_s"
         ) from exc
-
-
-# What to check when a running pass has lost every worker, per backend
-_NO_WORKER_HINTS = {
-    "local": "check the worker logs above (a worker over cluster.memory_limit is killed)",
-    "address": "check the workers started against cluster.address",
-    "slurm": "check squeue and the job logs in cluster.slurm.log_directory (walltime, preemption, a lost node)",
-    "kubernetes": "check the worker pods (kubectl get pods; evictions, OOMKilled)",
-}
 
 
 class WorkerWatchdog:
@@ -260,7 +258,7 @@ class WorkerWatchdog:
         elif now - self.last_seen > self.cfg.wait_for_workers_s:
             raise ClusterError(
                 f"no Dask worker for {self.cfg.wait_for_workers_s}s in the middle of labeling "
-                f"(cluster.kind={self.cfg.kind}): {_NO_WORKER_HINTS.get(self.cfg.kind, 'check the workers')}; "
+                f"(cluster.kind={self.cfg.kind}): {_NO_WORKER_HINTS[self.cfg.kind]}; "
                 "every shard finished so far is kept and a rerun labels only the rest "
                 "(cluster.wait_for_workers_s sets the limit)"
             )
