@@ -22,20 +22,18 @@ def test_unknown_config_key_exits_2_naming_it(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def _pseudo_label_alone(tmp_path, shards, *extra: str):
+    """The pseudo-label command on ``shards`` with a teacher that does not exist (the checks under test
+    come first) and outputs under ``tmp_path``."""
+    teacher, out = tmp_path / "model.pt", tmp_path / "labels"
+    args = ["--teacher", str(teacher), "--shards", str(shards), *extra, "--out", str(out)]
+    return run_script("pipelines/pseudo_label.py", "--config", "configs/smoke.yaml", *args)
+
+
 def test_a_flag_and_a_set_that_disagree_exit_2_naming_both(tmp_path):
     # --shards once lost to --set data.unlabeled_shards silently, and the wrong corpus was labeled
-    r = run_script(
-        "pipelines/pseudo_label.py",
-        "--config",
-        "configs/smoke.yaml",
-        "--teacher",
-        str(tmp_path / "model.pt"),
-        "--shards",
-        str(tmp_path / "wanted-*.tar"),
-        "--set",
-        f"data.unlabeled_shards={tmp_path / 'other-*.tar'}",
-        "--out",
-        str(tmp_path / "labels"),
+    r = _pseudo_label_alone(
+        tmp_path, tmp_path / "wanted-*.tar", "--set", f"data.unlabeled_shards={tmp_path / 'other-*.tar'}"
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
@@ -84,17 +82,7 @@ def test_a_shard_that_is_no_tar_fails_before_training_naming_it(smoke_data, tmp_
     assert str(shard) in line and ("is a directory" if bad == "directory" else "is not a tar file") in line
     assert not (tmp_path / "run" / "gen-0").exists()  # nothing trained
     # the pseudo-label command alone refuses it too, before it looks for its teacher
-    r = run_script(
-        "pipelines/pseudo_label.py",
-        "--config",
-        "configs/smoke.yaml",
-        "--teacher",
-        str(tmp_path / "model.pt"),
-        "--shards",
-        str(shard),
-        "--out",
-        str(tmp_path / "labels"),
-    )
+    r = _pseudo_label_alone(tmp_path, shard)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line
 
 
