@@ -4,6 +4,7 @@ through fsspec as it would reach AWS or a CDN; nothing of ours is mocked."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -257,16 +258,7 @@ def test_http_corpus_is_read_by_streaming_and_http_outputs_are_refused(smoke_dat
     for p in local:
         (served / p.name).write_bytes(p.read_bytes())
     (served / "extra.tar.gz").write_bytes(gzip.compress(local[0].read_bytes()))
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)],
-        cwd=served,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        assert wait_for_http(base, proc, 60)
+    with _http_server(served) as base:
         urls = expand_urls(f"{base}/shard-{{000000..000001}}.tar") + [f"{base}/extra.tar.gz"]
         assert [storage.basename(u) for u in urls] == [local[0].name, local[1].name, "extra.tar.gz"]
         expected = [[s["__key__"] for s in iter_samples(str(p))] for p in (*local, local[0])]
@@ -285,9 +277,57 @@ def test_http_corpus_is_read_by_streaming_and_http_outputs_are_refused(smoke_dat
             storage.write_bytes(f"{base}/new.tar", b"x")
         with pytest.raises(StorageError, match="no such object"):
             list(iter_samples(f"{base}/missing.tar"))
+
+
+@contextlib.contextmanager
+def _http_server(served: Path, log=subprocess.DEVNULL):
+    """``python -m http.server`` on ``served``; yields its base URL (request lines go to ``log``)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)],
+        cwd=served,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert wait_for_http(base, proc, 60)
+        yield base
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_a_remote_shard_that_is_not_a_tar_fails_the_pass_once_without_retries(smoke_data, tmp_path):
+    """Random bytes named .tar on a server cannot be checked before labeling (no request per shard):
+    the task reads it once, and the pass fails with one line naming it. Before, it was counted as a
+    cut shard with 0 samples lost and an empty output written; raised, it would be fetched again by
+    each of the task's retries."""
+    from noisystudent.config import ClusterConfig, DataConfig
+    from noisystudent.labeling.cluster import ClusterSession
+    from noisystudent.labeling.corpus import label_corpus
+    from noisystudent.labeling.job import LabelingJob
+
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "junk.tar").write_bytes(np.random.default_rng(0).bytes(20_000))
+    spec = ModelSpec("test_resnet", 10, 1, 28, [str(c) for c in range(10)], [0.286], [0.353])
+    save_model(tmp_path / "t.pt", create_model(spec).eval(), spec)
+    job = LabelingJob.for_checkpoint(
+        tmp_path / "t.pt", DataConfig(image_size=28, channels=1, mean=[0.286], std=[0.353])
+    )
+    log = tmp_path / "requests.log"
+    with log.open("w") as fh, _http_server(served, fh) as base:
+        with ClusterSession(ClusterConfig(n_workers=1, task_retries=5, reuse=True)) as cluster:
+            with pytest.raises(ShardError) as err:
+                label_corpus(job, [f"{base}/junk.tar"], tmp_path / "labels", cluster, show_progress=False)
+            with cluster.client() as client:  # a worker's death is retried as often as a raised error
+                assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures) == 5
+    assert (
+        str(err.value) == f"shard {base}/junk.tar is not a tar file (no tar header in it): check data.unlabeled_shards"
+    )
+    assert log.read_text().count('"GET /junk.tar') == 1, log.read_text()
+    assert not list((tmp_path / "labels").glob("*.tar"))  # no empty output
 
 
 def test_missing_objects_and_an_unreachable_server_get_one_clear_line(s3):

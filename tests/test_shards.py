@@ -79,8 +79,13 @@ def test_empty_tar_and_garbage_are_counted(tmp_path):
     (tmp_path / "junk.tar").write_bytes(os.urandom(3000))
     skips = SkipCounter()
     assert list(iter_samples(str(tmp_path / "empty.tar"), skips)) == []
-    assert list(iter_samples(str(tmp_path / "junk.tar"), skips)) == []
-    assert skips.reasons["empty_tar"] == 1 and skips.reasons["truncated_tar"] == 1
+    assert skips.reasons["empty_tar"] == 1
+    with pytest.raises(ShardError, match=r"junk\.tar is not a tar file \(no tar header in it\)"):
+        list(iter_samples(str(tmp_path / "junk.tar"), skips))  # not a damaged shard: no shard at all
+    # a shard cut inside its first member is damaged, not foreign: what it had is counted as lost
+    write_shard(tmp_path / "good.tar", _samples(3))
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "good.tar").read_bytes()[:700])
+    assert list(iter_samples(str(tmp_path / "cut.tar"), skips)) == [] and skips.reasons["truncated_tar"] == 1
 
 
 def test_unsafe_member_names_are_skipped(tmp_path):
@@ -129,7 +134,11 @@ def test_fuzz_shard_reader_never_crashes_and_never_invents_data(tmp_path):
             data = bytes(buf)
         target.write_bytes(data)
         skips = SkipCounter()
-        got = list(iter_samples(str(target), skips))  # must not raise
+        try:
+            got = list(iter_samples(str(target), skips))  # must not raise on a damaged shard
+        except ShardError:
+            assert kind == 0, f"trial {trial}: a damaged shard was called not a tar"  # random bytes only
+            continue
         assert len(got) <= 12 + 2  # flips can split a sample, never multiply them
         for s in got:
             assert isinstance(s["__key__"], str) and s["__key__"] and "/" not in s["__key__"]

@@ -77,7 +77,13 @@ class ClusterConfig:
     dashboard_address: str = setting(
         "127.0.0.1:0", "Dashboard address (bound to loopback by default; use 0.0.0.0:8787 to expose it)."
     )
-    task_retries: int = setting(3, "Retries of a labeling task whose worker died (the scheduler reruns it elsewhere).")
+    task_retries: int = setting(
+        3,
+        "Reruns of a labeling task whose worker died or that raised a transient error (a storage "
+        "hiccup); a shard that is not a tar file is never retried. A scheduler this command "
+        "starts (local, slurm) takes it as distributed.scheduler.allowed-failures; one at "
+        "cluster.address keeps its own.",
+    )
     wait_for_workers_s: int = setting(600, "Seconds to wait for workers of a slurm/kubernetes cluster to come up.")
     reuse: bool = setting(
         False,

@@ -177,6 +177,12 @@ def iter_samples(url: str, skips: SkipCounter | None = None) -> Iterator[dict[st
             if isinstance(item, Member):
                 yield from samples.member(item)
             elif isinstance(item, Damage):
+                if item.start == 0 and item.resumed_at is None and item.reason == "damaged_header":
+                    # no tar header anywhere in it: not a damaged shard but not a shard at all, an
+                    # error no retry fixes (counting it as a cut shard wrote an empty output)
+                    raise ShardError(
+                        f"shard {url} is not a tar file (no tar header in it): check data.unlabeled_shards"
+                    )
                 samples.damage(item)
                 if item.at_end:
                     end = item.start

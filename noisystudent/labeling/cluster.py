@@ -266,6 +266,7 @@ class WorkerWatchdog:
 
 @contextlib.contextmanager
 def _new_client(cfg: ClusterConfig) -> Iterator[distributed.Client]:  # noqa: F821
+    import dask
     from distributed import Client
 
     if cfg.kind == "address":
@@ -280,7 +281,9 @@ def _new_client(cfg: ClusterConfig) -> Iterator[distributed.Client]:  # noqa: F8
         finally:
             client.close()
         return
-    cluster = _start_cluster(cfg)
+    # a worker's death counts against allowed-failures, not a task's retries: both are task_retries
+    with dask.config.set({"distributed.scheduler.allowed-failures": cfg.task_retries}):
+        cluster = _start_cluster(cfg)
     client = Client(cluster)
     try:
         _wait_for_workers(client, cluster, cfg)

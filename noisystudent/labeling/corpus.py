@@ -25,6 +25,7 @@ from ..data.label_index import INDEX_VERSION, features_path, index_path, index_v
 from ..data.label_manifest import ClusterRef, LabelManifest, ShardEntry
 from ..data.shard_io import SkipCounter, input_identity
 from ..engine.device import resolve_device
+from ..errors import ShardError
 from ..io import remove_stale_temporaries
 from .cluster import ClusterSession, WorkerWatchdog, task_resources
 from .gpus import task_device
@@ -63,22 +64,33 @@ def finished_summary(
     return found if identity is None or found.input_identity == identity else None
 
 
-def _label_task(input_url: str, output_path: str, job: LabelingJob) -> ShardLabelSummary:
+@dataclass(frozen=True)
+class ShardFailure:
+    """What a task returns, rather than raises, for an error no retry can fix (a shard that is not
+    a tar file, or is gone): Dask reruns a task that raised ``cluster.task_retries`` times."""
+
+    message: str
+
+
+def _label_task(input_url: str, output_path: str, job: LabelingJob) -> ShardLabelSummary | ShardFailure:
     """One Dask task: label one shard with this worker's cached teacher, on a GPU of the worker's
     own that no other task of it holds (:func:`~.gpus.task_device`). The job's device is resolved
     here, on the worker: a SLURM or Kubernetes driver passes ``cuda`` or ``auto`` on unchecked."""
     # A shard already stored from this input by this job is returned as it is: the scheduler runs a
     # task again when the worker holding its result dies before the driver has it, and another
     # run sharing the label cache may have labeled it meanwhile.
-    found = finished_summary(output_path, input_identity(input_url), job.save_features)
-    if found is not None:
-        return found
-    with task_device(str(resolve_device(job.device))) as device:
-        # the decode path was fixed by the driver (it keys the cache); here it is checked for this device
-        job = replace(job, device=device, decode=resolve_decode(job.decode, device))
-        if device.startswith("cuda:"):  # kernels and allocations that follow the current device go there too
-            torch.cuda.set_device(device)
-        return pseudo_label_shard(input_url, output_path, cached_teacher(job), job, worker=get_worker().address)
+    try:
+        found = finished_summary(output_path, input_identity(input_url), job.save_features)
+        if found is not None:
+            return found
+        with task_device(str(resolve_device(job.device))) as device:
+            # the decode path was fixed by the driver (it keys the cache); here it is checked for this device
+            job = replace(job, device=device, decode=resolve_decode(job.decode, device))
+            if device.startswith("cuda:"):  # kernels and allocations that follow the current device go there too
+                torch.cuda.set_device(device)
+            return pseudo_label_shard(input_url, output_path, cached_teacher(job), job, worker=get_worker().address)
+    except ShardError as exc:
+        return ShardFailure(str(exc))
 
 
 class TeacherPlugin(WorkerPlugin):
@@ -184,13 +196,22 @@ def _run_tasks(client, job: LabelingJob, todo: list[tuple[str, str]], cluster: C
                 watchdog.check()
                 time.sleep(_POLL_S)
             for fut in done:
-                if fut.status in ("error", "cancelled"):
-                    fut.result()  # raises the task's error (held by the scheduler, not a worker)
-                # stored before the task ended, even if its worker has died since (status "lost")
-                summary = summary_marker(output_of[fut.key]).read()
+                summary = _stored_summary(fut, output_of[fut.key])
                 fut.release()
                 yield summary.output, summary
                 bar.update(1)
+
+
+def _stored_summary(fut, output: str) -> ShardLabelSummary:
+    """A done task's summary, as it stored it beside its shard (even if its worker has died since:
+    status "lost"); the task's error, if it raised or returned one, as an exception here."""
+    if fut.status in ("error", "cancelled"):
+        fut.result()  # raises the task's error (held by the scheduler, not a worker)
+    marker = summary_marker(output)
+    if not marker.done():  # only a ShardFailure leaves no summary: fetch it from the worker
+        failure = fut.result()
+        raise ShardError(failure.message if isinstance(failure, ShardFailure) else f"{output}: no summary stored")
+    return marker.read()
 
 
 def remove_stale_outputs(shard_dir: str, names: list[str]) -> int:
