@@ -315,6 +315,24 @@ def test_the_cpu_slurm_overlay_named_in_the_help_exists_and_its_workers_run_this
     assert f"#SBATCH --cpus-per-task={cfg.cluster.threads_per_worker}" in script
 
 
+@pytest.mark.parametrize("bind", ["127.0.0.1:0", "0.0.0.0:0"])
+def test_the_printed_dashboard_link_answers_for_a_slurm_cluster(bind):
+    """A SLURM cluster's scheduler runs here, on the host's network interface (which Dask's own
+    link names); its dashboard binds where cluster.dashboard_address says (loopback by default)."""
+    import urllib.request
+
+    from distributed import Client
+
+    from noisystudent.config import ClusterConfig
+    from noisystudent.labeling.cluster import dashboard_link, slurm_cluster
+
+    cfg = ClusterConfig(kind="slurm", dashboard_address=bind)
+    with slurm_cluster(cfg) as cluster, Client(cluster) as client:  # no job submitted: no SLURM needed
+        link = dashboard_link(client, cfg)
+        with urllib.request.urlopen(link, timeout=10) as reply:
+            assert reply.status == 200, link
+
+
 def test_labeling_passes_of_one_cluster_session_reuse_its_workers(corpus, tmp_path):
     """iterate runs its generations in one ClusterSession: with cluster.reuse=true two labeling
     passes run on the same worker processes (one start-up, torch imported once); in another

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 
 from ..config import ClusterConfig
@@ -137,6 +138,20 @@ def _kubernetes_cluster(cfg: ClusterConfig):
     if cfg.kubernetes.namespace:
         kwargs["namespace"] = cfg.kubernetes.namespace
     return KubeCluster(**kwargs)
+
+
+def dashboard_link(client, cfg: ClusterConfig) -> str:
+    """The dashboard's address where it listens. Dask names the scheduler's host (on SLURM its
+    network interface), but a dashboard bound to one address (``cluster.dashboard_address``,
+    127.0.0.1 by default) answers only there; a wildcard bind answers on the scheduler's host."""
+    link = client.dashboard_link or ""
+    if not link or cfg.kind not in ("local", "slurm"):  # a scheduler elsewhere: its own link is right
+        return link
+    host = cfg.dashboard_address.rpartition(":")[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        return link
+    parts = urllib.parse.urlsplit(link)
+    return parts._replace(netloc=f"[{host}]:{parts.port}" if ":" in host else f"{host}:{parts.port}").geturl()
 
 
 class ClusterSession:

@@ -27,7 +27,7 @@ from ..data.shard_io import SkipCounter, input_identity
 from ..engine.device import resolve_device
 from ..errors import ShardError
 from ..io import remove_stale_temporaries
-from .cluster import ClusterSession, WorkerWatchdog, task_resources
+from .cluster import ClusterSession, WorkerWatchdog, dashboard_link, task_resources
 from .gpus import task_device
 from .job import LabelingJob, output_name, resolve_decode
 from .shard import (
@@ -156,7 +156,7 @@ def label_corpus(
     summaries, dashboard, labeled = dict(plan.finished), "", {}
     if plan.todo:
         with cluster.client() as client:
-            dashboard = client.dashboard_link or ""
+            dashboard = dashboard_link(client, cluster.cfg)
             if show_progress and dashboard:
                 print(f"Dask dashboard: {dashboard}")
             labeled = dict(_run_tasks(client, job, plan.todo, cluster, show_progress))
