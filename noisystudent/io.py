@@ -8,6 +8,7 @@ half-written shard, checkpoint or manifest behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -21,39 +22,62 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
+def locked_temporary(name: str, directory: str | os.PathLike) -> Iterator[Path]:
+    """A new empty file ``directory/.<name>.<random>.tmp``, locked (``flock``) by this process until
+    the block ends, and removed then if it is still there. The lock tells
+    :func:`remove_stale_temporaries` that its writer is alive: two runs sharing a label cache write
+    the same shards at once, and one run's sweep must not delete the other's work in progress."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    tmp_path = Path(tmp)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: never contended
+        yield tmp_path
+    finally:
+        tmp_path.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock (a renamed temporary keeps it until here)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+    with locked_temporary(path.name, path.parent) as tmp_path:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, targets: list[str] | None = None) -> int:
     """Delete temp files that writers killed mid-write (kill -9, OOM) left in ``directory``.
 
-    atomic_path names them ``.<target>.<random>.tmp``; pass ``targets`` to sweep only those of
-    some outputs. Call it only while no other process writes those outputs (at stage start in a
-    single-writer directory, or once every output is complete). Returns how many were removed.
+    :func:`locked_temporary` names them ``.<target>.<random>.tmp``; pass ``targets`` to sweep only
+    those of some outputs. A temporary whose writer is alive holds its lock and is left alone, so
+    this is safe while other processes write (a writer on another host of a shared filesystem
+    that has no working ``flock`` is not seen: sweep only once every output is complete). Returns
+    how many were removed.
     """
     directory = Path(directory)
     patterns = [f".{t}.*.tmp" for t in targets] if targets is not None else [".*.tmp"]
-    removed = 0
-    for pattern in patterns:
-        for tmp in directory.glob(pattern):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    return sum(_remove_if_abandoned(tmp) for pattern in patterns for tmp in directory.glob(pattern))
+
+
+def _remove_if_abandoned(tmp: Path) -> bool:
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except FileNotFoundError:  # its writer finished meanwhile
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a live writer's
+    else:
+        tmp.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import StorageError
-from .io import atomic_path, json_bytes
+from .io import atomic_path, json_bytes, locked_temporary
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _READ_ONLY = {"http", "https"}
@@ -221,14 +221,10 @@ def atomic_output(location: str | os.PathLike) -> Iterator[Path]:
     url = str(location)
     if scheme(url) in _READ_ONLY:
         raise StorageError(f"{url}: {scheme(url)}:// is read-only: write outputs to a local path, s3:// or gs://")
-    # named like io.atomic_path's temporaries, so remove_stale_temporaries sweeps a killed writer's
-    fd, tmp = tempfile.mkstemp(prefix=f".{basename(url)}.", suffix=".tmp", dir=staging_dir_for(parent(url)))
-    os.close(fd)
-    try:
-        yield Path(tmp)
+    # like io.atomic_path's temporaries: remove_stale_temporaries sweeps a killed writer's, not a live one's
+    with locked_temporary(basename(url), staging_dir_for(parent(url))) as tmp:
+        yield tmp
         publish(tmp, url)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def publish(local_file: str | os.PathLike, url: str) -> None:

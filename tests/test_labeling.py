@@ -110,6 +110,42 @@ def _shard_writes(out: Path):
         writes.update({name: len(versions) for name, versions in seen.items()})
 
 
+def test_two_runs_sharing_one_label_cache_label_the_same_shards_at_once_and_both_stay_whole(corpus, tmp_path):
+    """Two pseudo-label commands, each with its own cluster and output directory, one label cache,
+    started together on the same corpus: both write every shard (atomic renames of the same
+    content), and the first to finish sweeps temporaries while the other still writes. With no
+    task retries, a temporary swept from under a live writer would fail its run."""
+    root, keys = corpus
+    cache = tmp_path / "cache"
+    cmds = [
+        _label_cmd(
+            root,
+            tmp_path / name,
+            f"pseudo_label.cache_dir={cache}",
+            "cluster.n_workers=1",
+            "cluster.torch_threads=1",
+            "cluster.task_retries=0",
+        )
+        for name in ("run-a", "run-b")
+    ]
+    jobs = [
+        subprocess.Popen(c, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds
+    ]
+    results = [job.communicate(timeout=600) for job in jobs]
+    for job, (_, stderr) in zip(jobs, results):
+        assert job.returncode == 0, stderr[-3000:]
+    manifests = [LabelManifest.load(tmp_path / name) for name in ("run-a", "run-b")]
+    assert [s.output for s in manifests[0].shards] == [s.output for s in manifests[1].shards]
+    for manifest in manifests:
+        counts = _output_keys(manifest)
+        assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}
+        assert manifest.total_samples == len(keys) and manifest.skipped.total == 0
+    both = sum(m.shards_labeled for m in manifests)
+    print(f"\nshards labeled by the two runs: {[m.shards_labeled for m in manifests]} of {len(manifests[0].shards)}")
+    assert both > len(manifests[0].shards)  # they really labeled shards at the same time
+    assert not list(cache.rglob("*.tmp"))
+
+
 def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpus, tmp_path):
     """Real `dask scheduler` + two `dask worker` processes; SIGKILL one while it holds a task,
     after shards are finished: each finished shard is written once (the dead worker's finished

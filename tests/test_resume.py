@@ -291,3 +291,31 @@ def test_rerun_resumes_without_recomputing(smoke_run, capsys):
     assert [r.test_top1 for r in again] == [r.test_top1 for r in rows]
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     assert capsys.readouterr().out.count("already done") == 3
+
+
+def test_the_temporary_sweep_keeps_a_live_writers_file_and_removes_a_killed_ones(tmp_path):
+    """Two runs sharing a label cache write the same shards at once; the run that finishes first
+    sweeps temporaries. A writer that is alive (another process, mid-write) keeps its file; once
+    it is killed -9 the same file is stale and goes."""
+    from noisystudent.io import remove_stale_temporaries
+
+    writer = (
+        "import sys, time\n"
+        "from noisystudent.io import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    tmp.write_bytes(b'half a shard')\n"
+        "    print(tmp, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer, str(tmp_path / "part-000.tar")], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        tmp = Path(proc.stdout.readline().strip())
+        assert tmp.exists() and tmp.parent == tmp_path
+        assert remove_stale_temporaries(tmp_path, ["part-000.tar"]) == 0 and tmp.exists()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert tmp.exists()  # kill -9: nothing cleaned up
+    assert remove_stale_temporaries(tmp_path, ["part-000.tar"]) == 1 and not tmp.exists()
