@@ -146,6 +146,30 @@ def test_two_runs_sharing_one_label_cache_label_the_same_shards_at_once_and_both
     assert not list(cache.rglob("*.tmp"))
 
 
+def test_ctrl_c_mid_labeling_prints_one_line_and_the_rerun_resumes(corpus, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, the local workers included:
+    each of them used to die of it with two tracebacks (about 65 lines) before the driver's line."""
+    root, keys = corpus
+    out = tmp_path / "labels"
+    cmd = _label_cmd(root, out, "cluster.n_workers=2", "cluster.torch_threads=1")
+    job = subprocess.Popen(
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _wait(lambda: list(out.glob("*.summary.json")) if out.exists() else None, 240, "a finished shard")
+        os.killpg(job.pid, signal.SIGINT)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+    finished = len(list(out.glob("*.summary.json")))
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = LabelManifest.load(out)
+    assert manifest.shards_reused == finished and sorted(_output_keys(manifest)) == sorted(keys)
+
+
 def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpus, tmp_path):
     """Real `dask scheduler` + two `dask worker` processes; SIGKILL one while it holds a task,
     after shards are finished: each finished shard is written once (the dead worker's finished

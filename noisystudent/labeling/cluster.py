@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -209,9 +211,27 @@ def local_cluster(cfg: ClusterConfig):
     return GPULocalCluster(worker_gpu_envs(cfg), **kwargs)  # the GPUs are checked before any process starts
 
 
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Ctrl-C reaches the whole process group, and each local worker process died of it with two
+    tracebacks (about 65 lines before "interrupted; rerun"). A worker spawned while SIGINT is
+    ignored keeps ignoring it (an ignored disposition survives exec, and Python then installs no
+    handler of its own); the driver alone stops and closes them. A Ctrl-C during these seconds of
+    start-up is lost (press it again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _start_cluster(cfg: ClusterConfig):
     if cfg.kind == "local":
-        return local_cluster(cfg)
+        with _workers_ignore_ctrl_c():
+            return local_cluster(cfg)
     if cfg.kind == "slurm":
         cluster = slurm_cluster(cfg)
         try:
