@@ -92,6 +92,18 @@ def check_slurm_submission(job_script: str, cfg: ClusterConfig) -> None:
         )
 
 
+def kubernetes_quantity(memory: str) -> str:
+    """A Dask memory size (``4GiB``, ``6GB``, ``1.5 GB``) as a Kubernetes quantity (``4Gi``, ``6G``):
+    Kubernetes refuses ``6GB`` itself, and the pod would never be created."""
+    from dask.utils import parse_bytes
+
+    n = parse_bytes(memory)
+    for unit, size in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("T", 10**12), ("G", 10**9), ("M", 10**6)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
 def kubernetes_cluster_spec(cfg: ClusterConfig) -> dict:
     """The ``DaskCluster`` custom resource the operator would create (also usable with kubectl)."""
     try:
@@ -99,7 +111,7 @@ def kubernetes_cluster_spec(cfg: ClusterConfig) -> dict:
     except ImportError as exc:
         raise ClusterError("cluster.kind=kubernetes needs dask-kubernetes: pip install '.[kubernetes]'") from exc
     k = cfg.kubernetes
-    limits = {"memory": cfg.memory_limit.replace("iB", "i"), "cpu": str(cfg.threads_per_worker)}
+    limits = {"memory": kubernetes_quantity(cfg.memory_limit), "cpu": str(cfg.threads_per_worker)}
     if cfg.gpus_per_worker > 0:
         limits["nvidia.com/gpu"] = str(cfg.gpus_per_worker)
     command = [
