@@ -57,7 +57,7 @@ def test_a_corpus_written_by_webdataset_tools_is_labeled_with_every_key_once(tmp
             fmt = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext]
             sink.write({"__key__": key, ext: _image(fmt, 100 + i), "cls": i % 4, "exif.json": {"camera": "x"}})
             expected.add(key)
-        sink.write({"__key__": "photos/no-image", "json": {"status": "failed_to_download"}})
+        sink.write({"__key__": "photos/no-image", "json": {"note": "metadata alone"}})
     # a gzipped shard (ShardWriter / TarWriter with compression)
     with wds.TarWriter(str(tmp_path / "00002.tar.gz"), compress=True) as sink:
         for i in range(5):
@@ -73,7 +73,7 @@ def test_a_corpus_written_by_webdataset_tools_is_labeled_with_every_key_once(tmp
     keys = [k for s in manifest.shards for k in read_index(s.output).keys.tolist()]
     assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))  # every key exactly once
     assert manifest.total_samples == len(expected) == 23
-    assert manifest.skipped.by_reason == {"no_image_member": 1}  # the failed download, counted by name
+    assert manifest.skipped.by_reason == {"no_image_member": 1}  # the sample without an image, counted by name
     # the label shards keep the source's own image bytes under the source's extension
     out = {s.input: s.output for s in manifest.shards}
     ix = read_index(out[urls[1]])
