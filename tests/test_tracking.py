@@ -72,6 +72,21 @@ def test_a_local_store_failure_blames_the_file_not_a_server():
     assert "once it is reachable" in remote
 
 
+def test_a_local_store_that_cannot_be_opened_is_not_called_an_unreachable_server(tmp_path):
+    """A damaged run-directory store (or one another process is creating at that moment) used to
+    read "MLflow tracking server sqlite:///... is unreachable"."""
+    from noisystudent.config import TrackingConfig
+    from noisystudent.errors import TrackingError
+    from noisystudent.tracking.tracker import Tracker
+
+    (tmp_path / "mlflow.db").write_bytes(b"not a database " * 100)
+    with pytest.raises(TrackingError) as err:
+        Tracker(TrackingConfig(enabled=True), tmp_path)
+    line = str(err.value)
+    assert line.startswith(f"MLflow store sqlite:///{tmp_path / 'mlflow.db'} cannot be used (")
+    assert "unreachable" not in line and "\n" not in line
+
+
 def test_the_experiment_is_marked_as_model_training_so_the_ui_opens_on_its_runs(tmp_path):
     """MLflow 3's UI opens an experiment of unknown kind on an empty GenAI overview; the kind tag
     sends it to the training runs. New experiments get it, and so do existing ones without it."""

@@ -46,9 +46,13 @@ def _lost_server(method):
     return call
 
 
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
 def _lost_error(uri: str, exc: BaseException) -> TrackingError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-    if uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri:
+    if _is_local_store(uri):
         # a local store has no server to wait for: the cause is a file (path, permissions, space)
         return TrackingError(
             f"MLflow's local store {uri} could not be written ({type(exc).__name__}: {first}); "
@@ -66,6 +70,23 @@ def resolve_tracking_uri(cfg: TrackingConfig, run_dir: str | Path) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def _store_error(uri: str, exc: Exception) -> TrackingError:
+    """One line for a store that cannot be used. A database file is not a server: calling it
+    "unreachable" sent users looking for a server when the file itself was the problem (another
+    process creating it at the same moment gave sqlite's 'duplicate column name: step')."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if not _is_local_store(uri):
+        return TrackingError(
+            f"MLflow tracking server {uri} is unreachable or refused the request ({first}); "
+            "start it, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false"
+        )
+    return TrackingError(
+        f"MLflow store {uri} cannot be used ({first}): is another command creating it right now, or is "
+        "the file damaged? Give each run its own store, set tracking.tracking_uri to a server, or set "
+        "tracking.enabled=false"
+    )
 
 
 def git_commit() -> str:
@@ -142,11 +163,7 @@ class Tracker:
                 if EXPERIMENT_KIND not in exp.tags:  # an experiment made before, or by someone else
                     mlflow.MlflowClient().set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrackingError(
-                f"MLflow tracking server {self.uri} is unreachable or refused the request ({first[:200]}); "
-                "start it, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false"
-            ) from exc
+            raise _store_error(self.uri, exc) from exc
 
     def disabled(self) -> Tracker:
         """A copy that logs nothing: for work whose results are logged once, elsewhere."""
