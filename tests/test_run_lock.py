@@ -19,7 +19,9 @@ def test_a_second_iterate_on_a_directory_in_use_is_refused_and_a_killed_holder_i
     smoke_data, tmp_path, capsys
 ):
     run_dir = tmp_path / "run"
-    cmd = script_command("iterate.py", overrides=[*smoke_overrides(smoke_data, run_dir), "tracking.enabled=false"])
+    # tracking on, into the run directory's own sqlite store: the second process used to reach the
+    # store while the first created it, and fail with a wrong diagnosis
+    cmd = script_command("iterate.py", overrides=[*smoke_overrides(smoke_data, run_dir), "tracking.enabled=true"])
     first = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         lock = run_dir / LOCK_NAME
