@@ -102,29 +102,31 @@ def test_a_killed_driver_leaves_no_worker_job_and_its_rerun_labels_the_rest(slur
     root, keys = slow_corpus
     out = tmp_path / "labels"
     cmd = _slurm_cmd(root, out, tmp_path, f"cluster.slurm.queue={slurm}")
-    job = subprocess.Popen(
-        cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        _wait(lambda: len(list(out.glob("*.summary.json"))) >= 2 if out.exists() else False, 240, "2 shards")
-        workers = local_slurm.jobs()
-        assert len(workers) == 1, workers  # the worker job is in the queue
-        os.killpg(job.pid, signal.SIGKILL)
-    finally:
-        job.kill()
-        job.wait()
-    killed = time.time()
-    _wait(lambda: workers[0] not in local_slurm.jobs(), 180, "the dead driver's worker job to end")
-    orphan_s = time.time() - killed
-    finished = len(list(out.glob("*.summary.json")))
-    start = time.time()
-    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    with _shard_writes(out) as writes:
+        job = subprocess.Popen(
+            cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        try:
+            _wait(lambda: len(list(out.glob("*.summary.json"))) >= 2 if out.exists() else False, 240, "2 shards")
+            workers = local_slurm.jobs()
+            assert len(workers) == 1, workers  # the worker job is in the queue
+            os.killpg(job.pid, signal.SIGKILL)
+        finally:
+            job.kill()
+            job.wait()
+        killed = time.time()
+        _wait(lambda: workers[0] not in local_slurm.jobs(), 180, "the dead driver's worker job to end")
+        orphan_s = time.time() - killed
+        finished = len(list(out.glob("*.summary.json")))
+        start = time.time()
+        r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     print(f"\norphaned worker job ended {orphan_s:.0f} s after the driver; rerun {time.time() - start:.0f} s")
     manifest = LabelManifest.load(out)
     counts = _output_keys(manifest)
     assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}
     assert manifest.shards_reused == finished >= 2 and manifest.shards_labeled == len(manifest.shards) - finished
+    assert len(writes) == len(manifest.shards) and set(writes.values()) == {1}, writes
     assert local_slurm.jobs() == []  # the rerun's worker job was cancelled at its end
     assert not list(out.glob(".*.tmp"))  # what the dead run's worker left mid-write was swept
 
