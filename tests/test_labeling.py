@@ -220,6 +220,33 @@ def test_killed_worker_task_is_retried_and_no_sample_is_lost_or_duplicated(corpu
     assert set(writes.values()) == {1}, f"shards written more than once: {writes}"
 
 
+def test_a_local_cluster_worker_killed_mid_run_costs_no_finished_shard(corpus, tmp_path):
+    """The laptop default, cluster.kind=local with 2 workers: one worker process (a child the
+    nanny spawned) is SIGKILLed once 4 shards are done. Its nanny starts a new one; the dead
+    worker's finished shards are not labeled again, and every shard is written once."""
+    import psutil
+
+    root, keys = corpus
+    out = tmp_path / "labels"
+    cmd = _label_cmd(root, out, "cluster.kind=local", "cluster.n_workers=2", "cluster.torch_threads=1")
+    with _shard_writes(out) as writes:
+        job = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait(lambda: len(list(out.glob("*.summary.json"))) >= 4 if out.exists() else False, 240, "4 shards")
+            workers = [c for c in psutil.Process(job.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+            assert len(workers) == 2, workers
+            workers[0].kill()
+            _, stderr = job.communicate(timeout=600)
+        finally:
+            job.kill()
+    assert job.returncode == 0, stderr[-3000:]
+    manifest = LabelManifest.load(out)
+    counts = _output_keys(manifest)
+    assert sorted(counts) == sorted(keys) and set(counts.values()) == {1}
+    assert len(writes) == len(manifest.shards) and set(writes.values()) == {1}, writes
+    assert len({s.worker for s in manifest.shards}) >= 2  # both first workers labeled shards
+
+
 def test_a_pass_that_loses_every_worker_stops_with_one_line_and_keeps_its_shards(corpus, tmp_path):
     """The only worker is SIGKILLed mid-corpus and none comes back: the pass stops after
     cluster.wait_for_workers_s with one line naming the backend, instead of waiting forever."""
