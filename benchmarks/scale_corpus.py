@@ -32,6 +32,7 @@ sizes are too small for selection's memory to show beside an interpreter's.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -284,7 +285,12 @@ def child_scan(manifest_path: str, dim: str, classes: str) -> dict:
             save_scores_beside_shards(corpus, ood_scores(corpus, train, targets, classes, cfg.analysis.knn_k))
             code = "in-driver"
         else:
-            scorers = OODScorers.fit(train, targets, classes, cfg.analysis.knn_k, cfg.analysis.knn_bank_size, cfg.seed)
+            if "cfg" in inspect.signature(OODScorers.fit).parameters:  # since the ReAct / SCALE / ViM scores
+                scorers = OODScorers.fit(train, targets, classes, cfg.analysis, cfg.seed)
+            else:
+                scorers = OODScorers.fit(
+                    train, targets, classes, cfg.analysis.knn_k, cfg.analysis.knn_bank_size, cfg.seed
+                )
             if _typed_api():
                 from noisystudent.labeling.cluster import ClusterSession
 

@@ -81,7 +81,7 @@ def print_analysis_table(rows: list[GenerationAnalysis]) -> None:
         [
             (
                 r.generation,
-                *(f"{r.analysis.ood[s].auroc:.3f}" if r.analysis.ood else "-" for s in OOD_SCORES),
+                *(f"{r.analysis.ood[s].auroc:.3f}" if s in r.analysis.ood else "-" for s in OOD_SCORES),
                 r.analysis.best_score,
                 f"{r.analysis.probe.get('penultimate', float('nan')):.4f}",
                 consistency(r, LOWEST),

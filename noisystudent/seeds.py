@@ -34,6 +34,8 @@ class Stream(enum.IntEnum):
     KNN_BANK = 11  # the kNN score's subsample of labeled features
     EMBEDDING = 12  # t-SNE
     VIEW_NOISE = 13  # noised views shown or measured outside training (augmentation grid, consistency)
+    OOD_SPLIT = 14  # which tagged corpus images pick the best OOD score (the rest report its AUROC)
+    ANNOTATION = 15  # the random strategy's order when choosing images to label
 
 
 @dataclass(frozen=True)

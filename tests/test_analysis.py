@@ -62,7 +62,14 @@ def test_every_generation_analysed_with_all_scores(smoke_run):
         assert set(summary.ood) == set(OOD_SCORES)
         for m in summary.ood.values():
             assert 0.0 <= m.auroc <= 1.0 and 0.0 <= m.fpr95 <= 1.0
-        assert summary.best_auroc == max(m.auroc for m in summary.ood.values())
+        # the best score is the validation split's best, judged on the held-out rest of the tagged corpus
+        choice = summary.best_choice
+        assert (
+            set(choice.validation_auroc) == set(OOD_SCORES)
+            and choice.validation_ood + choice.test_ood == summary.ood_tagged
+        )
+        assert summary.best_score == choice.score == max(choice.validation_auroc, key=choice.validation_auroc.get)
+        assert summary.best_auroc == choice.test_auroc and 0.0 <= summary.best_auroc <= 1.0
         assert 0.0 <= summary.probe_top1 <= 1.0
         assert {LOWEST, HIGHEST, OOD_GROUP} == set(summary.consistency)
         low, high = summary.consistency[LOWEST], summary.consistency[HIGHEST]

@@ -4,6 +4,7 @@ whole corpus scan on the smoke run against a recomputation that gathers everythi
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,17 +76,19 @@ def test_scan_of_the_smoke_corpus_equals_gathering_it_whole(smoke_run, tmp_path)
     conf = np.concatenate([i.confidence.astype(np.float32) for i in ix])
     labels = np.concatenate([i.labels for i in ix])
     truth = np.concatenate([hidden_truth(s.input, i.keys, names) for s, i in zip(manifest.shards, ix)])
-    scorers = OODScorers.fit(feats[::3], labels[::3], len(names), knn_k=5, bank_size=200, seed=0)
+    scorers = OODScorers.fit(
+        feats[::3], labels[::3], len(names), replace(cfg.analysis, knn_k=5, knn_bank_size=200), seed=0
+    )
     expected = scorers(probs, lse, feats)
 
     a = cfg.analysis
     with ClusterSession(cfg.cluster) as cluster:
         scan = scan_corpus(manifest, scorers, names, a, cluster, show_progress=False)
-    assert len(scan) == len(conf) and BYTES_PER_SAMPLE == 28
+    assert len(scan) == len(conf) and BYTES_PER_SAMPLE == 40
     assert np.array_equal(scan.confidence, conf) and np.array_equal(scan.label, labels)
     assert np.array_equal(scan.truth, truth) and scan.is_ood.sum() == (truth == OOD).sum() > 0
     for s in OOD_SCORES:
-        assert np.allclose(scan.scores[s], expected[s].astype(np.float32), rtol=1e-5, atol=1e-5)
+        assert np.allclose(scan.scores[s], expected[s].astype(np.float32), rtol=1e-5, atol=1e-5, equal_nan=True)
     for shard in manifest.shards:  # written beside every shard, keyed like it
         with np.load(ood_scores_path(shard.output)) as z:
             assert np.array_equal(z["keys"], read_index(shard.output).keys)

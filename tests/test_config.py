@@ -109,7 +109,8 @@ def test_student_only_keys_are_errors_on_the_teacher(override):
         ("cluster.kind=ray", "config key 'cluster.kind' must be local, address, slurm or kubernetes"),
         (
             "pseudo_label.ood_score=maha",
-            "config key 'pseudo_label.ood_score' must be '', msp, entropy, energy, mahalanobis or knn",
+            "config key 'pseudo_label.ood_score' must be '', msp, entropy, energy, mahalanobis, knn, react, "
+            "scale or vim",
         ),
         ("data.channels=true", "config key 'data.channels' must be 1 or 3, got True"),
         ("ladder=[resnet18, 3]", "config key 'ladder[1]' must be a string, got 3"),

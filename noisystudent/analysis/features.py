@@ -14,6 +14,7 @@ import torch
 
 from ..engine.predict import eval_loader
 from ..models import pooled_and_logits
+from .scores import LinearHead
 
 
 @dataclass
@@ -52,6 +53,22 @@ def extract_split(model: torch.nn.Module, dataset, device: torch.device, with_bl
         np.concatenate(targets).astype(np.int64),
         {k: np.concatenate(v) for k, v in blocks.items()},
     )
+
+
+def linear_head(model: torch.nn.Module, split: SplitFeatures, rows: int = 256) -> LinearHead | None:
+    """The model's classifier as a :class:`~.scores.LinearHead` if it is one linear layer on the
+    pooled features (checked: it reproduces the split's logits), else None."""
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(classifier, torch.nn.Linear):
+        return None
+    head = LinearHead(
+        classifier.weight.detach().double().cpu().numpy(),
+        classifier.bias.detach().double().cpu().numpy()
+        if classifier.bias is not None
+        else np.zeros(classifier.out_features),
+    )
+    got, want = head.logits(split.pooled[:rows]), split.logits[:rows].astype(np.float64)
+    return head if np.allclose(got, want, rtol=1e-2, atol=1e-2 * max(1.0, float(np.abs(want).max()))) else None
 
 
 def intermediate_features(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:

@@ -18,6 +18,18 @@ class Detection(JsonRecord):
 
 
 @dataclass
+class BestScore(JsonRecord):
+    """Which OOD score separates this corpus' tagged OOD images best: chosen on a validation split
+    of the tagged corpus, judged on the rest."""
+
+    score: str
+    validation_auroc: dict[str, float]  # every score's AUROC on the validation split
+    test_auroc: float  # the chosen score's AUROC on the held-out rest
+    validation_ood: int  # tagged OOD images in the validation split
+    test_ood: int  # and in the held-out rest
+
+
+@dataclass
 class Consistency(JsonRecord):
     """Cosine similarity of the pooled hidden states of two noised views of the same images."""
 
@@ -40,7 +52,7 @@ class AnalysisResult(JsonRecord):
     ood_tagged: int  # of which tagged OOD (0: the corpus has no tags, and ``ood`` is empty)
     ood: dict[str, Detection]  # per OOD score
     best_score: str
-    best_auroc: float | None
+    best_auroc: float | None  # the best score's AUROC on the held-out part of the tagged corpus
     probe: dict[str, float]  # linear-probe top-1 per feature block ("penultimate", ...)
     heldout_split: str  # the labeled split the probe and top-1 are scored on
     heldout_top1: float
@@ -52,6 +64,7 @@ class AnalysisResult(JsonRecord):
     scores_written_beside: str  # where the per-shard .ood.npz files went
     seconds: float
     report: str  # the HTML report
+    best_choice: BestScore | None = None  # how best_score was chosen (None: the corpus has no OOD tags)
 
     @property
     def probe_top1(self) -> float | None:
@@ -102,7 +115,7 @@ class WithWithoutRow(JsonRecord):
     probe_top1: float | None
     consistency: dict[str, Consistency]
     best_score: str
-    best_auroc: float | None
+    best_auroc: float | None  # the best score's AUROC on the held-out part of the tagged corpus
     ood: dict[str, Detection]
 
 

@@ -25,7 +25,7 @@ from ..tracking.tracker import Tracker
 from .figures import scores_by_generation_png
 from .model import AnalysisStage
 from .report import Section, write_report
-from .result import GenerationAnalysis, WithWithoutResult
+from .result import Detection, GenerationAnalysis, WithWithoutResult
 from .sections import model_sections, with_without_section
 
 #: where the with/without experiment leaves its result, inside the run-level analysis directory
@@ -85,8 +85,11 @@ def _ood_section(rows: list[GenerationAnalysis], out_dir: Path) -> Section:
     scores_by_generation_png(rows, out_dir / "scores_by_generation.png")
     sec = Section("ood", "OOD detection across generations (ID vs OOD AUROC / FPR95)")
     header = ["generation"] + [f"{s} AUROC" for s in OOD_SCORES] + [f"{s} FPR95" for s in OOD_SCORES]
+    nan = Detection(float("nan"), float("nan"))  # a score this model could not compute (no linear head)
     table = [
-        [r.generation] + [r.analysis.ood[s].auroc for s in OOD_SCORES] + [r.analysis.ood[s].fpr95 for s in OOD_SCORES]
+        [r.generation]
+        + [r.analysis.ood.get(s, nan).auroc for s in OOD_SCORES]
+        + [r.analysis.ood.get(s, nan).fpr95 for s in OOD_SCORES]
         for r in rows
     ]
     best = {(i, 1 + OOD_SCORES.index(r.analysis.best_score)) for i, r in enumerate(rows)}

@@ -12,7 +12,17 @@ compared, thresholded and ranked alike:
                (Lee et al. 2018)
 ``knn``        Euclidean distance to the k-th nearest labeled feature after L2 normalisation
                (Sun et al. 2022)
+``react``      the energy of logits recomputed from features clipped at a high percentile of
+               the labeled features' activations (Sun et al. 2021)
+``scale``      the energy of logits recomputed from each image's features scaled by
+               exp(sum / sum of its top activations) (Xu et al. 2024; ASH without pruning)
+``vim``        the norm of the feature's residual outside the labeled features' principal
+               subspace, scaled to the logits, minus logsumexp(logits) (Wang et al. 2022)
 =============  ===========================================================================
+
+The last three recompute logits from the stored pooled features with the model's own linear
+classifier (:class:`LinearHead`); a model whose classifier is not one linear layer on those
+features gets NaN for them (:func:`OODScorers.fit` is told so by ``head=None``).
 """
 
 from __future__ import annotations
@@ -22,15 +32,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import OOD_SCORES
+from ..config import OOD_SCORES, AnalysisConfig
+
+#: the scores that recompute logits with the model's linear head (NaN without one)
+HEAD_SCORES = ("react", "scale", "vim")
 
 __all__ = [
     "OOD_SCORES",
+    "HEAD_SCORES",
     "msp_score",
     "entropy_score",
     "energy_score",
     "MahalanobisScorer",
     "KNNScorer",
+    "LinearHead",
+    "ReActScorer",
+    "ScaleScorer",
+    "ViMScorer",
     "OODScorers",
     "auroc",
     "fpr_at_tpr",
@@ -111,33 +129,136 @@ class KNNScorer:
 
 
 @dataclass
+class LinearHead:
+    """The classifier on the pooled features, ``logits = pooled @ weight.T + bias``: ReAct, SCALE
+    and ViM recompute logits with it from the features stored beside the shards."""
+
+    weight: np.ndarray  # float64 [C, D]
+    bias: np.ndarray  # float64 [C]
+
+    def logits(self, pooled: np.ndarray) -> np.ndarray:
+        return np.asarray(pooled, np.float64) @ self.weight.T + self.bias
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=1, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
+@dataclass
+class ReActScorer:
+    """ReAct: the energy score of logits from features clipped at ``clip``, a high percentile
+    of the labeled features' activations: rare huge activations, typical of OOD inputs, stop
+    inflating the logits."""
+
+    head: LinearHead
+    clip: float
+
+    @classmethod
+    def fit(cls, head: LinearHead, features: np.ndarray, percentile: float) -> ReActScorer:
+        return cls(head, float(np.percentile(np.asarray(features, np.float32), percentile)))
+
+    def __call__(self, pooled: np.ndarray) -> np.ndarray:
+        return -_logsumexp(self.head.logits(np.minimum(np.asarray(pooled, np.float64), self.clip)))
+
+
+@dataclass
+class ScaleScorer:
+    """SCALE: each image's features times exp(sum of its activations / sum of those at or above
+    its own ``percentile``-th), then the energy score. An in-distribution image's activation mass
+    is spread out (large ratio), an OOD image's sits in a few units. Nothing is fit but the head."""
+
+    head: LinearHead
+    percentile: float
+
+    def __call__(self, pooled: np.ndarray) -> np.ndarray:
+        x = np.asarray(pooled, np.float64)
+        cut = np.percentile(x, self.percentile, axis=1, keepdims=True)
+        top = np.where(x >= cut, x, 0.0).sum(axis=1)
+        ratio = x.sum(axis=1) / np.where(top > 0, top, 1.0)  # in [1, 100 / (100 - percentile)] for ReLU features
+        return -_logsumexp(self.head.logits(x * np.exp(np.minimum(ratio, 50.0))[:, None]))
+
+
+@dataclass
+class ViMScorer:
+    """ViM: a virtual logit from the feature's residual outside the principal subspace of the
+    labeled features (taken about ``origin``, where the classifier's logits are all zero), scaled
+    by ``alpha`` so it is as large as the real logits on average; OOD score = virtual logit -
+    logsumexp(logits)."""
+
+    head: LinearHead
+    origin: np.ndarray  # [D]
+    residual_basis: np.ndarray  # [D, D - dim]: eigenvectors of the smallest eigenvalues
+    alpha: float
+
+    @classmethod
+    def fit(cls, head: LinearHead, features: np.ndarray, dim: int = 0) -> ViMScorer:
+        x = np.asarray(features, np.float64)
+        width = x.shape[1]
+        dim = dim or min(1000, width // 2)
+        if not 0 < dim < width:
+            raise ValueError(f"analysis.vim_dim={dim} must be between 1 and the feature width - 1 ({width - 1})")
+        origin = -np.linalg.pinv(head.weight) @ head.bias
+        centred = x - origin
+        _, vectors = np.linalg.eigh(centred.T @ centred / max(1, len(x)))  # ascending eigenvalues
+        basis = np.ascontiguousarray(vectors[:, : width - dim])
+        residual = np.linalg.norm(centred @ basis, axis=1)
+        alpha = float(head.logits(x).max(axis=1).mean() / max(residual.mean(), 1e-12))
+        return cls(head, origin, basis, alpha)
+
+    def __call__(self, pooled: np.ndarray) -> np.ndarray:
+        x = np.asarray(pooled, np.float64)
+        residual = np.linalg.norm((x - self.origin) @ self.residual_basis, axis=1)
+        return self.alpha * residual - _logsumexp(self.head.logits(x))
+
+
+@dataclass
 class OODScorers:
-    """All five scores, fit once on the labeled features and sent to every worker: the
-    Mahalanobis means and whitener ([C, D] + [D, D] float64) and the kNN bank (at most
-    ``bank_size`` rows, float32)."""
+    """Every score, fit once on the labeled features and sent to every worker: the Mahalanobis
+    means and whitener ([C, D] + [D, D] float64), the kNN bank (at most ``bank_size`` rows,
+    float32) and, with the model's linear head, ReAct's clip, SCALE's percentile and ViM's
+    residual basis ([D, D - dim] float64). Without a head those three are NaN."""
 
     mahalanobis: MahalanobisScorer
     knn: KNNScorer
+    react: ReActScorer | None = None
+    scale: ScaleScorer | None = None
+    vim: ViMScorer | None = None
 
     @classmethod
     def fit(
-        cls, features: np.ndarray, labels: np.ndarray, num_classes: int, knn_k: int, bank_size: int, seed: int
+        cls,
+        features: np.ndarray,
+        labels: np.ndarray,
+        num_classes: int,
+        cfg: AnalysisConfig,
+        seed: int,
+        head: LinearHead | None = None,
     ) -> OODScorers:
         bank = features
-        if len(features) > bank_size:
+        if len(features) > cfg.knn_bank_size:
             # a seeded subsample, in the labeled set's order: the same bank on every rerun
-            rows = np.sort(np.random.default_rng(seed).choice(len(features), bank_size, replace=False))
+            rows = np.sort(np.random.default_rng(seed).choice(len(features), cfg.knn_bank_size, replace=False))
             bank = features[rows]
-        return cls(MahalanobisScorer.fit(features, labels, num_classes), KNNScorer.fit(bank, knn_k))
+        scorers = cls(MahalanobisScorer.fit(features, labels, num_classes), KNNScorer.fit(bank, cfg.knn_k))
+        if head is not None:
+            scorers.react = ReActScorer.fit(head, features, cfg.react_percentile)
+            scorers.scale = ScaleScorer(head, cfg.scale_percentile)
+            scorers.vim = ViMScorer.fit(head, features, cfg.vim_dim)
+        return scorers
 
     def __call__(self, probs: np.ndarray, logsumexp: np.ndarray, pooled: np.ndarray) -> dict[str, np.ndarray]:
         """{score name: float64 [n]} in ``OOD_SCORES`` order, higher = more OOD."""
+        missing = np.full(len(pooled), np.nan)
         scores = {
             "msp": msp_score(probs),
             "entropy": entropy_score(probs),
             "energy": energy_score(logsumexp=logsumexp),
             "mahalanobis": self.mahalanobis(pooled),
             "knn": self.knn(pooled),
+            "react": self.react(pooled) if self.react else missing,
+            "scale": self.scale(pooled) if self.scale else missing,
+            "vim": self.vim(pooled) if self.vim else missing,
         }
         return {name: scores[name] for name in OOD_SCORES}
 

@@ -236,6 +236,10 @@ def _check_analysis(a: AnalysisConfig) -> None:
     _need(a.knn_k >= 1, "analysis.knn_k", "must be >= 1")
     _need(a.knn_bank_size >= a.knn_k, "analysis.knn_bank_size", "must be >= analysis.knn_k")
     _need(0.0 < a.high_threshold < 1.0, "analysis.high_threshold", "must be in (0, 1)")
+    _need(0.0 < a.react_percentile < 100.0, "analysis.react_percentile", "must be in (0, 100)")
+    _need(0.0 < a.scale_percentile < 100.0, "analysis.scale_percentile", "must be in (0, 100)")
+    _need(a.vim_dim >= 0, "analysis.vim_dim", "must be >= 0 (0 = half the feature width)")
+    _need(0.0 < a.best_validation_fraction < 1.0, "analysis.best_validation_fraction", "must be in (0, 1)")
 
 
 def _check_cluster_workers(c: ClusterConfig) -> None:

@@ -9,7 +9,7 @@ from typing import Literal, get_args
 from .setting import setting
 
 #: OOD scores computed by the analysis stage, all oriented "higher = more out-of-distribution".
-OODScore = Literal["msp", "entropy", "energy", "mahalanobis", "knn"]
+OODScore = Literal["msp", "entropy", "energy", "mahalanobis", "knn", "react", "scale", "vim"]
 OOD_SCORES: tuple[str, ...] = get_args(OODScore)
 
 
@@ -214,8 +214,9 @@ class PseudoLabelConfig:
     ood_score: Literal["", OODScore] = setting(
         "",
         "Drop images by an OOD score of the analysis stage before thresholding: "
-        'one of msp, entropy, energy, mahalanobis, knn ("" = keep all, the '
-        "paper's choice). Needs the teacher's analysis (`<shard>.ood.npz`, "
+        'one of msp, entropy, energy, mahalanobis, knn, react, scale, vim ("" = keep all, the '
+        "paper's choice; the analysis report names the one that separated tagged OOD images "
+        "best on a validation split). Needs the teacher's analysis (`<shard>.ood.npz`, "
         "written by analysis of the previous generation).",
     )
     ood_drop_fraction: float = setting(
@@ -254,6 +255,28 @@ class AnalysisConfig:
         "Most labeled features in the kNN score's bank (a seeded random subsample of the "
         "labeled train split above it; Sun et al. 2022 use 1% of ImageNet). The bank "
         "goes to every Dask worker: rows x feature width x 4 bytes (40 MB at 512-d).",
+    )
+    react_percentile: float = setting(
+        90.0,
+        "ReAct: features are clipped at this percentile of the labeled train split's activations "
+        "before the energy score (Sun et al. 2021 use 90).",
+    )
+    scale_percentile: float = setting(
+        85.0,
+        "SCALE: each image's features are scaled by exp(sum / sum above this percentile of its own "
+        "activations) before the energy score (Xu et al. 2024 use 85 on ImageNet).",
+    )
+    vim_dim: int = setting(
+        0,
+        "ViM: dimension of the principal subspace of the labeled features; the score is the norm "
+        "of the residual outside it, scaled to the logits, minus the energy (Wang et al. 2022). "
+        "0 = half the feature width, at most 1000 (the paper's 1000 for 2048-d ResNet-50 features).",
+    )
+    best_validation_fraction: float = setting(
+        0.5,
+        "Where the corpus has hidden OOD tags, the best score is picked by AUROC on this share of "
+        "the tagged images (a seeded split) and its AUROC reported on the rest, so the choice is "
+        "not made on the numbers it is judged by.",
     )
     embedding_points: int = setting(
         1500, "Points in the embedding plots (a stratified random subsample of the corpus)."
