@@ -22,4 +22,11 @@ if ! .venv/bin/python -c "import noisystudent, torch, torchvision, timm, albumen
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[dev]"
 fi
+# Label Studio (tests/label_studio_server.py) pins its own Django and friends: a venv of its own.
+if [[ ! -x .venv-label-studio/bin/label-studio ]]; then
+  echo "[setup] installing label-studio into .venv-label-studio (about 1 GB)"
+  $PY -m venv .venv-label-studio
+  .venv-label-studio/bin/python -m pip install -q --upgrade pip
+  .venv-label-studio/bin/python -m pip install -q label-studio==1.23.2
+fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, timm; print(f"torch {torch.__version__}, timm {timm.__version__}")')"
