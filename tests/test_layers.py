@@ -29,6 +29,7 @@ LAYERS = [
     ("tracking", ["noisystudent.tracking"]),
     ("stages", ["noisystudent.stages"]),
     ("analysis", ["noisystudent.analysis"]),
+    ("annotation", ["noisystudent.annotation"]),
     ("loop and experiments", ["noisystudent.loop", "noisystudent.experiments"]),
     ("console", ["noisystudent.console"]),
     ("cli", ["noisystudent.cli"]),

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from ..errors import UserError
 from .analysis import ablate_args, ablate_command, analyze_args, analyze_command, compare_args, compare_command
+from .annotation import import_args, import_command, select_args, select_command
 from .args import add_config_args, config_from_args  # noqa: F401 - scripts (benchmarks/) build configs with it
 from .offline import (
     imagenet_like_args,
@@ -77,6 +78,19 @@ COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
         "checkpoint.",
         analyze_args,
         analyze_command,
+        True,
+    ),
+    "select-for-labeling": (
+        "Choose the images most worth a person's time (uncertain, OOD, disagreeing, diverse) and export "
+        "them for Label Studio, CVAT or a folder.",
+        select_args,
+        select_command,
+        True,
+    ),
+    "import-labels": (
+        "Bring labels back (a Label Studio export or a folder per class) as a labeled set the next run takes.",
+        import_args,
+        import_command,
         True,
     ),
     "ablate": (

@@ -20,6 +20,18 @@ class DataConfig:
     labeled_dir: str = setting(
         "data/default/labeled/train", "Labeled training images, ImageFolder layout `root/<class>/<image>`."
     )
+    extra_labeled_dirs: list[str] = setting(
+        [],
+        "More labeled training images, each an ImageFolder tree whose folders are classes of "
+        "labeled_dir (not every class needed): what `noisystudent import-labels` writes. The "
+        "original set is left as it is.",
+    )
+    label_overrides: str = setting(
+        "",
+        'A CSV of re-labels of the labeled training images, header "path,label": path relative '
+        "to labeled_dir (or absolute), label a class name, or empty to drop the image. Written by "
+        '`noisystudent import-labels` for re-label candidates. "" = none.',
+    )
     val_dir: str = setting(
         "data/default/labeled/val", "Labeled validation images (ImageFolder): per-epoch metrics, early stopping."
     )

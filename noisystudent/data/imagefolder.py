@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import unicodedata
 from collections.abc import Callable
@@ -231,13 +232,51 @@ def load_labeled_data(data: DataConfig) -> LabeledData:
         check_channels(index, data.channels)
         return LabeledImages(index, data.channels, None, cache_plan(data, len(index.files)), data.crop_pct)
 
-    train = split(data.labeled_dir, None)
+    index = labeled_train_index(data)
+    check_channels(index, data.channels)
+    train = LabeledImages(index, data.channels, None, cache_plan(data, len(index.files)), data.crop_pct)
     val = split(data.val_dir, train.class_names) if data.val_dir else None
     test = split(data.test_dir, train.class_names) if data.test_dir else None
     for s in (train, val, test):
         if s is not None and s.skips.total:
             print(f"warning: skipped {s.skips.total} unreadable image(s) in labeled data: {s.skips.examples[:3]}")
     return LabeledData(train, val, test)
+
+
+def labeled_train_index(data: DataConfig) -> ImageFolderIndex:
+    """``data.labeled_dir``, plus every ``data.extra_labeled_dirs`` tree on its classes, with
+    ``data.label_overrides`` applied: the training split people's new labels make."""
+    index = scan_image_folder(data.labeled_dir)
+    for extra in data.extra_labeled_dirs:
+        index.files.extend(scan_image_folder(extra, index.class_names).files)
+    if data.label_overrides:
+        index.files = apply_label_overrides(index, data.label_overrides)
+    return index
+
+
+def apply_label_overrides(index: ImageFolderIndex, csv_path: str) -> list[tuple[str, int]]:
+    """The index' files with the CSV's re-labels applied (an empty label drops the image)."""
+    lookup = {n: i for i, n in enumerate(index.class_names)}
+    changes: dict[str, int | None] = {}
+    with open(csv_path, newline="") as fh:
+        for line, row in enumerate(csv.DictReader(fh), start=2):
+            if set(row) != {"path", "label"}:
+                raise DataError(f"{csv_path}: the header must be path,label (data.label_overrides)")
+            label = _nfc(row["label"].strip())
+            if label and label not in lookup:
+                raise DataError(
+                    f"{csv_path} line {line}: {label!r} is not one of the training classes {index.class_names}"
+                )
+            path = row["path"] if os.path.isabs(row["path"]) else str(index.root / row["path"])
+            changes[os.path.normpath(path)] = lookup[label] if label else None
+    files = [(p, changes.pop(os.path.normpath(p), t)) for p, t in index.files]
+    if changes:
+        missing = next(iter(changes))
+        raise DataError(
+            f"{csv_path}: {missing} is not a labeled training image ({len(changes)} such row(s)); "
+            "fix data.label_overrides or data.labeled_dir"
+        )
+    return [(p, t) for p, t in files if t is not None]
 
 
 def check_channels(index: ImageFolderIndex, channels: int, samples: int = 16) -> None:

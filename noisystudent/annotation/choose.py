@@ -1,0 +1,143 @@
+"""Choose the images a person should label next, from one model's labeling pass over the corpus.
+
+One pass over the labeled shards' indexes (plus the analysis' ``.ood.npz`` or another generation's
+indexes, where the strategy reads them), shard by shard: each shard's scores go into one bounded
+top-k list (:class:`~..analysis.corpus_scan.Ranked`, the analysis' own), so memory is the list
+(``pool`` entries) and one shard, whatever the corpus size. With ``+diverse`` only the pool's
+pooled features are read back, for k-center. The chosen images' bytes are read later, one seek
+each, by the exporter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from ..analysis.corpus_scan import Ranked
+from ..data.label_index import read_feature_rows, read_index
+from ..data.label_manifest import LabelManifest, TeacherRef
+from ..errors import DataError
+from ..records import JsonRecord
+from .strategies import StrategySpec, k_center, shard_scores
+
+# a corpus row is (shard position << 32) | row in the shard: one int64 per pool entry
+_ROW_BITS = 32
+
+
+@dataclass
+class Candidate(JsonRecord):
+    """One image chosen for a person to label, with where it came from."""
+
+    rank: int  # 0 = label first
+    labeled_shard: str  # the labeled shard holding its bytes (index row ``row``)
+    row: int
+    source_shard: str  # the corpus shard it came from
+    key: str
+    predicted: str  # the model's class
+    confidence: float
+    score: float  # the strategy's score (higher = chosen earlier)
+    image_ext: str
+
+
+@dataclass
+class AnnotationBatch(JsonRecord):
+    """What ``choose_candidates`` picked, and from what."""
+
+    strategy: str
+    requested: int
+    seed: int
+    teacher: TeacherRef
+    class_names: list[str]
+    corpus_samples: int
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """``n`` images of ``manifest``'s corpus by ``spec`` (``other``: another generation's pass, for
+    ``disagreement``); with ``+diverse`` k-center runs over the top ``pool_factor x n``."""
+
+    manifest: LabelManifest
+    class_names: list[str]
+    spec: StrategySpec
+    n: int
+    seed: int = 0
+    pool_factor: int = 10
+    other: LabelManifest | None = None
+
+
+def choose_candidates(request: ChoiceRequest, show_progress: bool = True) -> AnnotationBatch:
+    spec, shards = request.spec, request.manifest.shards
+    pool = Ranked(request.n * request.pool_factor if spec.diverse else request.n, descending=True)
+    others = _other_shards(request)
+    for s, shard in enumerate(tqdm(shards, desc="choosing", unit="shard", disable=not show_progress)):
+        ix = read_index(shard.output)
+        other = read_index(others[shard.input]) if others else None
+        scores = shard_scores(spec, ix, other, request.seed)
+        pool.add(scores, (np.int64(s) << _ROW_BITS) | np.arange(len(scores), dtype=np.int64))
+    rows, scores = pool.rows, pool.values
+    if spec.diverse and len(rows):
+        order = k_center(_pooled_features(request.manifest, rows), request.n)
+        rows, scores = rows[order], scores[order]
+    return AnnotationBatch(
+        strategy=str(spec),
+        requested=request.n,
+        seed=request.seed,
+        teacher=request.manifest.teacher,
+        class_names=list(request.class_names),
+        corpus_samples=request.manifest.total_samples,
+        candidates=_candidates(request.manifest, request.class_names, rows, scores),
+    )
+
+
+def _other_shards(request: ChoiceRequest) -> dict[str, str]:
+    """Input shard -> the other pass' labeled shard (disagreement only)."""
+    if not request.spec.needs_other_generation:
+        return {}
+    if request.other is None:
+        raise DataError("strategy disagreement needs another generation's labels of the same corpus")
+    others = {s.input: s.output for s in request.other.shards}
+    missing = [s.input for s in request.manifest.shards if s.input not in others]
+    if missing:
+        raise DataError(f"the other generation did not label {missing[0]} (and {len(missing) - 1} more): same corpus?")
+    return others
+
+
+def _by_shard(rows: np.ndarray) -> dict[int, list[tuple[int, int]]]:
+    """{shard position: [(row within the shard, position in ``rows``)]}."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for at, r in enumerate(rows.tolist()):
+        out.setdefault(r >> _ROW_BITS, []).append((r & ((1 << _ROW_BITS) - 1), at))
+    return out
+
+
+def _pooled_features(manifest: LabelManifest, rows: np.ndarray) -> np.ndarray:
+    out: np.ndarray | None = None
+    for s, pairs in _by_shard(rows).items():
+        feats = read_feature_rows(manifest.shards[s].output, [r for r, _ in pairs])
+        if out is None:
+            out = np.empty((len(rows), feats.shape[1]), np.float32)
+        out[[at for _, at in pairs]] = feats
+    return out
+
+
+def _candidates(manifest: LabelManifest, names: list[str], rows: np.ndarray, scores: np.ndarray) -> list[Candidate]:
+    found: list[Candidate | None] = [None] * len(rows)
+    for s, pairs in _by_shard(rows).items():
+        shard = manifest.shards[s]
+        ix = read_index(shard.output)
+        for r, at in pairs:
+            found[at] = Candidate(
+                rank=at,
+                labeled_shard=shard.output,
+                row=r,
+                source_shard=shard.input,
+                key=str(ix.keys[r]),
+                predicted=names[int(ix.labels[r])],
+                confidence=round(float(ix.confidence[r]), 6),
+                score=round(float(scores[at]), 6),
+                image_ext=str(ix.image_ext[r]),
+            )
+    return [c for c in found if c is not None]
