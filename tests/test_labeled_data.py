@@ -5,6 +5,7 @@ against the files."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,35 @@ def test_cached_real_resolution_splits_match_streamed_ones(tmp_path):
     ev = create_eval_transform(data)
     for i in range(len(streamed)):
         assert torch.equal(streamed.with_transform(ev)[i][0], cached.with_transform(ev)[i][0])
+
+
+def test_extra_labeled_dirs_and_label_overrides_make_the_training_split(smoke_data, tmp_path):
+    """What import-labels writes: new images in a tree of their own, re-labels in a CSV; the
+    original labeled set is never changed."""
+    import shutil
+
+    from noisystudent.config import DataConfig
+    from noisystudent.data.imagefolder import labeled_train_index, scan_image_folder
+    from noisystudent.errors import DataError
+
+    root = smoke_data / "labeled" / "train"
+    original = scan_image_folder(root)
+    names = original.class_names
+    extra = tmp_path / "new" / names[2]
+    extra.mkdir(parents=True)
+    shutil.copy(original.files[0][0], extra / "new-0.png")
+    moved, dropped = original.files[1][0], original.files[2][0]
+    csv_path = tmp_path / "overrides.csv"
+    csv_path.write_text(f"path,label\n{Path(moved).relative_to(root)},{names[3]}\n{dropped},\n")
+    data = DataConfig(labeled_dir=str(root), extra_labeled_dirs=[str(tmp_path / "new")], label_overrides=str(csv_path))
+    index = labeled_train_index(data)
+    files = dict(index.files)
+    assert len(index.files) == len(original.files)  # one added, one dropped
+    assert files[str(extra / "new-0.png")] == 2 and files[moved] == 3 and dropped not in files
+    assert scan_image_folder(root).files == original.files  # the original set is untouched
+    csv_path.write_text(f"path,label\n{moved},no-such-class\n")
+    with pytest.raises(DataError, match="line 2: 'no-such-class' is not one of the training classes"):
+        labeled_train_index(data)
+    csv_path.write_text("path,label\nnot/a/file.png,\n")
+    with pytest.raises(DataError, match=r"not/a/file\.png is not a labeled training image"):
+        labeled_train_index(data)
