@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_script, smoke_overrides
+import torch
+from conftest import REPO, run_script, smoke_overrides
 
 from noisystudent.data.imagefolder import scan_image_folder
 from noisystudent.data.label_index import read_feature_rows, read_index
@@ -163,3 +164,105 @@ def test_a_round_trip_through_label_studio_ends_in_a_trained_teacher(smoke_run, 
     trained = json.loads((teacher / "result.json").read_text())
     assert (teacher / "model.pt").is_file() and trained["history"]
     assert str(labeled / "images") in (teacher / "config.yaml").read_text()  # it trained on the new set
+
+
+def _model_outputs(model_path: Path, index):
+    """The model's outputs on an ImageFolder (clean view, as the command computes them)."""
+    from noisystudent.analysis.features import extract_split
+    from noisystudent.config import load_config
+    from noisystudent.data.geometry import create_eval_transform
+    from noisystudent.data.imagefolder import LabeledImages
+    from noisystudent.models import load_model
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    model, spec = load_model(str(model_path), torch.device("cpu"), False)
+    view = create_eval_transform(spec.data_config(cfg.data))
+    return extract_split(
+        model, LabeledImages(index, cfg.data.channels, view, 0, cfg.data.crop_pct), torch.device("cpu")
+    )
+
+
+def test_mislabeled_images_are_re_label_candidates_and_their_answers_become_overrides(smoke_run, smoke_data, tmp_path):
+    """Five labeled images moved into the wrong class folder: the model disputes them, they are
+    exported as re-label candidates, and the answers come back as data.label_overrides."""
+    import shutil
+
+    from noisystudent.config import load_config
+    from noisystudent.data.imagefolder import labeled_train_index
+
+    _, run_dir, _ = smoke_run
+    labeled = tmp_path / "labeled"
+    shutil.copytree(smoke_data / "labeled" / "train", labeled)
+    index = scan_image_folder(labeled)
+    names = index.class_names
+    moved = {}
+    for path, target in index.files[::20][:5]:  # one image from five places, each to the next class
+        wrong = labeled / names[(target + 1) % len(names)] / Path(path).name
+        shutil.move(path, wrong)
+        moved[str(wrong.relative_to(labeled))] = names[target]
+    overrides = [*smoke_overrides(smoke_data, run_dir), f"data.labeled_dir={labeled}"]
+    out = tmp_path / "relabel"
+    run_script(
+        "select_for_labeling.py",
+        "--out",
+        str(out),
+        "--generation",
+        "0",
+        "-n",
+        "15",
+        "--strategy",
+        "suspicious",
+        overrides=overrides,
+    )
+    rows = list(csv.DictReader((out / "candidates.csv").open()))
+    flagged = {r["labeled_path"]: r for r in rows}
+    # the ranking is the model's probability of a class other than the given one, highest first
+    after = scan_image_folder(labeled)
+    split = _model_outputs(run_dir / "gen-0" / "teacher" / "model.pt", after)
+    disputed = split.probs.copy()
+    disputed[np.arange(len(disputed)), split.targets] = 0.0
+    expected = np.argsort(-disputed.max(1), kind="stable")[:15]
+    assert [r["labeled_path"] for r in rows] == [str(Path(after.files[i][0]).relative_to(labeled)) for i in expected]
+    assert all(r["given"] == Path(r["labeled_path"]).parent.name for r in rows)
+    assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
+    assert all(flagged[p]["given"] != moved[p] for p in set(moved) & set(flagged))
+    # a person restores the true class of each flagged moved image (Label Studio's JSON export shape)
+    tasks = json.loads((out / "label-studio-tasks.json").read_text())
+    export = [
+        {
+            "id": i,
+            "data": t["data"],
+            "annotations": [
+                {
+                    "id": i,
+                    "was_cancelled": False,
+                    "result": [
+                        {
+                            "from_name": "label",
+                            "to_name": "image",
+                            "type": "choices",
+                            "value": {"choices": [moved.get(t["data"]["labeled_path"], t["data"]["given"])]},
+                        }
+                    ],
+                }
+            ],
+        }
+        for i, t in enumerate(tasks)
+    ]
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    back = tmp_path / "back"
+    run_script(
+        "import_labels.py",
+        str(tmp_path / "export.json"),
+        "--export-dir",
+        str(out),
+        "--out",
+        str(back),
+        overrides=overrides,
+    )
+    assert json.loads((back / "import.json").read_text())["relabeled"] == 15
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides, overlays=[back / "labeled-set.yaml"])
+    fixed = {str(Path(p).relative_to(labeled)): names[t] for p, t in labeled_train_index(cfg.data).files}
+    restored = set(moved) & set(flagged)
+    assert all(fixed[p] == moved[p] for p in restored)
+    assert len(fixed) == len(index.files)  # nothing added, nothing dropped

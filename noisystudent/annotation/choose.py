@@ -11,16 +11,19 @@ each, by the exporter.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ..analysis.corpus_scan import Ranked
+from ..analysis.features import SplitFeatures
+from ..data.imagefolder import ImageFolderIndex
 from ..data.label_index import read_feature_rows, read_index
 from ..data.label_manifest import LabelManifest, TeacherRef
 from ..errors import DataError
 from ..records import JsonRecord
-from .strategies import StrategySpec, k_center, shard_scores
+from .strategies import StrategySpec, k_center, shard_scores, suspicion
 
 # a corpus row is (shard position << 32) | row in the shard: one int64 per pool entry
 _ROW_BITS = 32
@@ -39,6 +42,8 @@ class Candidate(JsonRecord):
     confidence: float
     score: float  # the strategy's score (higher = chosen earlier)
     image_ext: str
+    labeled_path: str = ""  # re-label candidates: the image in the labeled set, relative to data.labeled_dir
+    given: str = ""  # and its label there
 
 
 @dataclass
@@ -141,3 +146,33 @@ def _candidates(manifest: LabelManifest, names: list[str], rows: np.ndarray, sco
                 image_ext=str(ix.image_ext[r]),
             )
     return [c for c in found if c is not None]
+
+
+def choose_relabel_candidates(
+    split: SplitFeatures, index: ImageFolderIndex, teacher: TeacherRef, n: int
+) -> AnnotationBatch:
+    """The ``n`` labeled images whose given label the model most confidently disputes (``split``:
+    the model's outputs on the labeled train split, in ``index`` order)."""
+    scores = suspicion(split.probs, split.targets)
+    predicted = split.probs.argmax(axis=1)
+    names = index.class_names
+    order = np.argsort(-scores, kind="stable")[:n]
+    candidates = []
+    for rank, i in enumerate(order.tolist()):
+        path = Path(index.files[i][0])
+        candidates.append(
+            Candidate(
+                rank=rank,
+                labeled_shard="",
+                row=-1,
+                source_shard=str(path),
+                key=str(path.relative_to(index.root)),
+                predicted=names[int(predicted[i])],
+                confidence=round(float(split.probs[i].max()), 6),
+                score=round(float(scores[i]), 6),
+                image_ext=path.suffix.lstrip(".").lower(),
+                labeled_path=str(path.relative_to(index.root)),
+                given=names[int(split.targets[i])],
+            )
+        )
+    return AnnotationBatch("suspicious", n, 0, teacher, list(names), len(index.files), candidates)

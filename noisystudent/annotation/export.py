@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,8 @@ def export_batch(batch: AnnotationBatch, out_dir: Path, formats=FORMATS, ls: Lab
 
 def _file_name(c: Candidate) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", c.key)[-80:]
-    return f"{c.rank:06d}-{safe}.{c.image_ext}"
+    suffix = "" if safe.lower().endswith(f".{c.image_ext}") else f".{c.image_ext}"  # labeled files keep theirs
+    return f"{c.rank:06d}-{safe}{suffix}"
 
 
 def copy_images(batch: AnnotationBatch, images: Path) -> tuple[dict[int, Path], SkipCounter]:
@@ -76,6 +78,10 @@ def copy_images(batch: AnnotationBatch, images: Path) -> tuple[dict[int, Path], 
     by_shard: dict[str, list[Candidate]] = {}
     for c in batch.candidates:
         by_shard.setdefault(c.labeled_shard, []).append(c)
+    for c in by_shard.pop("", []):  # re-label candidates: the labeled file itself
+        files[c.rank] = images / _file_name(c)
+        with atomic_path(files[c.rank]) as tmp:
+            shutil.copyfile(c.source_shard, tmp)
     for shard, chosen in by_shard.items():
         ix = read_index(shard)
         by_row = {c.row: c for c in chosen}
@@ -96,6 +102,7 @@ def _provenance(c: Candidate, batch: AnnotationBatch) -> dict:
         "score": c.score,
         "predicted": c.predicted,
         "confidence": c.confidence,
+        **({"labeled_path": c.labeled_path, "given": c.given} if c.labeled_path else {}),
     }
 
 

@@ -13,6 +13,9 @@ stored beside the shard. Nothing here reads pixels.
 ``disagreement``    total variation between this model's soft label and another generation's
                     for the same image: where the generations changed their mind
 ``random``          a seeded uniform draw (the baseline every other strategy has to beat)
+``suspicious``      not the corpus but the labeled set: images whose given label the model
+                    confidently disagrees with (its probability of another class), re-label
+                    candidates; their answers come back as ``data.label_overrides``
 ==================  ==============================================================================
 
 A spec may end in ``+diverse``: the first strategy fills a pool of ``pool_factor x n`` images,
@@ -33,7 +36,7 @@ from ..data.label_index import ShardIndex, ood_scores_path
 from ..errors import ConfigError, DataError
 
 UNCERTAINTY = ("margin", "entropy", "confidence")
-STRATEGIES = (*UNCERTAINTY, *(f"ood:{s}" for s in OOD_SCORES), "disagreement", "random")
+STRATEGIES = (*UNCERTAINTY, *(f"ood:{s}" for s in OOD_SCORES), "disagreement", "random", "suspicious")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,11 @@ class StrategySpec:
     def needs_other_generation(self) -> bool:
         return self.first == "disagreement"
 
+    @property
+    def relabels(self) -> bool:
+        """Chooses from the labeled set (re-label candidates), not the corpus."""
+        return self.first == "suspicious"
+
 
 def shard_scores(spec: StrategySpec, ix: ShardIndex, other: ShardIndex | None, seed: int) -> np.ndarray:
     """float64 [n]: every image of one labeled shard under ``spec.first``, higher = label it first."""
@@ -74,6 +82,13 @@ def shard_scores(spec: StrategySpec, ix: ShardIndex, other: ShardIndex | None, s
     if kind == "disagreement":
         return disagreement(ix, other)
     return seeded_uniform(ix.shard, ix.keys, seed)
+
+
+def suspicion(probs: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """The model's highest probability of a class other than the given one (0 to 1)."""
+    p = np.array(probs, np.float64)
+    p[np.arange(len(p)), np.asarray(given)] = -1.0
+    return p.max(axis=1)
 
 
 def uncertainty(probs: np.ndarray, kind: str) -> np.ndarray:
