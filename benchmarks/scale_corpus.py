@@ -25,6 +25,10 @@ A fourth part runs selection alone over synthetic label indexes (no tars; select
 of ``--index-m`` x 1, 4 and 16 samples with ``--index-classes``-wide soft labels, where the corpus part's
 sizes are too small for selection's memory to show beside an interpreter's.
 
+A sixth (``--choose-m``) chooses 500 images for annotation (``margin+diverse``: the streamed top-5,000
+pool, then k-center on its features) over synthetic labels and features of ``--choose-m`` x 1, 4 and 16
+samples, this checkout only.
+
     python benchmarks/scale_corpus.py [--m 4000] [--scan-m 100000] [--baseline /path/to/old/checkout] \
         > scale_corpus.json
 """
@@ -311,6 +315,23 @@ def child_scan(manifest_path: str, dim: str, classes: str) -> dict:
     }
 
 
+def child_choose(manifest_path: str, strategy: str, n: str) -> dict:
+    """Choosing images for annotation alone (``select-for-labeling``'s streaming pass, then k-center
+    over the pool for ``+diverse``) over synthetic labels: peak RSS and seconds."""
+    from noisystudent.annotation.choose import ChoiceRequest, choose_candidates
+    from noisystudent.annotation.strategies import StrategySpec
+
+    manifest = _manifest(manifest_path)
+    names = [f"c{i}" for i in range(10)]
+    t0 = time.perf_counter()
+    batch = choose_candidates(ChoiceRequest(manifest, names, StrategySpec.parse(strategy), int(n)), False)
+    return {
+        "choose_seconds": round(time.perf_counter() - t0, 2),
+        "choose_peak_rss_mb": _self_peak_mb(),
+        "chosen": len(batch.candidates),
+    }
+
+
 def _synthetic_labels(root: Path, n: int, classes: int, dim: int, per_shard: int = 50_000) -> str:
     """A labeling pass' outputs over ``n`` samples (index with soft labels and logsumexp, float16
     features) and its manifest, without images; every input is an empty tar, counted as untagged."""
@@ -412,6 +433,13 @@ def main() -> int:
         "4x and 16x (0 = skip)",
     )
     p.add_argument("--scan-dim", type=int, default=64, help="feature width of those synthetic features")
+    p.add_argument(
+        "--choose-m",
+        type=int,
+        default=0,
+        help="choosing images for annotation (margin+diverse, 500) over synthetic labels and features of "
+        "this many samples, 4x and 16x (0 = skip; this checkout only)",
+    )
     p.add_argument("--skip-corpus", action="store_true", help="only the synthetic-index selection part")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -426,6 +454,7 @@ def main() -> int:
                     "select": child_select,
                     "stream": child_stream,
                     "select_index": child_select_index,
+                    "choose": child_choose,
                 }[args.child](*args.rest)
             )
         )
@@ -433,7 +462,7 @@ def main() -> int:
     from noisystudent.data.label_manifest import LabelManifest  # this checkout's: the parent reads manifests
 
     trees = {"new": REPO, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
-    rows, index_rows, scan_rows = [], [], []
+    rows, index_rows, scan_rows, choose_rows = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for n in (args.index_m, 4 * args.index_m, 16 * args.index_m) if args.index_m else ():
@@ -450,6 +479,12 @@ def main() -> int:
                     {"samples": n, "code": name, **_child("scan", tree, manifest, str(args.scan_dim), "10")}
                 )
                 print(json.dumps(scan_rows[-1]), file=sys.stderr)
+        for n in (args.choose_m, 4 * args.choose_m, 16 * args.choose_m) if args.choose_m else ():
+            manifest = _synthetic_labels(tmp / f"choose-{n}", n, 10, args.scan_dim)
+            choose_rows.append(
+                {"samples": n, "code": "new", **_child("choose", REPO, manifest, "margin+diverse", "500")}
+            )
+            print(json.dumps(choose_rows[-1]), file=sys.stderr)
         if args.skip_corpus:
             trees = {}
         names = sorted(d.name for d in (REPO / "data/default/labeled/train").iterdir() if d.is_dir())
@@ -479,6 +514,9 @@ def main() -> int:
         "scan_dim": args.scan_dim,
         "scan_rows": scan_rows,
         "scan_growth_bytes_per_sample": _growth(scan_rows) if scan_rows else {},
+        "choose_m": args.choose_m,
+        "choose_rows": choose_rows,
+        "choose_growth_bytes_per_sample": _growth(choose_rows) if choose_rows else {},
     }
     print(json.dumps(out, indent=2))
     return 0

@@ -64,6 +64,29 @@ def test_the_most_uncertain_images_are_exported_verbatim_with_their_provenance(s
     assert {Path(p).parent.name for p, _ in index.files} == {r["predicted"] for r in rows}
 
 
+def test_disagreement_picks_where_two_generations_changed_their_mind_and_is_on_record(smoke_run, smoke_data, tmp_path):
+    """Generation 1's model against generation 0's, over the same corpus: the images whose soft
+    labels moved most (total variation), and an MLflow run with the export's counts."""
+    from mlflow.tracking import MlflowClient
+
+    _, run_dir, _ = smoke_run
+    new, old = (LabelManifest.load(run_dir / f"gen-{g}" / "labels") for g in (2, 1))
+    moved = []
+    for a, b in zip(new.shards, old.shards):
+        ia, ib = read_index(a.output), read_index(b.output)
+        tv = 0.5 * np.abs(ia.probs.astype(np.float64) - ib.probs.astype(np.float64)).sum(1)
+        moved += zip(tv.tolist(), [f"{a.input}/{k}" for k in ia.keys])
+    out = tmp_path / "export"
+    _select(run_dir, smoke_data, out, "--generation", "1", "-n", "10", "--strategy", "disagreement")
+    rows = list(csv.DictReader((out / "candidates.csv").open()))
+    expected = sorted(moved, key=lambda t: -t[0])[:10]
+    assert [r["source_shard"] + "/" + r["key"] for r in rows] == [name for _, name in expected]
+    assert {r["teacher_sha256"] for r in rows} == {new.teacher.sha256}
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.metrics["export_images"] == 10 and run.data.tags["strategy"] == "disagreement"
+
+
 def test_diverse_picks_spread_out_images_from_the_uncertain_pool(smoke_run, smoke_data, tmp_path):
     _, run_dir, _ = smoke_run
     manifest = LabelManifest.load(run_dir / "gen-1" / "labels")
