@@ -125,6 +125,8 @@ def label_studio(tmp_path_factory):
 def test_a_round_trip_through_label_studio_ends_in_a_trained_teacher(smoke_run, smoke_data, label_studio, tmp_path):
     """Export to Label Studio's local files, import the tasks through its API, label them as a
     person would (one skipped), export, import the export with our command, train a teacher."""
+    from mlflow.tracking import MlflowClient
+
     ls, files = label_studio
     _, run_dir, _ = smoke_run
     out = files / "batch"  # a subdirectory of Label Studio's document root
@@ -176,6 +178,9 @@ def test_a_round_trip_through_label_studio_ends_in_a_trained_teacher(smoke_run, 
     )
     result = json.loads((labeled / "import.json").read_text())
     assert result["imported"] == 7 and result["skipped"] == {"cancelled": 1}
+    client = MlflowClient(f"sqlite:///{labeled / 'mlflow.db'}")  # the import is on record, with its counts
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.metrics["import_imported"] == 7 and run.data.metrics["import_skipped"] == 1
     got = scan_image_folder(labeled / "images", names)
     assert sorted((Path(p).name, names[t]) for p, t in got.files) == sorted(
         (Path(t["data"]["image"]).name, answers[t["data"]["key"]]) for t in listed[:7]
