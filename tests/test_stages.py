@@ -60,5 +60,5 @@ def test_teacher_label_student_scripts(smoke_data, tmp_path):
     )
     assert "Analysis: ID-vs-OOD AUROC" in a.stdout and "report:" in a.stdout
     summary = DoneMarker(tmp_path / "analysis" / "summary.json", AnalysisResult).read()
-    assert set(summary.ood) == {"msp", "entropy", "energy", "mahalanobis", "knn"}
+    assert set(summary.ood) == {"msp", "entropy", "energy", "mahalanobis", "knn", "react", "scale", "vim"}
     assert (tmp_path / "analysis" / "report.html").stat().st_size > 10_000
