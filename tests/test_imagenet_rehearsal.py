@@ -190,7 +190,7 @@ def test_the_imagenet_recipe_rehearsal_runs_through_labeling_student_and_analysi
 
     analysis = DoneMarker(run / "gen-1" / "analysis" / "summary.json", AnalysisResult).read()
     assert analysis.samples == 108 and analysis.ood_tagged == 12
-    assert set(analysis.ood) == {"msp", "entropy", "energy", "mahalanobis", "knn"}
+    assert set(analysis.ood) == {"msp", "entropy", "energy", "mahalanobis", "knn", "react", "scale", "vim"}
     assert all(0.0 <= v.auroc <= 1.0 for v in analysis.ood.values())
     assert (run / "analysis" / "report.html").is_file()
     test = json.loads((run / "gen-1" / "eval.json").read_text())
