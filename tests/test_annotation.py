@@ -26,6 +26,13 @@ def _select(run_dir: Path, data: Path, out: Path, *args: str):
     )
 
 
+def _import(export: Path, export_dir: Path, out: Path, overrides: list[str]):
+    """``import-labels`` of a Label Studio JSON export of what ``select-for-labeling`` wrote to ``export_dir``."""
+    return run_script(
+        "import_labels.py", str(export), "--export-dir", str(export_dir), "--out", str(out), overrides=overrides
+    )
+
+
 def _all_margins(manifest: LabelManifest) -> list[tuple[float, str]]:
     """Every corpus image's margin score, read whole (the old way): the reference for the stream."""
     out = []
@@ -167,15 +174,7 @@ def test_a_round_trip_through_label_studio_ends_in_a_trained_teacher(smoke_run, 
 
     labeled = tmp_path / "new-labels"
     overrides = smoke_overrides(smoke_data, run_dir)
-    run_script(
-        "import_labels.py",
-        str(tmp_path / "export.json"),
-        "--export-dir",
-        str(out),
-        "--out",
-        str(labeled),
-        overrides=overrides,
-    )
+    _import(tmp_path / "export.json", out, labeled, overrides)
     result = json.loads((labeled / "import.json").read_text())
     assert result["imported"] == 7 and result["skipped"] == {"cancelled": 1}
     client = MlflowClient(f"sqlite:///{labeled / 'mlflow.db'}")  # the import is on record, with its counts
@@ -279,15 +278,7 @@ def test_mislabeled_images_are_re_label_candidates_and_their_answers_become_over
     ]
     (tmp_path / "export.json").write_text(json.dumps(export))
     back = tmp_path / "back"
-    run_script(
-        "import_labels.py",
-        str(tmp_path / "export.json"),
-        "--export-dir",
-        str(out),
-        "--out",
-        str(back),
-        overrides=overrides,
-    )
+    _import(tmp_path / "export.json", out, back, overrides)
     assert json.loads((back / "import.json").read_text())["relabeled"] == 15
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides, overlays=[back / "labeled-set.yaml"])
     fixed = {str(Path(p).relative_to(labeled)): names[t] for p, t in labeled_train_index(cfg.data).files}
