@@ -285,3 +285,18 @@ def test_mislabeled_images_are_re_label_candidates_and_their_answers_become_over
     restored = set(moved) & set(flagged)
     assert all(fixed[p] == moved[p] for p in restored)
     assert len(fixed) == len(index.files)  # nothing added, nothing dropped
+
+
+def test_any_checkpoint_labels_its_corpus_then_chooses(smoke_run, smoke_data, tmp_path):
+    """--model: a checkpoint outside the run labels the corpus (into <out>/labels, through the
+    label cache) and chooses from that pass."""
+    from noisystudent.io import sha256_file
+
+    _, run_dir, _ = smoke_run
+    model = run_dir / "gen-0" / "teacher" / "model.pt"
+    out = tmp_path / "export"
+    _select(run_dir, smoke_data, out, "--model", str(model), "-n", "5", "--strategy", "entropy")
+    rows = list(csv.DictReader((out / "candidates.csv").open()))
+    manifest = LabelManifest.load(out / "labels")
+    assert len(rows) == 5 and {r["teacher_sha256"] for r in rows} == {sha256_file(model)} == {manifest.teacher.sha256}
+    assert manifest.total_samples == sum(s.samples for s in manifest.shards) > 5
