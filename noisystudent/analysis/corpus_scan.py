@@ -173,26 +173,10 @@ class CorpusScan:
         return np.where(self.truth >= 0, self.truth, -1).astype(self.label.dtype)
 
     def by_shard(self, rows: np.ndarray) -> dict[int, list[tuple[int, int]]]:
-        """{shard position: [(row within the shard, corpus row)]} for the given corpus rows."""
-        rows = np.asarray(rows, np.int64)
-        where = np.searchsorted(self.offsets, rows, side="right") - 1
-        out: dict[int, list[tuple[int, int]]] = {}
-        for s, r in zip(where.tolist(), rows.tolist()):
-            out.setdefault(s, []).append((r - int(self.offsets[s]), r))
-        return out
+        return rows_by_shard(self.offsets, rows)
 
     def features(self, rows: np.ndarray) -> np.ndarray:
-        """Pooled features (float32) of the given corpus rows, in their order, read back from the
-        labeled shards' feature files (only those rows are read)."""
-        rows = np.asarray(rows, np.int64)
-        out: np.ndarray | None = None
-        at = {r: i for i, r in enumerate(rows.tolist())}
-        for s, pairs in self.by_shard(rows).items():
-            feats = read_feature_rows(self.shards[s], [p[0] for p in pairs])
-            if out is None:
-                out = np.empty((len(rows), feats.shape[1]), np.float32)
-            out[[at[p[1]] for p in pairs]] = feats
-        return out if out is not None else np.zeros((0, 0), np.float32)
+        return feature_rows(self.shards, self.offsets, rows)
 
     def images(self, rows: np.ndarray, channels: int) -> dict[int, np.ndarray]:
         """Decoded images of the given corpus rows (one seek each, from the labeled shards)."""
@@ -204,6 +188,36 @@ class CorpusScan:
             for i, img in images_by_offset(shard, read_index(shard), list(back), channels, skips):
                 out[back[i]] = img
         return out
+
+
+def corpus_offsets(shards: list[ShardEntry]) -> np.ndarray:
+    """int64 [S + 1]: shard i of a labeling pass holds corpus rows ``offsets[i]:offsets[i + 1]``."""
+    return np.concatenate([[0], np.cumsum([int(s.samples) for s in shards])]).astype(np.int64)
+
+
+def rows_by_shard(offsets: np.ndarray, rows: np.ndarray) -> dict[int, list[tuple[int, int]]]:
+    """{shard position: [(row within the shard, corpus row)]} for the given corpus rows, where shard
+    i holds corpus rows ``offsets[i]:offsets[i + 1]``."""
+    rows = np.asarray(rows, np.int64)
+    where = np.searchsorted(offsets, rows, side="right") - 1
+    out: dict[int, list[tuple[int, int]]] = {}
+    for s, r in zip(where.tolist(), rows.tolist()):
+        out.setdefault(s, []).append((r - int(offsets[s]), r))
+    return out
+
+
+def feature_rows(shards: list[str], offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Pooled features (float32) of the given (distinct) corpus rows, in their order, read back
+    from the labeled shards' feature files (only those rows are read)."""
+    rows = np.asarray(rows, np.int64)
+    out: np.ndarray | None = None
+    at = {r: i for i, r in enumerate(rows.tolist())}
+    for s, pairs in rows_by_shard(offsets, rows).items():
+        feats = read_feature_rows(shards[s], [p[0] for p in pairs])
+        if out is None:
+            out = np.empty((len(rows), feats.shape[1]), np.float32)
+        out[[at[p[1]] for p in pairs]] = feats
+    return out if out is not None else np.zeros((0, 0), np.float32)
 
 
 def rows_of_ranks(mask: np.ndarray, ranks: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
@@ -236,7 +250,7 @@ def scan_corpus(
 ) -> CorpusScan:
     """Score every labeled shard of ``manifest`` on the cluster and gather the scalars."""
     shards = manifest.shards
-    offsets = np.concatenate([[0], np.cumsum([int(s.samples) for s in shards])]).astype(np.int64)
+    offsets = corpus_offsets(shards)
     total = int(offsets[-1])
     dtype = class_dtype(len(class_names))
     label, confidence = np.empty(total, dtype), np.empty(total, np.float32)

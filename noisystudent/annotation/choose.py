@@ -16,17 +16,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..analysis.corpus_scan import Ranked
+from ..analysis.corpus_scan import Ranked, corpus_offsets, feature_rows, rows_by_shard
 from ..analysis.features import SplitFeatures
 from ..data.imagefolder import ImageFolderIndex
-from ..data.label_index import read_feature_rows, read_index
+from ..data.label_index import read_index
 from ..data.label_manifest import LabelManifest, TeacherRef
 from ..errors import DataError
 from ..records import JsonRecord
 from .strategies import StrategySpec, k_center, shard_scores, suspicion
-
-# a corpus row is (shard position << 32) | row in the shard: one int64 per pool entry
-_ROW_BITS = 32
 
 
 @dataclass
@@ -77,14 +74,17 @@ def choose_candidates(request: ChoiceRequest, show_progress: bool = True) -> Ann
     spec, shards = request.spec, request.manifest.shards
     pool = Ranked(request.n * request.pool_factor if spec.diverse else request.n, descending=True)
     others = _other_shards(request)
+    offsets = corpus_offsets(shards)  # corpus rows numbered as the analysis numbers them
     for s, shard in enumerate(tqdm(shards, desc="choosing", unit="shard", disable=not show_progress)):
         ix = read_index(shard.output)
+        if len(ix.keys) != shard.samples:
+            raise DataError(f"{shard.output} has {len(ix.keys)} samples, its manifest {shard.samples}: relabel it")
         other = read_index(others[shard.input]) if others else None
-        scores = shard_scores(spec, ix, other, request.seed)
-        pool.add(scores, (np.int64(s) << _ROW_BITS) | np.arange(len(scores), dtype=np.int64))
+        pool.add(shard_scores(spec, ix, other, request.seed), offsets[s] + np.arange(len(ix.keys)))
     rows, scores = pool.rows, pool.values
     if spec.diverse and len(rows):
-        order = k_center(_pooled_features(request.manifest, rows), request.n)
+        outputs = [s.output for s in shards]
+        order = k_center(feature_rows(outputs, offsets, rows), request.n)
         rows, scores = rows[order], scores[order]
     return AnnotationBatch(
         strategy=str(spec),
@@ -93,7 +93,7 @@ def choose_candidates(request: ChoiceRequest, show_progress: bool = True) -> Ann
         teacher=request.manifest.teacher,
         class_names=list(request.class_names),
         corpus_samples=request.manifest.total_samples,
-        candidates=_candidates(request.manifest, request.class_names, rows, scores),
+        candidates=_candidates(request.manifest, request.class_names, offsets, rows, scores),
     )
 
 
@@ -110,30 +110,16 @@ def _other_shards(request: ChoiceRequest) -> dict[str, str]:
     return others
 
 
-def _by_shard(rows: np.ndarray) -> dict[int, list[tuple[int, int]]]:
-    """{shard position: [(row within the shard, position in ``rows``)]}."""
-    out: dict[int, list[tuple[int, int]]] = {}
-    for at, r in enumerate(rows.tolist()):
-        out.setdefault(r >> _ROW_BITS, []).append((r & ((1 << _ROW_BITS) - 1), at))
-    return out
-
-
-def _pooled_features(manifest: LabelManifest, rows: np.ndarray) -> np.ndarray:
-    out: np.ndarray | None = None
-    for s, pairs in _by_shard(rows).items():
-        feats = read_feature_rows(manifest.shards[s].output, [r for r, _ in pairs])
-        if out is None:
-            out = np.empty((len(rows), feats.shape[1]), np.float32)
-        out[[at for _, at in pairs]] = feats
-    return out
-
-
-def _candidates(manifest: LabelManifest, names: list[str], rows: np.ndarray, scores: np.ndarray) -> list[Candidate]:
+def _candidates(
+    manifest: LabelManifest, names: list[str], offsets: np.ndarray, rows: np.ndarray, scores: np.ndarray
+) -> list[Candidate]:
     found: list[Candidate | None] = [None] * len(rows)
-    for s, pairs in _by_shard(rows).items():
+    position = {r: i for i, r in enumerate(rows.tolist())}
+    for s, pairs in rows_by_shard(offsets, rows).items():
         shard = manifest.shards[s]
         ix = read_index(shard.output)
-        for r, at in pairs:
+        for r, corpus_row in pairs:
+            at = position[corpus_row]
             found[at] = Candidate(
                 rank=at,
                 labeled_shard=shard.output,

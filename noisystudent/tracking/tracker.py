@@ -50,8 +50,13 @@ def _is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
 
+def _first_line(exc: BaseException, width: int) -> str:
+    """The first line of an error's message (its type's name if it has none), cut to ``width``."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:width]
+
+
 def _lost_error(uri: str, exc: BaseException) -> TrackingError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    first = _first_line(exc, 160)
     if _is_local_store(uri):
         # a local store has no server to wait for: the cause is a file (path, permissions, space)
         return TrackingError(
@@ -76,7 +81,7 @@ def _store_error(uri: str, exc: Exception) -> TrackingError:
     """One line for a store that cannot be used. A database file is not a server: calling it
     "unreachable" sent users looking for a server when the file itself was the problem (another
     process creating it at the same moment gave sqlite's 'duplicate column name: step')."""
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    first = _first_line(exc, 200)
     if not _is_local_store(uri):
         return TrackingError(
             f"MLflow tracking server {uri} is unreachable or refused the request ({first}); "
