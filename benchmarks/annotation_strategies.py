@@ -37,6 +37,7 @@ from noisystudent.config import load_config  # noqa: E402
 from noisystudent.data.audit import hidden_truth  # noqa: E402
 from noisystudent.data.imagefolder import scan_image_folder  # noqa: E402
 from noisystudent.data.label_manifest import LabelManifest  # noqa: E402
+from noisystudent.stages.evaluate import EvalReport  # noqa: E402
 from noisystudent.stages.runner import StageRequest, run_single_stage  # noqa: E402
 
 
@@ -78,12 +79,12 @@ def one_cell(cfg, manifest: LabelManifest, strategy: str, seed: int, n: int, out
     cell_cfg = replace(cfg, seed=seed, data=replace(cfg.data, extra_labeled_dirs=extra))
     start = time.time()
     run_single_stage(cell_cfg, StageRequest("teacher", cell / "teacher"))
-    evaluation = json.loads((cell / "teacher" / "eval.json").read_text())
+    evaluation = EvalReport.from_json(json.loads((cell / "teacher" / "eval.json").read_text()))
     result = {
         "strategy": strategy,
         "seed": seed,
         **counts,
-        "test_top1": evaluation["test_top1"],
+        "test_top1": evaluation.test_top1,
         "minutes": round((time.time() - start) / 60, 1),
     }
     record.write_text(json.dumps(result, indent=2))
