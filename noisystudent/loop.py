@@ -31,6 +31,7 @@ from .plots import augmentation_grid_png, generations_png
 from .resume import DoneMarker
 from .run_lock import run_directory_lock
 from .seeds import Seeds, Stream
+from .stages.distill import DistillRun, DistillSummary
 from .stages.evaluate import EvalReport, EvaluateStage
 from .stages.pseudo_label import PseudoLabelStage
 from .stages.run_layout import RunLayout
@@ -48,6 +49,7 @@ class LoopResult:
     generations: list[GenerationRow]
     analysis: list[GenerationAnalysis] = field(default_factory=list)  # per generation (analysis.enabled)
     report: Path | None = None  # the run-level analysis report
+    distilled: DistillSummary | None = None  # the last generation distilled (distill.model)
 
 
 def iterate(cfg: Config, *, allow_config_change: bool = False) -> LoopResult:
@@ -82,6 +84,8 @@ def iterate(cfg: Config, *, allow_config_change: bool = False) -> LoopResult:
             tracker.log_metrics(row.metrics(), step=g)
             if cfg.analysis.enabled:  # this model's corpus pass is also the next generation's labeling
                 result.analysis.append(analyze_generation(ctx, g, layout))
+        if cfg.distill.model:
+            result.distilled = distill_last_generation(ctx, layout, result.generations[-1])
         finish_run(tracker, cfg, layout, result)
     return result
 
@@ -199,6 +203,15 @@ def generation_row(
         row.pl_ood_share_kept = audit.ood_share_kept if audit else None
         row.pl_skipped, row.pl_agreement_prev_gen = outcome.manifest.skipped.total, outcome.agreement_prev_gen
     return row
+
+
+def distill_last_generation(ctx: StageContext, layout: RunLayout, last: GenerationRow) -> DistillSummary:
+    """The last generation distilled into ``distill.model``, in its own nested MLflow run."""
+    g, model = last.generation, ctx.cfg.distill.model
+    tags = {"role": "distill", "teacher_generation": g, "model": model, "teacher_run_id": last.mlflow_run_id}
+    run_id_file = layout.distill / "mlflow_run_id"
+    nested = functools.partial(ctx.tracker.run, run_id_file, f"distill-gen-{g}-{model}", tags, nested=True)
+    return run_stage(DistillRun(last.model_path, layout.distill, g, last.mlflow_run_id), ctx, within=nested)
 
 
 def finish_run(tracker: Tracker, cfg: Config, layout: RunLayout, result: LoopResult) -> None:

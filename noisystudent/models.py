@@ -20,6 +20,28 @@ from .errors import CheckpointError, LadderError
 from .io import atomic_path
 
 
+@timm.models.register_model
+def resnet10t_half(pretrained: bool = False, **kwargs) -> torch.nn.Module:
+    """ResNet-10-T at half width (channels 32-256, a 16-wide stem): a quarter of resnet10t's
+    parameters, the ResNet-style student to distil a resnet10t ladder into. Registered in timm's
+    registry when noisystudent.models is imported, so it is addressable by name like any timm model;
+    it has no pretrained weights."""
+    from timm.models.resnet import BasicBlock, _create_resnet
+
+    if pretrained:
+        raise CheckpointError("resnet10t_half has no pretrained weights: train it (distill) or set pretrained_file")
+    args = {
+        "block": BasicBlock,
+        "layers": (1, 1, 1, 1),
+        "stem_width": 16,
+        "stem_type": "deep_tiered",
+        "avg_down": True,
+        "channels": (32, 64, 128, 256),
+    }
+    # timm's resnet10t entry supplies the pretrained_cfg (stem and classifier names) only
+    return _create_resnet("resnet10t", False, **{**args, **kwargs})
+
+
 @dataclass
 class ModelSpec:
     """Everything needed to rebuild a model for inference, stored inside every checkpoint."""

@@ -36,6 +36,7 @@ class Stream(enum.IntEnum):
     VIEW_NOISE = 13  # noised views shown or measured outside training (augmentation grid, consistency)
     OOD_SPLIT = 14  # which tagged corpus images pick the best OOD score (the rest report its AUROC)
     ANNOTATION = 15  # the random strategy's order when choosing images to label
+    CALIBRATION = 16  # the labeled images that calibrate an int8 model's activation ranges
 
 
 @dataclass(frozen=True)

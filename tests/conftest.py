@@ -164,6 +164,14 @@ def smoke_run(smoke_data, tmp_path_factory):
     return cfg, run_dir, rows
 
 
+def readme_snippet(name: str) -> str:
+    """The README's python block after ``<!-- snippet: name -->``, verbatim (tests run it as written)."""
+    text = (REPO / "README.md").read_text()
+    assert f"<!-- snippet: {name} -->" in text, f"README.md lost its snippet {name!r}"
+    after = text.split(f"<!-- snippet: {name} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 @contextlib.contextmanager
 def stage_context(cfg, with_data: bool = True):
     """What a stage runs with (see ``noisystudent.stages.stage``): ``cfg``, its labeled data, a

@@ -25,6 +25,7 @@ LAYERS = [
     ("data", ["noisystudent.data"]),
     ("models and noise", ["noisystudent.models", "noisystudent.noise", "noisystudent.prepare"]),
     ("engine", ["noisystudent.engine"]),
+    ("deploy", ["noisystudent.deploy"]),  # ONNX export, int8, measuring the deployable forms
     ("labeling", ["noisystudent.labeling"]),
     ("tracking", ["noisystudent.tracking"]),
     ("stages", ["noisystudent.stages"]),

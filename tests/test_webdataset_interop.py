@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from conftest import REPO
+from conftest import REPO, readme_snippet
 from PIL import Image
 
 from noisystudent.config import load_config
@@ -85,12 +85,6 @@ def _label(teacher, urls: list[str], out: Path, cfg) -> LabelManifest:
         return label_corpus(LabelingJob.for_checkpoint(teacher, cfg.data), urls, out, cluster, show_progress=False)
 
 
-def _readme_snippet(name: str) -> str:
-    text = (REPO / "README.md").read_text()
-    after = text.split(f"<!-- snippet: {name} -->", 1)[1]
-    return after.split("```python\n", 1)[1].split("```", 1)[0]
-
-
 def test_readme_snippet_trains_from_our_label_shards_with_plain_webdataset(smoke_data, tmp_path, monkeypatch):
     import torch
 
@@ -125,7 +119,7 @@ def test_readme_snippet_trains_from_our_label_shards_with_plain_webdataset(smoke
 
     monkeypatch.chdir(tmp_path)  # the snippet's relative path, as in a checkout after a run
     scope: dict = {}
-    exec(compile(_readme_snippet("webdataset-student"), "README.md", "exec"), scope)
+    exec(compile(readme_snippet("webdataset-student"), "README.md", "exec"), scope)
     steps = scope["step"] + 1
     assert 1 <= steps <= 20 and torch.isfinite(scope["loss"])
     assert scope["images"].shape[1:] == (3, 32, 32) and scope["soft"].shape[1] == 10

@@ -2,6 +2,7 @@
 
     noisystudent iterate --generations 3          # the whole loop (pipelines/iterate.py is the same)
     noisystudent teacher | pseudo-label | student  # one stage alone
+    noisystudent distill | export                  # a small deployable model: distilled, ONNX, int8
     noisystudent analyze | ablate | compare        # hidden-state analysis, recipe ablations, MLflow comparison
     noisystudent prepare | make-shards             # offline data preparation
 
@@ -32,6 +33,10 @@ from .offline import (
     prepare_command,
 )
 from .stages import (
+    distill_args,
+    distill_command,
+    export_args,
+    export_command,
     iterate_args,
     iterate_command,
     pseudo_label_args,
@@ -71,6 +76,19 @@ COMMANDS: dict[str, tuple[str, Callable, Callable, bool]] = {
         "Stage 3 alone: train a noised student on labeled + pseudo-labeled data (selection at read time).",
         student_args,
         student_command,
+        True,
+    ),
+    "distill": (
+        "Distil a finished generation into a smaller model on its soft labels, export it to ONNX and int8, "
+        "and register it.",
+        distill_args,
+        distill_command,
+        True,
+    ),
+    "export": (
+        "Export a model (checkpoint or registered) to ONNX and int8, checked against torch, logged to MLflow.",
+        export_args,
+        export_command,
         True,
     ),
     "analyze": (

@@ -28,6 +28,10 @@ def iterate_command(args: argparse.Namespace) -> None:
     if result.analysis:
         console.print_analysis_table(result.analysis)
         print(f"analysis report: {result.report}")
+    if result.distilled is not None:
+        from ..stages.runner import distill_summary
+
+        print_summary(distill_summary(result.distilled))
 
 
 def teacher_args(p: argparse.ArgumentParser) -> None:
@@ -77,3 +81,44 @@ def student_command(args: argparse.Namespace) -> None:
 
     request = StageRequest("student", Path(args.out), args.teacher, args.labels, args.generation)
     print_summary(run_single_stage(config_from_args(args), request, args.allow_config_change))
+
+
+def distill_args(p: argparse.ArgumentParser) -> None:
+    allow_config_change_arg(p)
+    p.add_argument(
+        "--teacher",
+        required=True,
+        help="the generation to distil: model.pt, an MLflow run id, or models:/<name>@<alias> "
+        "(e.g. models:/noisystudent@best)",
+    )
+    p.add_argument("--model", default=None, help="timm model of the distilled student (overrides distill.model)")
+    p.add_argument(
+        "--generation",
+        type=int,
+        default=None,
+        help="the teacher's generation (its seeds, the from-gen-<g> alias); default: from a @gen-<g> alias, else 0",
+    )
+    p.add_argument("--out", required=True, help="output directory (resumable: rerun to continue)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides tracking.tracking_uri)")
+
+
+def distill_command(args: argparse.Namespace) -> None:
+    from ..stages.runner import run_distill
+
+    extra = [f"distill.model={args.model}"] if args.model else []
+    extra += [f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
+    cfg = config_from_args(args, *extra)
+    print_summary(run_distill(cfg, Path(args.out), args.teacher, args.generation, args.allow_config_change))
+
+
+def export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model.pt, an MLflow run id, or models:/<name>@<alias>")
+    p.add_argument("--out", required=True, help="output directory: model.onnx, model.int8.onnx, preprocessing.json")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (overrides tracking.tracking_uri)")
+
+
+def export_command(args: argparse.Namespace) -> None:
+    from ..stages.runner import run_export
+
+    extra = [f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
+    print_summary(run_export(config_from_args(args, *extra), Path(args.out), args.model))

@@ -17,6 +17,8 @@ from .sections import (
     AnalysisConfig,
     AugmentConfig,
     DataConfig,
+    DistillConfig,
+    ExportConfig,
     PseudoLabelConfig,
     StudentConfig,
     TrainConfig,
@@ -118,6 +120,18 @@ class Config:
         "Every student: labeled + pseudo-labeled data, noised.",
     )
     pseudo_label: PseudoLabelConfig = setting(PseudoLabelConfig(), "Labeling and read-time selection.")
+    distill: DistillConfig = setting(
+        DistillConfig(
+            epochs=10,
+            batch_size=64,
+            lr=3e-3,
+            warmup_epochs=0.5,
+            augment=AugmentConfig(num_ops=0, cutout=0.0),
+        ),
+        "Distillation of a finished generation into a smaller model (off until distill.model is set): "
+        "dropout, stochastic depth and RandAugment off, flip and translation on.",
+    )
+    export: ExportConfig = setting(ExportConfig(), "ONNX and int8 export of the distilled model.")
     cluster: ClusterConfig = setting(ClusterConfig(), "The Dask cluster that labels the corpus.", results=False)
     tracking: TrackingConfig = setting(TrackingConfig(), "MLflow tracking.", results=False)
     analysis: AnalysisConfig = setting(
@@ -153,8 +167,9 @@ def validate(cfg: Config) -> None:
     """Checks across fields, and ranges the types cannot express; the error names the key."""
     _check_run(cfg)
     _check_data(cfg.data)
-    for stage in ("teacher", "student"):
+    for stage in ("teacher", "student", "distill"):
         _check_stage(stage, getattr(cfg, stage))
+    _check_distill(cfg.distill, cfg.export)
     _need(cfg.student.finetune_epochs >= 0, "student.finetune_epochs", "must be >= 0")
     _check_pseudo_label(cfg.pseudo_label)
     _check_analysis(cfg.analysis)
@@ -230,6 +245,16 @@ def _check_pseudo_label(pl: PseudoLabelConfig) -> None:
         "pseudo_label.ood_score",
         "must name a score when pseudo_label.ood_drop_fraction > 0",
     )
+
+
+def _check_distill(d: DistillConfig, e: ExportConfig) -> None:
+    _need(d.temperature > 0, "distill.temperature", "must be > 0")
+    _need(0.0 <= d.threshold < 1.0, "distill.threshold", "must be in [0, 1)")
+    _need(d.unlabeled_ratio > 0, "distill.unlabeled_ratio", "must be > 0 (distillation learns from the corpus)")
+    _need(e.opset >= 18, "export.opset", "must be >= 18 (torch.onnx's dynamo exporter)")
+    _need(e.tolerance > 0, "export.tolerance", "must be > 0")
+    _need(e.check_images >= 1, "export.check_images", "must be >= 1")
+    _need(e.calibration_images >= 1, "export.calibration_images", "must be >= 1")
 
 
 def _check_analysis(a: AnalysisConfig) -> None:

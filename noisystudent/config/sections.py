@@ -167,11 +167,27 @@ class TrainConfig:
 
 
 @dataclass
-class StudentConfig(TrainConfig):
-    """A student: labeled plus pseudo-labeled data, noised."""
+class PseudoTrainConfig(TrainConfig):
+    """A stage that learns from a teacher's soft labels over the corpus as well as the labels."""
 
     unlabeled_ratio: float = setting(3.0, "Pseudo-labeled images per step = ratio x batch_size (paper: 1 to 3).")
     unlabeled_weight: float = setting(1.0, "Weight of the pseudo-label loss.")
+
+    @property
+    def unlabeled_batch_size(self) -> int:
+        """Pseudo-labeled images per step."""
+        return max(1, int(round(self.batch_size * self.unlabeled_ratio)))
+
+    @property
+    def logit_temperature(self) -> float:
+        """The temperature the model's logits are divided by in the pseudo-label loss (1: none)."""
+        return 1.0
+
+
+@dataclass
+class StudentConfig(PseudoTrainConfig):
+    """A student: labeled plus pseudo-labeled data, noised."""
+
     init: Literal["scratch", "teacher"] = setting(
         "scratch", '"scratch" (paper default) or "teacher" (copy the teacher\'s weights; same model only).'
     )
@@ -182,10 +198,68 @@ class StudentConfig(TrainConfig):
     )
     finetune_lr: float = setting(1e-4, "Peak learning rate of the labeled-only fine-tune.")
 
+
+@dataclass
+class DistillConfig(PseudoTrainConfig):
+    """Distillation: a smaller model trained on a finished generation's soft labels over the whole
+    corpus plus the labeled set (Hinton et al. 2015), with light noise unless asked for more."""
+
+    model: str = setting(
+        "",
+        'timm model of the distilled student, e.g. resnet10t_half ("" = off: `iterate` ends with the '
+        "last generation). `iterate` distils its last generation; `noisystudent distill` any checkpoint "
+        "or registered model.",
+    )
+    temperature: float = setting(
+        2.0,
+        "Distillation temperature T: targets are the teacher's probabilities softened to "
+        "softmax(logits / T) (p ** (1/T) renormalised), the student's logits are divided by T too, "
+        "and the loss is scaled by T^2 so its gradients keep their size (Hinton et al.). 1 = plain soft labels.",
+    )
+    threshold: float = setting(
+        0.0,
+        "Keep corpus images whose teacher confidence >= threshold (0 = every image: a student "
+        "imitating its teacher learns from its doubts too).",
+    )
+    balance: bool = setting(False, "Per-class balancing of the corpus images, as pseudo_label.balance.")
+    registered_model: str = setting(
+        "noisystudent-distilled",
+        "Register the distilled model under this name (alias from-gen-<g>; models:/<name>/latest is "
+        'the newest); "" = log without registering.',
+        results=False,
+    )
+
     @property
-    def unlabeled_batch_size(self) -> int:
-        """Pseudo-labeled images per step."""
-        return max(1, int(round(self.batch_size * self.unlabeled_ratio)))
+    def logit_temperature(self) -> float:
+        return self.temperature
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export of a trained model, its int8 quantization and their checks."""
+
+    onnx: bool = setting(True, "Export the distilled model (and `noisystudent export`'s) to ONNX after training.")
+    opset: int = setting(18, "ONNX opset of the export (torch.onnx's dynamo exporter: 18 or newer).")
+    tolerance: float = setting(
+        1e-4,
+        "Largest absolute difference allowed between onnxruntime's and torch's class probabilities "
+        "on real validation images; the export fails above it.",
+    )
+    check_images: int = setting(256, "Validation images the ONNX model is checked against torch on.")
+    int8: bool = setting(True, "Also write a statically quantized int8 model (onnxruntime, QDQ format).")
+    calibration_images: int = setting(
+        512, "Labeled training images (a seeded sample, evaluation preprocessing) that calibrate int8 activations."
+    )
+    calibration_method: Literal["minmax", "entropy", "percentile"] = setting(
+        "minmax", "How onnxruntime sets each activation's int8 range from the calibration images."
+    )
+    per_channel: bool = setting(True, "Per-output-channel weight scales (per-tensor loses more on depthwise convs).")
+    keep_float: list[str] = setting(
+        [],
+        "Layers left in float in the int8 model: `depthwise` (every depthwise convolution, where "
+        "int8 loses most on EfficientNet/MobileNet-style models), `stem` (the first convolution), "
+        "`head` (the classifier), or ONNX node names. Each costs speed; docs/deploy.md measures them.",
+    )
 
 
 @dataclass

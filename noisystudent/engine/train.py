@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..config import Config, TrainConfig
+from ..config import Config, PseudoTrainConfig, TrainConfig
 from ..data.geometry import create_eval_transform
 from ..data.imagefolder import LabeledImages
 from ..data.pseudo_stream import PseudoLabeledStream
@@ -276,12 +276,19 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def step_losses(logits: torch.Tensor, batch: Batch, recipe: TrainConfig) -> dict[str, torch.Tensor]:
+def step_losses(logits: torch.Tensor, batch: Batch, recipe: TrainConfig | PseudoTrainConfig) -> dict[str, torch.Tensor]:
     """The step's loss (first entry, the one optimised) and its parts, by metric name."""
     labeled = F.cross_entropy(logits[: batch.n_labeled], batch.labels, label_smoothing=recipe.label_smoothing)
     if batch.soft_targets is None:
         return {"train_loss": labeled, "train_labeled_loss": labeled}
-    pseudo = soft_cross_entropy(logits[batch.n_labeled :], batch.soft_targets)
+    # distillation softens the model's logits too and scales the loss by T^2 (Hinton et al.); T = 1: a student's loss
+    t = recipe.logit_temperature
+    unlabeled = logits[batch.n_labeled :]
+    pseudo = (
+        soft_cross_entropy(unlabeled, batch.soft_targets)
+        if t == 1.0
+        else soft_cross_entropy(unlabeled / t, batch.soft_targets) * t**2
+    )
     return {
         "train_loss": labeled + recipe.unlabeled_weight * pseudo,
         "train_labeled_loss": labeled,

@@ -8,6 +8,8 @@ runs/<name>/gen-<g>/eval.json     val and test metrics (the evaluation's done ma
 runs/<name>/gen-<g>/summary.json  the generation's GenerationRow (its done marker)
 runs/<name>/gen-<g>/analysis/     report.html, summary.json (the analysis' done marker)
 runs/<name>/analysis/             the run-level comparison report
+runs/<name>/distill/              the last generation distilled (distill.model): labels/, model/, eval.json,
+                                  export/ (model.onnx, model.int8.onnx, preprocessing.json), summary.json
 runs/<name>/results.json          every GenerationRow
 runs/<name>/mlflow.db, mlartifacts/   default MLflow store
 """
@@ -39,6 +41,7 @@ class RunLayout:
     results = _UnderRoot("results.json")  # every GenerationRow
     analysis = _UnderRoot("analysis")  # the run-level analysis (across generations, the with/without experiment)
     parent_run_id = _UnderRoot("mlflow_parent_run_id")  # the loop's MLflow run
+    distill = _UnderRoot("distill")  # the last generation distilled (distill.model): model/, export/, summary.json
 
     def generation(self, g: int) -> Path:
         return self.root / f"gen-{g}"

@@ -5,6 +5,7 @@ MLflow run, with the resolved config beside its outputs. The stages are the ones
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,9 @@ from ..run_lock import run_directory_lock
 from ..tracking.registry import resolve_teacher
 from ..tracking.stage_run import RunOptions, tracked_run
 from ..tracking.tracker import Tracker
+from .distill import DistillRun, DistillSummary
 from .evaluate import EvalReport, EvaluateStage
+from .export import ExportReport, ExportStage
 from .pseudo_label import PseudoLabelStage
 from .stage import StageContext, run_stage
 from .student import StudentStage
@@ -141,3 +144,79 @@ def labeling_summary(manifest: LabelManifest, out_dir: Path) -> StageSummary:
             "manifest": str(out_dir / "manifest.json"),
         },
     )
+
+
+def run_distill(
+    cfg: Config, out_dir: Path, teacher: str, generation: int | None = None, allow_config_change: bool = False
+) -> StageSummary:
+    """``noisystudent distill``: distil ``teacher`` (a model.pt, an MLflow run id or a ``models:/``
+    URI) into ``cfg.distill.model`` in ``out_dir``, export it and register it; resumable."""
+    if not cfg.distill.model:
+        raise ConfigError("distill.model is empty: name the small timm model, e.g. --model resnet10t_half")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("distill runs as one process (it labels the corpus with Dask); run it without torchrun")
+    if generation is None:  # models:/noisystudent@gen-3 names its generation; else 0
+        alias = teacher.rsplit("@gen-", 1)
+        generation = int(alias[1]) if len(alias) == 2 and alias[1].isdigit() else 0
+    with run_directory_lock(out_dir, "distill"):
+        tracker = Tracker(cfg.tracking, out_dir)
+        checkpoint, teacher_run_id = resolve_teacher(teacher, tracker, out_dir / "teacher")
+        tags = {"role": "distill", "teacher_run_id": teacher_run_id, "teacher_generation": generation}
+        options = RunOptions(allow_config_change=allow_config_change)
+        with (
+            tracked_run(cfg, out_dir, f"distill-{out_dir.name}", tags, tracker, options),
+            ClusterSession(cfg.cluster) as cluster,
+        ):
+            ctx = StageContext(cfg, load_labeled_data(cfg.data), tracker, cluster)
+            summary = run_stage(DistillRun(checkpoint, out_dir, generation, teacher_run_id), ctx)
+    return distill_summary(summary)
+
+
+def distill_summary(summary: DistillSummary) -> StageSummary:
+    fields = {
+        "teacher": f"gen {summary.teacher_generation} ({summary.teacher_params / 1e6:.2f}M params): {summary.teacher}",
+        "distilled": f"{summary.model} ({summary.params / 1e6:.2f}M params, "
+        f"{summary.params / max(1, summary.teacher_params):.0%} of the teacher)",
+        "images": f"{summary.images_kept:,} (labeled + corpus)",
+        "test top-1": f"{summary.test_top1} (teacher {summary.teacher_test_top1})",
+        "test ECE": f"{summary.test_ece} (teacher {summary.teacher_test_ece})",
+        "checkpoint": summary.model_path,
+        "minutes": f"{summary.minutes:.1f}",
+    }
+    if summary.export is not None:
+        fields.update(export_fields(summary.export))
+    if summary.model_version:
+        fields["registered"] = f"version {summary.model_version}"
+    return StageSummary("distillation finished", fields)
+
+
+def export_fields(report: ExportReport) -> dict[str, str]:
+    fields = {
+        "onnx": f"{report.onnx_path} (onnxruntime vs torch: {report.max_abs_prob_diff:.1e} max probability "
+        f"difference on {report.check_images} images)",
+        "preprocessing": report.preprocessing_path,
+    }
+    if report.int8_path:
+        kept = f", {len(report.int8_float_nodes)} layer(s) kept in float" if report.int8_float_nodes else ""
+        fields["int8"] = (
+            f"{report.int8_path} (val top-1 {report.val_top1_int8:.4f} vs {report.val_top1_torch:.4f} in fp32{kept})"
+        )
+    return fields
+
+
+def run_export(cfg: Config, out_dir: Path, model: str) -> StageSummary:
+    """``noisystudent export``: ``model`` (a model.pt, an MLflow run id or a ``models:/`` URI) to ONNX
+    and int8 in ``out_dir``, logged to its own MLflow run."""
+    with run_directory_lock(out_dir, "export"):
+        tracker = Tracker(cfg.tracking, out_dir)
+        checkpoint, run_id = resolve_teacher(model, tracker, out_dir / "source")
+        options = RunOptions(check_config=False)
+        with (
+            tracked_run(
+                cfg, out_dir, f"export-{out_dir.name}", {"role": "export", "source_run_id": run_id}, tracker, options
+            ),
+            ClusterSession(cfg.cluster) as cluster,  # started only if a stage asks for it: export never does
+        ):
+            ctx = StageContext(cfg, load_labeled_data(cfg.data), tracker, cluster)
+            report = run_stage(ExportStage(checkpoint, out_dir), ctx)
+    return StageSummary("export finished", export_fields(report))

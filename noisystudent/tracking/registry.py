@@ -13,15 +13,22 @@ from .tracker import Tracker, TrackingError, looks_like_run_id
 
 
 def resolve_teacher(spec: str, tracker: Tracker, dst: str | Path) -> tuple[Path, str]:
-    """A teacher given as a model.pt path or an MLflow run id (``<id>`` or ``runs:/<id>``) -> (local path, run id)."""
+    """A teacher given as a model.pt path, an MLflow run id (``<id>`` or ``runs:/<id>``) or a
+    registered model (``models:/<name>@<alias>``, ``models:/<name>/<version>``) -> (local path, run id)."""
     if Path(spec).is_file():
         return Path(spec), ""
-    if looks_like_run_id(spec):
-        run_id = spec[len("runs:/") :].split("/")[0] if spec.startswith("runs:/") else spec
+    if looks_like_run_id(spec) or spec.startswith("models:/"):
+        try:
+            run_id = resolve_model_run(spec, tracker.uri)
+        except TrackingError:
+            raise
+        except Exception as exc:  # an unknown name, version or alias: MLflow's own message, first line
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise TrackingError(f"teacher {spec!r} is not in the registry at {tracker.uri}: {reason}") from exc
         return tracker.download_model(run_id, dst), run_id
     raise FileNotFoundError(
-        f"teacher {spec!r} is neither a checkpoint file nor an MLflow run id; "
-        "pass a model.pt path or the run id of a stage that logged one"
+        f"teacher {spec!r} is neither a checkpoint file, an MLflow run id nor a models:/ URI; "
+        "pass a model.pt path, the run id of a stage that logged one, or models:/<name>@<alias>"
     )
 
 
@@ -51,12 +58,17 @@ def model_pip_requirements() -> list[str]:
 
 
 def log_and_register_model(
-    tracker: Tracker, checkpoint: str | Path, registered_name: str, generation: int, data: DataConfig
+    tracker: Tracker,
+    checkpoint: str | Path,
+    registered_name: str,
+    generation: int,
+    data: DataConfig,
+    aliases: tuple[str, ...] = (),
 ) -> str | None:
     """Log a checkpoint as a servable pyfunc model (:mod:`.serving`: encoded images or float arrays
     in, class names and probabilities out, with ``data``'s evaluation preprocessing inside) into the
     active run, and register it as a new version of ``registered_name``; returns the version (""
-    if not registered, None if tracking is off). The version gets the alias ``gen-<g>``."""
+    if not registered, None if tracking is off). The version gets ``aliases`` (default ``gen-<g>``)."""
     if not tracker.enabled:
         return None
     from .serving import log_servable_model  # imports mlflow: only when tracking is on
@@ -74,9 +86,20 @@ def log_and_register_model(
         )
     version = getattr(info, "registered_model_version", None)
     if registered_name and version is not None:
-        set_alias(tracker, registered_name, f"gen-{generation}", str(version))
+        for alias in aliases or (f"gen-{generation}",):
+            set_alias(tracker, registered_name, alias, str(version))
         return str(version)
     return ""
+
+
+def log_onnx_models(tracker: Tracker, models: dict[str, Path], preprocessing_file: Path) -> None:
+    """Log each exported ONNX model (artifact name -> file) with the onnx flavor into the active run."""
+    if not tracker.enabled:
+        return
+    from .onnx_model import log_onnx_model  # imports mlflow: only when tracking is on
+
+    for name, path in models.items():
+        log_onnx_model(path, preprocessing_file, name)
 
 
 def set_alias(tracker: Tracker, registered_name: str, alias: str, version: str) -> None:

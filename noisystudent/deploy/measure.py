@@ -1,0 +1,134 @@
+"""One deployable model in each of its forms (torch fp32, ONNX fp32, ONNX int8), measured side by
+side: accuracy and calibration on a labeled split, size, and CPU speed.
+
+Speed is measured in interleaved rounds (every form once per round, the median of the rounds
+kept), so a machine that slows down mid-run slows every form alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..data.imagefolder import LabeledImages
+from ..engine.metrics import classification_report
+from ..models import load_model
+from ..records import JsonRecord
+from .onnx_export import INPUT_NAME, PixelClassifier, eval_transform, onnx_session, pixel_batches
+
+Predictor = Callable[[np.ndarray], np.ndarray]  # float32 pixels [N, C, S, S] -> probabilities [N, K]
+
+
+@dataclass
+class DeployForm:
+    """One form of a model: a name (``torch fp32``, ``onnx fp32``, ``onnx int8``), its file and predictor."""
+
+    model: str
+    form: str
+    path: Path
+    params: int
+    predict: Predictor
+    checkpoint: Path  # the torch checkpoint it comes from: class names, input size, normalisation
+
+
+@dataclass
+class FormReport(JsonRecord):
+    model: str
+    form: str
+    test_top1: float
+    test_ece: float
+    params: int
+    file_mb: float
+    latency_ms_batch1: float
+    throughput_batch64: float
+
+
+def torch_form(model_name: str, checkpoint: str | Path, data: DataConfig) -> DeployForm:
+    model, spec = load_model(checkpoint)
+    wrapped = PixelClassifier(model.float().eval(), eval_transform(spec, data)).eval()
+
+    @torch.inference_mode()
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        return wrapped(torch.from_numpy(pixels))[1].numpy()
+
+    params = sum(p.numel() for p in model.parameters())
+    return DeployForm(model_name, "torch fp32", Path(checkpoint), params, predict, Path(checkpoint))
+
+
+def onnx_form(model_name: str, form: str, path: str | Path, checkpoint: str | Path) -> DeployForm:
+    session = onnx_session(path)
+    model, _ = load_model(checkpoint)
+    params = sum(p.numel() for p in model.parameters())  # int8 stores the same parameters in a quarter of the bytes
+    predict = lambda x: session.run(["probs"], {INPUT_NAME: x})[0]  # noqa: E731
+    return DeployForm(model_name, form, Path(path), params, predict, Path(checkpoint))
+
+
+def form_pixels(form: DeployForm, images: LabeledImages, data: DataConfig, rows: list[int], batch_size: int = 256):
+    """Batches of the graph's input for ``form``, from its own checkpoint's evaluation view."""
+    _, spec = load_model(form.checkpoint)
+    return pixel_batches(images, eval_transform(spec, data), rows, batch_size)
+
+
+def accuracy(form: DeployForm, images: LabeledImages, data: DataConfig) -> tuple[float, float, int]:
+    """(top-1, ECE, classes) of ``form`` on every image of ``images``."""
+    probs, targets = [], []
+    for pixels, y in form_pixels(form, images, data, list(range(len(images)))):
+        probs.append(form.predict(pixels))
+        targets.append(y)
+    probs_all = np.concatenate(probs)
+    report = classification_report(probs_all, np.concatenate(targets), probs_all.shape[1])
+    return report.top1, report.ece, probs_all.shape[1]
+
+
+def speed(forms: list[DeployForm], samples: list[np.ndarray], rounds: int = 7, seconds_per_round: float = 0.6) -> list:
+    """(latency ms at batch 1, images/s at batch 64) of each form on its 64-image sample:
+    interleaved rounds, medians."""
+    batches = [np.ascontiguousarray(np.resize(s, (64, *s.shape[1:])).astype(np.float32)) for s in samples]
+    singles = [np.ascontiguousarray(b[:1]) for b in batches]
+    for form, batch, single in zip(forms, batches, singles):  # warm-up: allocations, kernel choices
+        for _ in range(3):
+            form.predict(batch), form.predict(single)
+    latency: list[list[float]] = [[] for _ in forms]
+    throughput: list[list[float]] = [[] for _ in forms]
+    for _ in range(rounds):
+        for i, form in enumerate(forms):
+            latency[i].append(_seconds_per_call(form.predict, singles[i], seconds_per_round / 2) * 1000.0)
+            throughput[i].append(64.0 / _seconds_per_call(form.predict, batches[i], seconds_per_round / 2))
+    return [(statistics.median(lat), statistics.median(thr)) for lat, thr in zip(latency, throughput)]
+
+
+def _seconds_per_call(predict: Predictor, x: np.ndarray, budget: float) -> float:
+    calls, start = 0, time.perf_counter()
+    while True:
+        predict(x)
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget and calls >= 3:
+            return elapsed / calls
+
+
+def measure_forms(forms: list[DeployForm], images: LabeledImages, data: DataConfig) -> list[FormReport]:
+    """Accuracy of each form on ``images``, then their speed side by side."""
+    scores = [accuracy(form, images, data)[:2] for form in forms]
+    rows = list(range(min(64, len(images))))
+    speeds = speed(forms, [next(form_pixels(form, images, data, rows))[0] for form in forms])
+    return [
+        FormReport(
+            form.model,
+            form.form,
+            top1,
+            ece,
+            form.params,
+            form.path.stat().st_size / 1e6,
+            latency,
+            throughput,
+        )
+        for form, (top1, ece), (latency, throughput) in zip(forms, scores, speeds)
+    ]
