@@ -248,6 +248,22 @@ def test_keys_that_change_results_are_the_recipe_data_and_models_not_the_machine
     assert [(c.key, c.stored, c.requested) for c in result_changes(stored, changed)] == [("student.lr", 0.003, 0.01)]
 
 
+def test_a_run_from_before_a_key_existed_resumes_unless_the_key_leaves_its_default():
+    """A config.yaml written before data.label_overrides and the distill section existed: resuming it
+    is no change while those keys keep their defaults (which is how the older version ran), and a
+    change once one of them is set."""
+    from noisystudent.config.changes import result_changes
+
+    older = to_dict(Config())
+    del older["data"]["label_overrides"], older["data"]["extra_labeled_dirs"], older["distill"]
+    assert result_changes(older, Config()) == []
+    distilled = Config()
+    distilled.distill.model = "resnet10t_half"
+    assert [(c.key, c.stored, c.requested) for c in result_changes(older, distilled)] == [
+        ("distill.model", "(absent)", "resnet10t_half")
+    ]
+
+
 def test_every_shipped_config_and_cluster_overlay_loads():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)

@@ -48,10 +48,17 @@ def key_changes_results(dotted: str) -> bool:
 
 def result_changes(stored: dict, requested: Config) -> list[ConfigChange]:
     """The result-changing keys whose value differs between a stored config (as read from its
-    YAML) and ``requested``, sorted by key."""
+    YAML) and ``requested``, sorted by key. A key the stored config lacks (written by a version
+    before the key existed) counts as its default: a new key's default keeps the old behaviour,
+    so resuming an older run with it is no change."""
     old, new = flatten(stored), flatten(to_dict(requested))
+    defaults = flatten(to_dict(Config()))
+
+    def stored_value(key: str) -> Any:
+        return old.get(key, defaults.get(key, _ABSENT))
+
     return [
         ConfigChange(k, old.get(k, _ABSENT), new.get(k, _ABSENT))
         for k in sorted(set(old) | set(new))
-        if key_changes_results(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT)
+        if key_changes_results(k) and stored_value(k) != new.get(k, _ABSENT)
     ]
