@@ -270,3 +270,52 @@ def test_keep_float_leaves_depthwise_convolutions_unquantized(tmp_path, smoke_da
         assert len(dw_weights) == len(depthwise)
         from_dequantize = [w in producers and producers[w].op_type == "DequantizeLinear" for w in dw_weights]
         assert all(from_dequantize) if quantized_depthwise else not any(from_dequantize)
+
+
+def test_distillation_loss_softens_both_sides_and_scales_by_t_squared():
+    """Hinton et al.'s loss from what the label shards store (the teacher's probabilities at T=1):
+    targets p ** (1/T) renormalised are softmax(teacher logits / T), the student's logits are divided
+    by T, and the loss is scaled by T^2; a student (T = 1) keeps its plain soft cross-entropy."""
+    from noisystudent.config import Config
+    from noisystudent.data.pseudo_stream import sharpen
+    from noisystudent.engine.batches import Batch
+    from noisystudent.engine.train import step_losses
+
+    g = torch.Generator().manual_seed(0)
+    teacher_logits, student_logits = torch.randn(6, 10, generator=g) * 3, torch.randn(8, 10, generator=g)
+    stored = torch.softmax(teacher_logits, 1).numpy().astype(np.float16).astype(np.float32)  # as in a shard
+    labels = torch.tensor([1, 2])
+    for t in (1.0, 2.0, 4.0):
+        targets = torch.from_numpy(np.stack([sharpen(p, t) for p in stored]).astype(np.float32))
+        assert torch.allclose(targets, torch.softmax(teacher_logits / t, 1), atol=2e-3)
+        recipe = Config().distill if t != 1.0 else Config().student
+        if t != 1.0:
+            recipe = type(recipe)(**{**recipe.__dict__, "temperature": t})
+        losses = step_losses(student_logits, Batch(torch.zeros(8, 1), labels, targets), recipe)
+        soft = -(targets * torch.log_softmax(student_logits[2:] / t, 1)).sum(1).mean() * t * t
+        hard = torch.nn.functional.cross_entropy(student_logits[:2], labels)
+        assert torch.allclose(losses["train_pseudo_loss"], soft) and torch.allclose(losses["train_loss"], hard + soft)
+
+
+def test_iterate_ends_with_the_distilled_last_generation(smoke_data, label_cache, tmp_path):
+    """`iterate` with distill.model set: the last generation distilled in its own nested MLflow run."""
+    import mlflow
+
+    run_dir = tmp_path / "run"
+    overrides = distill_overrides(smoke_data, run_dir, label_cache, "distill.model=test_resnet", "generations=1")
+    overrides += ["analysis.enabled=false", "export.int8=false", f"run_dir={run_dir}"]
+    r = run_script("iterate.py", overrides=overrides)
+    assert "distillation finished" in r.stdout
+    summary = json.loads((run_dir / "distill" / "summary.json").read_text())
+    rows = json.loads((run_dir / "results.json").read_text())
+    assert summary["teacher_generation"] == 1 and summary["teacher"] == rows[-1]["model_path"]
+    assert summary["export"]["int8_path"] == "" and Path(summary["export"]["onnx_path"]).is_file()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run((run_dir / "distill" / "mlflow_run_id").read_text().strip())
+    parent = (run_dir / "mlflow_parent_run_id").read_text().strip()
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["role"] == "distill"
+    version = client.get_model_version_by_alias("noisystudent-distilled", "from-gen-1")
+    assert version.run_id == run.info.run_id
+    again = run_script("iterate.py", overrides=overrides)  # a finished distillation is read back, not redone
+    assert json.loads((run_dir / "distill" / "summary.json").read_text()) == summary
+    assert len(client.search_model_versions("name='noisystudent-distilled'")) == 1, again.stdout[-1000:]

@@ -178,8 +178,8 @@ def distill_summary(summary: DistillSummary) -> StageSummary:
         "distilled": f"{summary.model} ({summary.params / 1e6:.2f}M params, "
         f"{summary.params / max(1, summary.teacher_params):.0%} of the teacher)",
         "images": f"{summary.images_kept:,} (labeled + corpus)",
-        "test top-1": f"{summary.test_top1} (teacher {summary.teacher_test_top1})",
-        "test ECE": f"{summary.test_ece} (teacher {summary.teacher_test_ece})",
+        "test top-1": f"{_num(summary.test_top1)} (teacher {_num(summary.teacher_test_top1)})",
+        "test ECE": f"{_num(summary.test_ece)} (teacher {_num(summary.teacher_test_ece)})",
         "checkpoint": summary.model_path,
         "minutes": f"{summary.minutes:.1f}",
     }
@@ -188,6 +188,10 @@ def distill_summary(summary: DistillSummary) -> StageSummary:
     if summary.model_version:
         fields["registered"] = f"version {summary.model_version}"
     return StageSummary("distillation finished", fields)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def export_fields(report: ExportReport) -> dict[str, str]:
