@@ -50,7 +50,7 @@ def exported(cfg, checkpoint: Path, out: Path) -> ExportReport:
 def forms_of(name: str, checkpoint: Path, data, report: ExportReport, float_report: ExportReport | None) -> list:
     forms = [torch_form(name, checkpoint, data), onnx_form(name, "onnx fp32", report.onnx_path, checkpoint)]
     forms.append(onnx_form(name, "onnx int8", report.int8_path, checkpoint))
-    if float_report is not None:
+    if float_report is not None and float_report.int8_float_nodes:  # a model with no such layer: nothing to add
         kept = len(float_report.int8_float_nodes)
         forms.append(onnx_form(name, f"onnx int8, {kept} layers float", float_report.int8_path, checkpoint))
     return forms

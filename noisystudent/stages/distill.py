@@ -17,7 +17,6 @@ from pathlib import Path
 from ..config import Config
 from ..data.imagefolder import LabeledData
 from ..data.label_manifest import LabelManifest
-from ..data.pseudo_stream import PseudoLabeledStream
 from ..data.selection import Selection, SelectionRule, select_pseudo_labels
 from ..engine.train import TrainingJob, TrainResult, train_model
 from ..models import count_params, load_checkpoint
@@ -30,7 +29,7 @@ from .evaluate import EvaluateStage
 from .export import ExportReport, ExportStage
 from .pseudo_label import PseudoLabelStage
 from .stage import StageBase, StageContext, run_stage
-from .student import check_same_classes
+from .student import check_same_classes, pseudo_labeled_stream
 from .teacher import trained_model_artifacts
 
 SUMMARY_FILE = "summary.json"
@@ -71,15 +70,9 @@ class DistillStage(StageBase):
     def _training_job(self, cfg: Config, data: LabeledData, selection: Selection) -> TrainingJob:
         d, seeds = cfg.distill, Seeds(cfg.seed, self.generation)
         noise = create_train_transform(cfg.data, d.augment, seed=seeds(Stream.VIEW_NOISE))
-        stream = PseudoLabeledStream(
-            selection,
-            cfg.data.channels,
-            len(data.class_names),
-            noise,
-            soft=True,
-            temperature=d.temperature,  # softmax(teacher logits / T), from the stored probabilities
-            buffer_size=cfg.pseudo_label.shuffle_buffer,
-            seeds=seeds,
+        # targets softmax(teacher logits / T), from the stored probabilities
+        stream = pseudo_labeled_stream(
+            cfg, data, selection, noise, self.generation, soft=True, temperature=d.temperature
         )
         return TrainingJob(
             d,

@@ -59,11 +59,12 @@ class ExportStage(StageBase):
     def run(self, ctx: StageContext) -> ExportReport:
         cfg, data, export = ctx.cfg, ctx.data, ctx.cfg.export
         onnx_path, spec = export_onnx(self.checkpoint, cfg.data, self.out_dir, export.opset)
+        held_out = data.val if data.val is not None else data.train  # data.val_dir "": the labeled images
         check = check_against_torch(
-            onnx_path, self.checkpoint, data.val, cfg.data, export.check_images, export.tolerance
+            onnx_path, self.checkpoint, held_out, cfg.data, export.check_images, export.tolerance
         )
         print(
-            f"[export] onnxruntime vs torch on {check.images} validation images: largest probability difference "
+            f"[export] onnxruntime vs torch on {check.images} real images: largest probability difference "
             f"{check.max_abs_prob_diff:.2e} (tolerance {export.tolerance:g}), same top-1 on {check.top1_agreement:.2%}"
         )
         if not check.passed:
@@ -94,6 +95,8 @@ class ExportStage(StageBase):
             Path(report.onnx_path), int8_path, data.train, transform, cfg.export, seed
         )
         report.int8_path = str(int8_path)
+        if data.val is None:
+            return
         report.val_top1_torch = accuracy(torch_form("", self.checkpoint, cfg.data), data.val, cfg.data)[0]
         report.val_top1_int8 = accuracy(onnx_form("", "int8", int8_path, self.checkpoint), data.val, cfg.data)[0]
         print(f"[export] int8 validation top-1 {report.val_top1_int8:.4f} (torch fp32 {report.val_top1_torch:.4f})")

@@ -203,7 +203,8 @@ def export_fields(report: ExportReport) -> dict[str, str]:
     if report.int8_path:
         kept = f", {len(report.int8_float_nodes)} layer(s) kept in float" if report.int8_float_nodes else ""
         fields["int8"] = (
-            f"{report.int8_path} (val top-1 {report.val_top1_int8:.4f} vs {report.val_top1_torch:.4f} in fp32{kept})"
+            f"{report.int8_path} (val top-1 {_num(report.val_top1_int8)} vs {_num(report.val_top1_torch)} "
+            f"in fp32{kept})"
         )
     return fields
 

@@ -74,16 +74,7 @@ class StudentStage(StageBase):
 
     def _training_job(self, cfg: Config, data: LabeledData, selection: Selection, noise: TrainTransform):
         pl, g = cfg.pseudo_label, self.generation
-        stream = PseudoLabeledStream(
-            selection,
-            cfg.data.channels,
-            len(data.class_names),
-            noise,
-            soft=pl.soft,
-            temperature=pl.temperature,
-            buffer_size=pl.shuffle_buffer,
-            seeds=Seeds(cfg.seed, g),
-        )
+        stream = pseudo_labeled_stream(cfg, data, selection, noise, g, soft=pl.soft, temperature=pl.temperature)
         return TrainingJob(
             cfg.student,
             cfg.model_for_generation(g),
@@ -101,6 +92,30 @@ class StudentStage(StageBase):
 
     def artifacts(self, record: StudentResult) -> list[Path]:
         return trained_model_artifacts(record.trained, f"gen {self.generation} student")
+
+
+def pseudo_labeled_stream(
+    cfg: Config,
+    data: LabeledData,
+    selection: Selection,
+    noise: TrainTransform,
+    generation: int,
+    *,
+    soft: bool,
+    temperature: float,
+) -> PseudoLabeledStream:
+    """The selected corpus images of a stage that learns from a teacher's labels (a student, a
+    distillation), noised by ``noise``, with the generation's seeds."""
+    return PseudoLabeledStream(
+        selection,
+        cfg.data.channels,
+        len(data.class_names),
+        noise,
+        soft=soft,
+        temperature=temperature,
+        buffer_size=cfg.pseudo_label.shuffle_buffer,
+        seeds=Seeds(cfg.seed, generation),
+    )
 
 
 def check_same_classes(teacher_checkpoint: str | Path, data: LabeledData) -> None:
