@@ -47,25 +47,37 @@ def exported(cfg, checkpoint: Path, out: Path) -> ExportReport:
     return ExportReport.from_json(json.loads((out / EXPORT_FILE).read_text()))
 
 
-def forms_of(name: str, checkpoint: Path, data, report: ExportReport, float_report: ExportReport | None) -> list:
-    forms = [torch_form(name, checkpoint, data), onnx_form(name, "onnx fp32", report.onnx_path, checkpoint)]
-    forms.append(onnx_form(name, "onnx int8", report.int8_path, checkpoint))
-    if float_report is not None and float_report.int8_float_nodes:  # a model with no such layer: nothing to add
-        kept = len(float_report.int8_float_nodes)
-        forms.append(onnx_form(name, f"onnx int8, {kept} layers float", float_report.int8_path, checkpoint))
+def forms_of(
+    name: str, checkpoint: Path, data, report: ExportReport, float_report: ExportReport | None, threads: int = 0
+) -> list:
+    """torch fp32, ONNX fp32, ONNX int8 (and int8 with more layers in float) on ``threads`` threads."""
+    forms = [
+        torch_form(name, checkpoint, data, threads),
+        onnx_form(name, "onnx fp32", report.onnx_path, checkpoint, threads),
+        onnx_form(name, f"onnx int8{_kept(report)}", report.int8_path, checkpoint, threads),
+    ]
+    if float_report is not None and float_report.int8_float_nodes != report.int8_float_nodes:
+        forms.append(onnx_form(name, f"onnx int8{_kept(float_report)}", float_report.int8_path, checkpoint, threads))
     return forms
+
+
+def _kept(report: ExportReport) -> str:
+    n = len(report.int8_float_nodes)
+    return f" ({n} layer{'s' if n > 1 else ''} float)" if n else " (all layers)"
 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | form | test top-1 % | ECE | params | file MB | latency ms (batch 1) | images/s (batch 64) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | form | test top-1 % | ECE | params | file MB | latency ms (batch 1) | images/s (batch 64) "
+        "| images/s (batch 64, 1 thread) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['form']} | {100 * r['test_top1']:.2f} | {r['test_ece']:.4f} | "
             f"{r['params'] / 1e6:.2f}M | {r['file_mb']:.2f} | {r['latency_ms_batch1']:.3f} | "
-            f"{r['throughput_batch64']:,.0f} |"
+            f"{r['throughput_batch64']:,.0f} ({r['speedup_batch64_vs_onnx_fp32']:.2f}x) | "
+            f"{r['throughput_batch64_1thread']:,.0f} ({r['speedup_batch64_1thread_vs_onnx_fp32']:.2f}x) |"
         )
     return "\n".join(lines)
 
@@ -112,14 +124,17 @@ def measure_model(cfg, name: str, checkpoint: Path, where: Path, keep: list[str]
     report = exported(cfg, checkpoint, where / "export")
     float_report = None
     if keep:
-        float_cfg = replace(cfg, export=replace(cfg.export, keep_float=keep))
+        float_cfg = replace(cfg, export=replace(cfg.export, keep_float=cfg.export.keep_float + keep))
         float_report = exported(float_cfg, checkpoint, where / f"export-float-{'-'.join(keep)}")
     data = load_labeled_data(cfg.data)
-    reports = measure_forms(forms_of(name, checkpoint, cfg.data, report, float_report), data.test, cfg.data)
+    forms = forms_of(name, checkpoint, cfg.data, report, float_report)
+    single = forms_of(name, checkpoint, cfg.data, report, float_report, threads=1)
+    reports = measure_forms(forms, data.test, cfg.data, single)
     rows = [r.to_json() for r in reports]
     base = next(r for r in rows if r["form"] == "onnx fp32")
     for r in rows:
         r["speedup_batch64_vs_onnx_fp32"] = r["throughput_batch64"] / base["throughput_batch64"]
+        r["speedup_batch64_1thread_vs_onnx_fp32"] = r["throughput_batch64_1thread"] / base["throughput_batch64_1thread"]
         r["speedup_batch1_vs_onnx_fp32"] = base["latency_ms_batch1"] / r["latency_ms_batch1"]
     return rows
 

@@ -255,10 +255,12 @@ class ExportConfig:
     )
     per_channel: bool = setting(True, "Per-output-channel weight scales (per-tensor loses more on depthwise convs).")
     keep_float: list[str] = setting(
-        [],
-        "Layers left in float in the int8 model: `depthwise` (every depthwise convolution, where "
-        "int8 loses most on EfficientNet/MobileNet-style models), `stem` (the first convolution), "
-        "`head` (the classifier), or ONNX node names. Each costs speed; docs/deploy.md measures them.",
+        ["stem"],
+        "Layers left in float in the int8 model: `stem` (the first convolution: 1 or 3 input channels "
+        "give int8 kernels too little to work on, so it runs faster in float, and it is the layer most "
+        "sensitive to rounding), `depthwise` (every depthwise convolution, where int8 loses most on "
+        "EfficientNet/MobileNet-style models), `head` (the classifier), or ONNX node names. [] = "
+        "quantize everything. docs/deploy.md measures them.",
     )
 
 

@@ -48,22 +48,30 @@ class FormReport(JsonRecord):
     file_mb: float
     latency_ms_batch1: float
     throughput_batch64: float
+    throughput_batch64_1thread: float | None = None  # the same form on one CPU thread (replicas per core)
 
 
-def torch_form(model_name: str, checkpoint: str | Path, data: DataConfig) -> DeployForm:
+def torch_form(model_name: str, checkpoint: str | Path, data: DataConfig, threads: int = 0) -> DeployForm:
+    """The checkpoint in torch, fp32, on ``threads`` CPU threads (0: torch's default)."""
     model, spec = load_model(checkpoint)
     wrapped = PixelClassifier(model.float().eval(), eval_transform(spec, data)).eval()
 
     @torch.inference_mode()
     def predict(pixels: np.ndarray) -> np.ndarray:
-        return wrapped(torch.from_numpy(pixels))[1].numpy()
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            return wrapped(torch.from_numpy(pixels))[1].numpy()
+        finally:
+            torch.set_num_threads(before)
 
     params = sum(p.numel() for p in model.parameters())
     return DeployForm(model_name, "torch fp32", Path(checkpoint), params, predict, Path(checkpoint))
 
 
-def onnx_form(model_name: str, form: str, path: str | Path, checkpoint: str | Path) -> DeployForm:
-    session = onnx_session(path)
+def onnx_form(model_name: str, form: str, path: str | Path, checkpoint: str | Path, threads: int = 0) -> DeployForm:
+    """An exported model in an onnxruntime session on ``threads`` CPU threads (0: all cores)."""
+    session = onnx_session(path, threads)
     model, _ = load_model(checkpoint)
     params = sum(p.numel() for p in model.parameters())  # int8 stores the same parameters in a quarter of the bytes
     predict = lambda x: session.run(["probs"], {INPUT_NAME: x})[0]  # noqa: E731
@@ -114,11 +122,16 @@ def _seconds_per_call(predict: Predictor, x: np.ndarray, budget: float) -> float
             return elapsed / calls
 
 
-def measure_forms(forms: list[DeployForm], images: LabeledImages, data: DataConfig) -> list[FormReport]:
-    """Accuracy of each form on ``images``, then their speed side by side."""
+def measure_forms(
+    forms: list[DeployForm], images: LabeledImages, data: DataConfig, single_thread: list[DeployForm] | None = None
+) -> list[FormReport]:
+    """Accuracy of each form on ``images``, then their speed side by side; with ``single_thread``
+    (the same forms on one thread, in the same order) also their batch-64 throughput there."""
     scores = [accuracy(form, images, data)[:2] for form in forms]
     rows = list(range(min(64, len(images))))
-    speeds = speed(forms, [next(form_pixels(form, images, data, rows))[0] for form in forms])
+    samples = [next(form_pixels(form, images, data, rows))[0] for form in forms]
+    speeds = speed(forms, samples)
+    one_thread = [thr for _, thr in speed(single_thread, samples)] if single_thread else [None] * len(forms)
     return [
         FormReport(
             form.model,
@@ -129,6 +142,7 @@ def measure_forms(forms: list[DeployForm], images: LabeledImages, data: DataConf
             form.path.stat().st_size / 1e6,
             latency,
             throughput,
+            single,
         )
-        for form, (top1, ece), (latency, throughput) in zip(forms, scores, speeds)
+        for form, (top1, ece), (latency, throughput), single in zip(forms, scores, speeds, one_thread)
     ]
