@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# before torch loads: its OpenMP threads must not spin between runs while onnxruntime is measured
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from noisystudent.config import load_config  # noqa: E402
 from noisystudent.data.imagefolder import load_labeled_data  # noqa: E402
@@ -147,8 +150,6 @@ def _cpu_name() -> str:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 

@@ -2,7 +2,10 @@
 side: accuracy and calibration on a labeled split, size, and CPU speed.
 
 Speed is measured in interleaved rounds (every form once per round, the median of the rounds
-kept), so a machine that slows down mid-run slows every form alike.
+kept), so a machine that slows down mid-run slows every form alike. No form's threads busy-wait
+between its runs (onnxruntime's spinning off; torch's OpenMP made passive by the caller:
+``OMP_WAIT_POLICY=PASSIVE`` before torch loads), else the form measured after another would share
+its cores with the other's spinning threads.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def torch_form(model_name: str, checkpoint: str | Path, data: DataConfig, thread
 
 def onnx_form(model_name: str, form: str, path: str | Path, checkpoint: str | Path, threads: int = 0) -> DeployForm:
     """An exported model in an onnxruntime session on ``threads`` CPU threads (0: all cores)."""
-    session = onnx_session(path, threads)
+    session = onnx_session(path, threads, spin=False)  # idle sessions must not spin beside the measured one
     model, _ = load_model(checkpoint)
     params = sum(p.numel() for p in model.parameters())  # int8 stores the same parameters in a quarter of the bytes
     predict = lambda x: session.run(["probs"], {INPUT_NAME: x})[0]  # noqa: E731

@@ -118,12 +118,16 @@ def pixel_batches(images: LabeledImages, transform: EvalTransform, rows: list[in
         yield pixels, np.asarray([images.targets[i] for i in chunk], np.int64)
 
 
-def onnx_session(path: str | Path, threads: int = 0):
-    """An onnxruntime CPU session with full graph optimisation (QDQ pairs fuse into int8 kernels)."""
+def onnx_session(path: str | Path, threads: int = 0, spin: bool = True):
+    """An onnxruntime CPU session with full graph optimisation (QDQ pairs fuse into int8 kernels).
+    ``spin=False`` stops its threads from busy-waiting after a run: sessions measured side by side
+    in one process would otherwise take cores from each other."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # warnings about unused initializers are not the user's business
