@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -28,8 +27,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# before torch loads: its OpenMP threads must not spin between runs while onnxruntime is measured
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from noisystudent.config import load_config  # noqa: E402
 from noisystudent.data.imagefolder import load_labeled_data  # noqa: E402
@@ -150,6 +147,8 @@ def _cpu_name() -> str:
 
 
 def _cores() -> int:
+    import os
+
     return len(os.sched_getaffinity(0))
 
 
