@@ -278,3 +278,18 @@ def test_the_gpu_recipe_grows_its_students():
     sizes = [sum(p.numel() for p in timm.create_model(name, in_chans=1).parameters()) for name in gpu.ladder]
     assert len(sizes) == 3 and sizes == sorted(set(sizes))  # every generation's student larger than its teacher
     assert gpu.device == "cuda" and gpu.cluster.gpus_per_worker == 1 and gpu.pseudo_label.decode == "auto"
+
+
+def test_exponents_without_a_dot_are_numbers_in_yaml_and_set(tmp_path):
+    """`--set student.lr=1e-3` and `lr: 5e-4` in a file are numbers, as YAML 1.2 reads them (PyYAML's 1.1
+    rules read them as strings, and the typed check refused them); integers stay integers."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("teacher:\n  lr: 5e-4\n  weight_decay: 1E-5\n")
+    cfg = load_config(
+        REPO / "configs" / "default.yaml",
+        ["student.lr=1e-3", "export.tolerance=1e-12", "pseudo_label.threshold=3e-1", "seed=7"],
+        overlays=[str(overlay)],
+    )
+    assert (cfg.student.lr, cfg.export.tolerance, cfg.pseudo_label.threshold) == (1e-3, 1e-12, 0.3)
+    assert (cfg.teacher.lr, cfg.teacher.weight_decay) == (5e-4, 1e-5)
+    assert cfg.seed == 7 and isinstance(cfg.seed, int)

@@ -20,6 +20,7 @@ class _YamlLoader(yaml.SafeLoader):
     """SafeLoader read as YAML 1.2 reads, where 1.1 surprises a config:
     - only true/false are booleans, so ``amp: off`` or ``--set amp=off`` stays the string "off";
     - no base-60 numbers, so ``walltime: 12:00:00`` stays a time, not the integer 43200;
+    - ``1e-3`` is a number, as ``1.0e-3`` is;
     - a key given twice in one mapping is an error naming it, not its last value silently."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -38,9 +39,11 @@ class _YamlLoader(yaml.SafeLoader):
 
 
 _INT_1_2 = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+# YAML 1.2's floats: an exponent needs no dot and its sign is optional, so ``lr: 1e-3`` or ``--set
+# export.tolerance=1e-12`` is a number (1.1 read both as strings, and the typed check refused them)
 _FLOAT_1_2 = re.compile(
-    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
-    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+    r"|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
 )
 _REPLACED = {
     "tag:yaml.org,2002:bool": re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
