@@ -319,3 +319,24 @@ def test_iterate_ends_with_the_distilled_last_generation(smoke_data, label_cache
     again = run_script("iterate.py", overrides=overrides)  # a finished distillation is read back, not redone
     assert json.loads((run_dir / "distill" / "summary.json").read_text()) == summary
     assert len(client.search_model_versions("name='noisystudent-distilled'")) == 1, again.stdout[-1000:]
+
+
+def test_an_export_further_from_torch_than_the_tolerance_stops_with_one_line(smoke_data, teacher, tmp_path):
+    """export.tolerance is enforced: below what onnxruntime can match (it differs by ~1e-7), the export fails,
+    naming the difference and the key, and keeps the graph for inspection."""
+    out = tmp_path / "export"
+    overrides = smoke_overrides(smoke_data, tmp_path / "unused") + ["export.tolerance=1e-12", "tracking.enabled=false"]
+    cmd = script_command("export.py", "--model", str(teacher), "--out", str(out), overrides=overrides)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "export.tolerance=1e-12" in r.stderr and "kept for inspection" in r.stderr
+    assert (out / "model.onnx").is_file() and not (out / "export.json").exists()
+
+
+def test_an_unknown_registered_teacher_is_one_line(smoke_data, tmp_path):
+    overrides = smoke_overrides(smoke_data, tmp_path / "unused") + ["distill.model=test_resnet"]
+    cmd = script_command("distill.py", "--teacher", "models:/noisystudent@gen-9", "--out", str(tmp_path / "d"))
+    cmd += [x for o in overrides for x in ("--set", o)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "models:/noisystudent@gen-9" in r.stderr and "not in the registry" in r.stderr
