@@ -51,13 +51,14 @@ def forms_of(
     name: str, checkpoint: Path, data, report: ExportReport, float_report: ExportReport | None, threads: int = 0
 ) -> list:
     """torch fp32, ONNX fp32, ONNX int8 (and int8 with more layers in float) on ``threads`` threads."""
+    fp32 = torch_form(name, checkpoint, data, threads)
     forms = [
-        torch_form(name, checkpoint, data, threads),
-        onnx_form(name, "onnx fp32", report.onnx_path, checkpoint, threads),
-        onnx_form(name, f"onnx int8{_kept(report)}", report.int8_path, checkpoint, threads),
+        fp32,
+        onnx_form("onnx fp32", report.onnx_path, fp32, threads),
+        onnx_form(f"onnx int8{_kept(report)}", report.int8_path, fp32, threads),
     ]
     if float_report is not None and float_report.int8_float_nodes != report.int8_float_nodes:
-        forms.append(onnx_form(name, f"onnx int8{_kept(float_report)}", float_report.int8_path, checkpoint, threads))
+        forms.append(onnx_form(f"onnx int8{_kept(float_report)}", float_report.int8_path, fp32, threads))
     return forms
 
 

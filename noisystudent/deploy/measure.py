@@ -23,9 +23,9 @@ import torch
 from ..config import DataConfig
 from ..data.imagefolder import LabeledImages
 from ..engine.metrics import classification_report
-from ..models import load_model
+from ..models import ModelSpec
 from ..records import JsonRecord
-from .onnx_export import INPUT_NAME, PixelClassifier, eval_transform, onnx_session, pixel_batches
+from .onnx_export import INPUT_NAME, eval_transform, onnx_session, pixel_batches, pixel_classifier
 
 PAUSE_S = 0.2  # idle time before each measurement (onnxruntime and OpenMP spin for well under this)
 Predictor = Callable[[np.ndarray], np.ndarray]  # float32 pixels [N, C, S, S] -> probabilities [N, K]
@@ -40,7 +40,7 @@ class DeployForm:
     path: Path
     params: int
     predict: Predictor
-    checkpoint: Path  # the torch checkpoint it comes from: class names, input size, normalisation
+    spec: ModelSpec  # the model's class names, input size and normalisation
 
 
 @dataclass
@@ -58,8 +58,7 @@ class FormReport(JsonRecord):
 
 def torch_form(model_name: str, checkpoint: str | Path, data: DataConfig, threads: int = 0) -> DeployForm:
     """The checkpoint in torch, fp32, on ``threads`` CPU threads (0: torch's default)."""
-    model, spec = load_model(checkpoint)
-    wrapped = PixelClassifier(model.float().eval(), eval_transform(spec, data)).eval()
+    wrapped, spec = pixel_classifier(checkpoint, data)
 
     @torch.inference_mode()
     def predict(pixels: np.ndarray) -> np.ndarray:
@@ -70,34 +69,32 @@ def torch_form(model_name: str, checkpoint: str | Path, data: DataConfig, thread
         finally:
             torch.set_num_threads(before)
 
-    params = sum(p.numel() for p in model.parameters())
-    return DeployForm(model_name, "torch fp32", Path(checkpoint), params, predict, Path(checkpoint))
+    params = sum(p.numel() for p in wrapped.model.parameters())
+    return DeployForm(model_name, "torch fp32", Path(checkpoint), params, predict, spec)
 
 
-def onnx_form(model_name: str, form: str, path: str | Path, checkpoint: str | Path, threads: int = 0) -> DeployForm:
-    """An exported model in an onnxruntime session on ``threads`` CPU threads (0: all cores)."""
+def onnx_form(form: str, path: str | Path, exported_from: DeployForm, threads: int = 0) -> DeployForm:
+    """An export of ``exported_from``'s model in an onnxruntime session on ``threads`` CPU threads
+    (0: all cores). Its parameters are the same (int8 stores them in a quarter of the bytes)."""
     session = onnx_session(path, threads)
-    model, _ = load_model(checkpoint)
-    params = sum(p.numel() for p in model.parameters())  # int8 stores the same parameters in a quarter of the bytes
     predict = lambda x: session.run(["probs"], {INPUT_NAME: x})[0]  # noqa: E731
-    return DeployForm(model_name, form, Path(path), params, predict, Path(checkpoint))
+    source = exported_from
+    return DeployForm(source.model, form, Path(path), source.params, predict, source.spec)
 
 
 def form_pixels(form: DeployForm, images: LabeledImages, data: DataConfig, rows: list[int], batch_size: int = 256):
-    """Batches of the graph's input for ``form``, from its own checkpoint's evaluation view."""
-    _, spec = load_model(form.checkpoint)
-    return pixel_batches(images, eval_transform(spec, data), rows, batch_size)
+    """Batches of the graph's input for ``form``, in its model's own evaluation view."""
+    return pixel_batches(images, eval_transform(form.spec, data), rows, batch_size)
 
 
-def accuracy(form: DeployForm, images: LabeledImages, data: DataConfig) -> tuple[float, float, int]:
-    """(top-1, ECE, classes) of ``form`` on every image of ``images``."""
+def accuracy(form: DeployForm, images: LabeledImages, data: DataConfig) -> tuple[float, float]:
+    """(top-1, ECE) of ``form`` on every image of ``images``."""
     probs, targets = [], []
     for pixels, y in form_pixels(form, images, data, list(range(len(images)))):
         probs.append(form.predict(pixels))
         targets.append(y)
-    probs_all = np.concatenate(probs)
-    report = classification_report(probs_all, np.concatenate(targets), probs_all.shape[1])
-    return report.top1, report.ece, probs_all.shape[1]
+    report = classification_report(np.concatenate(probs), np.concatenate(targets), len(form.spec.class_names))
+    return report.top1, report.ece
 
 
 def speed(forms: list[DeployForm], samples: list[np.ndarray], rounds: int = 7, seconds_per_round: float = 0.6) -> list:
@@ -133,7 +130,7 @@ def measure_forms(
 ) -> list[FormReport]:
     """Accuracy of each form on ``images``, then their speed side by side; with ``single_thread``
     (the same forms on one thread, in the same order) also their batch-64 throughput there."""
-    scores = [accuracy(form, images, data)[:2] for form in forms]
+    scores = [accuracy(form, images, data) for form in forms]
     rows = list(range(min(64, len(images))))
     samples = [next(form_pixels(form, images, data, rows))[0] for form in forms]
     speeds = speed(forms, samples)

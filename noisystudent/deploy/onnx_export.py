@@ -43,6 +43,12 @@ class PixelClassifier(torch.nn.Module):
         return logits, torch.softmax(logits, dim=1)
 
 
+def pixel_classifier(checkpoint: str | Path, data: DataConfig) -> tuple[PixelClassifier, ModelSpec]:
+    """The checkpoint as the exported graph computes it (fp32, eval mode), and its spec."""
+    model, spec = load_model(checkpoint)
+    return PixelClassifier(model.float().eval(), eval_transform(spec, data)).eval(), spec
+
+
 def eval_transform(spec: ModelSpec, data: DataConfig) -> EvalTransform:
     """The evaluation view of the model in ``spec`` (its own size and normalisation)."""
     return EvalTransform(spec.data_config(data))
@@ -83,8 +89,7 @@ def preprocessing(spec: ModelSpec, data: DataConfig) -> dict:
 
 def export_onnx(checkpoint: str | Path, data: DataConfig, out_dir: Path, opset: int = 18) -> tuple[Path, ModelSpec]:
     """Write ``out_dir/model.onnx`` (dynamic batch) and ``preprocessing.json``; returns the model's path."""
-    model, spec = load_model(checkpoint)
-    wrapped = PixelClassifier(model.float().eval(), eval_transform(spec, data)).eval()
+    wrapped, spec = pixel_classifier(checkpoint, data)
     example = torch.full((2, spec.in_chans, spec.image_size, spec.image_size), 128.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
@@ -118,16 +123,12 @@ def pixel_batches(images: LabeledImages, transform: EvalTransform, rows: list[in
         yield pixels, np.asarray([images.targets[i] for i in chunk], np.int64)
 
 
-def onnx_session(path: str | Path, threads: int = 0, spin: bool = True):
-    """An onnxruntime CPU session with full graph optimisation (QDQ pairs fuse into int8 kernels).
-    ``spin=False`` stops its threads from busy-waiting after a run: sessions measured side by side
-    in one process would otherwise take cores from each other."""
+def onnx_session(path: str | Path, threads: int = 0):
+    """An onnxruntime CPU session with full graph optimisation (QDQ pairs fuse into int8 kernels)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # warnings about unused initializers are not the user's business
@@ -153,8 +154,7 @@ def check_against_torch(
     onnx_path: str | Path, checkpoint: str | Path, images: LabeledImages, data: DataConfig, count: int, tolerance: float
 ) -> OnnxCheck:
     """Run the first ``count`` images of ``images`` through the ONNX model and the checkpoint."""
-    model, spec = load_model(checkpoint)
-    wrapped = PixelClassifier(model.float().eval(), eval_transform(spec, data)).eval()
+    wrapped, spec = pixel_classifier(checkpoint, data)
     session = onnx_session(onnx_path)
     rows = list(range(min(count, len(images))))
     prob_diff = logit_diff = 0.0

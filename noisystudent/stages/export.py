@@ -11,7 +11,7 @@ from ..config import ConfigError
 from ..deploy.measure import accuracy, onnx_form, torch_form
 from ..deploy.onnx_export import PREPROCESSING_FILE, check_against_torch, eval_transform, export_onnx
 from ..deploy.quantize import quantize_int8
-from ..models import ModelSpec, load_checkpoint
+from ..models import ModelSpec
 from ..records import JsonRecord
 from ..resume import DoneMarker
 from ..seeds import Seeds, Stream
@@ -80,14 +80,13 @@ class ExportStage(StageBase):
             export.tolerance,
         )
         if export.int8:
-            self._int8(ctx, report)
+            self._int8(ctx, report, spec)
         models = {"onnx": onnx_path, **({"onnx-int8": Path(report.int8_path)} if report.int8_path else {})}
         log_onnx_models(ctx.tracker, models, Path(report.preprocessing_path))
         return report
 
-    def _int8(self, ctx: StageContext, report: ExportReport) -> None:
+    def _int8(self, ctx: StageContext, report: ExportReport, spec: ModelSpec) -> None:
         cfg, data = ctx.cfg, ctx.data
-        spec = ModelSpec(**load_checkpoint(self.checkpoint)["spec"])
         int8_path = self.out_dir / "model.int8.onnx"
         seed = Seeds(cfg.seed, self.generation)(Stream.CALIBRATION)
         transform = eval_transform(spec, cfg.data)
@@ -97,8 +96,9 @@ class ExportStage(StageBase):
         report.int8_path = str(int8_path)
         if data.val is None:
             return
-        report.val_top1_torch = accuracy(torch_form("", self.checkpoint, cfg.data), data.val, cfg.data)[0]
-        report.val_top1_int8 = accuracy(onnx_form("", "int8", int8_path, self.checkpoint), data.val, cfg.data)[0]
+        fp32 = torch_form("", self.checkpoint, cfg.data)
+        report.val_top1_torch = accuracy(fp32, data.val, cfg.data)[0]
+        report.val_top1_int8 = accuracy(onnx_form("int8", int8_path, fp32), data.val, cfg.data)[0]
         print(f"[export] int8 validation top-1 {report.val_top1_int8:.4f} (torch fp32 {report.val_top1_torch:.4f})")
 
     def metrics(self, record: ExportReport) -> dict[str, float]:
