@@ -10,6 +10,7 @@ under PTQ), can stay in float (``export.keep_float``); docs/deploy.md measures t
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,10 @@ KEEP_FLOAT_GROUPS = ("depthwise", "stem", "head")
 
 
 class PixelCalibration(CalibrationDataReader):
-    """Batches of calibration pixels, as the graph takes them."""
+    """Batches of calibration pixels, as the graph takes them, made as onnxruntime asks for them
+    (one batch in memory: 512 ImageNet-size images would be 300 MB at once)."""
 
-    def __init__(self, batches: list[np.ndarray]):
+    def __init__(self, batches: Iterable[np.ndarray]):
         self.batches = iter(batches)
 
     def get_next(self) -> dict | None:
@@ -96,7 +98,7 @@ def quantize_int8(
 ) -> list[str]:
     """Write the int8 model of ``onnx_path`` to ``out_path``; returns the nodes kept in float."""
     rows = calibration_rows(images, export.calibration_images, seed)
-    batches = [pixels for pixels, _ in pixel_batches(images, transform, rows, batch_size=32)]
+    batches = (pixels for pixels, _ in pixel_batches(images, transform, rows, batch_size=32))
     prepared = out_path.with_name(out_path.stem + ".prepared.onnx")
     # shape inference and constant folding first, as onnxruntime's quantization guide asks
     quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=False)
