@@ -9,7 +9,6 @@ layout is :mod:`.stages.run_layout`.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from .data.imagefolder import LabeledData, load_labeled_data
 from .data.label_manifest import LabelManifest
 from .data.pseudo_labels import label_agreement
 from .data.shard_io import check_local_shards, expand_urls
+from .engine.distributed import under_torchrun
 from .engine.train import TrainResult
 from .io import sha256_json
 from .labeling.cluster import ClusterSession
@@ -55,7 +55,7 @@ class LoopResult:
 def iterate(cfg: Config, *, allow_config_change: bool = False) -> LoopResult:
     """teacher -> (pseudo-label -> student) x cfg.generations, resuming whatever is on disk. A run
     directory made with another recipe is refused unless ``allow_config_change``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if under_torchrun():
         raise ConfigError(
             "iterate runs as one process (labeling uses Dask); use torchrun with the teacher / student stages"
         )

@@ -33,15 +33,19 @@ class DistEnv:
         return self.world_size > 1
 
 
+def under_torchrun() -> bool:
+    """Whether this process is one rank of several that torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_distributed(timeout_s: int = 1800) -> DistEnv:
     """Join the torchrun process group (idempotent); a world of one without torchrun. On GPUs the
     group is bound to this rank's device (``device_id``: NCCL sets up its communicator at once, and
     never on another rank's GPU), and a collective that waits longer than ``timeout_s`` fails with
     an error instead of hanging the job."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if not under_torchrun():
         return DistEnv()
-    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         use_nccl = torch.cuda.is_available() and os.environ.get("NOISYSTUDENT_DIST_BACKEND", "") != "gloo"
         device_id = None

@@ -5,7 +5,7 @@ MLflow run, with the resolved config beside its outputs. The stages are the ones
 from __future__ import annotations
 
 import contextlib
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +69,19 @@ def run_single_stage(cfg: Config, request: StageRequest, allow_config_change: bo
         ddp.shutdown()  # every rank, once rank 0 has evaluated and reported
 
 
+@contextlib.contextmanager
+def command_context(
+    cfg: Config, out_dir: Path, tags: dict, tracker: Tracker, options: RunOptions, is_main: bool = True
+) -> Iterator[StageContext]:
+    """A command's MLflow run (named ``<role>-<out_dir name>``), its cluster session (started only if
+    a stage labels) and the context its stages share, with the labeled data."""
+    with (
+        tracked_run(cfg, out_dir, f"{tags['role']}-{out_dir.name}", tags, tracker, options),
+        ClusterSession(cfg.cluster) as cluster,
+    ):
+        yield StageContext(cfg, load_labeled_data(cfg.data), tracker, cluster, is_main=is_main)
+
+
 def _training_command(cfg: Config, request: StageRequest, env: ddp.DistEnv, allow_config_change: bool):
     """``teacher`` or ``student``: train (every rank its slice), then evaluate (rank 0)."""
     if request.stage == "student":  # the generation's overrides, as iterate applies them (the dump is resolved)
@@ -77,11 +90,7 @@ def _training_command(cfg: Config, request: StageRequest, env: ddp.DistEnv, allo
     tracker = Tracker(cfg.tracking if env.is_main else replace(cfg.tracking, enabled=False), out_dir)
     tags = {"role": request.stage, "world_size": env.world_size}
     options = RunOptions(write_config=env.is_main, allow_config_change=allow_config_change)
-    with (
-        tracked_run(cfg, out_dir, f"{request.stage}-{out_dir.name}", tags, tracker, options),
-        ClusterSession(cfg.cluster) as cluster,
-    ):
-        ctx = StageContext(cfg, load_labeled_data(cfg.data), tracker, cluster, is_main=env.is_main)
+    with command_context(cfg, out_dir, tags, tracker, options, is_main=env.is_main) as ctx:
         if request.stage == "teacher":
             trained = run_stage(TeacherStage(out_dir), ctx)
         else:
@@ -153,7 +162,7 @@ def run_distill(
     URI) into ``cfg.distill.model`` in ``out_dir``, export it and register it; resumable."""
     if not cfg.distill.model:
         raise ConfigError("distill.model is empty: name the small timm model, e.g. --model resnet10t_half")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if ddp.under_torchrun():
         raise ConfigError("distill runs as one process (it labels the corpus with Dask); run it without torchrun")
     if generation is None:  # models:/noisystudent@gen-3 names its generation; else 0
         alias = teacher.rsplit("@gen-", 1)
@@ -163,11 +172,7 @@ def run_distill(
         checkpoint, teacher_run_id = resolve_teacher(teacher, tracker, out_dir / "teacher")
         tags = {"role": "distill", "teacher_run_id": teacher_run_id, "teacher_generation": generation}
         options = RunOptions(allow_config_change=allow_config_change)
-        with (
-            tracked_run(cfg, out_dir, f"distill-{out_dir.name}", tags, tracker, options),
-            ClusterSession(cfg.cluster) as cluster,
-        ):
-            ctx = StageContext(cfg, load_labeled_data(cfg.data), tracker, cluster)
+        with command_context(cfg, out_dir, tags, tracker, options) as ctx:
             summary = run_stage(DistillRun(checkpoint, out_dir, generation, teacher_run_id), ctx)
     return distill_summary(summary)
 
@@ -215,13 +220,7 @@ def run_export(cfg: Config, out_dir: Path, model: str) -> StageSummary:
     with run_directory_lock(out_dir, "export"):
         tracker = Tracker(cfg.tracking, out_dir)
         checkpoint, run_id = resolve_teacher(model, tracker, out_dir / "source")
-        options = RunOptions(check_config=False)
-        with (
-            tracked_run(
-                cfg, out_dir, f"export-{out_dir.name}", {"role": "export", "source_run_id": run_id}, tracker, options
-            ),
-            ClusterSession(cfg.cluster) as cluster,  # started only if a stage asks for it: export never does
-        ):
-            ctx = StageContext(cfg, load_labeled_data(cfg.data), tracker, cluster)
+        tags, options = {"role": "export", "source_run_id": run_id}, RunOptions(check_config=False)
+        with command_context(cfg, out_dir, tags, tracker, options) as ctx:
             report = run_stage(ExportStage(checkpoint, out_dir), ctx)
     return StageSummary("export finished", export_fields(report))
