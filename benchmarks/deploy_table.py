@@ -31,8 +31,11 @@ sys.path.insert(0, str(REPO))
 from noisystudent.config import load_config  # noqa: E402
 from noisystudent.data.imagefolder import load_labeled_data  # noqa: E402
 from noisystudent.deploy.measure import measure_forms, onnx_form, torch_form  # noqa: E402
+from noisystudent.stages.distill import SUMMARY_FILE, DistillSummary  # noqa: E402
 from noisystudent.stages.export import EXPORT_FILE, ExportReport  # noqa: E402
+from noisystudent.stages.run_layout import RunLayout  # noqa: E402
 from noisystudent.stages.runner import run_export  # noqa: E402
+from noisystudent.tracking.generation_row import GenerationRow  # noqa: E402
 
 
 def commit() -> str:
@@ -94,12 +97,12 @@ def main() -> None:
 
     run = Path(args.run)
     cfg = load_config(run / "config.yaml")
-    rows = json.loads((run / "results.json").read_text())
-    last = rows[-1]
-    distill = json.loads((run / "distill" / "summary.json").read_text())
+    layout = RunLayout(run)
+    last = GenerationRow.from_json(json.loads(layout.results.read_text())[-1])
+    distill = DistillSummary.from_json(json.loads((layout.distill / SUMMARY_FILE).read_text()))
     models = [
-        (f"gen {last['generation']} {last['model']}", Path(last["model_path"]), run / f"gen-{last['generation']}"),
-        (f"distilled {distill['model']}", Path(distill["model_path"]), run / "distill"),
+        (f"gen {last.generation} {last.model}", Path(last.model_path), layout.generation(last.generation)),
+        (f"distilled {distill.model}", Path(distill.model_path), layout.distill),
     ]
     extra_cfg = load_config(args.extra_config) if args.extra_config else cfg
     keep = [k for k in args.keep_float.split(",") if k]
